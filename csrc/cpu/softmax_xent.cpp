@@ -1,0 +1,111 @@
+// CPU softmax-cross-entropy, forward and backward.
+//
+// Labels come as int32 / int64 class indices or float one-hot rows
+// (LabelKind). An integer label outside [0, cols) is never used as an index:
+// the row gets a NaN loss and the smallest such row is reported in *bad_row,
+// so the Python layer can raise a ValueError naming it.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "check.h"
+#include "cpu/parallel.h"
+#include "fastmlp.h"
+#include "math.h"
+
+namespace fastmlp {
+namespace cpu {
+namespace {
+
+// The integer label of row r, or -1 when it is out of range (int64 labels may
+// not fit in int, so compare before narrowing).
+int64_t label_of(const void* labels, LabelKind kind, int64_t r, int64_t cols) {
+    int64_t y = kind == LabelKind::kInt32 ? static_cast<const int32_t*>(labels)[r]
+                                          : static_cast<const int64_t*>(labels)[r];
+    return (y >= 0 && y < cols) ? y : -1;
+}
+
+void check_args(const char* op, const void* labels, LabelKind kind, int64_t rows,
+                int64_t cols) {
+    FASTMLP_CHECK(rows >= 0 && cols >= 0,
+                  op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
+    FASTMLP_CHECK(kind == LabelKind::kInt32 || kind == LabelKind::kInt64 ||
+                      kind == LabelKind::kOneHot,
+                  op << ": unknown label kind " << static_cast<int>(kind));
+    FASTMLP_CHECK(rows == 0 || labels, op << ": null labels");
+    FASTMLP_CHECK(rows == 0 || cols > 0, op << ": need at least one class");
+}
+
+}  // namespace
+
+void softmax_xent_fwd(const float* logits, const void* labels, LabelKind kind,
+                      float* probs, float* row_loss, float* loss, int64_t* bad_row,
+                      int64_t rows, int64_t cols) {
+    check_args("softmax_xent_fwd", labels, kind, rows, cols);
+    FASTMLP_CHECK(loss && bad_row, "softmax_xent_fwd: null loss or bad_row");
+    FASTMLP_CHECK(rows == 0 || (logits && probs && row_loss), "softmax_xent_fwd: null pointer");
+    int64_t first_bad = std::numeric_limits<int64_t>::max();
+    FASTMLP_OMP(omp parallel for schedule(static) reduction(min : first_bad) \
+                if (rows * cols >= FASTMLP_PAR_MIN))
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* z = logits + r * cols;
+        float* p = probs + r * cols;
+        float zmax = z[0];
+        for (int64_t c = 1; c < cols; ++c) zmax = std::max(zmax, z[c]);
+        float sum = 0.0f;
+        for (int64_t c = 0; c < cols; ++c) {
+            p[c] = std::exp(z[c] - zmax);  // <= 1: never overflows
+            sum += p[c];
+        }
+        const float inv = 1.0f / sum, log_sum = std::log(sum);
+        for (int64_t c = 0; c < cols; ++c) p[c] *= inv;
+        float l;
+        if (kind == LabelKind::kOneHot) {
+            const float* y = static_cast<const float*>(labels) + r * cols;
+            l = 0.0f;
+            for (int64_t c = 0; c < cols; ++c) l -= y[c] * log_softmax_entry(z[c], zmax, log_sum);
+        } else {
+            const int64_t y = label_of(labels, kind, r, cols);
+            if (y < 0) {
+                l = std::numeric_limits<float>::quiet_NaN();
+                first_bad = std::min(first_bad, r);
+            } else {
+                l = -log_softmax_entry(z[y], zmax, log_sum);
+            }
+        }
+        row_loss[r] = l;
+    }
+    // The mean in a fixed order (double accumulation: rows can be millions).
+    double total = 0.0;
+    for (int64_t r = 0; r < rows; ++r) total += row_loss[r];
+    *loss = rows > 0 ? static_cast<float>(total / static_cast<double>(rows)) : 0.0f;
+    *bad_row = first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
+}
+
+void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind, float* dlogits,
+                      int64_t* bad_row, int64_t rows, int64_t cols) {
+    check_args("softmax_xent_bwd", labels, kind, rows, cols);
+    FASTMLP_CHECK(bad_row, "softmax_xent_bwd: null bad_row");
+    FASTMLP_CHECK(rows == 0 || (probs && dlogits), "softmax_xent_bwd: null pointer");
+    // (p - y) / rows as a multiply by 1/rows: the GPU kernel does the same.
+    const float scale = rows > 0 ? 1.0f / static_cast<float>(rows) : 0.0f;
+    int64_t first_bad = std::numeric_limits<int64_t>::max();
+    FASTMLP_OMP(omp parallel for schedule(static) reduction(min : first_bad) \
+                if (rows * cols >= FASTMLP_PAR_MIN))
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* p = probs + r * cols;
+        float* d = dlogits + r * cols;  // may alias p: each element read, then written
+        if (kind == LabelKind::kOneHot) {
+            const float* y = static_cast<const float*>(labels) + r * cols;
+            for (int64_t c = 0; c < cols; ++c) d[c] = (p[c] - y[c]) * scale;
+        } else {
+            const int64_t y = label_of(labels, kind, r, cols);
+            if (y < 0) first_bad = std::min(first_bad, r);
+            for (int64_t c = 0; c < cols; ++c) d[c] = (p[c] - (c == y ? 1.0f : 0.0f)) * scale;
+        }
+    }
+    *bad_row = first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
+}
+
+}  // namespace cpu
+}  // namespace fastmlp

@@ -1,0 +1,90 @@
+// The C++ op API of fastmlp: raw pointers, sizes and (for CUDA) a stream.
+//
+// Conventions, shared by both backends:
+// - float32, row-major (C order). A Dense kernel is (in, out): y = x @ W + b.
+// - Kernels never allocate; the caller (the Python layer, through CuPy's pool
+//   on the GPU) passes every output and workspace.
+// - Every size may be 0 (a no-op) or any positive value; no tile divisibility.
+// - Reductions are deterministic (no floating-point atomics): a run repeats
+//   bit for bit on the same device.
+// - A launcher checks its preconditions with FASTMLP_CHECK (-> ValueError in
+//   Python); a CUDA launcher launches on the given stream and checks the launch.
+#pragma once
+
+#include <cstdint>
+
+#ifdef FASTMLP_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fastmlp {
+
+// How softmax-cross-entropy labels are stored.
+enum class LabelKind : int {
+    kInt32 = 0,   // (rows,) int32 class indices
+    kInt64 = 1,   // (rows,) int64 class indices
+    kOneHot = 2,  // (rows, cols) float32 rows (one-hot or any distribution)
+};
+
+// The ops, declared once for both backends. FASTMLP_STREAM_ARG is empty on the
+// CPU and ", cudaStream_t stream" on CUDA.
+//
+// gemm: C(m,n) = alpha * op(A)(m,k) @ op(B)(k,n) + beta * C, row-major.
+//   op(A) = A (m x k, lda >= k) or, with trans_a, A^T where A is k x m (lda >= m);
+//   op(B) = B (k x n, ldb >= n) or, with trans_b, B^T where B is n x k (ldb >= k).
+//   ldc >= n. beta == 0 makes C write-only: whatever C held (NaN included)
+//   does not propagate, as in BLAS. k == 0 gives C = beta * C.
+// bias_add:  y(r,c) = x(r,c) + bias(c)           y may alias x
+// bias_grad: db(c) = sum_r dy(r,c)                (column sums)
+// relu:      y = max(x, 0)                        y may alias x
+// relu_backward: dx = dy * (y > 0)                dx may alias dy
+// softmax_xent_fwd: probs = softmax(logits) per row; row_loss(r) = -sum_c
+//   label(r,c) * log probs(r,c); *loss = mean over rows (0 when rows == 0).
+//   *bad_row = the smallest row whose integer label is outside [0, cols), or
+//   -1; such a row gets row_loss = NaN and is never read out of bounds.
+//   loss and bad_row point to one element each (device memory on CUDA).
+// softmax_xent_bwd: dlogits = (probs - onehot(label)) / rows; bad_row as above
+//   (a bad row's dlogits = probs / rows, no out-of-bounds write).
+//   dlogits may alias probs.
+// sgd_step / adam_step: in place, torch.optim semantics (see math.h). buf may be
+//   null when momentum == 0. step counts from 1.
+#define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
+    void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, \
+              const float* a, int64_t lda, const float* b, int64_t ldb, float beta,     \
+              float* c, int64_t ldc FASTMLP_STREAM_ARG);                                \
+    void bias_add(const float* x, const float* bias, float* y, int64_t rows,           \
+                  int64_t cols FASTMLP_STREAM_ARG);                                     \
+    void bias_grad(const float* dy, float* db, int64_t rows,                            \
+                   int64_t cols FASTMLP_STREAM_ARG);                                    \
+    void relu(const float* x, float* y, int64_t size FASTMLP_STREAM_ARG);               \
+    void relu_backward(const float* dy, const float* y, float* dx,                      \
+                       int64_t size FASTMLP_STREAM_ARG);                                \
+    void softmax_xent_fwd(const float* logits, const void* labels, LabelKind kind,      \
+                          float* probs, float* row_loss, float* loss, int64_t* bad_row, \
+                          int64_t rows, int64_t cols FASTMLP_STREAM_ARG);               \
+    void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind,       \
+                          float* dlogits, int64_t* bad_row, int64_t rows,               \
+                          int64_t cols FASTMLP_STREAM_ARG);                             \
+    void sgd_step(float* param, const float* grad, float* buf, int64_t size, float lr,  \
+                  float momentum, bool nesterov, float weight_decay FASTMLP_STREAM_ARG);\
+    void adam_step(float* param, const float* grad, float* m, float* v, int64_t size,   \
+                   double lr, double beta1, double beta2, double eps,                   \
+                   double weight_decay, bool decoupled, int64_t step FASTMLP_STREAM_ARG);
+
+namespace cpu {
+#define FASTMLP_NO_STREAM
+FASTMLP_DECLARE_OPS(FASTMLP_NO_STREAM)
+#undef FASTMLP_NO_STREAM
+// Threads the CPU kernels use (OpenMP's max threads; 1 without OpenMP).
+int num_threads();
+}  // namespace cpu
+
+#ifdef FASTMLP_WITH_CUDA
+namespace cuda {
+#define FASTMLP_CUDA_STREAM , cudaStream_t stream
+FASTMLP_DECLARE_OPS(FASTMLP_CUDA_STREAM)
+#undef FASTMLP_CUDA_STREAM
+}  // namespace cuda
+#endif
+
+}  // namespace fastmlp

@@ -1,0 +1,35 @@
+"""fastmlp: dense neural networks trained with hand-written C++ and CUDA kernels."""
+from __future__ import annotations
+
+from . import _C, ops, reference
+from ._interop import cuda_status, cupy_module
+from ._random import set_seed
+
+__version__ = "0.1.0"
+__all__ = ["backends", "ops", "reference", "set_seed", "__version__"]
+
+
+def backends() -> dict:
+    """What was built and what can run here.
+
+    ``{"cpu": True, "cpu_threads": int, "cuda_built": bool, "cuda": bool,
+    "cuda_reason": str, "build_info": str}`` -- ``cuda_reason`` says why the
+    CUDA kernels cannot run (no CUDA build / no CuPy / no device or driver),
+    and is empty when they can.
+    """
+    usable, why = cuda_status()
+    info = {
+        "cpu": True,
+        "cpu_threads": _C.cpu.num_threads(),
+        "cuda_built": bool(_C.cuda_built),
+        "cuda": usable,
+        "cuda_reason": why,
+        "build_info": _C.build_info,
+    }
+    if usable:
+        cp = cupy_module()
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        info["cuda_device"] = props["name"].decode() if isinstance(props["name"], bytes) \
+            else str(props["name"])
+        info["cuda_runtime"] = _C.cuda.runtime_version()
+    return info
