@@ -100,7 +100,7 @@ PYBIND11_MODULE(_C, mod) {
     FASTMLP_BIND_OPS(cuda, fastmlp::cuda, FASTMLP_STREAM_PARAM, FASTMLP_STREAM_ARG)
     // (count, "") or (0, reason): never raises, so fm.backends() can report
     // "no driver" on a machine without a GPU.
-    cuda.def("device_count", []() {
+    cuda.def("device_count", []() -> py::tuple {
         int count = 0;
         cudaError_t err = cudaGetDeviceCount(&count);
         if (err != cudaSuccess) {
