@@ -46,7 +46,7 @@ enum class LabelKind : int {
 // softmax_xent_bwd: dlogits = (probs - onehot(label)) / rows; bad_row as above
 //   (a bad row's dlogits = probs / rows, no out-of-bounds write).
 //   dlogits may alias probs.
-// sgd_step / adam_step: in place, torch.optim semantics (see math.h). buf may be
+// sgd_step / adam_step: in place, torch.optim semantics (see kernel_math.h). buf may be
 //   null when momentum == 0. step counts from 1.
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
     void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, \

@@ -7,7 +7,7 @@
 #include "check.h"
 #include "cpu/parallel.h"
 #include "fastmlp.h"
-#include "math.h"
+#include "kernel_math.h"
 
 namespace fastmlp {
 namespace cpu {

@@ -1,9 +1,9 @@
-// CPU SGD and Adam/AdamW steps, in place. The update rules live in math.h and
+// CPU SGD and Adam/AdamW steps, in place. The update rules live in kernel_math.h and
 // are shared with the CUDA kernels.
 #include "check.h"
 #include "cpu/parallel.h"
 #include "fastmlp.h"
-#include "math.h"
+#include "kernel_math.h"
 
 namespace fastmlp {
 namespace cpu {

@@ -1,0 +1,300 @@
+"""Reference implementations of every fastmlp op, written once against the array module.
+
+Each function here has the same name and signature as its kernel counterpart in
+``fastmlp.ops``, but is plain array code: ``xp`` is CuPy for CuPy arrays and NumPy
+otherwise, so the same lines verify both the C++ and the CUDA kernels. Any float
+dtype works; the tests run these in float64 and compare the float32 kernels with
+the result.
+
+The reference favours clarity over speed and follows the semantics the kernels
+promise:
+
+* ``gemm``: BLAS semantics. When ``beta == 0`` the old contents of ``out`` are
+  never read (so NaN in ``out`` does not propagate); ``out=None`` means a fresh
+  array and ``beta`` is ignored.
+* ``relu`` is ``x > 0 ? x : 0`` (so ``relu(NaN) == 0``, as ``max(x, 0)`` in C),
+  and ``relu_backward`` is ``y > 0 ? dy : 0``.
+* softmax cross-entropy subtracts the row max and uses log-sum-exp, so logits of
+  +-1000 give finite results; the loss is the mean over rows.
+* ``sgd_step`` / ``adam_step`` follow ``torch.optim.SGD`` (dampening 0) and
+  ``torch.optim.Adam`` / ``AdamW`` line by line and update in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "gemm",
+    "bias_add",
+    "bias_grad",
+    "relu",
+    "relu_backward",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_backward",
+    "sgd_step",
+    "adam_step",
+]
+
+_cupy = None  # the cupy module once imported; False when it cannot be imported
+
+
+def _cupy_module():
+    """CuPy if it imports, else None (imported lazily: CuPy is optional)."""
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy  # noqa: PLC0415 (optional dependency)
+
+            _cupy = cupy
+        except Exception:  # ImportError, or a CuPy that cannot find its CUDA libraries
+            _cupy = False
+    return _cupy or None
+
+
+def _xp(*arrays):
+    """The array module (numpy or cupy) of ``arrays``; ``None`` entries are ignored."""
+    cp = _cupy_module()
+    if cp is None:
+        return np
+    return cp.get_array_module(*[a for a in arrays if a is not None])
+
+
+def _check_out(out, shape, name="out"):
+    if out is not None and tuple(out.shape) != tuple(shape):
+        raise ValueError(f"'{name}' must have shape {tuple(shape)}, got {tuple(out.shape)}")
+
+
+def _store(result, out):
+    """Return ``result``, or copy it into ``out`` (which may alias an input) and return ``out``."""
+    if out is None:
+        return result
+    _check_out(out, result.shape)
+    out[...] = result
+    return out
+
+
+# --------------------------------------------------------------------------- GEMM
+
+
+def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):
+    """C = alpha * op(a) @ op(b) + beta * out, with op(x) = x.T when trans_x."""
+    xp = _xp(a, b, out)
+    if a.ndim != 2:
+        raise ValueError(f"'a' must be 2-D, got {a.ndim}-D with shape {tuple(a.shape)}")
+    if b.ndim != 2:
+        raise ValueError(f"'b' must be 2-D, got {b.ndim}-D with shape {tuple(b.shape)}")
+    opa = a.T if trans_a else a
+    opb = b.T if trans_b else b
+    if opa.shape[1] != opb.shape[0]:
+        raise ValueError(
+            f"'b' must have {opa.shape[1]} rows in op(b) to match op(a) of shape "
+            f"{tuple(opa.shape)}, got op(b) of shape {tuple(opb.shape)}"
+        )
+    m, n = opa.shape[0], opb.shape[1]
+    prod = xp.matmul(opa, opb)  # k == 0 gives zeros, as an empty sum should
+    if out is None:
+        if beta != 0:
+            raise ValueError("gemm: beta != 0 accumulates into 'out'; pass out=")
+        return (alpha * prod).astype(prod.dtype, copy=False)
+    _check_out(out, (m, n))
+    if beta == 0:
+        # BLAS: beta == 0 means C is write-only, so NaN/Inf already in it must not leak.
+        out[...] = alpha * prod
+    else:
+        out[...] = alpha * prod + beta * out
+    return out
+
+
+# --------------------------------------------------------------------------- bias
+
+
+def bias_add(x, bias, *, out=None):
+    """y = x + bias, broadcasting bias (f,) over the rows of x (n, f)."""
+    if x.ndim != 2:
+        raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
+    if bias.shape != (x.shape[1],):
+        raise ValueError(f"'bias' must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
+    return _store(x + bias[None, :], out)
+
+
+def bias_grad(dy, *, out=None):
+    """Column sums of dy (n, f) -> (f,): the gradient of the bias. n == 0 gives zeros."""
+    xp = _xp(dy, out)
+    if dy.ndim != 2:
+        raise ValueError(f"'dy' must be 2-D, got shape {tuple(dy.shape)}")
+    return _store(xp.sum(dy, axis=0), out)
+
+
+# --------------------------------------------------------------------------- ReLU
+
+
+def relu(x, *, out=None):
+    """x > 0 ? x : 0 (so NaN maps to 0, like the kernels and max(x, 0) in C)."""
+    xp = _xp(x, out)
+    return _store(xp.where(x > 0, x, xp.zeros((), dtype=x.dtype)), out)
+
+
+def relu_backward(dy, y, *, out=None):
+    """dx = dy * (y > 0), written as a select so that a NaN in dy where y <= 0 gives 0."""
+    xp = _xp(dy, y, out)
+    if dy.shape != y.shape:
+        raise ValueError(f"'y' must have the shape of 'dy' {tuple(dy.shape)}, got {tuple(y.shape)}")
+    return _store(xp.where(y > 0, dy, xp.zeros((), dtype=dy.dtype)), out)
+
+
+# --------------------------------------------------------------------------- softmax CE
+
+
+def _check_labels(xp, labels, n, c):
+    """Validate labels against logits/probs of shape (n, c); return True for integer labels."""
+    if labels.dtype.kind in "iu":
+        if labels.shape != (n,):
+            raise ValueError(
+                f"'labels' (integer class indices) must have shape ({n},), "
+                f"got {tuple(labels.shape)}"
+            )
+        if n:
+            bad = xp.nonzero((labels < 0) | (labels >= c))[0]
+            if bad.size:
+                row = int(bad[0])
+                value = int(labels[row])
+                raise ValueError(
+                    f"'labels' must lie in [0, {c}): got label {value} at row {row} "
+                    f"({int(bad.size)} bad label(s) in all)"
+                )
+        return True
+    if labels.dtype.kind == "f":
+        if labels.shape != (n, c):
+            raise ValueError(
+                f"'labels' (class distributions) must have shape ({n}, {c}), "
+                f"got {tuple(labels.shape)}"
+            )
+        return False
+    raise TypeError(
+        f"'labels' must be integer class indices or float rows, got dtype {labels.dtype}"
+    )
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy of softmax(logits) against labels, and the softmax probabilities.
+
+    labels are integer class indices (n,) or float rows (n, c) (one-hot or any
+    distribution: row loss = -sum_c y_c * log_softmax(logits)_c). Returns
+    ``(loss, probs)`` with ``loss`` a 0-d array; n == 0 gives loss 0.
+    """
+    xp = _xp(logits, labels)
+    if logits.ndim != 2:
+        raise ValueError(f"'logits' must be 2-D, got shape {tuple(logits.shape)}")
+    n, c = logits.shape
+    is_int = _check_labels(xp, labels, n, c)
+    if n == 0:
+        return xp.zeros((), dtype=logits.dtype), xp.empty((0, c), dtype=logits.dtype)
+    # Subtracting the row max makes every exponent <= 0: exp cannot overflow, and the
+    # largest term is exp(0) = 1, so the log of the sum is finite for logits of +-1000.
+    shifted = logits - xp.max(logits, axis=1, keepdims=True)
+    lse = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+    logp = shifted - lse
+    probs = xp.exp(logp)
+    if is_int:
+        rows = xp.arange(n)
+        per_row = -logp[rows, labels.astype(xp.int64)]
+    else:
+        per_row = -xp.sum(labels.astype(logits.dtype) * logp, axis=1)
+    loss = xp.asarray(xp.sum(per_row) / n, dtype=logits.dtype)
+    return loss, probs
+
+
+def softmax_cross_entropy_backward(probs, labels, *, out=None):
+    """d(mean loss)/d(logits) = (probs - onehot(labels)) / n (or (probs - labels) / n)."""
+    xp = _xp(probs, labels, out)
+    if probs.ndim != 2:
+        raise ValueError(f"'probs' must be 2-D, got shape {tuple(probs.shape)}")
+    n, c = probs.shape
+    is_int = _check_labels(xp, labels, n, c)
+    if is_int:
+        target = xp.zeros_like(probs)
+        if n:
+            target[xp.arange(n), labels.astype(xp.int64)] = 1
+    else:
+        target = labels.astype(probs.dtype)
+    grad = (probs - target) / max(n, 1)
+    return _store(grad, out)
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    """One torch.optim.SGD step (dampening 0), in place on param (and buf); returns param.
+
+    buf starts at zeros: momentum * 0 + g == g, which is torch's first-step buf = g.
+    """
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"'grad' must have the shape of 'param' {tuple(param.shape)}, got {tuple(grad.shape)}"
+        )
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov momentum needs 'momentum' > 0, got 0")
+    g = grad
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    if momentum != 0:
+        if buf is None:
+            raise ValueError(
+                "'buf' must be an array of the shape of 'param' when momentum != 0, got None"
+            )
+        if buf.shape != param.shape:
+            raise ValueError(
+                f"'buf' must have the shape of 'param' {tuple(param.shape)}, got {tuple(buf.shape)}"
+            )
+        buf[...] = momentum * buf + g
+        g = g + momentum * buf if nesterov else buf
+    param[...] = param - lr * g
+    return param
+
+
+def adam_step(
+    param,
+    grad,
+    m,
+    v,
+    *,
+    step,
+    lr,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled=False,
+):
+    """One torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step in place; returns param.
+
+    step is the 1-based count of steps including this one (it sets the bias corrections).
+    """
+    xp = _xp(param, grad, m, v)
+    for name, arr in (("grad", grad), ("m", m), ("v", v)):
+        if arr.shape != param.shape:
+            raise ValueError(
+                f"'{name}' must have the shape of 'param' {tuple(param.shape)}, "
+                f"got {tuple(arr.shape)}"
+            )
+    if int(step) < 1:
+        raise ValueError(f"'step' must be >= 1 (1-based), got {step}")
+    g = grad
+    if weight_decay != 0:
+        if decoupled:
+            param[...] = param * (1 - lr * weight_decay)  # AdamW: decay the weights themselves
+        else:
+            g = g + weight_decay * param  # Adam: L2 penalty folded into the gradient
+    m[...] = m + (1 - beta1) * (g - m)  # torch's exp_avg.lerp_(grad, 1 - beta1)
+    v[...] = v * beta2 + (1 - beta2) * g * g
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    # eps goes outside the square root and after the bias correction, as in torch.
+    denom = xp.sqrt(v) / math.sqrt(bias_correction2) + eps
+    param[...] = param - step_size * (m / denom)
+    return param
