@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The one-shot GPU check (shared/gpu.md), run on the GPU machine:
+#
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# 1 build + install for sm_90   2 fastmlp.backends()   3 pytest -m gpu
+# 4 compute-sanitizer memcheck / racecheck / synccheck / initcheck on a small
+#   GPU subset   5 benchmarks/bench_gemm.py   6 summary table (printed last).
+# Every step has a timeout, and all of them share one budget (CHECK_BUDGET_S,
+# default 480 s) so the whole check stays under ~8 minutes. A failed build
+# skips the rest. Exit status: 0 only if every step passed.
+#
+# OUTDIR gets at most 7 files: build.log tests.log sanitize.log bench_gemm.md
+# bench_gemm.json bench_gemm.log summary.md.
+#
+# Knobs (environment): CHECK_BUDGET_S; SANITIZE_TESTS (pytest paths, default
+# tests/test_ops.py); SANITIZE_K (pytest -k expression, default "small").
+set -uo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: bash benchmarks/gpu_check.sh OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+
+BUDGET=${CHECK_BUDGET_S:-480}
+SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_ops.py}
+SANITIZE_K=${SANITIZE_K:-small}
+
+declare -a SUMMARY=()
+FAILED=0
+RESERVE=0   # seconds of the budget kept back for the steps after the current one
+
+# run_step NAME CAP_SECONDS LOGFILE CMD...: runs CMD with a timeout of
+# min(CAP, budget left - RESERVE), appending its output to LOGFILE, and
+# records the row.
+run_step() {
+    local name=$1 cap=$2 log=$3
+    shift 3
+    local left=$((BUDGET - SECONDS - RESERVE))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 5)); then
+        SUMMARY+=("| $name | SKIP | 0 | no time left in the ${BUDGET} s budget |")
+        FAILED=1
+        return 1
+    fi
+    echo "== $name (timeout ${limit}s)" | tee -a "$log"
+    local t0=$SECONDS rc
+    timeout --kill-after=15 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    local dt=$((SECONDS - t0)) status note=""
+    if ((rc == 0)); then
+        status=PASS
+    elif ((rc == 124 || rc == 137)); then
+        status=TIMEOUT; note="killed after ${limit} s"
+    else
+        status=FAIL; note="exit $rc"
+    fi
+    # pytest's 5 means no test was selected: a check that ran nothing failed.
+    if ((rc == 5)) && [[ $name == pytest* || $name == sanitize* ]]; then
+        note="exit 5: no tests selected"
+    fi
+    [[ $status == PASS ]] || FAILED=1
+    SUMMARY+=("| $name | $status | $dt | $note (log: $(basename "$log")) |")
+    echo "== $name: $status in ${dt}s $note" | tee -a "$log"
+    [[ $status == PASS ]]
+}
+
+print_summary() {
+    {
+        echo
+        echo "## gpu_check summary ($(date -u +%FT%TZ), ${SECONDS} s total)"
+        echo
+        echo "| step | status | seconds | note |"
+        echo "|---|---|---|---|"
+        printf '%s\n' "${SUMMARY[@]}"
+        echo
+        if ((FAILED)); then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
+    } | tee "$OUT/summary.md"
+}
+
+# ---- 1. build and install for sm_90 -------------------------------------------
+# CMake reads the architectures from CUDAARCHS (environment) or the
+# CMAKE_CUDA_ARCHITECTURES cache variable (scikit-build-core passes CMAKE_ARGS);
+# the bare CMAKE_CUDA_ARCHITECTURES variable is set too, as the project's docs
+# name it. --no-index: that machine has no network, so never try to reach one.
+# PIP_BREAK_SYSTEM_PACKAGES: an externally managed system Python would otherwise
+# refuse the install (nothing else can be installed there anyway).
+{
+    echo "# $(date -u +%FT%TZ) on $(hostname)"
+    nvidia-smi -L 2>&1
+    nvcc --version 2>&1 | tail -2
+    python3 --version 2>&1
+} >"$OUT/build.log"
+if ! run_step "build+install (sm_90)" 300 "$OUT/build.log" \
+    env CMAKE_CUDA_ARCHITECTURES=90 CUDAARCHS=90 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" \
+    FASTMLP_CUDA=ON PIP_BREAK_SYSTEM_PACKAGES=1 \
+    python3 -m pip install --no-index --no-build-isolation --no-deps -v .; then
+    tail -n 40 "$OUT/build.log"
+    for s in "fastmlp.backends()" "pytest -m gpu" "sanitize" "bench_gemm"; do
+        SUMMARY+=("| $s | SKIP | 0 | build failed |")
+    done
+    print_summary
+    exit 1
+fi
+
+# ---- 2. the backends the installed package sees ---------------------------------
+# Run outside the repo so the installed package, not ./python, is imported.
+run_step "fastmlp.backends()" 60 "$OUT/build.log" \
+    bash -c 'cd /tmp && python3 -c "import fastmlp; b = fastmlp.backends(); print(b); assert b.get(\"cuda\"), \"CUDA backend not usable\""'
+grep -v '^== ' "$OUT/build.log" | tail -n 1
+
+# ---- 3. the GPU tests ------------------------------------------------------------
+: >"$OUT/tests.log"
+run_step "pytest -m gpu" 200 "$OUT/tests.log" python3 -m pytest -m gpu -q
+grep -v '^== ' "$OUT/tests.log" | tail -n 3
+
+# ---- 4. compute-sanitizer over a small GPU subset -----------------------------------
+# CuPy's memory pool carves many arrays out of one cudaMalloc, which hides
+# out-of-bounds accesses from memcheck; pytest is therefore started in-process
+# after cupy.cuda.set_allocator(None), so every array is its own allocation.
+: >"$OUT/sanitize.log"
+SAN=$(command -v compute-sanitizer || true)
+for cand in "$(dirname "$(command -v nvcc 2>/dev/null || echo /nonexistent/x)")/compute-sanitizer" \
+            /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    [[ -z $SAN && -x $cand ]] && SAN=$cand
+done
+RESERVE=90   # a slow sanitizer must not eat the benchmark's time
+PYTEST_NO_POOL='import sys, cupy, pytest; cupy.cuda.set_allocator(None); sys.exit(pytest.main(sys.argv[1:]))'
+for tool in memcheck racecheck synccheck initcheck; do
+    if [[ -z $SAN ]]; then
+        echo "compute-sanitizer not found (PATH, next to nvcc, /usr/local/cuda)" >>"$OUT/sanitize.log"
+        SUMMARY+=("| sanitize $tool | FAIL | 0 | compute-sanitizer not found |")
+        FAILED=1
+        continue
+    fi
+    case $tool in memcheck) cap=90 ;; racecheck) cap=60 ;; *) cap=45 ;; esac
+    # shellcheck disable=SC2086
+    run_step "sanitize $tool" $cap "$OUT/sanitize.log" \
+        "$SAN" --tool "$tool" --error-exitcode 1 \
+        python3 -c "$PYTEST_NO_POOL" -m gpu -q -x -p no:cacheprovider $SANITIZE_TESTS -k "$SANITIZE_K"
+done
+
+# ---- 5. GEMM benchmark ---------------------------------------------------------------
+RESERVE=0
+run_step "bench_gemm" 150 "$OUT/bench_gemm.log" \
+    bash -c 'python3 benchmarks/bench_gemm.py --out "$1/bench_gemm.json" >"$1/bench_gemm.md"' _ "$OUT"
+cat "$OUT/bench_gemm.md" 2>/dev/null
+
+# ---- 6. summary -------------------------------------------------------------------------
+print_summary
+exit $FAILED
