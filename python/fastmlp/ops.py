@@ -35,8 +35,9 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if kb != k:
-        raise ValueError(f"gemm: inner dimensions differ: op(a) is ({m}, {k}) and op(b) is "
-                         f"({kb}, {n}) (trans_a={trans_a}, trans_b={trans_b})")
+        raise ValueError(f"gemm: 'b' must have {k} rows in op(b) to match op(a) of shape "
+                         f"({m}, {k}), got op(b) of shape ({kb}, {n}) "
+                         f"(trans_a={trans_a}, trans_b={trans_b})")
     if out is None and beta != 0.0:
         raise ValueError("gemm: beta != 0 accumulates into 'out'; pass out=")
     c = ck.out(out, "out", (m, n), like=a)
