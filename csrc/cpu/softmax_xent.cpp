@@ -87,8 +87,9 @@ void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind, fl
     check_args("softmax_xent_bwd", labels, kind, rows, cols);
     FASTMLP_CHECK(bad_row, "softmax_xent_bwd: null bad_row");
     FASTMLP_CHECK(rows == 0 || (probs && dlogits), "softmax_xent_bwd: null pointer");
-    // (p - y) / rows as a multiply by 1/rows: the GPU kernel does the same.
-    const float scale = rows > 0 ? 1.0f / static_cast<float>(rows) : 0.0f;
+    // (p - y) / rows as a true division, like the GPU kernel and NumPy's
+    // `(probs - onehot) / n`: a multiply by 1/rows would round twice.
+    const float rows_f = static_cast<float>(rows);
     int64_t first_bad = std::numeric_limits<int64_t>::max();
     FASTMLP_OMP(omp parallel for schedule(static) reduction(min : first_bad) \
                 if (rows * cols >= FASTMLP_PAR_MIN))
@@ -97,11 +98,11 @@ void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind, fl
         float* d = dlogits + r * cols;  // may alias p: each element read, then written
         if (kind == LabelKind::kOneHot) {
             const float* y = static_cast<const float*>(labels) + r * cols;
-            for (int64_t c = 0; c < cols; ++c) d[c] = (p[c] - y[c]) * scale;
+            for (int64_t c = 0; c < cols; ++c) d[c] = (p[c] - y[c]) / rows_f;
         } else {
             const int64_t y = label_of(labels, kind, r, cols);
             if (y < 0) first_bad = std::min(first_bad, r);
-            for (int64_t c = 0; c < cols; ++c) d[c] = (p[c] - (c == y ? 1.0f : 0.0f)) * scale;
+            for (int64_t c = 0; c < cols; ++c) d[c] = (p[c] - (c == y ? 1.0f : 0.0f)) / rows_f;
         }
     }
     *bad_row = first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
