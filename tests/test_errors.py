@@ -437,3 +437,29 @@ def test_gemm_beta_without_out_is_an_error(impl):
     b = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match="beta != 0"):
         impl.gemm(a, b, beta=1.0)
+
+
+def test_partial_overlap_of_out_and_input_is_refused():
+    # Exactly the input is fine for elementwise ops (each element is read
+    # before it is written); a shifted view of it would make the result depend
+    # on thread order, so it is refused by name.
+    buf = np.arange(1, 11, dtype=np.float32)
+    x = buf[:8].reshape(2, 4)
+    assert np.shares_memory(fm.ops.relu(x, out=x), x)
+    with pytest.raises(ValueError, match="'out' partially overlaps 'x'"):
+        fm.ops.relu(x, out=buf[2:10].reshape(2, 4))
+    bias = buf[:4]
+    with pytest.raises(ValueError, match="'out' overlaps 'bias'"):
+        fm.ops.bias_add(x, bias, out=x)
+    with pytest.raises(ValueError, match="'out' overlaps 'dy'"):
+        fm.ops.bias_grad(x, out=buf[:4])
+
+
+def test_optimizer_state_must_not_alias():
+    p = np.ones(8, np.float32)
+    g = np.ones(8, np.float32)
+    m = np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="'m' overlaps 'v'"):
+        fm.ops.adam_step(p, g, m, m, step=1, lr=1e-3)
+    with pytest.raises(ValueError, match="'param' overlaps 'buf'"):
+        fm.ops.sgd_step(p, g, p, lr=0.1, momentum=0.9)

@@ -156,15 +156,31 @@ class Checker:
                 return cupy_module().empty(shape, dtype=dtype)
         return np.empty(shape, dtype=dtype)
 
-    def no_overlap(self, out, out_name: str, *others):
-        """Raise when out's memory overlaps an input that the kernel still reads."""
-        lo = address(out)
-        hi = lo + out.nbytes
+    def no_overlap(self, out, out_name: str, *others, allow_same: bool = False):
+        """Raise when out's memory overlaps one of ``(array, name)`` others.
+
+        With ``allow_same``, out may be exactly an input (the same memory and
+        size: elementwise kernels read each element before writing it); a
+        partial overlap, which would make the result depend on the order the
+        threads run in, is still refused.
+        """
+        lo, hi = address(out), address(out) + out.nbytes
         for arr, name in others:
+            if arr is None or not out.nbytes or not arr.nbytes:
+                continue
             a_lo = address(arr)
-            if out.nbytes and arr.nbytes and lo < a_lo + arr.nbytes and a_lo < hi:
-                raise ValueError(f"{self.op}: '{out_name}' overlaps '{name}'; "
-                                 f"pass a separate output array")
+            if allow_same and a_lo == lo and arr.nbytes == out.nbytes:
+                continue
+            if lo < a_lo + arr.nbytes and a_lo < hi:
+                how = "partially overlaps" if allow_same else "overlaps"
+                raise ValueError(f"{self.op}: '{out_name}' {how} '{name}'; pass a separate "
+                                 f"output array" + (" (or exactly the input)" if allow_same else ""))
+
+    def disjoint(self, *named):
+        """Raise when any two of the ``(array, name)`` pairs share memory."""
+        for i, (arr, name) in enumerate(named):
+            if arr is not None:
+                self.no_overlap(arr, name, *named[i + 1:])
 
     def backend(self, like):
         """(module of kernels, extra trailing args, device context) for this call."""

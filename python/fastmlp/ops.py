@@ -56,6 +56,8 @@ def bias_add(x, bias, *, out=None):
     x = ck.f32(x, "x", ndim=2)
     bias = ck.f32(bias, "bias", shape=(x.shape[1],))
     y = ck.out(out, "out", x.shape, like=x)
+    ck.no_overlap(y, "out", (x, "x"), allow_same=True)
+    ck.no_overlap(y, "out", (bias, "bias"))
     mod, extra, ctx = ck.backend(x)
     with ctx:
         mod.bias_add(address(x), address(bias), address(y), x.shape[0], x.shape[1], *extra)
@@ -67,6 +69,7 @@ def bias_grad(dy, *, out=None):
     ck = Checker("bias_grad")
     dy = ck.f32(dy, "dy", ndim=2)
     db = ck.out(out, "out", (dy.shape[1],), like=dy)
+    ck.no_overlap(db, "out", (dy, "dy"))
     mod, extra, ctx = ck.backend(dy)
     with ctx:
         mod.bias_grad(address(dy), address(db), dy.shape[0], dy.shape[1], *extra)
@@ -78,6 +81,7 @@ def relu(x, *, out=None):
     ck = Checker("relu")
     x = ck.f32(x, "x")
     y = ck.out(out, "out", x.shape, like=x)
+    ck.no_overlap(y, "out", (x, "x"), allow_same=True)
     mod, extra, ctx = ck.backend(x)
     with ctx:
         mod.relu(address(x), address(y), x.size, *extra)
@@ -90,6 +94,7 @@ def relu_backward(dy, y, *, out=None):
     dy = ck.f32(dy, "dy")
     y = ck.f32(y, "y", shape=dy.shape)
     dx = ck.out(out, "out", dy.shape, like=dy)
+    ck.no_overlap(dx, "out", (dy, "dy"), (y, "y"), allow_same=True)
     mod, extra, ctx = ck.backend(dy)
     with ctx:
         mod.relu_backward(address(dy), address(y), address(dx), dy.size, *extra)
@@ -169,6 +174,8 @@ def softmax_cross_entropy_backward(probs, labels, *, out=None):
     rows, cols = probs.shape
     lab, kind = _labels(ck, labels, rows, cols)
     dlogits = ck.out(out, "out", probs.shape, like=probs)
+    ck.no_overlap(dlogits, "out", (probs, "probs"), allow_same=True)
+    ck.no_overlap(dlogits, "out", (lab, "labels"))
     bad_row = ck.empty((1,), np.int64, like=probs)
     mod, extra, ctx = ck.backend(probs)
     with ctx:
@@ -195,6 +202,7 @@ def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay
         raise ValueError("sgd_step: nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
     if buf is not None:
         buf = ck.f32(buf, "buf", shape=param.shape, writable=True)
+    ck.disjoint((param, "param"), (grad, "grad"), (buf, "buf"))
     mod, extra, ctx = ck.backend(param)
     with ctx:
         mod.sgd_step(address(param), address(grad), 0 if buf is None else address(buf),
@@ -215,6 +223,7 @@ def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
     grad = ck.f32(grad, "grad", shape=param.shape)
     m = ck.f32(m, "m", shape=param.shape, writable=True)
     v = ck.f32(v, "v", shape=param.shape, writable=True)
+    ck.disjoint((param, "param"), (grad, "grad"), (m, "m"), (v, "v"))
     if int(step) != step or step < 1:
         raise ValueError(f"adam_step: 'step' counts from 1, got {step}")
     for name, val in (("beta1", beta1), ("beta2", beta2)):
