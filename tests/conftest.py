@@ -67,6 +67,9 @@ def gpu_backend() -> Backend:
     """The GPU Backend, or skip (with fastmlp's reason) when CUDA is not usable."""
     ok, why = cuda_usable()
     if not ok:
+        if os.environ.get("FASTMLP_REQUIRE_GPU"):
+            # The GPU check sets this: there, a skipped GPU test is a failure.
+            pytest.fail(f"FASTMLP_REQUIRE_GPU is set but CUDA is not usable: {why}")
         pytest.skip(f"CUDA backend not usable: {why or 'no reason given'}")
     import cupy
 

@@ -43,7 +43,11 @@ def cuda_status() -> tuple[bool, str]:
         return False, _INSTALL_CUPY
     count, why = _C.cuda.device_count()
     if count == 0:
-        return False, f"no usable CUDA device ({why or 'none found'})"
+        hint = ""
+        if "InsufficientDriver" in why:
+            hint = ("; no NVIDIA driver was found, or it is older than the CUDA runtime "
+                    f"fastmlp was built with ({_C.cuda.runtime_version()})")
+        return False, f"no usable CUDA device ({why or 'none found'}{hint})"
     return True, ""
 
 
