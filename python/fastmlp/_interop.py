@@ -146,11 +146,7 @@ class Checker:
     def out(self, out, name: str, shape, like):
         """A float32 output of the given shape: `out` checked, or a new array."""
         if out is None:
-            xp = cupy_module() if is_cupy(like) else np
-            if is_cupy(like):
-                with like.device:
-                    return xp.empty(shape, dtype=np.float32)
-            return np.empty(shape, dtype=np.float32)
+            return self.empty(shape, np.float32, like)
         return self.f32(out, name, shape=shape, writable=True)
 
     def empty(self, shape, dtype, like):
