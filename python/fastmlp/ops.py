@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _nvtx
 from ._interop import Checker, address
 
 __all__ = [
@@ -43,7 +44,7 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):
     c = ck.out(out, "out", (m, n), like=a)
     ck.no_overlap(c, "out", (a, "a"), (b, "b"))
     mod, extra, ctx = ck.backend(a)
-    with ctx:
+    with ctx, _nvtx.annotate("gemm"):
         mod.gemm(bool(trans_a), bool(trans_b), m, n, k, float(alpha),
                  address(a), max(a.shape[1], 1), address(b), max(b.shape[1], 1),
                  float(beta), address(c), max(n, 1), *extra)
@@ -59,7 +60,7 @@ def bias_add(x, bias, *, out=None):
     ck.no_overlap(y, "out", (x, "x"), allow_same=True)
     ck.no_overlap(y, "out", (bias, "bias"))
     mod, extra, ctx = ck.backend(x)
-    with ctx:
+    with ctx, _nvtx.annotate("bias_add"):
         mod.bias_add(address(x), address(bias), address(y), x.shape[0], x.shape[1], *extra)
     return y
 
@@ -71,7 +72,7 @@ def bias_grad(dy, *, out=None):
     db = ck.out(out, "out", (dy.shape[1],), like=dy)
     ck.no_overlap(db, "out", (dy, "dy"))
     mod, extra, ctx = ck.backend(dy)
-    with ctx:
+    with ctx, _nvtx.annotate("bias_grad"):
         mod.bias_grad(address(dy), address(db), dy.shape[0], dy.shape[1], *extra)
     return db
 
@@ -83,7 +84,7 @@ def relu(x, *, out=None):
     y = ck.out(out, "out", x.shape, like=x)
     ck.no_overlap(y, "out", (x, "x"), allow_same=True)
     mod, extra, ctx = ck.backend(x)
-    with ctx:
+    with ctx, _nvtx.annotate("relu"):
         mod.relu(address(x), address(y), x.size, *extra)
     return y
 
@@ -96,7 +97,7 @@ def relu_backward(dy, y, *, out=None):
     dx = ck.out(out, "out", dy.shape, like=dy)
     ck.no_overlap(dx, "out", (dy, "dy"), (y, "y"), allow_same=True)
     mod, extra, ctx = ck.backend(dy)
-    with ctx:
+    with ctx, _nvtx.annotate("relu_backward"):
         mod.relu_backward(address(dy), address(y), address(dx), dy.size, *extra)
     return dx
 
@@ -142,7 +143,7 @@ def softmax_cross_entropy_forward(logits, labels, *, check_labels=True):
     loss = ck.empty((), np.float32, like=logits)
     bad_row = ck.empty((1,), np.int64, like=logits)
     mod, extra, ctx = ck.backend(logits)
-    with ctx:
+    with ctx, _nvtx.annotate("softmax_cross_entropy"):
         mod.softmax_xent_fwd(address(logits), address(lab), kind, address(probs),
                              address(row_loss), address(loss), address(bad_row),
                              rows, cols, *extra)
@@ -178,7 +179,7 @@ def softmax_cross_entropy_backward(probs, labels, *, out=None):
     ck.no_overlap(dlogits, "out", (lab, "labels"))
     bad_row = ck.empty((1,), np.int64, like=probs)
     mod, extra, ctx = ck.backend(probs)
-    with ctx:
+    with ctx, _nvtx.annotate("softmax_cross_entropy_backward"):
         mod.softmax_xent_bwd(address(probs), address(lab), kind, address(dlogits),
                              address(bad_row), rows, cols, *extra)
     if int(bad_row[0]) >= 0:
@@ -204,7 +205,7 @@ def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay
         buf = ck.f32(buf, "buf", shape=param.shape, writable=True)
     ck.disjoint((param, "param"), (grad, "grad"), (buf, "buf"))
     mod, extra, ctx = ck.backend(param)
-    with ctx:
+    with ctx, _nvtx.annotate("sgd_step"):
         mod.sgd_step(address(param), address(grad), 0 if buf is None else address(buf),
                      param.size, float(lr), float(momentum), bool(nesterov),
                      float(weight_decay), *extra)
@@ -230,7 +231,7 @@ def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
         if not 0.0 <= val < 1.0:
             raise ValueError(f"adam_step: '{name}' must be in [0, 1), got {val}")
     mod, extra, ctx = ck.backend(param)
-    with ctx:
+    with ctx, _nvtx.annotate("adam_step"):
         mod.adam_step(address(param), address(grad), address(m), address(v), param.size,
                       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                       bool(decoupled), int(step), *extra)
