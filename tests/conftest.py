@@ -93,3 +93,17 @@ def gpu() -> Backend:
 def rng(request) -> np.random.Generator:
     """A generator seeded from the test id: every test draws the same data every run."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """Fashion-MNIST from Debian's dataset-fashion-mnist package, as the CLI feeds it:
+    ((x_train, y_train), (x_test, y_test)) with x float32 rows of 784 values in [0, 1].
+
+    CI installs the package, so a missing dataset is a failure here, not a skip."""
+    (xt, yt), (xs, ys) = fm.datasets.load_fashion_mnist()
+
+    def prep(x):
+        return x.reshape(len(x), -1).astype(np.float32) / np.float32(255.0)
+
+    return (prep(xt), yt), (prep(xs), ys)

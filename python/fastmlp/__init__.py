@@ -1,12 +1,15 @@
 """fastmlp: dense neural networks trained with hand-written C++ and CUDA kernels."""
 from __future__ import annotations
 
-from . import _C, ops, reference
+from . import _C, _nvtx, callbacks, datasets, layers, losses, ops, optim, reference
 from ._interop import cuda_status, cupy_module
 from ._random import set_seed
+from .layers import Dense
+from .model import Sequential, load_model
 
 __version__ = "0.1.0"
-__all__ = ["backends", "ops", "reference", "set_seed", "__version__"]
+__all__ = ["backends", "ops", "reference", "set_seed", "Dense", "Sequential", "load_model",
+           "callbacks", "datasets", "layers", "losses", "optim", "__version__"]
 
 
 def backends() -> dict:

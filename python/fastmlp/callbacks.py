@@ -1,0 +1,154 @@
+"""Callbacks for ``Model.fit``: History, EarlyStopping, ModelCheckpoint.
+
+A callback sees the model (``self.model``) and the epoch logs -- a dict such as
+``{"loss": 0.41, "accuracy": 0.85, "val_loss": 0.45, "val_accuracy": 0.84}``.
+Setting ``model.stop_training = True`` ends ``fit`` after the current epoch.
+There are no per-batch hooks: they would force a device-to-host copy every step.
+"""
+from __future__ import annotations
+
+import math
+
+__all__ = ["Callback", "History", "EarlyStopping", "ModelCheckpoint"]
+
+
+class Callback:
+    model = None
+
+    def set_model(self, model) -> None:
+        self.model = model
+
+    def on_train_begin(self, logs=None) -> None:
+        pass
+
+    def on_train_end(self, logs=None) -> None:
+        pass
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        pass
+
+
+class History(Callback):
+    """What ``fit`` returns: ``history.history`` maps each metric to its per-epoch values;
+    ``history.epoch`` lists the epoch indices."""
+
+    def __init__(self):
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+        self.params: dict = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.append(epoch)
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(value)
+
+    def __repr__(self):
+        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
+
+
+def _mode(monitor: str, mode: str) -> str:
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "max" if monitor.endswith("accuracy") or monitor.endswith("acc") else "min"
+
+
+class _Monitor(Callback):
+    """Tracks the best value of one logged quantity."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0):
+        self.monitor = monitor
+        self.mode = _mode(monitor, mode)
+        self.min_delta = abs(float(min_delta))
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def _value(self, logs):
+        if logs is None or self.monitor not in logs:
+            have = sorted(logs or {})
+            hint = (" (val_* metrics need validation_data or validation_split)"
+                    if self.monitor.startswith("val_") else "")
+            raise ValueError(f"{type(self).__name__}: monitored quantity '{self.monitor}' is "
+                             f"not in the logs {have}{hint}")
+        return float(logs[self.monitor])
+
+    def _improved(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+
+class EarlyStopping(_Monitor):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
+    epochs. With ``restore_best_weights`` the model ends with the weights of its best
+    epoch (also when training runs to the last epoch, unlike Keras)."""
+
+    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
+                 mode: str = "auto", restore_best_weights: bool = False, verbose: int = 0):
+        super().__init__(monitor, mode, min_delta)
+        if patience < 0:
+            raise ValueError(f"EarlyStopping: 'patience' must be >= 0, got {patience}")
+        self.patience = int(patience)
+        self.restore_best_weights = bool(restore_best_weights)
+        self.verbose = verbose
+        self.wait = 0
+        self.stopped_epoch = None
+        self.best_epoch = None
+        self.best_weights = None
+
+    def on_train_begin(self, logs=None):
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.wait, self.stopped_epoch, self.best_epoch, self.best_weights = 0, None, None, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = self._value(logs)
+        if self._improved(value):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+            return
+        self.wait += 1
+        if self.wait > self.patience:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.restore_best_weights and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+        if self.verbose and self.stopped_epoch is not None:
+            print(f"EarlyStopping: stopped after epoch {self.stopped_epoch + 1}; best "
+                  f"{self.monitor} = {self.best:.4f} at epoch {self.best_epoch + 1}")
+
+
+class ModelCheckpoint(_Monitor):
+    """Save the model after each epoch (``model.save``), or with ``save_best_only`` only
+    when ``monitor`` improved. ``filepath`` may hold ``{epoch}`` and log keys, e.g.
+    ``"ckpt-{epoch:02d}-{val_loss:.3f}.safetensors"`` (epochs counted from 1)."""
+
+    def __init__(self, filepath, monitor: str = "val_loss", save_best_only: bool = False,
+                 mode: str = "auto", include_optimizer: bool = True, verbose: int = 0):
+        super().__init__(monitor, mode)
+        self.filepath = str(filepath)
+        self.save_best_only = bool(save_best_only)
+        self.include_optimizer = bool(include_optimizer)
+        self.verbose = verbose
+        self.saved: list[str] = []
+
+    def on_train_begin(self, logs=None):
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.save_best_only:
+            value = self._value(logs)
+            if not self._improved(value):
+                return
+            self.best = value
+        path = self.filepath.format(epoch=epoch + 1, **logs)
+        self.model.save(path, include_optimizer=self.include_optimizer)
+        self.saved.append(path)
+        if self.verbose:
+            print(f"ModelCheckpoint: saved {path}")

@@ -1,0 +1,172 @@
+"""The ``fastmlp`` command: train, evaluate, info.
+
+    fastmlp train                      # 784-128-10 on Fashion-MNIST, Adam 1e-3, batch 32, 10 epochs
+    fastmlp train --hidden 256 128 --epochs 5 --device cuda --save model.safetensors
+    fastmlp evaluate model.safetensors
+    fastmlp info
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import numpy as np
+
+_DATASETS = ("fashion-mnist", "mnist")
+
+
+def _load(dataset: str, path):
+    from . import datasets
+
+    loader = datasets.load_fashion_mnist if dataset == "fashion-mnist" else datasets.load_mnist
+    (x_train, y_train), (x_test, y_test) = loader(path)
+    # Images -> rows of 784 features in [0, 1]; labels stay uint8 class indices.
+    def prep(x):
+        return x.reshape(len(x), -1).astype(np.float32) / np.float32(255.0)
+
+    return (prep(x_train), y_train), (prep(x_test), y_test)
+
+
+def _add_data_args(p):
+    p.add_argument("--dataset", choices=_DATASETS, default="fashion-mnist",
+                   help="MNIST-format dataset (default: fashion-mnist)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="folder holding the four IDX files (default: search $FASTMLP_DATA, "
+                        "~/.cache/fastmlp/<dataset>, /usr/share/datasets/<dataset>)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train / evaluate (default: auto = the GPU when usable)")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="fastmlp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an MLP classifier on an MNIST-format dataset",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_args(t)
+    t.add_argument("--hidden", type=int, nargs="*", default=[128], metavar="UNITS",
+                   help="hidden layer sizes (none for a linear classifier)")
+    t.add_argument("--activation", choices=("relu", "linear"), default="relu",
+                   help="hidden-layer activation")
+    t.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    t.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay (default: the optimizer's own, as in torch.optim)")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--validation-split", type=float, default=0.1,
+                   help="fraction of the training set held out for validation (0 for none)")
+    t.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="train on the first N training samples only (quick runs)")
+    t.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
+    t.add_argument("--save", metavar="PATH", default=None,
+                   help="write the trained model (with optimizer state) to PATH (safetensors)")
+    t.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
+                   help="0 quiet, 1 a progress bar per epoch, 2 one line per epoch")
+
+    e = sub.add_parser("evaluate", help="evaluate a saved model on the test split")
+    e.add_argument("model", help="a file written by model.save / fastmlp train --save")
+    _add_data_args(e)
+
+    sub.add_parser("info", help="version, backends, GPU and build options")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"fastmlp {__version__}"
+
+
+def _train(args) -> int:
+    import fastmlp as fm
+
+    if args.epochs < 1 or args.batch_size < 1:
+        raise ValueError("--epochs and --batch-size must be >= 1")
+    fm.set_seed(args.seed)
+    (x_train, y_train), (x_test, y_test) = _load(args.dataset, args.data)
+    if args.limit is not None:
+        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+    classes = 10
+    act = None if args.activation == "linear" else "relu"
+    widths = [x_train.shape[1], *args.hidden]
+    model = fm.Sequential([fm.Dense(u, activation=act, input_dim=d)
+                           for d, u in zip(widths, args.hidden)]
+                          + [fm.Dense(classes, input_dim=widths[-1])])
+    kw = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
+    if args.optimizer == "sgd":
+        opt = fm.optim.SGD(lr=args.lr, momentum=args.momentum, **kw)
+    else:
+        opt = (fm.optim.Adam if args.optimizer == "adam" else fm.optim.AdamW)(lr=args.lr, **kw)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    sizes = "-".join(str(s) for s in [x_train.shape[1], *args.hidden, classes])
+    print(f"fastmlp train: {args.dataset} {sizes} {opt!r} batch {args.batch_size}, "
+          f"{args.epochs} epochs, {len(x_train)} samples"
+          + (f" ({args.validation_split:g} held out for validation)"
+             if args.validation_split else ""), flush=True)
+    t0 = time.perf_counter()
+    history = model.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
+                        validation_split=args.validation_split, verbose=args.verbose,
+                        device=args.device)
+    total = time.perf_counter() - t0
+    times = history.history["time"]
+    print(f"trained on {model.device} in {total:.1f} s ({np.median(times):.2f} s/epoch median)")
+    result = model.evaluate(x_test, y_test)
+    print(f"test loss {result['loss']:.4f} - test accuracy {result['accuracy']:.4f}")
+    if args.save:
+        model.save(args.save)
+        print(f"saved {args.save}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    import fastmlp as fm
+
+    model = fm.load_model(args.model)
+    if model.loss is None:
+        model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    _, (x_test, y_test) = _load(args.dataset, args.data)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if fm.backends()["cuda"] else "cpu"
+    model.to(device)
+    result = model.evaluate(x_test, y_test)
+    print(f"{args.model}: test loss {result['loss']:.4f} - test accuracy "
+          f"{result['accuracy']:.4f} ({args.dataset}, {len(x_test)} samples, {model.device})")
+    return 0
+
+
+def _info(args) -> int:
+    import fastmlp as fm
+
+    b = fm.backends()
+    print(_version())
+    print(f"python {platform.python_version()} ({sys.executable}), numpy {np.__version__}")
+    print(f"build: {b['build_info']}")
+    print(f"cpu: yes, {b['cpu_threads']} OpenMP threads ({platform.machine()})")
+    if b["cuda"]:
+        print(f"cuda: yes, {b.get('cuda_device')} (CUDA runtime {b.get('cuda_runtime')})")
+    else:
+        print(f"cuda: no ({b['cuda_reason']})")
+    cp = fm.cupy_module()
+    print(f"cupy: {cp.__version__ if cp is not None else 'not installed'}")
+    print(f"nvtx ranges: {'on' if fm._nvtx.enabled else 'off (pip install nvtx)'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"train": _train, "evaluate": _evaluate, "info": _info}[args.command]
+    try:
+        return handler(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"fastmlp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
