@@ -164,10 +164,12 @@ def softmax_cross_entropy(logits, labels):
     return loss, probs
 
 
-def softmax_cross_entropy_backward(probs, labels, *, out=None):
+def softmax_cross_entropy_backward(probs, labels, *, out=None, check_labels=True):
     """Gradient of the mean loss w.r.t. the logits: ``(probs - onehot) / n``.
 
-    ``out`` may be ``probs`` (computed in place).
+    ``out`` may be ``probs`` (computed in place). With ``check_labels=False`` the
+    bad-label flag is not read back (no GPU sync); the caller has checked the
+    labels already (``fit`` checks the whole dataset before training).
     """
     op = "softmax_cross_entropy_backward"
     ck = Checker(op)
@@ -182,7 +184,7 @@ def softmax_cross_entropy_backward(probs, labels, *, out=None):
     with ctx, _nvtx.annotate("softmax_cross_entropy_backward"):
         mod.softmax_xent_bwd(address(probs), address(lab), kind, address(dlogits),
                              address(bad_row), rows, cols, *extra)
-    if int(bad_row[0]) >= 0:
+    if check_labels and int(bad_row[0]) >= 0:
         _raise_bad_label(op, lab, bad_row[0], cols)
     return dlogits
 
