@@ -5,13 +5,16 @@
 #
 # 1 build + install for sm_90   2 fastmlp.backends()   3 pytest -m gpu
 # 4 compute-sanitizer memcheck / racecheck / synccheck / initcheck on a small
-#   GPU subset   5 benchmarks/bench_gemm.py   6 summary table (printed last).
+#   GPU subset   5 benchmarks/run.py --quick --device cuda (GEMM vs cuBLAS and
+#   PyTorch, memory-bound kernels, training vs PyTorch)   6 summary table
+#   (printed last).
 # Every step has a timeout, and all of them share one budget (CHECK_BUDGET_S,
 # default 480 s) so the whole check stays under ~8 minutes. A failed build
 # skips the rest. Exit status: 0 only if every step passed.
 #
-# OUTDIR gets at most 7 files: build.log tests.log sanitize.log bench_gemm.md
-# bench_gemm.json bench_gemm.log summary.md.
+# OUTDIR gets at most 8 files, 1 folder deep: build.log tests.log sanitize.log
+# bench.log summary.md, and bench/ with results.json results.md plots.png (copy
+# bench/ to benchmarks/results/h200/ to commit them).
 #
 # Knobs (environment): CHECK_BUDGET_S; SANITIZE_TESTS (pytest paths, default
 # tests/test_ops.py); SANITIZE_K (pytest -k for memcheck, default "small");
@@ -105,7 +108,7 @@ if ! run_step "build+install (sm_90)" 300 "$OUT/build.log" \
     FASTMLP_CUDA=ON PIP_BREAK_SYSTEM_PACKAGES=1 \
     python3 -m pip install --no-index --no-build-isolation --no-deps -v .; then
     tail -n 40 "$OUT/build.log"
-    for s in "fastmlp.backends()" "pytest -m gpu" "sanitize" "bench_gemm"; do
+    for s in "fastmlp.backends()" "pytest -m gpu" "sanitize" "benchmarks"; do
         SUMMARY+=("| $s | SKIP | 0 | build failed |")
     done
     print_summary
@@ -133,7 +136,7 @@ for cand in "$(dirname "$(command -v nvcc 2>/dev/null || echo /nonexistent/x)")/
             /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
     [[ -z $SAN && -x $cand ]] && SAN=$cand
 done
-RESERVE=90   # a slow sanitizer must not eat the benchmark's time
+RESERVE=150  # a slow sanitizer must not eat the benchmark's time
 PYTEST_NO_POOL='import sys, cupy, pytest; cupy.cuda.set_allocator(None); sys.exit(pytest.main(sys.argv[1:]))'
 for tool in memcheck racecheck synccheck initcheck; do
     if [[ -z $SAN ]]; then
@@ -150,11 +153,12 @@ for tool in memcheck racecheck synccheck initcheck; do
         python3 -c "$PYTEST_NO_POOL" -m gpu -q -x -p no:cacheprovider $SANITIZE_TESTS -k "$sel"
 done
 
-# ---- 5. GEMM benchmark ---------------------------------------------------------------
+# ---- 5. benchmarks ------------------------------------------------------------------------
+# run.py exits 2 when it sees no usable GPU and 1 when an output fails its check.
 RESERVE=0
-run_step "bench_gemm" 150 "$OUT/bench_gemm.log" \
-    bash -c 'python3 benchmarks/bench_gemm.py --out "$1/bench_gemm.json" >"$1/bench_gemm.md"' _ "$OUT"
-cat "$OUT/bench_gemm.md" 2>/dev/null
+run_step "benchmarks (run.py --quick)" 240 "$OUT/bench.log" \
+    python3 benchmarks/run.py --quick --device cuda --out "$OUT/bench"
+cat "$OUT/bench/results.md" 2>/dev/null
 
 # ---- 6. summary -------------------------------------------------------------------------
 print_summary

@@ -1,0 +1,211 @@
+"""Markdown tables and the plots for one device's results (the dict run.py writes as JSON)."""
+from __future__ import annotations
+
+EPOCH_NOTE = ("s/epoch is derived: ceil(60000 / batch) steps x the median step time, "
+              "timed over fit() calls of a few dozen steps on Fashion-MNIST-shaped random data")
+
+
+def _ms(r, scale=1e3, digits=3):
+    return (f"{r['median_s'] * scale:.{digits}f} "
+            f"({r['min_s'] * scale:.{digits}f}–{r['max_s'] * scale:.{digits}f})")
+
+
+def _pct(x):
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def _num(x, digits=1):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _check(r):
+    if r.get("checked", True):
+        return "ok" if r.get("rel_err") is None else f"ok {r['rel_err']:.0e}"
+    return f"**FAIL** {r.get('error') or ''}".strip()
+
+
+def peers_of(rows):
+    names = []
+    for r in rows:
+        for name in r.get("vs", {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def markdown(res) -> str:
+    meta, ceil, rows = res["meta"], res["ceilings"], res["rows"]
+    env = meta["env"]
+    out = [f"# fastmlp benchmarks: {meta['device']}", ""]
+    out.append(f"commit `{meta['commit']}`, {meta['date']}, {'--quick' if meta['quick'] else 'full'} run "
+               f"({meta['wall_s']:.0f} s), " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+               + ".")
+    if meta["device_kind"] == "cpu":
+        out.append(f"Threads: fastmlp (OpenMP) {env.get('fastmlp_threads')}, NumPy's BLAS "
+                   f"({env.get('blas')} {env.get('blas_version')}, core {env.get('blas_core')}) "
+                   f"{env.get('blas_threads')}, PyTorch {meta.get('torch_threads')}; "
+                   f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}, "
+                   f"OPENBLAS_NUM_THREADS={env.get('OPENBLAS_NUM_THREADS')}, "
+                   f"OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE')}, "
+                   f"OPENBLAS_THREAD_TIMEOUT={env.get('OPENBLAS_THREAD_TIMEOUT')} (set by run.py: "
+                   "idle OpenBLAS workers sleep at once instead of spinning and stalling the other "
+                   "libraries' threads), OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY')} (set by run.py "
+                   "for the same reason; with spinning OpenMP workers fastmlp's kernels were up to "
+                   "3x slower here). "
+                   "The machine is shared (other jobs ran during the measurement): "
+                   "compare ratios within this run, not absolute numbers across runs.")
+        out.append("")
+        out.append("Method: time.perf_counter around single calls; warm-up, then blocks of calls per "
+                   "implementation over 3 rounds; median (min–max) of all calls. Inputs stay in cache "
+                   "between calls where they fit.")
+    else:
+        out.append(f"GPU: compute capability {env.get('compute_capability')}, {env.get('sms')} SMs, "
+                   f"L2 {env.get('l2_bytes', 0) >> 20} MiB, CUDA runtime {env.get('cuda_runtime')}, "
+                   f"driver {env.get('cuda_driver')}; TF32 off everywhere.")
+        out.append("")
+        out.append("Method: CUDA events around single calls, the L2 flushed (256 MiB written) before "
+                   "each; warm-up, then blocks of calls per implementation over 3 rounds; median "
+                   "(min–max). Op times include fastmlp's Python-side argument checks when they are "
+                   "longer than the flush.")
+    out.append("Every fastmlp output was checked against a reference before it was timed "
+               "(`check`: relative max-norm error). `vs X` = X's time / fastmlp's time "
+               "(fastmlp's rate as a % of X's; above 100%: fastmlp is faster).")
+    out += ["", "## Ceilings", "", "| ceiling | value | how |", "|---|---|---|"]
+    copies = ", ".join(f"{k} {v:.1f}" for k, v in ceil.get("copy_all", {}).items())
+    if "copy_gbps" in ceil:
+        out.append(f"| copy bandwidth | {ceil['copy_gbps']:.1f} GB/s | measured: {ceil['copy_bytes'] // 2 >> 20} "
+                   f"MiB copies, read + write counted ({copies} GB/s) |")
+    if ceil.get("peak_gflops"):
+        out.append(f"| FP32 roof | {ceil['peak_gflops']:.0f} GFLOP/s | {ceil['peak_how']} |")
+    if ceil.get("matmul_gflops"):
+        out.append(f"| best measured matmul | {ceil['matmul_gflops']:.0f} GFLOP/s | {ceil['matmul_how']} |")
+
+    gemm = [r for r in rows if r["section"] == "gemm" and r["impl"] == "fastmlp"]
+    if gemm:
+        peers = peers_of(gemm)
+        out += ["", "## GEMM (FP32)", "",
+                "| problem | op | m x n x k | fastmlp ms (min–max) | GFLOP/s | % of roof | " +
+                " | ".join(f"{p} GFLOP/s | vs {p}" for p in peers) + " | check |",
+                "|---|---|---|---|---|---|" + "---|---|" * len(peers) + "---|"]
+        for r in gemm:
+            cells = [r["problem"], r["variant"], r["shape"], _ms(r), _num(r["gflops"], 0),
+                     _num(r.get("pct_of_roof"), 0) + "%"]
+            for p in peers:
+                v = r["vs"].get(p)
+                cells += [_num(v and v["gflops"], 0), _pct(v and v["ratio"])]
+            out.append("| " + " | ".join(cells + [_check(r)]) + " |")
+
+    mem = [r for r in rows if r["section"] == "memory" and r["impl"] == "fastmlp"]
+    if mem:
+        peers = peers_of(mem)
+        out += ["", "## Memory-bound kernels", "",
+                f"Bytes moved: each input read once, each output written once. Copy bandwidth: "
+                f"{ceil.get('copy_gbps', float('nan')):.1f} GB/s. Above 100% of it: the data sat in cache.",
+                "", "| op | shape | MB moved | fastmlp µs (min–max) | GB/s | % of copy | " +
+                " | ".join(f"{p} GB/s | vs {p}" for p in peers) + " | check |",
+                "|---|---|---|---|---|---|" + "---|---|" * len(peers) + "---|"]
+        for r in mem:
+            op = r["op"] + (f" ({r['variant']})" if r["variant"] else "")
+            cells = [op, r["shape"], f"{r['bytes'] / 1e6:.3g}", _ms(r, 1e6, 1), _num(r["gbps"]),
+                     _num(r.get("pct_of_roof"), 0) + "%"]
+            for p in peers:
+                v = r["vs"].get(p)
+                cells += [_num(v and v["gbps"]), _pct(v and v["ratio"])]
+            out.append("| " + " | ".join(cells + [_check(r)]) + " |")
+
+    train = [r for r in rows if r["section"] == "training" and r["impl"] == "fastmlp"]
+    out += ["", "## Training: 784-128-10, Adam", ""]
+    if train:
+        peers = peers_of(train)
+        out += [EPOCH_NOTE + f"; {train[0].get('data')}.", "",
+                "| batch | fastmlp ms/step (min–max) | s/epoch | " +
+                " | ".join(f"{p} ms/step (min–max) | {p} s/epoch | vs {p}" for p in peers) + " | check |",
+                "|---|---|---|" + "---|---|---|" * len(peers) + "---|"]
+        for r in train:
+            cells = [str(r["batch"]), _ms(r), f"{r['epoch_s']:.2f}"]
+            for p in peers:
+                v = r["vs"].get(p)
+                peer_row = next(x for x in rows if x["section"] == "training" and x["impl"] == p
+                                and x["batch"] == r["batch"])
+                cells += [_ms(peer_row), f"{peer_row['epoch_s']:.2f}", _pct(v["ratio"])]
+            out.append("| " + " | ".join(cells + [_check(r)]) + " |")
+    else:
+        out.append(f"Not measured: {res['skipped'].get('training', 'the section did not run')}.")
+    for name, why in res["skipped"].items():
+        if name != "training":
+            out += ["", f"Section {name} skipped: {why}."]
+    if meta.get("torch_note"):
+        out += ["", f"PyTorch rows missing: {meta['torch_note']}."]
+    if res["failures"]:
+        out += ["", "## FAILURES", ""] + [f"- {f}" for f in res["failures"]]
+    return "\n".join(out) + "\n"
+
+
+def plots(res, path):
+    """One PNG, three panels: GEMM GFLOP/s vs size, roofline, training step time vs batch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows, ceil, meta = res["rows"], res["ceilings"], res["meta"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5))
+    fig.suptitle(f"fastmlp on {meta['device']} (commit {meta['commit']}, {meta['date'][:10]})")
+
+    # 1. GEMM rate vs size, every implementation
+    squares = [r for r in rows if r["section"] == "gemm" and r.get("problem", "").startswith("square")]
+    for impl in dict.fromkeys(r["impl"] for r in squares):
+        pts = sorted((int(r["shape"].split("x")[0]), r["gflops"]) for r in squares if r["impl"] == impl)
+        ax1.plot(*zip(*pts), marker="o", label=impl, lw=2.5 if impl == "fastmlp" else 1.5)
+    if ceil.get("peak_gflops"):
+        ax1.axhline(ceil["peak_gflops"], ls="--", c="gray", label="FP32 roof (derived)")
+    ax1.set(xscale="log", xlabel="m = n = k", ylabel="GFLOP/s", title="FP32 GEMM, square")
+    ax1.set_xscale("log", base=2)
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+
+    # 2. roofline: every fastmlp kernel row
+    ours = [r for r in rows if r["impl"] == "fastmlp" and r["section"] in ("gemm", "memory")
+            and r.get("intensity") and r.get("gflops")]
+    if ours:
+        ai = [r["intensity"] for r in ours]
+        xs = [min(ai) / 2, max(ai) * 2]
+        grid = [xs[0] * (xs[1] / xs[0]) ** (i / 50) for i in range(51)]
+        top = ceil.get("matmul_gflops") or max(r["gflops"] for r in ours)
+        if ceil.get("copy_gbps"):
+            ax2.plot(grid, [min(ceil["copy_gbps"] * x, top) for x in grid], c="k",
+                     label=f"measured copy {ceil['copy_gbps']:.0f} GB/s / matmul {top:.0f} GFLOP/s")
+        if ceil.get("peak_gflops"):
+            ax2.axhline(ceil["peak_gflops"], ls="--", c="gray", label="FP32 roof (derived)")
+        markers = "osD^v<>ph*"
+        for i, op in enumerate(dict.fromkeys(r["op"] for r in ours)):
+            pts = [(r["intensity"], r["gflops"]) for r in ours if r["op"] == op]
+            ax2.scatter(*zip(*pts), marker=markers[i % len(markers)], label=op, s=22, alpha=0.8)
+        ax2.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte moved)",
+                ylabel="achieved GFLOP/s", title="Roofline: fastmlp kernels, all sizes")
+        ax2.legend(fontsize=7, loc="lower right")
+        ax2.grid(alpha=0.3, which="both")
+
+    # 3. training step time vs batch
+    train = [r for r in rows if r["section"] == "training"]
+    if train:
+        for impl in dict.fromkeys(r["impl"] for r in train):
+            pts = sorted((r["batch"], r["median_s"] * 1e3, r["min_s"] * 1e3, r["max_s"] * 1e3)
+                         for r in train if r["impl"] == impl)
+            b, med, lo, hi = zip(*pts)
+            ax3.errorbar(b, med, yerr=[[m - l for m, l in zip(med, lo)], [h - m for m, h in zip(med, hi)]],
+                         marker="o", capsize=3, label=impl)
+        ax3.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per step (median, min–max)",
+                title="Training 784-128-10 + Adam")
+        ax3.set_xscale("log", base=2)
+        ax3.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax3.legend(fontsize=8)
+        ax3.grid(alpha=0.3, which="both")
+    else:
+        why = res["skipped"].get("training", "not run")
+        ax3.text(0.5, 0.5, "training not measured:\n" + why, ha="center", va="center", wrap=True,
+                 transform=ax3.transAxes)
+        ax3.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

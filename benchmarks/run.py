@@ -1,0 +1,517 @@
+"""fastmlp benchmarks: GEMM, memory-bound kernels and training, each against a peer.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda|all] [--out DIR]
+
+Writes DIR/results.json (every row, with the run's commit, date, device and
+library versions), DIR/results.md (the tables) and DIR/plots.png (GEMM rate
+vs size with the peers' curves, a roofline of every kernel, training step time
+vs batch size). DIR defaults to benchmarks/results/<device>/ (e.g. h200,
+cpu-amd-epyc-2c); with --device all and --out DIR, each device writes to
+DIR/<device>/.
+
+Sections (each device):
+  ceilings  measured copy bandwidth (read + write counted), the FP32 FLOP/s
+            roof derived from the hardware, the best measured matmul rate;
+  gemm      square sizes and the 784-128-10 MLP products (forward, dX, dW)
+            vs NumPy's BLAS and PyTorch (CPU) or cuBLAS via cupy.matmul and
+            PyTorch (GPU), FP32 (TF32 off everywhere);
+  memory    bias_add, bias_grad, relu, relu_backward, softmax-CE forward and
+            backward, SGD and Adam steps, tiny to several times the cache,
+            in GB/s vs the copy bandwidth and vs fastmlp.reference (NumPy/CuPy);
+  training  784-128-10 + Adam, time per step and per Fashion-MNIST epoch at
+            batch 32, 128, 1024 vs a PyTorch eager loop on the same device.
+
+Method: every fastmlp output (and every GEMM peer's) is checked against a
+reference once before it is timed (outputs poisoned with NaN first); a
+failed check is reported as FAIL and the script exits 1. Timing: warm-up,
+then the median of many single calls (min and max kept) in blocks per
+implementation, repeated over a few rounds; GPU: CUDA events, L2 flushed
+before each call; CPU: time.perf_counter. Ratios compare implementations
+measured in the same run.
+
+Exit status: 0 ok; 1 a check failed or a section crashed; 2 a requested
+device cannot run (e.g. --device cuda without a usable GPU): nothing measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+os.environ.setdefault("CUPY_TF32", "0")  # before CuPy is imported: it reads this once
+# Before NumPy loads OpenBLAS: its idle workers otherwise spin-yield for ~0.1 s after
+# every call, and on a 2-core machine that stalls the next library's OpenMP threads
+# until the 4 ms scheduler tick (measured: fastmlp, NumPy and PyTorch all 2-5x slower
+# in one process). 2^4 cycles: they sleep at once; NumPy's own times do not change.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# Likewise for OpenMP (fastmlp's and PyTorch's libgomp): spinning idle workers made
+# fastmlp's kernels 3x slower on this 2-vCPU VM, and tick-bound once torch was
+# imported. Passive: idle workers sleep. Set either variable to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+import report  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FASHION_MNIST_TRAIN = 60000
+SECTIONS = ["ceilings", "gemm", "memory", "training"]
+GEMM_TOL = 1e-4  # FP32 lands near 1e-6 for k <= 8192; TF32 (~3e-4) cannot pass
+
+
+class Skip(Exception):
+    """A section that cannot run here; the reason is printed and recorded."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_torch(dev):
+    """PyTorch on dev's device with TF32 off, or (None, why not)."""
+    try:
+        import torch
+    except Exception as e:
+        return None, f"PyTorch not installed ({type(e).__name__})"
+    if dev.kind == "cuda":
+        if not torch.cuda.is_available():
+            return None, "PyTorch sees no CUDA device"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    return torch, ""
+
+
+class Bench:
+    def __init__(self, dev, quick):
+        self.dev, self.quick = dev, quick
+        self.rng = np.random.default_rng(0)
+        self.rows, self.failures, self.skipped = [], [], {}
+        self.torch, self.torch_reason = load_torch(dev)
+        self.repeats = (9 if quick else 30) if dev.kind == "cpu" else (15 if quick else 50)
+        self.min_time = (0.3 if quick else 1.0) if dev.kind == "cpu" else 0.0
+        self.ceilings = {}
+
+    def rand(self, *shape):
+        return self.dev.asarray(self.rng.standard_normal(shape, dtype=np.float32))
+
+    def time(self, fns, **kw):
+        kw.setdefault("repeats", self.repeats)
+        kw.setdefault("min_time", self.min_time)
+        return self.dev.time(fns, **kw)
+
+    # -- ceilings ------------------------------------------------------------------
+    def run_ceilings(self):
+        nbytes = (128 if self.quick else 256) << 20
+        if self.dev.kind == "cuda":
+            nbytes = 1 << 30  # many times the L2
+        cb = self.dev.copy_bandwidth(nbytes, repeats=self.repeats)
+        t = cb["timing"]
+        peak, how = self.dev.peak_flops()
+        self.ceilings = {"copy_gbps": cb["bytes"] / t["median_s"] / 1e9, "copy_variant": cb["variant"],
+                         "copy_bytes": cb["bytes"],
+                         "copy_all": {k: cb["bytes"] / v["median_s"] / 1e9 for k, v in cb["all"].items()},
+                         "peak_gflops": peak / 1e9 if peak else None, "peak_how": how}
+        self.rows.append(H.make_row("ceilings", "copy", f"{cb['bytes'] // 2 >> 20} MiB", cb["variant"],
+                                    "copy", t, nbytes=cb["bytes"]))
+        log(f"copy bandwidth {self.ceilings['copy_gbps']:.1f} GB/s ({cb['variant']}); "
+            f"FP32 roof {self.ceilings['peak_gflops'] or float('nan'):.0f} GFLOP/s = {how}")
+
+    # -- GEMM ----------------------------------------------------------------------
+    def gemm_shapes(self):
+        """(problem, variant, m, n, k, trans_a, trans_b): C(m,n) = op(A)(m,k) @ op(B)(k,n)."""
+        if self.dev.kind == "cpu":
+            squares = [128, 256, 512, 1024, 2048] if self.quick else \
+                [128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+        else:
+            squares = [256, 1024, 4096, 8192] if self.quick else \
+                [256, 512, 1024, 2048, 4096, 6144, 8192]
+        out = [(f"square {s}", "A@B", s, s, s, False, False) for s in squares]
+        for batch in (32, 128, 1024, 8192):
+            for d_in, d_out in ((784, 128), (128, 10)):
+                p = f"{d_in}->{d_out} B={batch}"
+                out.append((p, "fwd X@W", batch, d_out, d_in, False, False))
+                out.append((p, "dX=dY@W^T", batch, d_in, d_out, False, True))
+                out.append((p, "dW=X^T@dY", d_in, d_out, batch, True, False))
+        return out
+
+    def gemm_peers(self, op_a, op_b, m, n):
+        """{name: (callable, output)} of the peers computing op_a @ op_b."""
+        xp, peers = self.dev.xp, {}
+        c_peer = xp.empty((m, n), np.float32)
+        name = "NumPy" if self.dev.kind == "cpu" else "cuBLAS"
+        peers[name] = (lambda: xp.matmul(op_a, op_b, out=c_peer), c_peer)
+        if self.torch is not None:  # DLPack shares the (possibly transposed) views, no copy
+            torch = self.torch
+            ta, tb = torch.from_dlpack(op_a), torch.from_dlpack(op_b)
+            tc = torch.empty((m, n), dtype=torch.float32, device=ta.device)
+            peers["PyTorch"] = (lambda: torch.matmul(ta, tb, out=tc), tc)
+        return peers
+
+    def run_gemm(self):
+        import fastmlp as fm
+        dev, xp = self.dev, self.dev.xp
+        for problem, variant, m, n, k, ta, tb in self.gemm_shapes():
+            a = self.rand(*((k, m) if ta else (m, k)))
+            b = self.rand(*((n, k) if tb else (k, n)))
+            op_a, op_b = (a.T if ta else a), (b.T if tb else b)
+            c = xp.empty((m, n), np.float32)
+            want = dev.to_host(op_a).astype(np.float64) @ dev.to_host(op_b).astype(np.float64) \
+                if dev.kind == "cpu" else dev.to_host(xp.matmul(op_a.astype(xp.float64), op_b.astype(xp.float64)))
+            ours = lambda: fm.ops.gemm(a, b, trans_a=ta, trans_b=tb, out=c)  # noqa: E731
+            peers = self.gemm_peers(op_a, op_b, m, n)
+            errs = {}
+            for name, (fn, out) in {"fastmlp": (ours, c), **peers}.items():
+                is_torch = hasattr(out, "fill_")
+                (out.fill_ if is_torch else out.fill)(float("nan"))  # unwritten elements fail the check
+                fn()
+                errs[name] = H.rel_err(out.cpu().numpy() if is_torch else dev.to_host(out), want)
+            t = self.time({"fastmlp": ours, **{k_: fn for k_, (fn, _) in peers.items()}})
+            flops, nbytes = 2.0 * m * n * k, 4.0 * (m * k + k * n + m * n)
+            shape = f"{m}x{n}x{k}"
+            peer_rows = {}
+            for name in peers:
+                peer_rows[name] = H.make_row("gemm", "gemm", shape, variant, name, t[name], flops=flops,
+                                             nbytes=nbytes, problem=problem, rel_err=errs[name],
+                                             checked=errs[name] <= GEMM_TOL)
+            row = H.make_row("gemm", "gemm", shape, variant, "fastmlp", t["fastmlp"], flops=flops,
+                             nbytes=nbytes, problem=problem, rel_err=errs["fastmlp"],
+                             checked=errs["fastmlp"] <= GEMM_TOL)
+            self._finish(row, peer_rows, roof=self.ceilings.get("peak_gflops"))
+            log(f"  gemm {problem:22s} {variant:10s} fastmlp {row['gflops']:8.1f} GFLOP/s  " +
+                "  ".join(f"{k_} {v['gflops']:8.1f}" for k_, v in peer_rows.items()) +
+                ("" if row["checked"] else f"  FAIL err {row['rel_err']:.1e}"))
+        best = max((r for r in self.rows if r["section"] == "gemm"), key=lambda r: r["gflops"])
+        self.ceilings.update(matmul_gflops=best["gflops"],
+                             matmul_how=f"{best['impl']} {best['problem']} {best['variant']}")
+
+    def _finish(self, row, peer_rows, roof=None, roof_key="gflops"):
+        H.add_peers(row, peer_rows)
+        if roof and row.get(roof_key):
+            row["pct_of_roof"] = 100.0 * row[roof_key] / roof
+        for name, p in peer_rows.items():
+            if not p.get("checked", True):
+                self.failures.append(f"{p['op']} {p['shape']} {p['variant']} {name}: "
+                                     f"rel err {p['rel_err']:.2e}")
+        if not row["checked"]:
+            self.failures.append(f"{row['op']} {row['shape']} {row['variant']} fastmlp: "
+                                 f"{row.get('error') or 'rel err %.2e' % row['rel_err']}")
+        self.rows.append(row)
+        self.rows.extend(peer_rows.values())
+
+    # -- memory-bound kernels -------------------------------------------------------
+    def memory_sizes(self):
+        """Element counts: tiny, in cache, and several times the last-level cache."""
+        if self.dev.kind == "cpu":  # 1 MiB L2 per core, 32 MiB L3 here; 4 bytes each
+            return [1 << 12, 1 << 18, 1 << 22] if self.quick else \
+                [1 << 12, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24]
+        return [1 << 16, 1 << 20, 1 << 24, 1 << 26] if self.quick else \
+            [1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 27]
+
+    def memory_cases(self, size):
+        """(op, shape, bytes moved, nominal flops, tol, fastmlp fn, reference fn, check fn)."""
+        import fastmlp as fm
+        R, xp = fm.reference, self.dev.xp
+        f = 128  # the MLP's hidden width
+        n = max(1, size // f)
+        x, dy, bias = self.rand(n, f), self.rand(n, f), self.rand(f)
+        N = n * f
+
+        def nans(*shape):  # outputs start as NaN: an element a kernel does not write fails the check
+            return xp.full(shape, np.nan, dtype=np.float32)
+
+        def pair(got, want):
+            return lambda tol, what: H.check(what, self.dev.to_host(got), self.dev.to_host(want), tol)
+
+        z, z_ref = nans(n, f), nans(n, f)
+        yield ("bias_add", (n, f), 8 * N + 4 * f, N, 1e-6,
+               lambda: fm.ops.bias_add(x, bias, out=z), lambda: R.bias_add(x, bias, out=z_ref), pair(z, z_ref))
+        db, db_ref = nans(f), nans(f)
+        yield ("bias_grad", (n, f), 4 * N + 4 * f, N, 1e-4,
+               lambda: fm.ops.bias_grad(dy, out=db), lambda: R.bias_grad(dy, out=db_ref), pair(db, db_ref))
+        y, y_ref = nans(n, f), nans(n, f)
+        yield ("relu", (n, f), 8 * N, N, 0.0,
+               lambda: fm.ops.relu(x, out=y), lambda: R.relu(x, out=y_ref), pair(y, y_ref))
+        dx, dx_ref = nans(n, f), nans(n, f)
+        yield ("relu_backward", (n, f), 12 * N, N, 0.0,
+               lambda: fm.ops.relu_backward(dy, x, out=dx), lambda: R.relu_backward(dy, x, out=dx_ref),
+               pair(dx, dx_ref))
+
+        classes = 10  # the MLP's output width
+        rows = max(1, size // classes)
+        logits = self.rand(rows, classes)
+        labels = self.dev.asarray(self.rng.integers(0, classes, rows).astype(np.int64))
+        probs = fm.ops.softmax_cross_entropy(logits, labels)[1]
+        g, g_ref = nans(rows, classes), nans(rows, classes)
+        M = rows * classes
+        res = {}
+
+        def sce_fwd():  # check_labels=False: no device->host read of the bad-label flag (as fit)
+            res["fm"] = fm.ops.softmax_cross_entropy_forward(logits, labels, check_labels=False)
+
+        def sce_ref():
+            res["ref"] = R.softmax_cross_entropy(logits, labels)
+
+        def sce_check(tol, what):
+            H.check(what + " probs", self.dev.to_host(res["fm"][1]), self.dev.to_host(res["ref"][1]), tol)
+            return H.check(what + " loss", self.dev.to_host(res["fm"][0]), self.dev.to_host(res["ref"][0]), tol)
+
+        yield ("softmax_cross_entropy", (rows, classes), 8 * M + 12 * rows, 5 * M, 1e-5,
+               sce_fwd, sce_ref, sce_check)
+        yield ("softmax_cross_entropy_backward", (rows, classes), 8 * M + 8 * rows, 2 * M, 1e-5,
+               lambda: fm.ops.softmax_cross_entropy_backward(probs, labels, out=g),
+               lambda: R.softmax_cross_entropy_backward(probs, labels, out=g_ref), pair(g, g_ref))
+
+        # Optimizer steps update in place: the check runs on copies, the timing on the
+        # originals (fastmlp) and on a second set (the reference).
+        state = [self.rand(size) for _ in range(3)] + [xp.abs(self.rand(size))]  # p, buf, m, v >= 0
+        ref_state = [a.copy() for a in state]
+        grad = self.rand(size)
+
+        def sgd(mod, p, buf, m, v):
+            mod.sgd_step(p, grad, buf, lr=1e-3, momentum=0.9)
+
+        def adam(mod, p, buf, m, v):
+            mod.adam_step(p, grad, m, v, step=10, lr=1e-3)
+
+        def opt_check(call):
+            def check(tol, what):
+                mine, ref = [a.copy() for a in state], [a.copy() for a in state]
+                call(fm.ops, *mine)
+                call(R, *ref)
+                return max(H.check(f"{what} {name}", self.dev.to_host(a), self.dev.to_host(b), tol)
+                           for name, a, b in zip(("param", "buf", "m", "v"), mine, ref))
+            return check
+
+        for op, call, nbytes, flops in (("sgd_step", sgd, 20, 4), ("adam_step", adam, 28, 12)):
+            yield (op, (size,), nbytes * size, flops * size, 1e-5,
+                   lambda call=call: call(fm.ops, *state), lambda call=call: call(R, *ref_state),
+                   opt_check(call))
+
+    def run_memory(self):
+        copy = self.ceilings["copy_gbps"]
+        peer = "NumPy ref" if self.dev.kind == "cpu" else "CuPy ref"
+        for size in self.memory_sizes():
+            for op, shape, nbytes, flops, tol, ours, ref, check in self.memory_cases(size):
+                variant = "momentum 0.9" if op == "sgd_step" else \
+                    "no host label check" if op == "softmax_cross_entropy" else ""
+                shape_s = "x".join(map(str, shape))
+                err, error = None, None
+                try:
+                    ours()
+                    ref()
+                    self.dev.sync()
+                    err = check(tol, f"{op} {shape_s}")
+                except H.CheckFailed as e:
+                    error = str(e)
+                t = self.time({"fastmlp": ours, peer: ref})
+                row = H.make_row("memory", op, shape_s, variant, "fastmlp", t["fastmlp"], flops=flops,
+                                 nbytes=nbytes, rel_err=err, checked=error is None, error=error)
+                peer_row = H.make_row("memory", op, shape_s, variant, peer, t[peer], flops=flops,
+                                      nbytes=nbytes)
+                self._finish(row, {peer: peer_row}, roof=copy, roof_key="gbps")
+                log(f"  {op:32s} {shape_s:>12s} fastmlp {row['gbps']:7.1f} GB/s "
+                    f"({row['pct_of_roof']:5.1f}% of copy)  {peer} {peer_row['gbps']:7.1f}"
+                    + ("" if error is None else f"  FAIL {error}"))
+
+    # -- training ---------------------------------------------------------------------
+    def run_training(self):
+        import fastmlp as fm
+        if not hasattr(fm, "Sequential"):
+            raise Skip("fastmlp.Sequential not available (the model API is not installed yet)")
+        dev = self.dev
+        device = dev.kind
+        n_max = 1024 * (16 if self.quick else 48)
+        x_host = self.rng.random((n_max, 784), dtype=np.float32)  # Fashion-MNIST-shaped
+        y_host = self.rng.integers(0, 10, n_max).astype(np.int64)
+        x, y = dev.asarray(x_host), dev.asarray(y_host)
+        where = "data on the device"
+        for batch in (32, 128, 1024):
+            steps = {32: 60, 128: 40, 1024: 12}[batch] * (1 if self.quick else 4)
+            n = steps * batch
+            fits = 5 if self.quick else 9
+            fm.set_seed(0)
+            model = fm.Sequential([fm.Dense(128, activation="relu", input_dim=784), fm.Dense(10)])
+            model.compile(optimizer=fm.optim.Adam(lr=1e-3), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"])
+            xs, ys = x[:n], y[:n]
+
+            def fit():
+                return model.fit(xs, ys, epochs=1, batch_size=batch, shuffle=True, verbose=0, device=device)
+
+            try:
+                hist = fit()  # warm-up, and the check
+            except (TypeError, ValueError) as e:
+                if dev.kind != "cuda":
+                    raise
+                xs, ys, where = x_host[:n], y_host[:n], f"x on the host (fit refused CuPy arrays: {e})"
+                hist = fit()
+            hist = getattr(hist, "history", hist)
+            loss = float(hist["loss"][-1])
+            error = None if math.isfinite(loss) and loss < 10 else f"training loss {loss} after one epoch"
+            samples = []
+            for _ in range(fits):
+                t0 = time.perf_counter()
+                fit()
+                dev.sync()
+                samples.append((time.perf_counter() - t0) / steps)
+            t = H.summarize(samples)
+            epoch_steps = math.ceil(FASHION_MNIST_TRAIN / batch)
+            row = H.make_row("training", "train_step", f"784-128-10 B={batch}", "Adam, fit()", "fastmlp", t,
+                             flops=6.0 * batch * (784 * 128 + 128 * 10), batch=batch, steps_per_fit=steps,
+                             epoch_s=t["median_s"] * epoch_steps, epoch_steps=epoch_steps, data=where,
+                             loss=loss, checked=error is None, error=error, rel_err=None)
+            peers = {}
+            if self.torch is not None:
+                pt = self.torch_training(batch, steps, fits, x_host[:n], y_host[:n])
+                peers["PyTorch"] = H.make_row("training", "train_step", row["shape"], "Adam, eager loop",
+                                              "PyTorch", pt["timing"], flops=row["flops"], batch=batch,
+                                              epoch_s=pt["timing"]["median_s"] * epoch_steps,
+                                              loss=pt["loss"], checked=math.isfinite(pt["loss"]))
+            self._finish(row, peers)
+            log(f"  train B={batch:5d} fastmlp {t['median_s'] * 1e3:8.3f} ms/step" +
+                "".join(f"  {k} {v['median_s'] * 1e3:8.3f}" for k, v in peers.items()) +
+                ("" if error is None else f"  FAIL {error}"))
+
+    def torch_training(self, batch, steps, fits, x_host, y_host):
+        """The same work in PyTorch eager: shuffle, slice batches on the device, Adam, accuracy."""
+        torch = self.torch
+        tdev = "cuda" if self.dev.kind == "cuda" else "cpu"
+        torch.manual_seed(0)
+        x = torch.from_numpy(x_host).to(tdev)
+        y = torch.from_numpy(y_host).to(tdev)
+        model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).to(tdev)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
+
+        def epoch():
+            perm = torch.randperm(x.shape[0], device=tdev)
+            loss_sum = torch.zeros((), device=tdev)
+            correct = torch.zeros((), dtype=torch.int64, device=tdev)
+            for i in range(steps):
+                idx = perm[i * batch:(i + 1) * batch]
+                xb, yb = x[idx], y[idx]
+                out = model(xb)
+                loss = loss_fn(out, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach()
+                correct += (out.argmax(1) == yb).sum()
+            return float(loss_sum) / steps  # reads back, as fit's end-of-epoch metrics do
+
+        loss = epoch()  # warm-up
+        samples = []
+        for _ in range(fits):
+            t0 = time.perf_counter()
+            loss = epoch()
+            sync()
+            samples.append((time.perf_counter() - t0) / steps)
+        return {"timing": H.summarize(samples), "loss": loss}
+
+    def run(self, sections):
+        for name in sections:
+            log(f"== {name} on {self.dev.name}")
+            t0 = time.perf_counter()
+            try:
+                getattr(self, f"run_{name}")()
+            except Skip as e:
+                self.skipped[name] = str(e)
+                log(f"   {name} skipped: {e}")
+            except Exception as e:  # a crashed section fails the run, the others still run
+                traceback.print_exc()
+                self.failures.append(f"section {name} crashed: {type(e).__name__}: {e}")
+            log(f"   {name}: {time.perf_counter() - t0:.1f} s")
+
+
+def meta(dev, bench, args, wall_s):
+    import fastmlp as fm
+    versions = {"fastmlp": fm.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                "torch": getattr(bench.torch, "__version__", None)}
+    if dev.kind == "cuda":
+        versions["cupy"] = dev.cp.__version__
+    return {"commit": H.git_commit(), "date": H.now_utc(), "device": dev.name, "device_kind": dev.kind,
+            "slug": dev.slug, "quick": args.quick, "versions": versions, "torch_note": bench.torch_reason,
+            "torch_threads": bench.torch.get_num_threads() if bench.torch is not None else None,
+            "host": platform.node(), "wall_s": wall_s, "env": dev.info(), "nvtx_enabled": _nvtx_enabled(),
+            "tf32": False, "repeats": bench.repeats, "min_time_s": bench.min_time}
+
+
+def _nvtx_enabled():
+    from fastmlp import _nvtx
+    return _nvtx.enabled
+
+
+def run_device(dev, args, out_dir):
+    t0 = time.perf_counter()
+    bench = Bench(dev, args.quick)
+    if bench.torch is None:
+        log(f"PyTorch rows skipped: {bench.torch_reason}")
+    bench.run(args.sections)
+    bench_meta = meta(dev, bench, args, time.perf_counter() - t0)
+    run_info = {k: bench_meta[k] for k in ("commit", "date", "device")}
+    run_info["versions"] = bench_meta["versions"]
+    for r in bench.rows:
+        r["run"] = run_info
+    result = {"meta": bench_meta, "ceilings": bench.ceilings, "rows": bench.rows,
+              "skipped": bench.skipped, "failures": bench.failures}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    md = report.markdown(result)
+    with open(os.path.join(out_dir, "results.md"), "w") as fh:
+        fh.write(md)
+    report.plots(result, os.path.join(out_dir, "plots.png"))
+    print(md)
+    log(f"wrote {out_dir}/results.json, results.md, plots.png ({bench_meta['wall_s']:.0f} s)")
+    for f in bench.failures:
+        log(f"FAIL: {f}")
+    return 1 if bench.failures else 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats (CPU: < 3 min on 2 cores)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                    help="all (default): the CPU, and the GPU when one is usable (says why not otherwise)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (ceilings always run)")
+    args = ap.parse_args(argv)
+    args.sections = ["ceilings"] + [s for s in args.sections.split(",") if s and s != "ceilings"]
+    bad = [s for s in args.sections if s not in SECTIONS]
+    if bad:
+        ap.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+
+    devices = []
+    if args.device in ("cpu", "all"):
+        devices.append(H.CpuDevice())
+    if args.device in ("cuda", "all"):
+        cuda, why = H.cuda_device_or_reason()
+        if cuda is None:
+            if args.device == "cuda":
+                log(f"run.py: --device cuda: {why}; nothing measured.")
+                return 2
+            log(f"run.py: GPU benchmarks NOT run: {why}")
+        else:
+            devices.append(cuda)
+    rc = 0
+    for dev in devices:
+        if args.out is None:
+            out_dir = os.path.join(HERE, "results", dev.slug)
+        else:
+            out_dir = os.path.join(args.out, dev.slug) if len(devices) > 1 else args.out
+        rc = max(rc, run_device(dev, args, out_dir))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
