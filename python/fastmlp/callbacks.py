@@ -83,7 +83,7 @@ class _Monitor(Callback):
 
 class EarlyStopping(_Monitor):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
-    epochs. With ``restore_best_weights`` the model ends with the weights of its best
+    epochs in a row (at the first epoch without improvement when ``patience`` is 0). With ``restore_best_weights`` the model ends with the weights of its best
     epoch (also when training runs to the last epoch, unlike Keras)."""
 
     def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
@@ -111,7 +111,7 @@ class EarlyStopping(_Monitor):
                 self.best_weights = self.model.get_weights()
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience:  # as Keras: patience epochs without improvement
             self.stopped_epoch = epoch
             self.model.stop_training = True
 
