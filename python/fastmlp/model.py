@@ -125,15 +125,22 @@ class _Batcher:
     def __init__(self, x, y, batch_size: int, device: str):
         self.x, self.y = x, y
         self.staged = device == "cuda" and not is_cupy(x)
-        xp = np if self.staged or device == "cpu" else cupy_module()
-        self.xp = xp
-        cap = max(1, min(batch_size, len(x)))
-        self.xbuf = xp.empty((cap,) + x.shape[1:], x.dtype)
-        self.ybuf = xp.empty((cap,) + y.shape[1:], y.dtype)
-        if self.staged:
-            cp = cupy_module()
-            self.xdev = cp.empty(self.xbuf.shape, x.dtype)
-            self.ydev = cp.empty(self.ybuf.shape, y.dtype)
+        self.xp = np if self.staged or device == "cpu" else cupy_module()
+        self.cap = max(1, min(batch_size, len(x)))
+        self._bufs = None
+
+    def _buffers(self):
+        """(gather buffers, device buffers when staged), allocated on first use."""
+        if self._bufs is None:
+            x, y, xp, cap = self.x, self.y, self.xp, self.cap
+            gather = (xp.empty((cap,) + x.shape[1:], x.dtype),
+                      xp.empty((cap,) + y.shape[1:], y.dtype))
+            dev = None
+            if self.staged:
+                cp = cupy_module()
+                dev = (cp.empty(gather[0].shape, x.dtype), cp.empty(gather[1].shape, y.dtype))
+            self._bufs = gather, dev
+        return self._bufs
 
     def order(self, rng):
         """A fresh random order of the rows, on the side where the gathering happens."""
@@ -144,14 +151,18 @@ class _Batcher:
         n = hi - lo
         if order is None:
             xb, yb = self.x[lo:hi], self.y[lo:hi]
+            if not self.staged:
+                return xb, yb  # row slices of C-contiguous arrays: contiguous, no copy
         else:
-            xb = _gather(self.xp, self.x, order[lo:hi], self.xbuf[:n])
-            yb = _gather(self.xp, self.y, order[lo:hi], self.ybuf[:n])
-        if self.staged:
-            self.xdev[:n].set(np.ascontiguousarray(xb))
-            self.ydev[:n].set(np.ascontiguousarray(yb))
-            return self.xdev[:n], self.ydev[:n]
-        return xb, yb
+            (xbuf, ybuf), _ = self._buffers()
+            xb = _gather(self.xp, self.x, order[lo:hi], xbuf[:n])
+            yb = _gather(self.xp, self.y, order[lo:hi], ybuf[:n])
+            if not self.staged:
+                return xb, yb
+        _, (xdev, ydev) = self._buffers()
+        xdev[:n].set(np.ascontiguousarray(xb))
+        ydev[:n].set(np.ascontiguousarray(yb))
+        return xdev[:n], ydev[:n]
 
 
 # ------------------------------------------------------------------------- model
