@@ -33,6 +33,49 @@ def peers_of(rows):
     return names
 
 
+def _find(rows, section, impl="fastmlp", **match):
+    for r in rows:
+        if r["section"] == section and r["impl"] == impl and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def summary(res) -> list:
+    """Key rows as a short Markdown table (the README's): GEMM 1024^3 (4096^3 on a GPU),
+    the MLP's B=1024 products, the largest memory-bound sizes, training."""
+    rows, ceil = res["rows"], res["ceilings"]
+    lines = ["| measurement | fastmlp | peers (same run) | fastmlp vs peer |", "|---|---|---|---|"]
+
+    def add(label, r, unit, key, scale=1.0, fmt="{:.0f}"):
+        if r is None:
+            return
+        spread = f" ({r['median_s'] * 1e3:.3g} ms, {r['min_s'] * 1e3:.3g}–{r['max_s'] * 1e3:.3g})" \
+            if key != "ms" else f" ({r['min_s'] * 1e3:.3g}–{r['max_s'] * 1e3:.3g})"
+        val = r["median_s"] * 1e3 if key == "ms" else r[key] * scale
+        peers = "; ".join(f"{p} " + fmt.format(v["median_s"] * 1e3 if key == "ms" else v[key] * scale)
+                          + f" {unit}" for p, v in r.get("vs", {}).items())
+        ratios = "; ".join(f"{_pct(v['ratio'])} of {p}" for p, v in r.get("vs", {}).items())
+        extra = f", {r['pct_of_roof']:.0f}% of {'copy BW' if key == 'gbps' else 'roof'}" \
+            if r.get("pct_of_roof") is not None else ""
+        lines.append(f"| {label} | {fmt.format(val)} {unit}{spread}{extra} | {peers or '–'} | {ratios or '–'} |")
+
+    square = 1024 if res["meta"]["device_kind"] == "cpu" else 4096
+    add(f"GEMM {square}^3", _find(rows, "gemm", problem=f"square {square}"), "GFLOP/s", "gflops")
+    for variant in ("fwd X@W", "dX=dY@W^T", "dW=X^T@dY"):
+        add(f"GEMM 784->128 B=1024 {variant}", _find(rows, "gemm", problem="784->128 B=1024", variant=variant),
+            "GFLOP/s", "gflops")
+    mem = [r for r in rows if r["section"] == "memory" and r["impl"] == "fastmlp"]
+    for op in dict.fromkeys(r["op"] for r in mem):
+        big = max((r for r in mem if r["op"] == op), key=lambda r: r["bytes"])
+        add(f"{op} {big['shape']}", big, "GB/s", "gbps", fmt="{:.1f}")
+    for r in rows:
+        if r["section"] == "training" and r["impl"] == "fastmlp":
+            add(f"train step B={r['batch']} ({r['epoch_s']:.2f} s/epoch)", r, "ms", "ms", fmt="{:.3g}")
+    if ceil.get("copy_gbps"):
+        lines.append(f"| copy bandwidth (measured) | {ceil['copy_gbps']:.1f} GB/s | | |")
+    return lines
+
+
 def markdown(res) -> str:
     meta, ceil, rows = res["meta"], res["ceilings"], res["rows"]
     env = meta["env"]
@@ -49,10 +92,11 @@ def markdown(res) -> str:
                    f"OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE')}, "
                    f"OPENBLAS_THREAD_TIMEOUT={env.get('OPENBLAS_THREAD_TIMEOUT')} (set by run.py: "
                    "idle OpenBLAS workers sleep at once instead of spinning and stalling the other "
-                   "libraries' threads), OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY')} (set by run.py "
+                   f"libraries' threads), OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY')} (set by run.py "
                    "for the same reason; with spinning OpenMP workers fastmlp's kernels were up to "
                    "3x slower here). "
-                   "The machine is shared (other jobs ran during the measurement): "
+                   f"The machine is shared (load average {meta.get('load_start')} at the start, "
+                   f"{meta.get('load_end')} at the end; 1 and 5 min): "
                    "compare ratios within this run, not absolute numbers across runs.")
         out.append("")
         out.append("Method: time.perf_counter around single calls; warm-up, then blocks of calls per "
@@ -70,6 +114,7 @@ def markdown(res) -> str:
     out.append("Every fastmlp output was checked against a reference before it was timed "
                "(`check`: relative max-norm error). `vs X` = X's time / fastmlp's time "
                "(fastmlp's rate as a % of X's; above 100%: fastmlp is faster).")
+    out += ["", "## Summary", ""] + summary(res)
     out += ["", "## Ceilings", "", "| ceiling | value | how |", "|---|---|---|"]
     copies = ", ".join(f"{k} {v:.1f}" for k, v in ceil.get("copy_all", {}).items())
     if "copy_gbps" in ceil:
