@@ -22,6 +22,14 @@
 set -uo pipefail
 # Here every GPU test must run: conftest turns "CUDA not usable" skips into failures.
 export FASTMLP_REQUIRE_GPU=1
+# The GPU training tests read Fashion-MNIST. The GPU machine cannot install Debian's
+# dataset-fashion-mnist, so the caller carries the four files in the ignored folder
+# .data/fashion-mnist (mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/,
+# then run with carry [".data"]); without them those tests fail, saying where they looked.
+if [[ -d "$(dirname "${BASH_SOURCE[0]}")/../.data" && -z ${FASTMLP_DATA:-} ]]; then
+    FASTMLP_DATA=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.data" && pwd)
+    export FASTMLP_DATA
+fi
 
 if [[ $# -ne 1 ]]; then
     echo "usage: bash benchmarks/gpu_check.sh OUTDIR" >&2
