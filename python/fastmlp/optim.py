@@ -51,10 +51,6 @@ class Optimizer:
         """Allocate zeroed state buffers like ``params`` (on their device)."""
         self.state = [{name: _zeros_like(p) for name in self._buffers} for p in params]
 
-    @property
-    def built(self) -> bool:
-        return bool(self.state) or not self._buffers
-
     def step(self, params, grads) -> None:
         """One update of every parameter, in place, from its gradient."""
         if len(self.state) != len(params):
