@@ -37,6 +37,21 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
         NS::gemm(ta, tb, m, n, k, alpha, ptr<const float>(a), lda, ptr<const float>(b), ldb, \
                  beta, ptr<float>(c), ldc EXTRA_ARG);                                        \
     }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("gemm_ex", [](bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,      \
+                        uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, float beta,       \
+                        uintptr_t c, int64_t ldc, uintptr_t bias, bool relu,                  \
+                        uintptr_t relu_mask, int64_t ld_mask, uintptr_t colsum_b,             \
+                        int precision EXTRA_PARAM) {                                          \
+        fastmlp::GemmEpilogue ep;                                                             \
+        ep.bias = ptr<const float>(bias);                                                     \
+        ep.relu = relu;                                                                       \
+        ep.relu_mask = ptr<const float>(relu_mask);                                           \
+        ep.ld_mask = ld_mask;                                                                 \
+        ep.colsum_b = ptr<float>(colsum_b);                                                   \
+        NS::gemm_ex(ta, tb, m, n, k, alpha, ptr<const float>(a), lda, ptr<const float>(b),   \
+                    ldb, beta, ptr<float>(c), ldc, ep,                                        \
+                    static_cast<fastmlp::Precision>(precision) EXTRA_ARG);                    \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
     M.def("bias_add", [](uintptr_t x, uintptr_t bias, uintptr_t y, int64_t rows,            \
                          int64_t cols EXTRA_PARAM) {                                         \
         NS::bias_add(ptr<const float>(x), ptr<const float>(bias), ptr<float>(y), rows,       \
@@ -83,6 +98,16 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 }  // namespace
 
+#ifdef FASTMLP_WITH_CUDA
+namespace fastmlp {
+namespace cuda {
+// CUDA-only bindings beyond the common ops (GEMM kernel configurations, the
+// tuning table): csrc/cuda/bind_extras.cpp, plain C++ like this file.
+void bind_extras(py::module_& m);
+}  // namespace cuda
+}  // namespace fastmlp
+#endif
+
 PYBIND11_MODULE(_C, mod) {
     mod.doc() = "fastmlp kernels (float32, row-major); use fastmlp.ops, not this module";
     mod.attr("build_info") = FASTMLP_BUILD_INFO;
@@ -98,6 +123,7 @@ PYBIND11_MODULE(_C, mod) {
 #define FASTMLP_STREAM_PARAM , uintptr_t stream
 #define FASTMLP_STREAM_ARG , reinterpret_cast<cudaStream_t>(stream)
     FASTMLP_BIND_OPS(cuda, fastmlp::cuda, FASTMLP_STREAM_PARAM, FASTMLP_STREAM_ARG)
+    fastmlp::cuda::bind_extras(cuda);
     // (count, "") or (0, reason): never raises, so fm.backends() can report
     // "no driver" on a machine without a GPU.
     cuda.def("device_count", []() -> py::tuple {

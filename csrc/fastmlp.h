@@ -26,9 +26,33 @@ enum class LabelKind : int {
     kOneHot = 2,  // (rows, cols) float32 rows (one-hot or any distribution)
 };
 
+// The fused extras of gemm_ex, for Dense layers. Applied to each element of C
+// after t = alpha * sum_p op(A)(i,p) op(B)(p,j) + beta * C(i,j), in this order:
+//   t += bias[j]                         bias != nullptr     (Dense forward)
+//   t = t > 0 ? t : 0                    relu                (Dense forward)
+//   t = mask[i*ld_mask + j] > 0 ? t : 0  relu_mask != nullptr (dX through a ReLU:
+//                                        mask is the ReLU's output, m x n)
+// and, independently of C, colsum_b[j] = sum_p op(B)(p,j) (n floats): the bias
+// gradient fused into dW = X^T dY. colsum_b needs trans_b == false. The sum
+// order is fixed per build and machine (deterministic), not necessarily p order.
+struct GemmEpilogue {
+    const float* bias = nullptr;
+    bool relu = false;
+    const float* relu_mask = nullptr;
+    int64_t ld_mask = 0;
+    float* colsum_b = nullptr;
+};
+
+// Matmul precision. The CPU always computes in fp32 (kTf32 is accepted and
+// ignored there); on CUDA kTf32 allows TF32 tensor cores (10-bit mantissa
+// inputs, fp32 accumulation) where a verified kernel exists.
+enum class Precision : int { kFp32 = 0, kTf32 = 1 };
+
 // The ops, declared once for both backends. FASTMLP_STREAM_ARG is empty on the
 // CPU and ", cudaStream_t stream" on CUDA.
 //
+// gemm_ex: gemm plus the GemmEpilogue extras, in one pass where the backend
+//   has a fused kernel. gemm == gemm_ex with an empty epilogue, fp32.
 // gemm: C(m,n) = alpha * op(A)(m,k) @ op(B)(k,n) + beta * C, row-major.
 //   op(A) = A (m x k, lda >= k) or, with trans_a, A^T where A is k x m (lda >= m);
 //   op(B) = B (k x n, ldb >= n) or, with trans_b, B^T where B is n x k (ldb >= k).
@@ -52,6 +76,10 @@ enum class LabelKind : int {
     void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, \
               const float* a, int64_t lda, const float* b, int64_t ldb, float beta,     \
               float* c, int64_t ldc FASTMLP_STREAM_ARG);                                \
+    void gemm_ex(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,\
+                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta,  \
+                 float* c, int64_t ldc, const GemmEpilogue& ep,                         \
+                 Precision precision FASTMLP_STREAM_ARG);                               \
     void bias_add(const float* x, const float* bias, float* y, int64_t rows,           \
                   int64_t cols FASTMLP_STREAM_ARG);                                     \
     void bias_grad(const float* dy, float* db, int64_t rows,                            \

@@ -114,6 +114,28 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
     }
 }
 
+void gemm_ex(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+             const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+             int64_t ldc, const GemmEpilogue& ep, Precision) {
+    FASTMLP_CHECK(ep.colsum_b == nullptr || !trans_b, "gemm_ex: colsum_b needs trans_b == false");
+    FASTMLP_CHECK(ep.relu_mask == nullptr || ep.ld_mask >= n,
+                  "gemm_ex: ld_mask must be >= n=" << n << ", got " << ep.ld_mask);
+    gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (ep.colsum_b != nullptr) {
+        for (int64_t j = 0; j < n; ++j) ep.colsum_b[j] = 0.0f;
+        for (int64_t p = 0; p < k; ++p)
+            for (int64_t j = 0; j < n; ++j) ep.colsum_b[j] += b[p * ldb + j];
+    }
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+            float t = c[i * ldc + j];
+            if (ep.bias) t += ep.bias[j];
+            if (ep.relu) t = t > 0.0f ? t : 0.0f;
+            if (ep.relu_mask) t = ep.relu_mask[i * ep.ld_mask + j] > 0.0f ? t : 0.0f;
+            c[i * ldc + j] = t;
+        }
+}
+
 int num_threads() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -6,9 +6,11 @@ from ._interop import cuda_status, cupy_module
 from ._random import set_seed
 from .layers import Dense
 from .model import Sequential, load_model
+from .ops import get_matmul_precision, set_matmul_precision
 
 __version__ = "0.1.0"
-__all__ = ["backends", "ops", "reference", "set_seed", "Dense", "Sequential", "load_model",
+__all__ = ["backends", "ops", "reference", "set_seed", "set_matmul_precision",
+           "get_matmul_precision", "Dense", "Sequential", "load_model",
            "callbacks", "datasets", "layers", "losses", "optim", "__version__"]
 
 

@@ -17,18 +17,71 @@ from . import _nvtx
 from ._interop import Checker, address
 
 __all__ = [
-    "gemm", "bias_add", "bias_grad", "relu", "relu_backward",
+    "gemm", "dense_forward", "dense_backward_input", "dense_backward_weight",
+    "set_matmul_precision", "get_matmul_precision", "bias_add", "bias_grad", "relu", "relu_backward",
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "sgd_step", "adam_step",
 ]
 
 _LABEL_INT32, _LABEL_INT64, _LABEL_ONEHOT = 0, 1, 2
 
+# Matmul precision: "fp32" (exact float32 products, the default, as in PyTorch)
+# or "tf32" (TF32 tensor cores on CUDA where a verified kernel exists; the CPU
+# always computes in fp32). torch's names are accepted too.
+_PRECISIONS = {"fp32": 0, "highest": 0, "tf32": 1, "high": 1}
+_precision = "fp32"
 
-def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):
+
+def set_matmul_precision(precision: str) -> None:
+    """Set the default precision of every GEMM: ``"fp32"`` (default) or ``"tf32"``.
+
+    ``"tf32"`` lets CUDA GEMMs use TF32 tensor cores (inputs rounded to a
+    10-bit mantissa, fp32 accumulation: relative error around 1e-3 instead of
+    1e-6), like ``torch.backends.cuda.matmul.allow_tf32``. The CPU kernels
+    always compute in fp32. torch's names ``"highest"`` (= fp32) and ``"high"``
+    (= tf32) are accepted. A ``precision=`` argument of an op overrides this.
+    """
+    global _precision
+    _precision = _canonical_precision(precision, "set_matmul_precision")
+
+
+def get_matmul_precision() -> str:
+    """The default GEMM precision: ``"fp32"`` or ``"tf32"``."""
+    return _precision
+
+
+def _canonical_precision(precision, op: str) -> str:
+    if precision is None:
+        return _precision
+    if not isinstance(precision, str) or precision.lower() not in _PRECISIONS:
+        raise ValueError(f"{op}: precision must be one of 'fp32', 'tf32' (or torch's "
+                         f"'highest', 'high'), got {precision!r}")
+    return "tf32" if _PRECISIONS[precision.lower()] else "fp32"
+
+
+def _gemm_call(ck, op, a, b, c, *, trans_a, trans_b, alpha, beta, bias=None, relu=False,
+               mask=None, colsum=None, precision=None):
+    """Run gemm_ex on validated arrays; C, bias, mask, colsum already checked."""
+    m, n = c.shape
+    k = a.shape[1] if not trans_a else a.shape[0]
+    prec = _PRECISIONS[_canonical_precision(precision, op)]
+    mod, extra, ctx = ck.backend(a)
+    with ctx, _nvtx.annotate(op):
+        mod.gemm_ex(bool(trans_a), bool(trans_b), m, n, k, float(alpha),
+                    address(a), max(a.shape[1], 1), address(b), max(b.shape[1], 1),
+                    float(beta), address(c), max(n, 1),
+                    0 if bias is None else address(bias), bool(relu),
+                    0 if mask is None else address(mask), max(n, 1),
+                    0 if colsum is None else address(colsum), prec, *extra)
+    return c
+
+
+def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
+         precision=None):
     """``out = alpha * op(a) @ op(b) + beta * out``; op(x) is x or x.T.
 
     With ``out=None`` a new array is returned (beta must then be 0). With
     ``beta == 0`` the old contents of ``out`` are never read (BLAS rule).
+    ``precision`` (``"fp32"`` / ``"tf32"``) overrides :func:`set_matmul_precision`.
     """
     ck = Checker("gemm")
     a = ck.f32(a, "a", ndim=2)
@@ -43,12 +96,85 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):
         raise ValueError("gemm: beta != 0 accumulates into 'out'; pass out=")
     c = ck.out(out, "out", (m, n), like=a)
     ck.no_overlap(c, "out", (a, "a"), (b, "b"))
-    mod, extra, ctx = ck.backend(a)
-    with ctx, _nvtx.annotate("gemm"):
-        mod.gemm(bool(trans_a), bool(trans_b), m, n, k, float(alpha),
-                 address(a), max(a.shape[1], 1), address(b), max(b.shape[1], 1),
-                 float(beta), address(c), max(n, 1), *extra)
-    return c
+    return _gemm_call(ck, "gemm", a, b, c, trans_a=trans_a, trans_b=trans_b, alpha=alpha,
+                      beta=beta, precision=precision)
+
+
+_ACTIVATIONS = (None, "linear", "relu")
+
+
+def dense_forward(x, w, b=None, *, activation=None, out=None, precision=None):
+    """``act(x @ w + b)`` in one fused kernel: a Dense layer's forward pass.
+
+    x (n, in), w (in, out), b (out,) or None; ``activation`` is None /
+    ``"linear"`` or ``"relu"``.
+    """
+    op = "dense_forward"
+    ck = Checker(op)
+    x = ck.f32(x, "x", ndim=2)
+    w = ck.f32(w, "w", ndim=2)
+    if w.shape[0] != x.shape[1]:
+        raise ValueError(f"{op}: 'w' must have {x.shape[1]} rows (the features of 'x' of shape "
+                         f"{tuple(x.shape)}), got shape {tuple(w.shape)}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be None, 'linear' or 'relu', got {activation!r}")
+    n_out = w.shape[1]
+    if b is not None:
+        b = ck.f32(b, "b", shape=(n_out,))
+    y = ck.out(out, "out", (x.shape[0], n_out), like=x)
+    ck.no_overlap(y, "out", (x, "x"), (w, "w"), (b, "b"))
+    return _gemm_call(ck, op, x, w, y, trans_a=False, trans_b=False, alpha=1.0, beta=0.0,
+                      bias=b, relu=activation == "relu", precision=precision)
+
+
+def dense_backward_input(dy, w, *, relu_output=None, out=None, precision=None):
+    """``dx = dy @ w.T``, times ``(relu_output > 0)`` when given: one fused kernel.
+
+    dy (n, out), w (in, out). ``relu_output`` (n, in) is the output of the
+    ReLU that produced this layer's input, so ``dx`` is the gradient with
+    respect to the ReLU's input (its pre-activation).
+    """
+    op = "dense_backward_input"
+    ck = Checker(op)
+    dy = ck.f32(dy, "dy", ndim=2)
+    w = ck.f32(w, "w", ndim=2)
+    if w.shape[1] != dy.shape[1]:
+        raise ValueError(f"{op}: 'w' must have {dy.shape[1]} columns (the features of 'dy' of "
+                         f"shape {tuple(dy.shape)}), got shape {tuple(w.shape)}")
+    shape = (dy.shape[0], w.shape[0])
+    if relu_output is not None:
+        relu_output = ck.f32(relu_output, "relu_output", shape=shape)
+    dx = ck.out(out, "out", shape, like=dy)
+    ck.no_overlap(dx, "out", (dy, "dy"), (w, "w"), (relu_output, "relu_output"))
+    return _gemm_call(ck, op, dy, w, dx, trans_a=False, trans_b=True, alpha=1.0, beta=0.0,
+                      mask=relu_output, precision=precision)
+
+
+def dense_backward_weight(x, dy, *, out=None, bias_out=None, bias=True, precision=None):
+    """``dw = x.T @ dy`` and, with ``bias=True``, ``db = dy.sum(0)``, in one pass.
+
+    x (n, in), dy (n, out). Returns ``(dw, db)``; ``db`` is None with
+    ``bias=False``. ``out`` / ``bias_out`` receive dw / db when given.
+    """
+    op = "dense_backward_weight"
+    ck = Checker(op)
+    x = ck.f32(x, "x", ndim=2)
+    dy = ck.f32(dy, "dy", ndim=2)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: 'dy' must have {x.shape[0]} rows like 'x' of shape "
+                         f"{tuple(x.shape)}, got shape {tuple(dy.shape)}")
+    dw = ck.out(out, "out", (x.shape[1], dy.shape[1]), like=x)
+    db = None
+    if bias:
+        db = ck.out(bias_out, "bias_out", (dy.shape[1],), like=x)
+    elif bias_out is not None:
+        raise ValueError(f"{op}: bias_out= was given with bias=False")
+    ck.no_overlap(dw, "out", (db, "bias_out"), (x, "x"), (dy, "dy"))
+    if db is not None:
+        ck.no_overlap(db, "bias_out", (x, "x"), (dy, "dy"))
+    _gemm_call(ck, op, x, dy, dw, trans_a=True, trans_b=False, alpha=1.0, beta=0.0,
+               colsum=db, precision=precision)
+    return dw, db
 
 
 def bias_add(x, bias, *, out=None):

@@ -28,6 +28,9 @@ import numpy as np
 
 __all__ = [
     "gemm",
+    "dense_forward",
+    "dense_backward_input",
+    "dense_backward_weight",
     "bias_add",
     "bias_grad",
     "relu",
@@ -79,8 +82,13 @@ def _store(result, out):
 # --------------------------------------------------------------------------- GEMM
 
 
-def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):
-    """C = alpha * op(a) @ op(b) + beta * out, with op(x) = x.T when trans_x."""
+def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
+         precision=None):
+    """C = alpha * op(a) @ op(b) + beta * out, with op(x) = x.T when trans_x.
+
+    ``precision`` is accepted for signature parity and ignored: the reference
+    is exact in the inputs' dtype.
+    """
     xp = _xp(a, b, out)
     if a.ndim != 2:
         raise ValueError(f"'a' must be 2-D, got {a.ndim}-D with shape {tuple(a.shape)}")
@@ -106,6 +114,33 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):
     else:
         out[...] = alpha * prod + beta * out
     return out
+
+
+def dense_forward(x, w, b=None, *, activation=None, out=None, precision=None):
+    """act(x @ w + b): a Dense layer's forward pass (activation None/"linear"/"relu")."""
+    if activation not in (None, "linear", "relu"):
+        raise ValueError(f"activation must be None, 'linear' or 'relu', got {activation!r}")
+    z = gemm(x, w)
+    if b is not None:
+        z = bias_add(z, b)
+    if activation == "relu":
+        z = relu(z)
+    return _store(z, out)
+
+
+def dense_backward_input(dy, w, *, relu_output=None, out=None, precision=None):
+    """dy @ w.T, times (relu_output > 0) when given."""
+    dx = gemm(dy, w, trans_b=True)
+    if relu_output is not None:
+        dx = relu_backward(dx, relu_output)
+    return _store(dx, out)
+
+
+def dense_backward_weight(x, dy, *, out=None, bias_out=None, bias=True, precision=None):
+    """(x.T @ dy, dy.sum(0)) -- the second is None with bias=False."""
+    dw = _store(gemm(x, dy, trans_a=True), out)
+    db = _store(bias_grad(dy), bias_out) if bias else None
+    return dw, db
 
 
 # --------------------------------------------------------------------------- bias
