@@ -5,10 +5,13 @@
 // and device, so this file only converts and forwards. Plain C++: pybind11
 // never goes through nvcc. The GIL is released around every kernel call.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "check.h"
 #include "fastmlp.h"
 
 namespace py = pybind11;
@@ -96,6 +99,44 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 #define FASTMLP_NOTHING
 
+// fastmlp._C.cpu.train_steps: layers as [w, b, gw, gb, s0, s1, s2, s3, act, dact]
+// addresses and [in, out, relu] sizes; returns the steps run.
+int64_t bind_train_steps(const std::vector<std::vector<uintptr_t>>& ptrs,
+                         const std::vector<std::vector<int64_t>>& dims, int kind, double lr,
+                         double momentum, double weight_decay, double beta1, double beta2,
+                         double eps, bool nesterov, bool decoupled, int64_t step0, uintptr_t x,
+                         int64_t rows, int64_t features, uintptr_t labels, int label_kind,
+                         uintptr_t order, int64_t start, int64_t batch, int64_t steps,
+                         uintptr_t xbuf, uintptr_t ybuf, uintptr_t probs, uintptr_t row_loss,
+                         uintptr_t loss, uintptr_t bad_row, uintptr_t losses, uintptr_t correct) {
+    FASTMLP_CHECK(ptrs.size() == dims.size() && !ptrs.empty(), "train_steps: layer lists differ");
+    std::vector<fastmlp::cpu::TrainLayer> layers(ptrs.size());
+    for (size_t i = 0; i < ptrs.size(); ++i) {
+        FASTMLP_CHECK(ptrs[i].size() == 10 && dims[i].size() == 3, "train_steps: bad layer entry");
+        auto& L = layers[i];
+        L.w = ptr<float>(ptrs[i][0]);
+        L.b = ptr<float>(ptrs[i][1]);
+        L.gw = ptr<float>(ptrs[i][2]);
+        L.gb = ptr<float>(ptrs[i][3]);
+        for (int j = 0; j < 4; ++j) L.state[j] = ptr<float>(ptrs[i][4 + j]);
+        L.act = ptr<float>(ptrs[i][8]);
+        L.dact = ptr<float>(ptrs[i][9]);
+        L.in = dims[i][0];
+        L.out = dims[i][1];
+        L.relu = dims[i][2] != 0;
+    }
+    fastmlp::cpu::TrainOptim opt{kind, lr, momentum, weight_decay, beta1, beta2, eps,
+                                 nesterov, decoupled, step0};
+    fastmlp::cpu::TrainBatches data{ptr<const float>(x), rows, features, ptr<const void>(labels),
+                                    static_cast<LabelKind>(label_kind), ptr<const int64_t>(order),
+                                    start, batch, steps, ptr<float>(xbuf), ptr<void>(ybuf),
+                                    ptr<float>(probs), ptr<float>(row_loss), ptr<float>(loss),
+                                    ptr<int64_t>(bad_row)};
+    py::gil_scoped_release release;
+    return fastmlp::cpu::train_steps(layers.data(), static_cast<int>(layers.size()), opt, data,
+                                     ptr<float>(losses), ptr<int64_t>(correct));
+}
+
 }  // namespace
 
 #ifdef FASTMLP_WITH_CUDA
@@ -116,6 +157,11 @@ PYBIND11_MODULE(_C, mod) {
     py::module_ cpu = mod.def_submodule("cpu", "C++ CPU kernels");
     FASTMLP_BIND_OPS(cpu, fastmlp::cpu, FASTMLP_NOTHING, FASTMLP_NOTHING)
     cpu.def("num_threads", &fastmlp::cpu::num_threads);
+    cpu.def("set_num_threads", &fastmlp::cpu::set_num_threads);
+    cpu.def("gemm_isa", &fastmlp::cpu::gemm_isa);
+    cpu.def("train_steps", &bind_train_steps);
+    cpu.def("gemm_isas_supported", &fastmlp::cpu::gemm_isas_supported);
+    cpu.def("set_gemm_isa", &fastmlp::cpu::set_gemm_isa);
 
 #ifdef FASTMLP_WITH_CUDA
     mod.attr("cuda_built") = true;

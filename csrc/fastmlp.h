@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #ifdef FASTMLP_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -105,6 +106,53 @@ FASTMLP_DECLARE_OPS(FASTMLP_NO_STREAM)
 #undef FASTMLP_NO_STREAM
 // Threads the CPU kernels use (OpenMP's max threads; 1 without OpenMP).
 int num_threads();
+// Sets the threads of the calling thread's later CPU kernels (omp_set_num_threads).
+void set_num_threads(int n);
+// The instruction set of the CPU GEMM driver: its name ("avx512", "avx2",
+// "generic"), the ones this CPU supports (comma-separated), and a setter for
+// tests and benchmarks ("auto" = the best supported); returns the old name.
+std::string gemm_isa();
+std::string gemm_isas_supported();
+std::string set_gemm_isa(const std::string& name);
+
+// The lean training loop of fit on the CPU (cpu/train.cpp): `steps` optimizer
+// steps of a Dense stack + softmax-cross-entropy in one call.
+struct TrainLayer {
+    float* w;             // (in, out) kernel
+    float* b;             // (out,) bias, or null
+    float* gw;            // gradients, shaped like w and b
+    float* gb;            // (null without a bias)
+    float* state[4];      // Adam: m_w, v_w, m_b, v_b; SGD: buf_w, buf_b (null: no momentum)
+    float* act;           // (batch, out) this layer's output
+    float* dact;          // (batch, out) gradient w.r.t. the output (hidden layers only)
+    int64_t in, out;
+    bool relu;
+};
+struct TrainOptim {
+    int kind;             // 0: SGD, 1: Adam (decoupled: AdamW)
+    double lr, momentum, weight_decay, beta1, beta2, eps;
+    bool nesterov, decoupled;
+    int64_t step0;        // the step number of the first step (Adam counts from 1)
+};
+struct TrainBatches {
+    const float* x;       // (rows, features)
+    int64_t rows, features;
+    const void* labels;   // (rows,) int32/int64 or (rows, classes) float32
+    LabelKind kind;
+    const int64_t* order; // row permutation (rows,), or null: in order
+    int64_t start, batch, steps;  // step s trains rows start + s*batch ... (+batch, clipped)
+    float* xbuf;          // (batch, features) gather buffer (with order)
+    void* ybuf;           // (batch,) labels gather buffer (with order)
+    float* probs;         // (batch, classes)
+    float* row_loss;      // (batch,)
+    float* loss;          // 1 float
+    int64_t* bad_row;     // 1 int64
+};
+// Returns the steps run: all of them, or up to and including the first step
+// whose loss is not finite. losses[s] = the step's mean loss, correct[s] = its
+// arg-max hits.
+int64_t train_steps(const TrainLayer* layers, int n_layers, const TrainOptim& opt,
+                    const TrainBatches& data, float* losses, int64_t* correct);
 }  // namespace cpu
 
 #ifdef FASTMLP_WITH_CUDA

@@ -10,14 +10,28 @@ from .ops import get_matmul_precision, set_matmul_precision
 
 __version__ = "0.1.0"
 __all__ = ["backends", "ops", "reference", "set_seed", "set_matmul_precision",
-           "get_matmul_precision", "Dense", "Sequential", "load_model",
+           "get_matmul_precision", "set_num_threads", "get_num_threads", "Dense", "Sequential", "load_model",
            "callbacks", "datasets", "layers", "losses", "optim", "__version__"]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for the CPU kernels of the calling thread (default: ``OMP_NUM_THREADS``,
+    else one per core), like ``torch.set_num_threads``."""
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"set_num_threads: need a positive integer, got {n!r}")
+    _C.cpu.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use (``OMP_NUM_THREADS``, or one per core)."""
+    return int(_C.cpu.num_threads())
 
 
 def backends() -> dict:
     """What was built and what can run here.
 
-    ``{"cpu": True, "cpu_threads": int, "cuda_built": bool, "cuda": bool,
+    ``{"cpu": True, "cpu_threads": int, "cpu_gemm": "avx512"/"avx2"/"generic",
+    "cuda_built": bool, "cuda": bool,
     "cuda_reason": str, "build_info": str}`` -- ``cuda_reason`` says why the
     CUDA kernels cannot run (no CUDA build / no CuPy / no device or driver),
     and is empty when they can.
@@ -26,6 +40,7 @@ def backends() -> dict:
     info = {
         "cpu": True,
         "cpu_threads": _C.cpu.num_threads(),
+        "cpu_gemm": _C.cpu.gemm_isa(),
         "cuda_built": bool(_C.cuda_built),
         "cuda": usable,
         "cuda_reason": why,

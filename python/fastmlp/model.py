@@ -2,12 +2,18 @@
 
 Every forward and backward product runs through the kernels in :mod:`fastmlp.ops`:
 
-    forward, per Dense layer     z = x @ W (gemm); z += b (bias_add); z = relu(z)
+    forward, per Dense layer     a = relu(x @ W + b)        (dense_forward: one GEMM with
+                                                                the bias and ReLU fused in)
     loss                         softmax-cross-entropy on the logits (fused; one kernel)
-    backward, last to first      dz = (probs - onehot) / n, or relu_backward(da, z)
-                                 dW = a_prev^T @ dz (gemm, trans_a); db = colsum(dz)
-                                 da_prev = dz @ W^T (gemm, trans_b)
+    backward, last to first      dz = (probs - onehot) / n
+                                 dW = a_prev^T @ dz, db = colsum(dz)   (dense_backward_weight)
+                                 dz_prev = (dz @ W^T) * (a_prev > 0)   (dense_backward_input)
     update                       one fused SGD / Adam kernel per parameter
+
+On the CPU, with the built-in optimizers, ``fit`` runs these same kernels from C++
+(``fastmlp._C.cpu.train_steps``): one Python call per chunk of steps instead of ~10
+per step, and the shuffled batch is gathered there too. The weights come out
+bit-identical to the step-by-step path (``FASTMLP_LEAN_FIT=0`` selects that one).
 
 The parameters, the optimizer state, the per-batch workspaces and (when it fits) the
 whole dataset live on the model's device; batches are gathered there. On the GPU the
@@ -18,12 +24,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import numpy as np
 
 from . import _nvtx, losses as _losses, ops
 from . import optim as _optim
+from ._interop import address as _address
 from ._interop import cuda_status, cupy_module, is_cupy, require_cuda
 from ._random import generator
 from .callbacks import Callback, History
@@ -336,11 +344,9 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             z = ws.out[i][:n]
             with _nvtx.annotate(f"layer{i}.forward"):
-                ops.gemm(a, layer.kernel, out=z)
-                if layer.use_bias:
-                    ops.bias_add(z, layer.bias, out=z)
-                if layer.activation == "relu":
-                    ops.relu(z, out=z)
+                ops.dense_forward(a, layer.kernel, layer.bias if layer.use_bias else None,
+                                  activation="relu" if layer.activation == "relu" else None,
+                                  out=z)
             a = z
         return a
 
@@ -355,19 +361,21 @@ class Sequential:
         with _nvtx.annotate("backward"):
             # d(loss)/d(logits), written over probs
             dz = ops.softmax_cross_entropy_backward(probs, y, out=probs, check_labels=False)
+            if self.layers[-1].activation == "relu":
+                ops.relu_backward(dz, ws.out[-1][:n], out=dz)
             for i in range(len(self.layers) - 1, -1, -1):
                 layer = self.layers[i]
                 with _nvtx.annotate(f"layer{i}.backward"):
-                    if layer.activation == "relu":
-                        ops.relu_backward(dz, ws.out[i][:n], out=dz)
                     a_prev = x if i == 0 else ws.out[i - 1][:n]
                     g = ws.grads[i]
-                    ops.gemm(a_prev, dz, trans_a=True, out=g[0])
-                    if layer.use_bias:
-                        ops.bias_grad(dz, out=g[1])
+                    # dW = a_prev^T dz and db = colsum(dz) in one pass
+                    ops.dense_backward_weight(a_prev, dz, out=g[0], bias=layer.use_bias,
+                                              bias_out=g[1] if layer.use_bias else None)
                     if i > 0:
+                        # d(pre-activation of layer i-1) = (dz W^T) * (relu output > 0)
                         da = ws.dout[i - 1][:n]
-                        ops.gemm(dz, layer.kernel, trans_b=True, out=da)
+                        relu_out = a_prev if self.layers[i - 1].activation == "relu" else None
+                        ops.dense_backward_input(dz, layer.kernel, relu_output=relu_out, out=da)
                         dz = da
         with _nvtx.annotate("optimizer"):
             self.optimizer.step(self.params(), [g for gs in ws.grads for g in gs])
@@ -451,7 +459,113 @@ class Sequential:
             cb.on_train_end()
         return history
 
+    # -- the lean CPU loop ----------------------------------------------------------------
+    _LEAN_CHUNK = 64  # steps per C++ call: the progress bar moves a few times per second
+
+    def _lean_ok(self, x, y) -> bool:
+        """Whether fit can run its steps in C++ (``_C.cpu.train_steps``): on the CPU, with
+        SGD / Adam / AdamW exactly (a subclass may override the update), and the data as
+        prepared by fit (C-contiguous float32 x, int32 / float32 labels)."""
+        if os.environ.get("FASTMLP_LEAN_FIT", "1") == "0" or self.device != "cpu":
+            return False
+        if type(self.optimizer) not in (_optim.SGD, _optim.Adam, _optim.AdamW):
+            return False
+        return (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)
+                and x.dtype == np.float32 and x.flags.c_contiguous and y.flags.c_contiguous
+                and y.dtype in (np.int32, np.int64, np.float32))
+
+    def _train_epoch_lean(self, x, y, batch_size, shuffle, verbose, desc, val) -> dict:
+        from . import _C
+
+        n_total = len(x)
+        steps = math.ceil(n_total / batch_size)
+        order = self._rng.permutation(n_total) if shuffle else None  # as _Batcher.order
+        if order is not None:
+            order = np.ascontiguousarray(order, dtype=np.int64)
+        cap = min(batch_size, n_total)
+        ws = self._workspace(cap)
+        opt, params = self.optimizer, self.params()
+        if len(opt.state) != len(params):
+            opt.build(params)
+        ptr = _address
+        layer_ptrs, dims, k = [], [], 0
+        for i, layer in enumerate(self.layers):
+            g = ws.grads[i]
+            st = [opt.state[k]] + ([opt.state[k + 1]] if layer.use_bias else [{}])
+            k += 2 if layer.use_bias else 1
+            if isinstance(opt, _optim.Adam):
+                bufs = [st[0]["exp_avg"], st[0]["exp_avg_sq"],
+                        st[1].get("exp_avg"), st[1].get("exp_avg_sq")]
+            else:
+                bufs = [st[0].get("momentum_buffer"), st[1].get("momentum_buffer"), None, None]
+            layer_ptrs.append([ptr(layer.kernel), ptr(layer.bias) if layer.use_bias else 0,
+                               ptr(g[0]), ptr(g[1]) if layer.use_bias else 0,
+                               *[0 if b is None else ptr(b) for b in bufs],
+                               ptr(ws.out[i]), ptr(ws.dout[i]) if i < len(ws.dout) else 0])
+            dims.append([layer.input_dim, layer.units, int(layer.activation == "relu")])
+        classes = self.layers[-1].units
+        probs = np.empty((cap, classes), np.float32)
+        row_loss = np.empty((cap,), np.float32)
+        scalars = np.empty((1,), np.float32)
+        bad_row = np.empty((1,), np.int64)
+        xbuf = np.empty((cap, x.shape[1]), np.float32)
+        ybuf = np.empty((cap,) + y.shape[1:], y.dtype)
+        kind = {np.dtype(np.int32): 0, np.dtype(np.int64): 1, np.dtype(np.float32): 2}[y.dtype]
+        losses = np.empty((self._LEAN_CHUNK,), np.float32)
+        hits = np.empty((self._LEAN_CHUNK,), np.int64)
+        want_acc = bool(self.metrics)
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = _progress(steps, desc) if verbose == 1 else None
+        last_shown = time.perf_counter()
+        try:
+            for first in range(0, steps, self._LEAN_CHUNK):
+                chunk = min(self._LEAN_CHUNK, steps - first)
+                if isinstance(opt, _optim.Adam):
+                    hyper = (1, opt.lr, 0.0, opt.weight_decay, opt.betas[0], opt.betas[1],
+                             opt.eps, False, opt._decoupled)
+                else:
+                    hyper = (0, opt.lr, opt.momentum, opt.weight_decay, 0.0, 0.0, 0.0,
+                             opt.nesterov, False)
+                with _nvtx.annotate("train_steps"):
+                    done = _C.cpu.train_steps(
+                        layer_ptrs, dims, *hyper, opt.iterations + 1, ptr(x), n_total,
+                        x.shape[1], ptr(y), kind, 0 if order is None else ptr(order),
+                        first * batch_size, batch_size, chunk, ptr(xbuf), ptr(ybuf),
+                        ptr(probs), ptr(row_loss), ptr(scalars), ptr(bad_row), ptr(losses),
+                        ptr(hits))
+                opt.iterations += done
+                for s in range(done):
+                    step = first + s
+                    n = min(n_total, (step + 1) * batch_size) - step * batch_size
+                    value = float(losses[s])
+                    if not math.isfinite(value):
+                        self._raise_nonfinite(value, desc, step)
+                    loss_sum += value * n
+                    seen += n
+                    if want_acc:
+                        correct += int(hits[s])
+                if bar is not None:
+                    bar.update(done)
+                    now = time.perf_counter()
+                    if now - last_shown > 0.25 or first + done == steps:
+                        last_shown = now
+                        bar.set_postfix(self._running(loss_sum, correct, seen, desc, first),
+                                        refresh=False)
+            logs = self._running(loss_sum, correct, seen, desc, steps - 1)
+            if val is not None:
+                with _nvtx.annotate("validation"):
+                    v = self._evaluate_prepared(*val, min(_EVAL_BATCH, max(1, len(val[0]))))
+                logs.update({"val_" + k: value for k, value in v.items()})
+            if bar is not None:
+                bar.set_postfix(logs, refresh=True)
+        finally:
+            if bar is not None:
+                bar.close()
+        return logs
+
     def _train_epoch(self, x, y, batch_size, shuffle, verbose, desc, val) -> dict:
+        if self._lean_ok(x, y):
+            return self._train_epoch_lean(x, y, batch_size, shuffle, verbose, desc, val)
         n_total = len(x)
         steps = math.ceil(n_total / batch_size)
         xp = _xp_of(self.device)

@@ -1,0 +1,52 @@
+// Internal interface of the CPU GEMM: the arguments of one call, and the
+// driver compiled once per instruction set (gemm_avx512.cpp, gemm_avx2.cpp,
+// gemm_generic.cpp). gemm.cpp validates the call and picks the driver for the
+// CPU it runs on (see cpu/gemm.cpp for the rule and the override).
+#pragma once
+
+#include <cstdint>
+
+#include "fastmlp.h"
+
+namespace fastmlp {
+namespace cpu {
+
+struct GemmArgs {
+    bool trans_a, trans_b;
+    int64_t m, n, k;
+    float alpha;
+    const float* a;
+    int64_t lda;
+    const float* b;
+    int64_t ldb;
+    float beta;
+    float* c;
+    int64_t ldc;
+    GemmEpilogue ep;
+    int threads;  // OpenMP threads to use (1: run on the calling thread)
+};
+
+// A driver computes C (and ep.colsum_b) for m, n >= 1, k >= 1; gemm.cpp
+// handles the empty cases. Every C element is summed over p = 0..k-1 in a
+// fixed order that depends on k and the instruction set only, not on the
+// thread count: a run repeats bit for bit.
+struct GemmDriver {
+    const char* name;  // "avx512", "avx2", "generic"
+    int mr, nr;        // the micro-kernel's register tile
+    bool (*run)(const GemmArgs&);  // false: out of memory for packing buffers
+};
+
+#define FASTMLP_DECLARE_GEMM_DRIVER(ns) \
+    namespace ns {                      \
+    extern const GemmDriver driver;     \
+    }
+FASTMLP_DECLARE_GEMM_DRIVER(isa_generic)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTMLP_X86_DRIVERS 1
+FASTMLP_DECLARE_GEMM_DRIVER(isa_avx2)
+FASTMLP_DECLARE_GEMM_DRIVER(isa_avx512)
+#endif
+#undef FASTMLP_DECLARE_GEMM_DRIVER
+
+}  // namespace cpu
+}  // namespace fastmlp
