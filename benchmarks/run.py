@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import os
 import platform
 import sys
@@ -62,7 +63,7 @@ import report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASHION_MNIST_TRAIN = 60000
-SECTIONS = ["ceilings", "gemm", "memory", "training"]
+SECTIONS = ["ceilings", "gemm", "memory", "training", "epoch"]
 GEMM_TOL = 1e-4  # FP32 lands near 1e-6 for k <= 8192; TF32 (~3e-4) cannot pass
 
 
@@ -379,6 +380,105 @@ class Bench:
             log(f"  train B={batch:5d} fastmlp {t['median_s'] * 1e3:8.3f} ms/step" +
                 "".join(f"  {k} {v['median_s'] * 1e3:8.3f}" for k, v in peers.items()) +
                 ("" if error is None else f"  FAIL {error}"))
+
+    # -- one real epoch -----------------------------------------------------------------
+    def run_epoch(self):
+        """One Fashion-MNIST epoch (60,000 images, batch 32, 784-128-10, Adam 1e-3): fit()
+        against a PyTorch eager loop doing the same work, timed end to end, alternating
+        the two; each fit starts from fresh weights, and both report test accuracy."""
+        import fastmlp as fm
+        try:
+            (x, y), (xt, yt) = fm.datasets.load_fashion_mnist()
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise Skip(f"Fashion-MNIST not found ({e})")
+        x = (x.reshape(len(x), -1) / np.float32(255)).astype(np.float32)
+        xt = (xt.reshape(len(xt), -1) / np.float32(255)).astype(np.float32)
+        y, yt = y.astype(np.int64), yt.astype(np.int64)
+        batch, reps, dev = 32, (3 if self.quick else 5), self.dev
+        xd, yd, xtd, ytd = dev.asarray(x), dev.asarray(y), dev.asarray(xt), dev.asarray(yt)
+
+        def ours(seed):
+            fm.set_seed(seed)
+            model = fm.Sequential([fm.Dense(128, activation="relu", input_dim=784), fm.Dense(10)])
+            model.compile(optimizer=fm.optim.Adam(lr=1e-3), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"])
+            t0 = time.perf_counter()
+            model.fit(xd, yd, epochs=1, batch_size=batch, verbose=0, device=dev.kind)
+            dev.sync()
+            dt = time.perf_counter() - t0
+            return dt, model.evaluate(xtd, ytd)["accuracy"]
+
+        torch_epoch = self.torch_epoch(x, y, xt, yt, batch) if self.torch is not None else None
+        ours(100)  # warm-up (first-touch of buffers, thread start)
+        if torch_epoch:
+            torch_epoch(100)
+        t_ours, a_ours, t_pt, a_pt = [], [], [], []
+        for rep in range(reps):
+            dt, acc = ours(rep)
+            t_ours.append(dt)
+            a_ours.append(acc)
+            if torch_epoch:
+                dt, acc = torch_epoch(rep)
+                t_pt.append(dt)
+                a_pt.append(acc)
+        steps = math.ceil(len(x) / batch)
+        flops = 6.0 * len(x) * (784 * 128 + 128 * 10)
+        acc = statistics.median(a_ours)
+        error = None if acc >= 0.80 else f"test accuracy {acc:.4f} after one epoch (< 0.80)"
+        row = H.make_row("epoch", "fit_epoch", "784-128-10 B=32", "Fashion-MNIST, Adam 1e-3",
+                         "fastmlp", H.summarize(t_ours), flops=flops, batch=batch, steps=steps,
+                         test_accuracy=acc, test_accuracy_all=a_ours, checked=error is None,
+                         error=error, rel_err=None)
+        peers = {}
+        if t_pt:
+            peers["PyTorch"] = H.make_row("epoch", "fit_epoch", row["shape"], row["variant"],
+                                          "PyTorch", H.summarize(t_pt), flops=flops, batch=batch,
+                                          steps=steps, test_accuracy=statistics.median(a_pt),
+                                          test_accuracy_all=a_pt, checked=True)
+        self._finish(row, peers)
+        log(f"  epoch B=32 fastmlp {row['median_s']:.3f} s (acc {acc:.4f})" +
+            "".join(f"  {k} {v['median_s']:.3f} s (acc {v['test_accuracy']:.4f})"
+                    for k, v in peers.items()) + ("" if error is None else f"  FAIL {error}"))
+
+    def torch_epoch(self, x, y, xt, yt, batch):
+        """A function (seed) -> (seconds, test accuracy) training one PyTorch epoch the
+        idiomatic eager way: randperm, index the batch, forward, CrossEntropyLoss,
+        zero_grad, backward, Adam step, running loss and accuracy (read at the end)."""
+        torch = self.torch
+        tdev = "cuda" if self.dev.kind == "cuda" else "cpu"
+        sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
+        X, Y = torch.from_numpy(x).to(tdev), torch.from_numpy(y).to(tdev)
+        XT, YT = torch.from_numpy(xt).to(tdev), torch.from_numpy(yt).to(tdev)
+
+        def run(seed):
+            torch.manual_seed(seed)
+            model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                        torch.nn.Linear(128, 10)).to(tdev)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            loss_fn = torch.nn.CrossEntropyLoss()
+            sync()
+            t0 = time.perf_counter()
+            perm = torch.randperm(X.shape[0], device=tdev)
+            loss_sum = torch.zeros((), device=tdev)
+            correct = torch.zeros((), dtype=torch.int64, device=tdev)
+            for i in range(0, X.shape[0], batch):
+                idx = perm[i:i + batch]
+                xb, yb = X[idx], Y[idx]
+                out = model(xb)
+                loss = loss_fn(out, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (out.argmax(1) == yb).sum()
+            float(loss_sum), int(correct)  # read back, as fit's epoch metrics are
+            sync()
+            dt = time.perf_counter() - t0
+            with torch.no_grad():
+                acc = float((model(XT).argmax(1) == YT).float().mean())
+            return dt, acc
+
+        return run
 
     def torch_training(self, batch, steps, fits, x_host, y_host):
         """The same work in PyTorch eager: shuffle, slice batches on the device, Adam, accuracy."""

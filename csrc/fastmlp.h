@@ -104,9 +104,10 @@ namespace cpu {
 #define FASTMLP_NO_STREAM
 FASTMLP_DECLARE_OPS(FASTMLP_NO_STREAM)
 #undef FASTMLP_NO_STREAM
-// Threads the CPU kernels use (OpenMP's max threads; 1 without OpenMP).
+// Threads the CPU kernels use (cpu/parallel.h: set_num_threads, else
+// FASTMLP_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may use).
 int num_threads();
-// Sets the threads of the calling thread's later CPU kernels (omp_set_num_threads).
+// Sets the threads of all later CPU kernels (process-wide).
 void set_num_threads(int n);
 // The instruction set of the CPU GEMM driver: its name ("avx512", "avx2",
 // "generic"), the ones this CPU supports (comma-separated), and a setter for

@@ -1,6 +1,6 @@
 // CPU bias_add / bias_grad / relu / relu_backward, forward and backward side
-// by side. Plain loops the compiler vectorises; OpenMP only above
-// FASTMLP_PAR_MIN elements.
+// by side. Plain loops the compiler vectorises; threads (cpu/parallel.h) only
+// above kParMin elements.
 #include <algorithm>
 #include <vector>
 
@@ -21,12 +21,13 @@ void bias_add(const float* x, const float* bias, float* y, int64_t rows, int64_t
     check_sizes("bias_add", rows, cols);
     if (rows == 0 || cols == 0) return;
     FASTMLP_CHECK(x && bias && y, "bias_add: null pointer");
-    FASTMLP_OMP(omp parallel for schedule(static) if (rows * cols >= FASTMLP_PAR_MIN))
-    for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = x + r * cols;
-        float* yr = y + r * cols;
-        for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] + bias[c];
-    }
+    parallel_range(rows, rows * cols >= kParMin, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = x + r * cols;
+            float* yr = y + r * cols;
+            for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] + bias[c];
+        }
+    });
 }
 
 // Column sums. Each column is summed over rows 0..rows-1 in order by one
@@ -49,25 +50,28 @@ void bias_grad(const float* dy, float* db, int64_t rows, int64_t cols) {
     FASTMLP_CHECK(db && (rows == 0 || dy), "bias_grad: null pointer");
     constexpr int64_t CB = 256;  // columns per task: 1 KiB of sums, stays in L1
     const int64_t nb = (cols + CB - 1) / CB;
-    FASTMLP_OMP(omp parallel for schedule(static) if (rows * cols >= FASTMLP_PAR_MIN && nb > 1))
-    for (int64_t bi = 0; bi < nb; ++bi)
-        column_sums(dy, db, rows, cols, bi * CB, std::min(cols, (bi + 1) * CB));
+    parallel_range(nb, rows * cols >= kParMin && nb > 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t bi = b0; bi < b1; ++bi)
+            column_sums(dy, db, rows, cols, bi * CB, std::min(cols, (bi + 1) * CB));
+    });
 }
 
 void relu(const float* x, float* y, int64_t size) {
     FASTMLP_CHECK(size >= 0, "relu: size must be >= 0, got " << size);
     if (size == 0) return;
     FASTMLP_CHECK(x && y, "relu: null pointer");
-    FASTMLP_OMP(omp parallel for schedule(static) if (size >= FASTMLP_PAR_MIN))
-    for (int64_t i = 0; i < size; ++i) y[i] = fastmlp::relu(x[i]);
+    parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) y[i] = fastmlp::relu(x[i]);
+    });
 }
 
 void relu_backward(const float* dy, const float* y, float* dx, int64_t size) {
     FASTMLP_CHECK(size >= 0, "relu_backward: size must be >= 0, got " << size);
     if (size == 0) return;
     FASTMLP_CHECK(dy && y && dx, "relu_backward: null pointer");
-    FASTMLP_OMP(omp parallel for schedule(static) if (size >= FASTMLP_PAR_MIN))
-    for (int64_t i = 0; i < size; ++i) dx[i] = relu_grad(dy[i], y[i]);
+    parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) dx[i] = relu_grad(dy[i], y[i]);
+    });
 }
 
 }  // namespace cpu

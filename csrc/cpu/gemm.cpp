@@ -70,7 +70,7 @@ const GemmDriver*& current_driver() {
 }
 
 // Below this many multiply-adds a GEMM runs on the calling thread: an OpenMP
-// fork/join costs a few microseconds, about what one core needs for 2^18 FMAs.
+// parallel loop costs a few microseconds, about what one core needs for 2^18 FMAs.
 constexpr int64_t kParallelMinFmas = int64_t(1) << 18;
 
 // k == 0: C = beta * C (zeros when beta == 0) and the epilogue; rare, scalar.
@@ -146,20 +146,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
             Precision::kFp32);
 }
 
-int num_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
-void set_num_threads(int n) {
-    FASTMLP_CHECK(n >= 1, "set_num_threads: need at least 1 thread, got " << n);
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#endif
-}
 
 }  // namespace cpu
 }  // namespace fastmlp

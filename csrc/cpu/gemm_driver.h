@@ -6,7 +6,8 @@
 // Everything here sits in an anonymous namespace: the three copies must never
 // be merged by the linker (an AVX-512 copy of an inline function picked for
 // the generic path would crash older CPUs), so this file includes no C++
-// library header that instantiates templates, only <cstdint>/<cstdlib>.
+// library header that instantiates templates, only <cstdint>/<cstdlib>, and
+// uses the compiler's __atomic builtins rather than std::atomic.
 //
 // The scheme is BLIS's (Van Zee & van de Geijn, "BLIS: A Framework for Rapidly
 // Instantiating BLAS Functionality", 2015):
@@ -339,32 +340,33 @@ struct Gemm {
         // Threads split C along N (each packs its own B panels) unless N is too
         // narrow for every thread to get a panel.
         const bool by_cols = np >= g.threads || np >= mp;
+        // Chunk t owns a column (or row) band of C and the matching share of the
+        // column sums. A thread that is not running when the loop starts leaves
+        // its chunks to the others (cpu/parallel.h). Several chunks per thread
+        // bound what a thread descheduled mid-chunk holds up, except when A is
+        // packed: each chunk packs its own copy of A.
+        const int64_t bands = by_cols ? np : mp;
+        const int64_t want = g.threads > 1 && !pack_a_ ? int64_t(g.threads) * kChunksPerThread
+                                                       : int64_t(g.threads);
+        const int64_t parts = bands < want ? bands : want;
         bool ok = true;
-        FASTMLP_OMP(omp parallel num_threads(g.threads) if (g.threads > 1))
-        {
-#ifdef _OPENMP
-            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-            const int t = 0, nt = 1;
-#endif
+        auto chunk = [&](int64_t t) {
             bool mine = true;
             if (by_cols) {
-                const int64_t p0 = np * t / nt, p1 = np * (t + 1) / nt;
+                const int64_t p0 = np * t / parts, p1 = np * (t + 1) / parts;
                 if (p1 > p0) mine = block(g, 0, g.m, p0 * NR, imin(g.n, p1 * NR), pack_a_, pack_b_);
             } else {
-                const int64_t p0 = mp * t / nt, p1 = mp * (t + 1) / nt;
+                const int64_t p0 = mp * t / parts, p1 = mp * (t + 1) / parts;
                 if (p1 > p0) mine = block(g, p0 * MR, imin(g.m, p1 * MR), 0, g.n, pack_a_, pack_b_);
             }
-            if (!mine) {
-                FASTMLP_OMP(omp atomic write)
-                ok = false;
-            }
+            if (!mine) __atomic_store_n(&ok, false, __ATOMIC_RELAXED);
             if (g.ep.colsum_b) {
-                const int64_t c0 = g.n * t / nt, c1 = g.n * (t + 1) / nt;
+                const int64_t c0 = g.n * t / parts, c1 = g.n * (t + 1) / parts;
                 if (c1 > c0) colsum(g, c0, c1);
             }
-        }
-        return ok;
+        };
+        parallel_chunks(parts, g.threads, chunk);
+        return __atomic_load_n(&ok, __ATOMIC_RELAXED);
     }
 };
 

@@ -9,7 +9,7 @@ namespace fastmlp {
 namespace cpu {
 namespace {
 
-// The loops over [i0, i1), one per thread, cloned per SIMD width (the update
+// The loops over [i0, i1), one range per thread, cloned per SIMD width (the update
 // rule has no cross-element dependence, so any vector width gives the same
 // floats as the scalar loop, except where the compiler contracts a*b + c into
 // an FMA on targets that have one).
@@ -29,9 +29,6 @@ void adam_range(float* __restrict param, const float* __restrict grad, float* __
     for (int64_t i = i0; i < i1; ++i) adam_update(param[i], grad[i], m[i], v[i], h);
 }
 
-// Elements per parallel chunk: large enough to amortise the loop set-up.
-constexpr int64_t kChunk = 8192;
-
 }  // namespace
 
 void sgd_step(float* param, const float* grad, float* buf, int64_t size, float lr,
@@ -42,10 +39,8 @@ void sgd_step(float* param, const float* grad, float* buf, int64_t size, float l
     if (size == 0) return;
     FASTMLP_CHECK(param && grad, "sgd_step: null pointer");
     const SgdHyper h{lr, momentum, weight_decay, nesterov};
-    const int64_t chunks = (size + kChunk - 1) / kChunk;
-    FASTMLP_OMP(omp parallel for schedule(static) if (size >= FASTMLP_PAR_MIN))
-    for (int64_t c = 0; c < chunks; ++c)
-        sgd_range(param, grad, buf, c * kChunk, c + 1 == chunks ? size : (c + 1) * kChunk, h);
+    parallel_range(size, size >= kParMin,
+                   [&](int64_t i0, int64_t i1) { sgd_range(param, grad, buf, i0, i1, h); });
 }
 
 void adam_step(float* param, const float* grad, float* m, float* v, int64_t size, double lr,
@@ -56,10 +51,8 @@ void adam_step(float* param, const float* grad, float* m, float* v, int64_t size
     if (size == 0) return;
     FASTMLP_CHECK(param && grad && m && v, "adam_step: null pointer");
     const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, step);
-    const int64_t chunks = (size + kChunk - 1) / kChunk;
-    FASTMLP_OMP(omp parallel for schedule(static) if (size >= FASTMLP_PAR_MIN))
-    for (int64_t c = 0; c < chunks; ++c)
-        adam_range(param, grad, m, v, c * kChunk, c + 1 == chunks ? size : (c + 1) * kChunk, h);
+    parallel_range(size, size >= kParMin,
+                   [&](int64_t i0, int64_t i1) { adam_range(param, grad, m, v, i0, i1, h); });
 }
 
 }  // namespace cpu

@@ -5,6 +5,7 @@
 // the row gets a NaN loss and the smallest such row is reported in *bad_row,
 // so the Python layer can raise a ValueError naming it.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -23,6 +24,13 @@ int64_t label_of(const void* labels, LabelKind kind, int64_t r, int64_t cols) {
     int64_t y = kind == LabelKind::kInt32 ? static_cast<const int32_t*>(labels)[r]
                                           : static_cast<const int64_t*>(labels)[r];
     return (y >= 0 && y < cols) ? y : -1;
+}
+
+// *first = min(*first, r), from any thread (min is order-independent: deterministic).
+void atomic_min(std::atomic<int64_t>& first, int64_t r) {
+    int64_t cur = first.load(std::memory_order_relaxed);
+    while (r < cur && !first.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {
+    }
 }
 
 void check_args(const char* op, const void* labels, LabelKind kind, int64_t rows,
@@ -44,10 +52,9 @@ void softmax_xent_fwd(const float* logits, const void* labels, LabelKind kind,
     check_args("softmax_xent_fwd", labels, kind, rows, cols);
     FASTMLP_CHECK(loss && bad_row, "softmax_xent_fwd: null loss or bad_row");
     FASTMLP_CHECK(rows == 0 || (logits && probs && row_loss), "softmax_xent_fwd: null pointer");
-    int64_t first_bad = std::numeric_limits<int64_t>::max();
-    FASTMLP_OMP(omp parallel for schedule(static) reduction(min : first_bad) \
-                if (rows * cols >= FASTMLP_PAR_MIN))
-    for (int64_t r = 0; r < rows; ++r) {
+    std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+    parallel_range(rows, rows * cols >= kParMin, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
         const float* z = logits + r * cols;
         float* p = probs + r * cols;
         float zmax = z[0];
@@ -68,18 +75,20 @@ void softmax_xent_fwd(const float* logits, const void* labels, LabelKind kind,
             const int64_t y = label_of(labels, kind, r, cols);
             if (y < 0) {
                 l = std::numeric_limits<float>::quiet_NaN();
-                first_bad = std::min(first_bad, r);
+                atomic_min(first_bad, r);
             } else {
                 l = -log_softmax_entry(z[y], zmax, log_sum);
             }
         }
         row_loss[r] = l;
     }
+    });
     // The mean in a fixed order (double accumulation: rows can be millions).
     double total = 0.0;
     for (int64_t r = 0; r < rows; ++r) total += row_loss[r];
     *loss = rows > 0 ? static_cast<float>(total / static_cast<double>(rows)) : 0.0f;
-    *bad_row = first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
+    const int64_t fb = first_bad.load();
+    *bad_row = fb == std::numeric_limits<int64_t>::max() ? -1 : fb;
 }
 
 void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind, float* dlogits,
@@ -90,10 +99,9 @@ void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind, fl
     // (p - y) / rows as a true division, like the GPU kernel and NumPy's
     // `(probs - onehot) / n`: a multiply by 1/rows would round twice.
     const float rows_f = static_cast<float>(rows);
-    int64_t first_bad = std::numeric_limits<int64_t>::max();
-    FASTMLP_OMP(omp parallel for schedule(static) reduction(min : first_bad) \
-                if (rows * cols >= FASTMLP_PAR_MIN))
-    for (int64_t r = 0; r < rows; ++r) {
+    std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+    parallel_range(rows, rows * cols >= kParMin, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
         const float* p = probs + r * cols;
         float* d = dlogits + r * cols;  // may alias p: each element read, then written
         if (kind == LabelKind::kOneHot) {
@@ -101,11 +109,13 @@ void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind, fl
             for (int64_t c = 0; c < cols; ++c) d[c] = (p[c] - y[c]) / rows_f;
         } else {
             const int64_t y = label_of(labels, kind, r, cols);
-            if (y < 0) first_bad = std::min(first_bad, r);
+            if (y < 0) atomic_min(first_bad, r);
             for (int64_t c = 0; c < cols; ++c) d[c] = (p[c] - (c == y ? 1.0f : 0.0f)) / rows_f;
         }
     }
-    *bad_row = first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
+    });
+    const int64_t fb = first_bad.load();
+    *bad_row = fb == std::numeric_limits<int64_t>::max() ? -1 : fb;
 }
 
 }  // namespace cpu

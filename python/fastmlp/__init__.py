@@ -15,15 +15,16 @@ __all__ = ["backends", "ops", "reference", "set_seed", "set_matmul_precision",
 
 
 def set_num_threads(n: int) -> None:
-    """Threads for the CPU kernels of the calling thread (default: ``OMP_NUM_THREADS``,
-    else one per core), like ``torch.set_num_threads``."""
+    """Threads for the CPU kernels, process-wide (default: ``FASTMLP_NUM_THREADS``, else
+    ``OMP_NUM_THREADS``, else the CPUs this process may run on), like
+    ``torch.set_num_threads``."""
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise ValueError(f"set_num_threads: need a positive integer, got {n!r}")
     _C.cpu.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:
-    """Threads the CPU kernels use (``OMP_NUM_THREADS``, or one per core)."""
+    """Threads the CPU kernels use (see :func:`set_num_threads`)."""
     return int(_C.cpu.num_threads())
 
 

@@ -147,7 +147,7 @@ def _info(args) -> int:
     print(_version())
     print(f"python {platform.python_version()} ({sys.executable}), numpy {np.__version__}")
     print(f"build: {b['build_info']}")
-    print(f"cpu: yes, {b['cpu_threads']} OpenMP threads ({platform.machine()})")
+    print(f"cpu: yes, {b['cpu_threads']} threads, GEMM driver {b['cpu_gemm']} ({platform.machine()})")
     if b["cuda"]:
         print(f"cuda: yes, {b.get('cuda_device')} (CUDA runtime {b.get('cuda_runtime')})")
     else:

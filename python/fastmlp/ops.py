@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _nvtx
+from . import _C, _nvtx
 from ._interop import Checker, address
+
+_cpu = _C.cpu
 
 __all__ = [
     "gemm", "dense_forward", "dense_backward_input", "dense_backward_weight",
@@ -58,6 +60,16 @@ def _canonical_precision(precision, op: str) -> str:
     return "tf32" if _PRECISIONS[precision.lower()] else "fp32"
 
 
+_F32 = np.dtype(np.float32)
+_ndarray = np.ndarray
+_gemm_fast = _C.cpu.gemm_fast  # NumPy fast path: True when it ran (see bindings.cpp)
+
+
+def _nd2(*arrays) -> bool:
+    """Whether all are 2-D NumPy arrays (so the fast path can size a new output)."""
+    return all(type(a) is _ndarray and a.ndim == 2 for a in arrays)
+
+
 def _gemm_call(ck, op, a, b, c, *, trans_a, trans_b, alpha, beta, bias=None, relu=False,
                mask=None, colsum=None, precision=None):
     """Run gemm_ex on validated arrays; C, bias, mask, colsum already checked."""
@@ -83,6 +95,12 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
     ``beta == 0`` the old contents of ``out`` are never read (BLAS rule).
     ``precision`` (``"fp32"`` / ``"tf32"``) overrides :func:`set_matmul_precision`.
     """
+    if out is not None or (beta == 0.0 and _nd2(a, b)):
+        c = out if out is not None else np.empty((a.shape[bool(trans_a)],
+                                                  b.shape[not trans_b]), _F32)
+        if (precision is None or precision in _PRECISIONS) and \
+                _gemm_fast(a, b, c, trans_a, trans_b, alpha, beta, None, False, None, None):
+            return c
     ck = Checker("gemm")
     a = ck.f32(a, "a", ndim=2)
     b = ck.f32(b, "b", ndim=2)
@@ -110,6 +128,10 @@ def dense_forward(x, w, b=None, *, activation=None, out=None, precision=None):
     ``"linear"`` or ``"relu"``.
     """
     op = "dense_forward"
+    if activation in _ACTIVATIONS and (out is not None or _nd2(x, w)):
+        y = out if out is not None else np.empty((x.shape[0], w.shape[1]), _F32)
+        if _gemm_fast(x, w, y, False, False, 1.0, 0.0, b, activation == "relu", None, None):
+            return y
     ck = Checker(op)
     x = ck.f32(x, "x", ndim=2)
     w = ck.f32(w, "w", ndim=2)
@@ -135,6 +157,10 @@ def dense_backward_input(dy, w, *, relu_output=None, out=None, precision=None):
     respect to the ReLU's input (its pre-activation).
     """
     op = "dense_backward_input"
+    if out is not None or _nd2(dy, w):
+        dx = out if out is not None else np.empty((dy.shape[0], w.shape[0]), _F32)
+        if _gemm_fast(dy, w, dx, False, True, 1.0, 0.0, None, False, relu_output, None):
+            return dx
     ck = Checker(op)
     dy = ck.f32(dy, "dy", ndim=2)
     w = ck.f32(w, "w", ndim=2)
@@ -157,6 +183,11 @@ def dense_backward_weight(x, dy, *, out=None, bias_out=None, bias=True, precisio
     ``bias=False``. ``out`` / ``bias_out`` receive dw / db when given.
     """
     op = "dense_backward_weight"
+    if (bias or bias_out is None) and _nd2(x, dy):
+        dw = out if out is not None else np.empty((x.shape[1], dy.shape[1]), _F32)
+        db = (np.empty((dy.shape[1],), _F32) if bias_out is None else bias_out) if bias else None
+        if _gemm_fast(x, dy, dw, True, False, 1.0, 0.0, None, False, None, db):
+            return dw, db
     ck = Checker(op)
     x = ck.f32(x, "x", ndim=2)
     dy = ck.f32(dy, "dy", ndim=2)

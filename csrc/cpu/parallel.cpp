@@ -1,0 +1,174 @@
+// The CPU thread pool (see parallel.h for why and how).
+#include "cpu/parallel.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FASTMLP_PAUSE() _mm_pause()
+#else
+#define FASTMLP_PAUSE() std::this_thread::yield()
+#endif
+
+#include "check.h"
+#include "fastmlp.h"
+
+namespace fastmlp {
+namespace cpu {
+namespace {
+
+// Spins of an idle worker before it sleeps: ~30-100 us of pause instructions,
+// longer than the gaps between the kernels of one training step.
+constexpr int kSpins = 4000;
+
+struct Job {
+    ChunkFn fn;
+    void* ctx;
+    int64_t chunks;
+    std::atomic<int64_t> next{0};  // the next unclaimed chunk
+    std::atomic<int64_t> done{0};  // chunks finished
+};
+
+int env_threads() {
+    for (const char* name : {"FASTMLP_NUM_THREADS", "OMP_NUM_THREADS"}) {
+        const char* v = std::getenv(name);
+        if (v && *v) {
+            const int n = std::atoi(v);  // "4,2" (OpenMP's nested list) reads as 4
+            if (n >= 1) return n;
+        }
+    }
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        const int n = CPU_COUNT(&set);
+        if (n >= 1) return n;
+    }
+#endif
+    const unsigned hc = std::thread::hardware_concurrency();
+    return hc >= 1 ? static_cast<int>(hc) : 1;
+}
+
+thread_local bool tl_in_chunk = false;
+
+class Pool {
+public:
+    static Pool& get() {
+        // Never destroyed: workers may still be sleeping at interpreter exit,
+        // and joining them from a static destructor can deadlock.
+        static Pool* pool = new Pool();
+        return *pool;
+    }
+
+    int threads() const { return threads_.load(std::memory_order_relaxed); }
+    void set_threads(int n) { threads_.store(n, std::memory_order_relaxed); }
+
+    void run(int64_t chunks, int threads, ChunkFn fn, void* ctx) {
+        std::unique_lock<std::mutex> busy(submit_, std::try_to_lock);
+        if (tl_in_chunk || !busy.owns_lock()) {  // nested, or another thread's loop: inline
+            for (int64_t i = 0; i < chunks; ++i) fn(ctx, i);
+            return;
+        }
+        ensure_workers(threads - 1);
+        Job job;
+        job.fn = fn;
+        job.ctx = ctx;
+        job.chunks = chunks;
+        wanted_.store(threads - 1, std::memory_order_relaxed);
+        current_.store(&job, std::memory_order_seq_cst);
+        generation_.fetch_add(1, std::memory_order_seq_cst);
+        if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+            std::lock_guard<std::mutex> lk(mu_);
+            cv_.notify_all();
+        }
+        work_on(job);
+        // Every chunk is claimed; wait for those other threads are still running.
+        while (job.done.load(std::memory_order_acquire) < chunks) FASTMLP_PAUSE();
+        // Retire the job, then wait for workers that picked up its pointer to let go.
+        current_.store(nullptr, std::memory_order_seq_cst);
+        while (inside_.load(std::memory_order_seq_cst) != 0) FASTMLP_PAUSE();
+    }
+
+private:
+    Pool() : threads_(env_threads()) {}
+
+    static void work_on(Job& job) {
+        tl_in_chunk = true;
+        for (;;) {
+            const int64_t i = job.next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= job.chunks) break;
+            job.fn(job.ctx, i);
+            job.done.fetch_add(1, std::memory_order_release);
+        }
+        tl_in_chunk = false;
+    }
+
+    void ensure_workers(int n) {
+        while (static_cast<int>(workers_.size()) < n) {
+            const int id = static_cast<int>(workers_.size());
+            workers_.emplace_back([this, id] { worker(id); });
+            workers_.back().detach();
+        }
+    }
+
+    void worker(int id) {
+        uint64_t seen = generation_.load(std::memory_order_acquire);
+        for (;;) {
+            int spins = 0;
+            while (generation_.load(std::memory_order_acquire) == seen && spins < kSpins) {
+                FASTMLP_PAUSE();
+                ++spins;
+            }
+            if (generation_.load(std::memory_order_acquire) == seen) {
+                std::unique_lock<std::mutex> lk(mu_);
+                sleepers_.fetch_add(1, std::memory_order_seq_cst);
+                cv_.wait(lk, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
+                sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+            }
+            seen = generation_.load(std::memory_order_acquire);
+            if (id >= wanted_.load(std::memory_order_relaxed)) continue;  // fewer threads asked
+            inside_.fetch_add(1, std::memory_order_seq_cst);
+            Job* job = current_.load(std::memory_order_seq_cst);
+            if (job != nullptr) work_on(*job);
+            inside_.fetch_sub(1, std::memory_order_seq_cst);
+        }
+    }
+
+    std::atomic<int> threads_;
+    std::mutex submit_;                 // one parallel loop at a time
+    std::vector<std::thread> workers_;  // detached; kept for the count
+    std::atomic<Job*> current_{nullptr};
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<int> inside_{0};        // workers holding current_
+    std::atomic<int> wanted_{0};        // workers the current job may use
+    std::atomic<int> sleepers_{0};
+    std::mutex mu_;
+    std::condition_variable cv_;
+};
+
+}  // namespace
+
+void run_chunks(int64_t chunks, int threads, ChunkFn fn, void* ctx) {
+    Pool::get().run(chunks, threads, fn, ctx);
+}
+
+int pool_threads() { return Pool::get().threads(); }
+
+int num_threads() { return pool_threads(); }
+
+void set_num_threads(int n) {
+    FASTMLP_CHECK(n >= 1, "set_num_threads: need at least 1 thread, got " << n);
+    Pool::get().set_threads(n);
+}
+
+}  // namespace cpu
+}  // namespace fastmlp
