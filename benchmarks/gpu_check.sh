@@ -3,22 +3,32 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# 1 build + install for sm_90   2 fastmlp.backends()   3 pytest -m gpu
-# 4 compute-sanitizer memcheck / racecheck / synccheck / initcheck on a small
-#   GPU subset   5 benchmarks/run.py --quick --device cuda (GEMM vs cuBLAS and
-#   PyTorch, memory-bound kernels, training vs PyTorch)   6 summary table
-#   (printed last).
+# 1 build + install for sm_90   2 fastmlp.backends()   3 pytest -m gpu (includes
+#   every GEMM family kernel: tests/test_gemm_cuda.py)   4 compute-sanitizer
+#   memcheck / racecheck / synccheck / initcheck on a small GPU subset (incl. one
+#   run of each GEMM family kernel)   5 benchmarks/tune_gemm.py: check and time
+#   every GEMM family kernel on every benchmark shape, write the GPU's tuning
+#   table   6 benchmarks/run.py --quick --device cuda with that table (GEMM vs
+#   cuBLAS and PyTorch, TF32 vs cuBLAS TF32, fused Dense ops, memory-bound
+#   kernels, training vs PyTorch)   7 summary table (printed last).
 # Every step has a timeout, and all of them share one budget (CHECK_BUDGET_S,
-# default 480 s) so the whole check stays under ~8 minutes. A failed build
-# skips the rest. Exit status: 0 only if every step passed.
+# default 540 s) so the whole check stays under ~9 minutes; the tuning and the
+# benchmark keep a reserve the earlier steps cannot eat. A failed build skips
+# the rest; any other failure is reported and the next steps still run (each
+# step's log tail is printed as it ends).
+# Exit status: 0 only if every step passed.
 #
-# OUTDIR gets at most 8 files, 1 folder deep: build.log tests.log sanitize.log
-# bench.log summary.md, and bench/ with results.json results.md plots.png (copy
-# bench/ to benchmarks/results/h200/ to commit them).
+# OUTDIR gets at most 8 files, 1 folder deep: check.log (build, backends,
+# tests, sanitizer), bench.log (tuning + benchmark output), summary.md,
+# gemm_tuning.json (the packaged table with this GPU's block: copy it to
+# python/fastmlp/gemm_tuning.json and commit it), tune_report.md, and bench/
+# with results.json results.md plots.png (copy bench/ and tune_report.md to
+# benchmarks/results/h200/ to commit them).
 #
-# Knobs (environment): CHECK_BUDGET_S; SANITIZE_TESTS (pytest paths, default
-# tests/test_ops.py); SANITIZE_K (pytest -k for memcheck, default "small");
-# SANITIZE_K_SHARED (-k for racecheck/synccheck/initcheck).
+# Knobs (environment): CHECK_BUDGET_S; TUNE_BUDGET_S (tune_gemm.py's own budget,
+# default 100); SANITIZE_TESTS (pytest paths, default tests/test_ops.py
+# tests/test_gemm_cuda.py); SANITIZE_K (pytest -k for memcheck, default
+# "small or sanitize"); SANITIZE_K_SHARED (-k for racecheck/synccheck/initcheck).
 set -uo pipefail
 # Here every GPU test must run: conftest turns "CUDA not usable" skips into failures.
 export FASTMLP_REQUIRE_GPU=1
@@ -39,12 +49,15 @@ mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
-BUDGET=${CHECK_BUDGET_S:-480}
-SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_ops.py}
-SANITIZE_K=${SANITIZE_K:-small}
+BUDGET=${CHECK_BUDGET_S:-540}
+TUNE_BUDGET_S=${TUNE_BUDGET_S:-100}
+SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_ops.py tests/test_gemm_cuda.py}
+SANITIZE_K=${SANITIZE_K:-small or sanitize}
 # racecheck/synccheck/initcheck are slower; they get the kernels with shared
-# memory, barriers or reductions (GEMM edge tiles, bias_grad, softmax-CE).
-SANITIZE_K_SHARED=${SANITIZE_K_SHARED:-small and (63x65x64 or 65x63x65 or bias_grad or softmax_cross_entropy)}
+# memory, barriers or reductions (GEMM edge tiles, bias_grad, softmax-CE, one
+# run of every GEMM family kernel: cp.async pipelines, split-K).
+SANITIZE_K_SHARED=${SANITIZE_K_SHARED:-(small and (63x65x64 or 65x63x65 or bias_grad or softmax_cross_entropy)) or sanitize_family}
+LOG=$OUT/check.log
 
 declare -a SUMMARY=()
 FAILED=0
@@ -81,6 +94,8 @@ run_step() {
     fi
     [[ $status == PASS ]] || FAILED=1
     SUMMARY+=("| $name | $status | $dt | $note (log: $(basename "$log")) |")
+    # This step's last lines, so a failure is visible here even if a later step fails too.
+    tail -n 6 "$log" | grep -v '^== ' | sed "s/^/   [$name] /"
     echo "== $name: $status in ${dt}s $note" | tee -a "$log"
     [[ $status == PASS ]]
 }
@@ -110,13 +125,13 @@ print_summary() {
     nvidia-smi -L 2>&1
     nvcc --version 2>&1 | tail -2
     python3 --version 2>&1
-} >"$OUT/build.log"
-if ! run_step "build+install (sm_90)" 300 "$OUT/build.log" \
+} >"$LOG"
+if ! run_step "build+install (sm_90)" 240 "$LOG" \
     env CMAKE_CUDA_ARCHITECTURES=90 CUDAARCHS=90 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" \
     FASTMLP_CUDA=ON PIP_BREAK_SYSTEM_PACKAGES=1 \
     python3 -m pip install --no-index --no-build-isolation --no-deps -v .; then
-    tail -n 40 "$OUT/build.log"
-    for s in "fastmlp.backends()" "pytest -m gpu" "sanitize" "benchmarks"; do
+    tail -n 40 "$LOG"
+    for s in "fastmlp.backends()" "pytest -m gpu" "sanitize" "tune_gemm" "benchmarks"; do
         SUMMARY+=("| $s | SKIP | 0 | build failed |")
     done
     print_summary
@@ -125,49 +140,59 @@ fi
 
 # ---- 2. the backends the installed package sees ---------------------------------
 # Run outside the repo so the installed package, not ./python, is imported.
-run_step "fastmlp.backends()" 60 "$OUT/build.log" \
+run_step "fastmlp.backends()" 60 "$LOG" \
     bash -c 'cd /tmp && python3 -c "import fastmlp; b = fastmlp.backends(); print(b); assert b.get(\"cuda\"), \"CUDA backend not usable\""'
-grep -v '^== ' "$OUT/build.log" | tail -n 1
 
 # ---- 3. the GPU tests ------------------------------------------------------------
-: >"$OUT/tests.log"
-run_step "pytest -m gpu" 200 "$OUT/tests.log" python3 -m pytest -m gpu -q
-grep -v '^== ' "$OUT/tests.log" | tail -n 3
+# The tuning and the benchmark keep their share of the budget.
+RESERVE=$((TUNE_BUDGET_S + 30 + 150))
+run_step "pytest -m gpu" 170 "$LOG" python3 -m pytest -m gpu -q
 
 # ---- 4. compute-sanitizer over a small GPU subset -----------------------------------
 # CuPy's memory pool carves many arrays out of one cudaMalloc, which hides
 # out-of-bounds accesses from memcheck; pytest is therefore started in-process
 # after cupy.cuda.set_allocator(None), so every array is its own allocation.
-: >"$OUT/sanitize.log"
 SAN=$(command -v compute-sanitizer || true)
 for cand in "$(dirname "$(command -v nvcc 2>/dev/null || echo /nonexistent/x)")/compute-sanitizer" \
             /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
     [[ -z $SAN && -x $cand ]] && SAN=$cand
 done
-RESERVE=150  # a slow sanitizer must not eat the benchmark's time
 PYTEST_NO_POOL='import sys, cupy, pytest; cupy.cuda.set_allocator(None); sys.exit(pytest.main(sys.argv[1:]))'
 for tool in memcheck racecheck synccheck initcheck; do
     if [[ -z $SAN ]]; then
-        echo "compute-sanitizer not found (PATH, next to nvcc, /usr/local/cuda)" >>"$OUT/sanitize.log"
+        echo "compute-sanitizer not found (PATH, next to nvcc, /usr/local/cuda)" >>"$LOG"
         SUMMARY+=("| sanitize $tool | FAIL | 0 | compute-sanitizer not found |")
         FAILED=1
         continue
     fi
-    case $tool in memcheck) cap=90; sel=$SANITIZE_K ;; racecheck) cap=60; sel=$SANITIZE_K_SHARED ;;
-                  *) cap=45; sel=$SANITIZE_K_SHARED ;; esac
+    case $tool in memcheck) cap=80; sel=$SANITIZE_K ;; racecheck) cap=60; sel=$SANITIZE_K_SHARED ;;
+                  *) cap=35; sel=$SANITIZE_K_SHARED ;; esac
     # shellcheck disable=SC2086
-    run_step "sanitize $tool" $cap "$OUT/sanitize.log" \
+    run_step "sanitize $tool" $cap "$LOG" \
         "$SAN" --tool "$tool" --error-exitcode 1 \
         python3 -c "$PYTEST_NO_POOL" -m gpu -q -x -p no:cacheprovider $SANITIZE_TESTS -k "$sel"
 done
 
-# ---- 5. benchmarks ------------------------------------------------------------------------
+# ---- 5. GEMM tuning ---------------------------------------------------------------------------
+# Checks every GEMM family kernel on every benchmark shape against float64, times
+# the ones that pass, and writes the table with this GPU's verified winners.
+RESERVE=150
+: >"$OUT/bench.log"
+run_step "tune_gemm (budget ${TUNE_BUDGET_S}s)" $((TUNE_BUDGET_S + 30)) "$OUT/bench.log" \
+    python3 benchmarks/tune_gemm.py --out "$OUT" --budget-s "$TUNE_BUDGET_S"
+# The benchmark runs with the new table where there is one (else the packaged one).
+TABLE_ENV=()
+if [[ -s $OUT/gemm_tuning.json ]]; then
+    TABLE_ENV=(env "FASTMLP_GEMM_TABLE=$OUT/gemm_tuning.json")
+fi
+
+# ---- 6. benchmarks ------------------------------------------------------------------------
 # run.py exits 2 when it sees no usable GPU and 1 when an output fails its check.
 RESERVE=0
 run_step "benchmarks (run.py --quick)" 240 "$OUT/bench.log" \
-    python3 benchmarks/run.py --quick --device cuda --out "$OUT/bench"
+    "${TABLE_ENV[@]}" python3 benchmarks/run.py --quick --device cuda --out "$OUT/bench"
 cat "$OUT/bench/results.md" 2>/dev/null
 
-# ---- 6. summary -------------------------------------------------------------------------
+# ---- 7. summary -------------------------------------------------------------------------
 print_summary
 exit $FAILED

@@ -192,6 +192,104 @@ class Bench:
         best = max((r for r in self.rows if r["section"] == "gemm"), key=lambda r: r["gflops"])
         self.ceilings.update(matmul_gflops=best["gflops"],
                              matmul_how=f"{best['impl']} {best['problem']} {best['variant']}")
+        if dev.kind == "cuda":
+            self.run_gemm_cuda_extras()
+
+    # -- GPU-only GEMM rows (issue 6): TF32 vs cuBLAS TF32, fused Dense ops vs cuBLAS + CuPy --------
+    def run_gemm_cuda_extras(self):
+        """TF32 GEMM (fastmlp precision="tf32" vs cuBLAS with the TF32 compute type) and the
+        fused Dense ops vs cuBLAS followed by CuPy's elementwise ops, same data, same process.
+
+        fastmlp's tf32 runs a tensor-core kernel only where the GPU's tuning table lists a
+        verified one (fastmlp/_gemm_tuning.py), else its FP32 path: the row's "kernel" field
+        says which ran."""
+        import fastmlp as fm
+        from cupy._core import _routines_linalg as L
+        from fastmlp import _C, _gemm_tuning
+        dev, xp = self.dev, self.dev.xp
+        device_id = xp.cuda.Device().id
+        _gemm_tuning.ensure_loaded(device_id)
+
+        def kernel_for(prec, ta, tb, m, n, k):
+            hit = _C.cuda.gemm_dispatch(device_id, prec, ta, tb, m, n, k)
+            return "foundation" if hit is None else f"{hit[0]}/{hit[1]}"
+
+        def cublas_tf32(fn):
+            old = L.get_compute_type(xp.float32)
+            L.set_compute_type(xp.float32, L.COMPUTE_TYPE_TF32)
+            try:
+                return fn()
+            finally:
+                L.set_compute_type(xp.float32, old)
+
+        def fro(got, want):
+            got, want = xp.asarray(got, dtype=xp.float64), xp.asarray(want, dtype=xp.float64)
+            e = float(xp.linalg.norm(got - want) / max(float(xp.linalg.norm(want)), 1e-30))
+            return e if math.isfinite(e) else float("inf")
+
+        for size in ([1024, 4096] if self.quick else [1024, 4096, 8192]):
+            a, b = self.rand(size, size), self.rand(size, size)
+            c, c_peer = xp.empty((size, size), np.float32), xp.empty((size, size), np.float32)
+            want = xp.matmul(a.astype(xp.float64), b.astype(xp.float64))
+            ours = lambda: fm.ops.gemm(a, b, out=c, precision="tf32")  # noqa: E731
+            peer = lambda: cublas_tf32(lambda: xp.matmul(a, b, out=c_peer))  # noqa: E731
+            c.fill(float("nan"))
+            c_peer.fill(float("nan"))
+            ours()
+            peer()
+            errs = {"fastmlp": fro(c, want), "cuBLAS TF32": fro(c_peer, want)}
+            t = self.time({"fastmlp": ours, "cuBLAS TF32": peer})
+            flops, nbytes = 2.0 * size ** 3, 12.0 * size * size
+            tol = 1e-3  # relative Frobenius: TF32 lands near 3e-4 (FP32 far below)
+            peer_row = H.make_row("gemm", "gemm", f"{size}x{size}x{size}", "TF32 A@B", "cuBLAS TF32",
+                                  t["cuBLAS TF32"], flops=flops, nbytes=nbytes, problem=f"square {size}",
+                                  rel_err=errs["cuBLAS TF32"], checked=errs["cuBLAS TF32"] <= tol)
+            row = H.make_row("gemm", "gemm", f"{size}x{size}x{size}", "TF32 A@B", "fastmlp", t["fastmlp"],
+                             flops=flops, nbytes=nbytes, problem=f"square {size}", rel_err=errs["fastmlp"],
+                             checked=errs["fastmlp"] <= tol,
+                             kernel=kernel_for(1, False, False, size, size, size))
+            self._finish(row, {"cuBLAS TF32": peer_row})
+            log(f"  gemm TF32 {size}: fastmlp {row['gflops']:8.1f} GFLOP/s ({row['kernel']}, err "
+                f"{errs['fastmlp']:.1e})  cuBLAS TF32 {peer_row['gflops']:8.1f} (err {errs['cuBLAS TF32']:.1e})")
+
+        # Fused Dense ops (FP32) at the MLP shapes: one fastmlp call vs cuBLAS + CuPy elementwise.
+        for batch in ((1024, 8192) if self.quick else (32, 128, 1024, 8192)):
+            x, w, bias = self.rand(batch, 784), self.rand(784, 128), self.rand(128)
+            y, y_peer = xp.empty((batch, 128), np.float32), xp.empty((batch, 128), np.float32)
+            dy = self.rand(batch, 128)
+            dw, db = xp.empty((784, 128), np.float32), xp.empty((128,), np.float32)
+            dw_peer, db_peer = xp.empty((784, 128), np.float32), xp.empty((128,), np.float32)
+            x64, w64, dy64 = x.astype(xp.float64), w.astype(xp.float64), dy.astype(xp.float64)
+            cases = [
+                ("fused X@W+b relu", (batch, 128, 784, False, False),
+                 lambda: fm.ops.dense_forward(x, w, bias, activation="relu", out=y),
+                 lambda: xp.maximum(xp.add(xp.matmul(x, w, out=y_peer), bias, out=y_peer), 0, out=y_peer),
+                 [(y, xp.maximum(x64 @ w64 + bias.astype(xp.float64), 0.0))], [(y_peer, None)]),
+                ("fused dW=X^T@dY + db", (784, 128, batch, True, False),
+                 lambda: fm.ops.dense_backward_weight(x, dy, out=dw, bias_out=db),
+                 lambda: (xp.matmul(x.T, dy, out=dw_peer), xp.sum(dy, axis=0, out=db_peer)),
+                 [(dw, x64.T @ dy64), (db, dy64.sum(axis=0))], [(dw_peer, None), (db_peer, None)]),
+            ]
+            for variant, (m, n, k, ta, tb), ours, peer, checks, peer_outs in cases:
+                errs = {}
+                for name, fn, outs in (("fastmlp", ours, checks),
+                                       ("cuBLAS+CuPy", peer, [(o, w_) for (o, _), (_, w_) in zip(peer_outs, checks)])):
+                    for o, _ in outs:
+                        o.fill(float("nan"))
+                    fn()
+                    errs[name] = max(H.rel_err(dev.to_host(o), dev.to_host(w_)) for o, w_ in outs)
+                t = self.time({"fastmlp": ours, "cuBLAS+CuPy": peer})
+                flops, nbytes = 2.0 * m * n * k, 4.0 * (m * k + k * n + m * n)
+                shape, problem = f"{m}x{n}x{k}", f"784->128 B={batch}"
+                peer_row = H.make_row("gemm", "gemm", shape, variant, "cuBLAS+CuPy", t["cuBLAS+CuPy"],
+                                      flops=flops, nbytes=nbytes, problem=problem,
+                                      rel_err=errs["cuBLAS+CuPy"], checked=errs["cuBLAS+CuPy"] <= GEMM_TOL)
+                row = H.make_row("gemm", "gemm", shape, variant, "fastmlp", t["fastmlp"], flops=flops,
+                                 nbytes=nbytes, problem=problem, rel_err=errs["fastmlp"],
+                                 checked=errs["fastmlp"] <= GEMM_TOL, kernel=kernel_for(0, ta, tb, m, n, k))
+                self._finish(row, {"cuBLAS+CuPy": peer_row})
+                log(f"  {variant:22s} {problem:18s} fastmlp {row['median_s'] * 1e6:8.1f} us ({row['kernel']})"
+                    f"  cuBLAS+CuPy {peer_row['median_s'] * 1e6:8.1f} us")
 
     def _finish(self, row, peer_rows, roof=None, roof_key="gflops"):
         H.add_peers(row, peer_rows)

@@ -45,13 +45,17 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
                         uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, float beta,       \
                         uintptr_t c, int64_t ldc, uintptr_t bias, bool relu,                  \
                         uintptr_t relu_mask, int64_t ld_mask, uintptr_t colsum_b,             \
-                        int precision EXTRA_PARAM) {                                          \
+                        int precision, uintptr_t workspace,                                   \
+                        int64_t workspace_floats EXTRA_PARAM) {                               \
         fastmlp::GemmEpilogue ep;                                                             \
         ep.bias = ptr<const float>(bias);                                                     \
         ep.relu = relu;                                                                       \
         ep.relu_mask = ptr<const float>(relu_mask);                                           \
         ep.ld_mask = ld_mask;                                                                 \
         ep.colsum_b = ptr<float>(colsum_b);                                                   \
+        /* [issue 6] split-K scratch of the CUDA kernel family; the CPU ignores it */         \
+        ep.workspace = ptr<float>(workspace);                                                 \
+        ep.workspace_floats = workspace_floats;                                               \
         NS::gemm_ex(ta, tb, m, n, k, alpha, ptr<const float>(a), lda, ptr<const float>(b),   \
                     ldb, beta, ptr<float>(c), ldc, ep,                                        \
                     static_cast<fastmlp::Precision>(precision) EXTRA_ARG);                    \

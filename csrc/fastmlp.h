@@ -42,6 +42,13 @@ struct GemmEpilogue {
     const float* relu_mask = nullptr;
     int64_t ld_mask = 0;
     float* colsum_b = nullptr;
+    // [issue 6] Scratch for the CUDA kernel family's split-K (partial tiles,
+    // reduced in fixed order): workspace_floats floats of device memory, or
+    // null. Kernels never allocate; the Python layer asks how much the chosen
+    // kernel needs (_C.cuda.gemm_workspace_floats) and passes it. Without
+    // enough, a split-K entry runs unsplit. The CPU ignores it.
+    float* workspace = nullptr;
+    int64_t workspace_floats = 0;
 };
 
 // Matmul precision. The CPU always computes in fp32 (kTf32 is accepted and

@@ -1,7 +1,14 @@
 // gemm_ex on the GPU: the foundation's gemm followed by one elementwise pass
 // for the epilogue (bias, ReLU, ReLU mask) and the bias_grad kernel for
 // colsum_b. This composed path is the default dispatch: the fused kernel
-// family replaces it only for configurations verified on a GPU.
+// family (gemm_family.h) replaces it only where the current GPU's tuning
+// table has an entry for the call's shape class, i.e. for configurations
+// that benchmarks/tune_gemm.py verified on that GPU.
+//
+// Precision: kTf32 uses a TF32 tensor-core configuration only when the
+// table lists one for the tf32 shape class; otherwise the call runs exactly
+// like kFp32 (the table's fp32 entry, else the foundation). So TF32 is never
+// used unless both the caller opted in and a GPU run verified the kernel.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -9,6 +16,7 @@
 
 #include "check.h"
 #include "fastmlp.h"
+#include "gemm_family.h"
 #include "launch.h"
 
 namespace fastmlp {
@@ -38,10 +46,13 @@ gemm_epilogue_f32(float* c, int64_t ldc, int64_t m, int64_t n, const float* __re
 void gemm_ex(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
              const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
              int64_t ldc, const GemmEpilogue& ep, Precision precision, cudaStream_t stream) {
-    (void)precision;  // no TF32 kernel is verified yet: fp32 always
     FASTMLP_CHECK(ep.colsum_b == nullptr || !trans_b, "gemm_ex: colsum_b needs trans_b == false");
     FASTMLP_CHECK(ep.relu_mask == nullptr || ep.ld_mask >= n,
                   "gemm_ex: ld_mask must be >= n=" << n << ", got " << ep.ld_mask);
+    // A tuned, GPU-verified configuration for this shape class, if the table has one.
+    if (family::try_dispatch(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep,
+                             precision, stream))
+        return;
     gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, stream);
     if (ep.colsum_b != nullptr) {
         FASTMLP_CHECK(ldb == n || k <= 1, "gemm_ex: colsum_b needs ldb == n");

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _C, _nvtx
+from . import _C, _gemm_tuning, _nvtx
 from ._interop import Checker, address
 
 _cpu = _C.cpu
@@ -78,12 +78,16 @@ def _gemm_call(ck, op, a, b, c, *, trans_a, trans_b, alpha, beta, bias=None, rel
     prec = _PRECISIONS[_canonical_precision(precision, op)]
     mod, extra, ctx = ck.backend(a)
     with ctx, _nvtx.annotate(op):
+        # [issue 6] CUDA only: the tuned kernel family's split-K scratch (0 floats
+        # unless the GPU's tuning table picks a split-K kernel for this shape).
+        ws = _gemm_tuning.workspace(ctx, prec, trans_a, trans_b, m, n, k) if extra else None
         mod.gemm_ex(bool(trans_a), bool(trans_b), m, n, k, float(alpha),
                     address(a), max(a.shape[1], 1), address(b), max(b.shape[1], 1),
                     float(beta), address(c), max(n, 1),
                     0 if bias is None else address(bias), bool(relu),
                     0 if mask is None else address(mask), max(n, 1),
-                    0 if colsum is None else address(colsum), prec, *extra)
+                    0 if colsum is None else address(colsum), prec,
+                    0 if ws is None else address(ws), 0 if ws is None else ws.size, *extra)
     return c
 
 
