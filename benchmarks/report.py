@@ -97,7 +97,7 @@ def markdown(res) -> str:
                f"({meta['wall_s']:.0f} s), " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
                + ".")
     if meta["device_kind"] == "cpu":
-        out.append(f"Threads: fastmlp (OpenMP) {env.get('fastmlp_threads')}, NumPy's BLAS "
+        out.append(f"Threads: fastmlp (own pool) {env.get('fastmlp_threads')}, NumPy's BLAS "
                    f"({env.get('blas')} {env.get('blas_version')}, core {env.get('blas_core')}) "
                    f"{env.get('blas_threads')}, PyTorch {meta.get('torch_threads')}; "
                    f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}, "
@@ -105,9 +105,8 @@ def markdown(res) -> str:
                    f"OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE')}, "
                    f"OPENBLAS_THREAD_TIMEOUT={env.get('OPENBLAS_THREAD_TIMEOUT')} (set by run.py: "
                    "idle OpenBLAS workers sleep at once instead of spinning and stalling the other "
-                   f"libraries' threads), OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY')} (set by run.py "
-                   "for the same reason; with spinning OpenMP workers fastmlp's kernels were up to "
-                   "3x slower here). "
+                   f"libraries' threads), OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY')} (PyTorch's "
+                   "OpenMP, left at its default; fastmlp uses its own thread pool). "
                    f"The machine is shared (load average {meta.get('load_start')} at the start, "
                    f"{meta.get('load_end')} at the end; 1 and 5 min): "
                    "compare ratios within this run, not absolute numbers across runs.")

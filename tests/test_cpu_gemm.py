@@ -84,9 +84,10 @@ def test_alpha_beta_edges(isa, rng, trans, alpha, beta):
 
 
 # Shapes large enough that the driver packs A and/or B (see Gemm::run), with edge
-# tiles in both dimensions; and the MLP shapes.
+# tiles in both dimensions; the MLP shapes; and narrow deep ones (n <= NR/2, k >= 256)
+# that the driver computes as C^T = op(B)^T op(A)^T (the 128 -> 10 layer's dW).
 PACKED = [(75, 133, 900), (300, 261, 900), (261, 300, 901), (32, 128, 784), (784, 128, 32),
-          (32, 784, 128), (1024, 130, 70)]
+          (32, 784, 128), (1024, 130, 70), (200, 5, 300), (128, 10, 2048), (131, 16, 257)]
 
 
 @pytest.mark.parametrize("shape", PACKED, ids=["x".join(map(str, s)) for s in PACKED])
@@ -96,8 +97,10 @@ def test_packed_paths(isa, rng, shape, trans):
     _check(rng, *shape, *trans, alpha=0.5, beta=1.5)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 33, 5), (75, 133, 900), (9, 65, 400)],
-                         ids=["1x1x1", "17x33x5", "75x133x900", "9x65x400"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 33, 5), (75, 133, 900), (9, 65, 400),
+                                   (200, 5, 300), (130, 10, 600)],
+                         ids=["1x1x1", "17x33x5", "75x133x900", "9x65x400", "200x5x300",
+                              "130x10x600"])
 def test_epilogues_on_edge_tiles(isa, rng, shape):
     """Bias + ReLU, the ReLU mask and the column sums, on tiles cut by every edge."""
     m, n, k = shape

@@ -82,7 +82,7 @@ struct Scratch {
         return p;
     }
 };
-thread_local Scratch tl_a, tl_b, tl_edge;
+thread_local Scratch tl_a, tl_b, tl_edge, tl_t;
 
 template <class S>
 struct Gemm {
@@ -330,6 +330,52 @@ struct Gemm {
 
     // Returns false when out of memory for the packing buffers.
     static bool run(const GemmArgs& g) {
+        // A narrow C (n at most half a register tile) with a deep k, e.g. the
+        // 128 -> 10 layer's dW = X^T dY (128 x 10, k = batch): the NR-wide tile
+        // would spend most of its FMAs on padding columns. Computing C^T = op(B)^T
+        // op(A)^T instead puts the narrow side on the MR rows of the tile, which
+        // waste far less; C^T goes to a scratch buffer and is copied out with
+        // alpha, beta and the epilogue. Every C element still sums p in order over
+        // the same k-slices, and the choice depends on the shape only.
+        if (2 * g.n <= NR && g.m >= 4 * NR && g.k >= 256) return run_transposed(g);
+        return run_direct(g);
+    }
+
+    static bool run_transposed(const GemmArgs& g) {
+        float* t = tl_t.get(g.m * g.n);  // C^T: n x m, row-major
+        if (t == nullptr) return false;
+        GemmArgs h = g;
+        h.trans_a = !g.trans_b;  // op(A') = op(B)^T (n x k)
+        h.a = g.b;
+        h.lda = g.ldb;
+        h.trans_b = !g.trans_a;  // op(B') = op(A)^T (k x m)
+        h.b = g.a;
+        h.ldb = g.lda;
+        h.m = g.n;
+        h.n = g.m;
+        h.alpha = 1.0f;
+        h.beta = 0.0f;
+        h.c = t;
+        h.ldc = g.m;
+        h.ep = GemmEpilogue();
+        if (!run_direct(h)) return false;
+        const GemmEpilogue& ep = g.ep;
+        for (int64_t i = 0; i < g.m; ++i) {
+            float* __restrict ci = g.c + i * g.ldc;
+            for (int64_t j = 0; j < g.n; ++j) {
+                float v = g.alpha * t[j * g.m + i];
+                if (g.beta != 0.0f) v += g.beta * ci[j];
+                if (ep.bias) v += ep.bias[j];
+                if (ep.relu) v = v > 0.0f ? v : 0.0f;
+                if (ep.relu_mask) v = ep.relu_mask[i * ep.ld_mask + j] > 0.0f ? v : 0.0f;
+                ci[j] = v;
+            }
+        }
+        if (ep.colsum_b) colsum(g, 0, g.n);
+        return true;
+    }
+
+    static bool run_direct(const GemmArgs& g) {
         const int64_t mp = cdiv(g.m, MR), np = cdiv(g.n, NR);
         // Pack B when it must be transposed, or when it is large and reused by
         // many row panels; pack A when it is large and not already in panel

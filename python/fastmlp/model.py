@@ -551,17 +551,10 @@ class Sequential:
                         last_shown = now
                         bar.set_postfix(self._running(loss_sum, correct, seen, desc, first),
                                         refresh=False)
-            logs = self._running(loss_sum, correct, seen, desc, steps - 1)
-            if val is not None:
-                with _nvtx.annotate("validation"):
-                    v = self._evaluate_prepared(*val, min(_EVAL_BATCH, max(1, len(val[0]))))
-                logs.update({"val_" + k: value for k, value in v.items()})
-            if bar is not None:
-                bar.set_postfix(logs, refresh=True)
+            return self._epoch_logs(loss_sum, correct, seen, desc, steps, val, bar)
         finally:
             if bar is not None:
                 bar.close()
-        return logs
 
     def _train_epoch(self, x, y, batch_size, shuffle, verbose, desc, val) -> dict:
         if self._lean_ok(x, y):
@@ -604,16 +597,20 @@ class Sequential:
                         last_shown = now
                         bar.set_postfix(self._running(loss_sum, correct, seen, desc, step),
                                         refresh=False)
-            logs = self._running(loss_sum, correct, seen, desc, steps - 1)
-            if val is not None:
-                with _nvtx.annotate("validation"):
-                    v = self._evaluate_prepared(*val, min(_EVAL_BATCH, max(1, len(val[0]))))
-                logs.update({"val_" + k: value for k, value in v.items()})
-            if bar is not None:
-                bar.set_postfix(logs, refresh=True)
+            return self._epoch_logs(loss_sum, correct, seen, desc, steps, val, bar)
         finally:
             if bar is not None:
                 bar.close()
+
+    def _epoch_logs(self, loss_sum, correct, seen, desc, steps, val, bar) -> dict:
+        """The epoch's logs: running figures, plus validation when there is data for it."""
+        logs = self._running(loss_sum, correct, seen, desc, steps - 1)
+        if val is not None:
+            with _nvtx.annotate("validation"):
+                v = self._evaluate_prepared(*val, min(_EVAL_BATCH, max(1, len(val[0]))))
+            logs.update({"val_" + k: value for k, value in v.items()})
+        if bar is not None:
+            bar.set_postfix(logs, refresh=True)
         return logs
 
     def _running(self, loss_sum, correct, seen, desc, step) -> dict:
