@@ -122,8 +122,17 @@ def test_matmul_precision_switch():
     assert fm.get_matmul_precision() == "tf32"
     with pytest.raises(ValueError, match="precision must be one of"):
         fm.set_matmul_precision("bf16")
-    with pytest.raises(ValueError, match="precision must be one of"):
-        fm.ops.gemm(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32), precision="fp16")
+    one = np.ones((2, 2), np.float32)
+    for call in (lambda p: fm.ops.gemm(one, one, precision=p),
+                 lambda p: fm.ops.dense_forward(one, one, precision=p),
+                 lambda p: fm.ops.dense_backward_input(one, one, precision=p),
+                 lambda p: fm.ops.dense_backward_weight(one, one, precision=p)):
+        with pytest.raises(ValueError, match="precision must be one of"):
+            call("fp16")
+        with pytest.raises(ValueError, match="precision must be one of"):
+            call(32)
+        with pytest.raises(ValueError, match="precision must be one of"):
+            call(["tf32"])
 
 
 def test_cpu_ignores_tf32(rng):

@@ -65,6 +65,11 @@ _ndarray = np.ndarray
 _gemm_fast = _C.cpu.gemm_fast  # NumPy fast path: True when it ran (see bindings.cpp)
 
 
+def _plain(precision) -> bool:
+    """Whether ``precision`` needs no checking (None or a canonical name)."""
+    return precision is None or (type(precision) is str and precision in _PRECISIONS)
+
+
 def _nd2(*arrays) -> bool:
     """Whether all are 2-D NumPy arrays (so the fast path can size a new output)."""
     return all(type(a) is _ndarray and a.ndim == 2 for a in arrays)
@@ -102,7 +107,7 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
     if out is not None or (beta == 0.0 and _nd2(a, b)):
         c = out if out is not None else np.empty((a.shape[bool(trans_a)],
                                                   b.shape[not trans_b]), _F32)
-        if (precision is None or precision in _PRECISIONS) and \
+        if _plain(precision) and \
                 _gemm_fast(a, b, c, trans_a, trans_b, alpha, beta, None, False, None, None):
             return c
     ck = Checker("gemm")
@@ -132,7 +137,8 @@ def dense_forward(x, w, b=None, *, activation=None, out=None, precision=None):
     ``"linear"`` or ``"relu"``.
     """
     op = "dense_forward"
-    if activation in _ACTIVATIONS and (out is not None or _nd2(x, w)):
+    if activation in _ACTIVATIONS and _plain(precision) \
+            and (out is not None or _nd2(x, w)):
         y = out if out is not None else np.empty((x.shape[0], w.shape[1]), _F32)
         if _gemm_fast(x, w, y, False, False, 1.0, 0.0, b, activation == "relu", None, None):
             return y
@@ -161,7 +167,7 @@ def dense_backward_input(dy, w, *, relu_output=None, out=None, precision=None):
     respect to the ReLU's input (its pre-activation).
     """
     op = "dense_backward_input"
-    if out is not None or _nd2(dy, w):
+    if _plain(precision) and (out is not None or _nd2(dy, w)):
         dx = out if out is not None else np.empty((dy.shape[0], w.shape[0]), _F32)
         if _gemm_fast(dy, w, dx, False, True, 1.0, 0.0, None, False, relu_output, None):
             return dx
@@ -187,7 +193,8 @@ def dense_backward_weight(x, dy, *, out=None, bias_out=None, bias=True, precisio
     ``bias=False``. ``out`` / ``bias_out`` receive dw / db when given.
     """
     op = "dense_backward_weight"
-    if (bias or bias_out is None) and _nd2(x, dy):
+    if (bias or bias_out is None) and _plain(precision) \
+            and _nd2(x, dy):
         dw = out if out is not None else np.empty((x.shape[1], dy.shape[1]), _F32)
         db = (np.empty((dy.shape[1],), _F32) if bias_out is None else bias_out) if bias else None
         if _gemm_fast(x, dy, dw, True, False, 1.0, 0.0, None, False, None, db):
