@@ -8,12 +8,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "check.h"
+#include "engine.h"
 #include "fastmlp.h"
+#include "kernel_math.h"
 
 namespace py = pybind11;
 using fastmlp::LabelKind;
@@ -88,6 +92,20 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
         NS::softmax_xent_bwd(ptr<const float>(probs), ptr<const void>(labels),               \
                              static_cast<LabelKind>(kind), ptr<float>(dlogits),              \
                              ptr<int64_t>(bad_row), rows, cols EXTRA_ARG);                   \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("softmax_xent_fused", [](uintptr_t logits, uintptr_t labels, int kind, uintptr_t out, \
+                                   uintptr_t row_loss, uintptr_t row_hits, uintptr_t loss,   \
+                                   uintptr_t hits, uintptr_t bad_row, int64_t rows,          \
+                                   int64_t cols, bool backward EXTRA_PARAM) {                \
+        NS::softmax_xent_fused(ptr<const float>(logits), ptr<const void>(labels),            \
+                               static_cast<LabelKind>(kind), ptr<float>(out),                \
+                               ptr<float>(row_loss), ptr<int32_t>(row_hits), ptr<float>(loss), \
+                               ptr<int64_t>(hits), ptr<int64_t>(bad_row), rows, cols,        \
+                               backward EXTRA_ARG);                                          \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("random_permutation", [](uintptr_t out, int64_t n, uint64_t seed,                  \
+                                   uint64_t counter EXTRA_PARAM) {                           \
+        NS::random_permutation(ptr<int64_t>(out), n, seed, counter EXTRA_ARG);               \
     }, py::call_guard<py::gil_scoped_release>());                                            \
     M.def("sgd_step", [](uintptr_t param, uintptr_t grad, uintptr_t buf, int64_t size,      \
                          float lr, float momentum, bool nesterov,                            \
@@ -178,42 +196,87 @@ bool bind_gemm_fast(py::handle a, py::handle b, py::handle c, bool ta, bool tb, 
     return true;
 }
 
-// fastmlp._C.cpu.train_steps: layers as [w, b, gw, gb, s0, s1, s2, s3, act, dact]
-// addresses and [in, out, relu] sizes; returns the steps run.
-int64_t bind_train_steps(const std::vector<std::vector<uintptr_t>>& ptrs,
-                         const std::vector<std::vector<int64_t>>& dims, int kind, double lr,
-                         double momentum, double weight_decay, double beta1, double beta2,
-                         double eps, bool nesterov, bool decoupled, int64_t step0, uintptr_t x,
-                         int64_t rows, int64_t features, uintptr_t labels, int label_kind,
-                         uintptr_t order, int64_t start, int64_t batch, int64_t steps,
-                         uintptr_t xbuf, uintptr_t ybuf, uintptr_t probs, uintptr_t row_loss,
-                         uintptr_t loss, uintptr_t bad_row, uintptr_t losses, uintptr_t correct) {
-    FASTMLP_CHECK(ptrs.size() == dims.size() && !ptrs.empty(), "train_steps: layer lists differ");
-    std::vector<fastmlp::cpu::TrainLayer> layers(ptrs.size());
-    for (size_t i = 0; i < ptrs.size(); ++i) {
-        FASTMLP_CHECK(ptrs[i].size() == 10 && dims[i].size() == 3, "train_steps: bad layer entry");
-        auto& L = layers[i];
-        L.w = ptr<float>(ptrs[i][0]);
-        L.b = ptr<float>(ptrs[i][1]);
-        L.gw = ptr<float>(ptrs[i][2]);
-        L.gb = ptr<float>(ptrs[i][3]);
-        for (int j = 0; j < 4; ++j) L.state[j] = ptr<float>(ptrs[i][4 + j]);
-        L.act = ptr<float>(ptrs[i][8]);
-        L.dact = ptr<float>(ptrs[i][9]);
-        L.in = dims[i][0];
-        L.out = dims[i][1];
-        L.relu = dims[i][2] != 0;
+// fastmlp._C.Engine: the engines of engine.h. An op arrives as (opcode,
+// [buffer ids], [dims]) and is checked here for its lengths; set_ops checks
+// opcodes and ids against the buffer table.
+using OpTuple = std::tuple<int, std::vector<int>, std::vector<int64_t>>;
+
+std::vector<fastmlp::engine::PlanOp> to_plan_ops(const std::vector<OpTuple>& ops) {
+    using fastmlp::engine::PlanOp;
+    std::vector<PlanOp> out(ops.size());
+    for (size_t i = 0; i < ops.size(); ++i) {
+        const auto& [code, bufs, dims] = ops[i];
+        FASTMLP_CHECK(bufs.size() <= fastmlp::engine::kMaxBufs &&
+                          dims.size() <= fastmlp::engine::kMaxDims,
+                      "engine: op " << i << " has " << bufs.size() << " buffers and "
+                                    << dims.size() << " dims (at most "
+                                    << fastmlp::engine::kMaxBufs << " and "
+                                    << fastmlp::engine::kMaxDims << ")");
+        PlanOp& op = out[i];
+        op.code = static_cast<fastmlp::engine::OpCode>(code);
+        for (int b = 0; b < fastmlp::engine::kMaxBufs; ++b)
+            op.buf[b] = b < static_cast<int>(bufs.size()) ? bufs[b] : -1;
+        for (int d = 0; d < fastmlp::engine::kMaxDims; ++d)
+            op.dim[d] = d < static_cast<int>(dims.size()) ? dims[d] : 0;
     }
-    fastmlp::cpu::TrainOptim opt{kind, lr, momentum, weight_decay, beta1, beta2, eps,
-                                 nesterov, decoupled, step0};
-    fastmlp::cpu::TrainBatches data{ptr<const float>(x), rows, features, ptr<const void>(labels),
-                                    static_cast<LabelKind>(label_kind), ptr<const int64_t>(order),
-                                    start, batch, steps, ptr<float>(xbuf), ptr<void>(ybuf),
-                                    ptr<float>(probs), ptr<float>(row_loss), ptr<float>(loss),
-                                    ptr<int64_t>(bad_row)};
-    py::gil_scoped_release release;
-    return fastmlp::cpu::train_steps(layers.data(), static_cast<int>(layers.size()), opt, data,
-                                     ptr<float>(losses), ptr<int64_t>(correct));
+    return out;
+}
+
+void bind_engine(py::module_& mod) {
+    using fastmlp::engine::Engine;
+    using fastmlp::engine::EngineState;
+    py::list names;
+#define FASTMLP_OPCODE_PYNAME(name) names.append(#name);
+    FASTMLP_OPCODES(FASTMLP_OPCODE_PYNAME)
+#undef FASTMLP_OPCODE_PYNAME
+    mod.attr("engine_opcodes") = names;
+    py::dict sizes;
+    sizes["state"] = sizeof(fastmlp::engine::EngineState);
+    sizes["scalars"] = sizeof(fastmlp::engine::StepScalars);
+    sizes["step_hyper"] = sizeof(fastmlp::engine::StepHyper);
+    mod.attr("engine_sizes") = sizes;
+
+    py::class_<Engine>(mod, "Engine", "A bound step plan on one device (engine.h)")
+        .def("set_ops", [](Engine& e, int list, const std::vector<OpTuple>& ops) {
+            e.set_ops(list, to_plan_ops(ops));
+        })
+        .def("set_buffers", &Engine::set_buffers)
+        .def("set_schedule", &Engine::set_schedule)
+        .def("begin_pass", &Engine::begin_pass)
+        .def("state", [](Engine& e, int buf) {
+            EngineState st;
+            {
+                py::gil_scoped_release release;
+                st = e.state(buf);
+            }
+            py::dict d;
+            d["step"] = st.step;
+            d["correct"] = st.correct;
+            d["loss_sum"] = st.loss_sum;
+            d["nonfinite_step"] = st.nonfinite_step;
+            d["bad_row"] = st.bad_row;
+            return d;
+        })
+        .def("run", &Engine::run, py::call_guard<py::gil_scoped_release>())
+        .def("synchronize", &Engine::synchronize, py::call_guard<py::gil_scoped_release>())
+        .def("graphs_captured", &Engine::graphs_captured);
+
+    // Philox4x32-10 (kernel_math.h) for the known-answer tests.
+    mod.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+        const fastmlp::Philox4 r = fastmlp::philox4x32_10(
+            fastmlp::Philox4{{ctr[0], ctr[1], ctr[2], ctr[3]}}, key[0], key[1]);
+        return std::array<uint32_t, 4>{r.v[0], r.v[1], r.v[2], r.v[3]};
+    });
+
+    mod.def("new_engine", [](const std::string& device, int ordinal) -> Engine* {
+        if (device == "cpu") return fastmlp::engine::new_cpu_engine();
+#ifdef FASTMLP_WITH_CUDA
+        if (device == "cuda") return fastmlp::engine::new_cuda_engine(ordinal);
+#endif
+        (void)ordinal;
+        FASTMLP_CHECK(false, "new_engine: no engine for device '" << device << "' in this build");
+        return nullptr;
+    }, py::return_value_policy::take_ownership);
 }
 
 }  // namespace
@@ -233,12 +296,13 @@ PYBIND11_MODULE(_C, mod) {
     mod.attr("build_info") = FASTMLP_BUILD_INFO;
     mod.attr("cuda_build_note") = FASTMLP_CUDA_WHY;  // why the CUDA part is on or off
 
+    bind_engine(mod);
+
     py::module_ cpu = mod.def_submodule("cpu", "C++ CPU kernels");
     FASTMLP_BIND_OPS(cpu, fastmlp::cpu, FASTMLP_NOTHING, FASTMLP_NOTHING)
     cpu.def("num_threads", &fastmlp::cpu::num_threads);
     cpu.def("set_num_threads", &fastmlp::cpu::set_num_threads);
     cpu.def("gemm_isa", &fastmlp::cpu::gemm_isa);
-    cpu.def("train_steps", &bind_train_steps);
     cpu.def("gemm_fast", &bind_gemm_fast);
     cpu.def("gemm_isas_supported", &fastmlp::cpu::gemm_isas_supported);
     cpu.def("set_gemm_isa", &fastmlp::cpu::set_gemm_isa);

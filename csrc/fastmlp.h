@@ -78,6 +78,17 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 // softmax_xent_bwd: dlogits = (probs - onehot(label)) / rows; bad_row as above
 //   (a bad row's dlogits = probs / rows, no out-of-bounds write).
 //   dlogits may alias probs.
+// softmax_xent_fused: the training step's loss in one pass over the logits:
+//   with backward, out = (softmax(logits) - onehot(label)) / rows (dlogits);
+//   without, out = softmax(logits) (probs). *loss = the mean row loss and
+//   *bad_row as softmax_xent_fwd; *hits = the rows whose arg-max (the first
+//   maximum) equals the label (for one-hot rows: the label row's arg-max).
+//   row_loss (rows floats) and row_hits (rows int32) are scratch. out must not
+//   alias logits. On the CPU the values are bit for bit those of
+//   softmax_xent_fwd followed by softmax_xent_bwd (it calls them).
+//   loss, hits, bad_row point to one element each (device memory on CUDA).
+// random_permutation: out[i] = permute_index(i, perm_key(n, seed, counter))
+//   (kernel_math.h): the same permutation of [0, n) on every device.
 // sgd_step / adam_step: in place, torch.optim semantics (see kernel_math.h). buf may be
 //   null when momentum == 0. step counts from 1.
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
@@ -101,11 +112,20 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
     void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind,       \
                           float* dlogits, int64_t* bad_row, int64_t rows,               \
                           int64_t cols FASTMLP_STREAM_ARG);                             \
+    void softmax_xent_fused(const float* logits, const void* labels, LabelKind kind,    \
+                            float* out, float* row_loss, int32_t* row_hits, float* loss,  \
+                            int64_t* hits, int64_t* bad_row, int64_t rows, int64_t cols,  \
+                            bool backward FASTMLP_STREAM_ARG);                            \
+    void random_permutation(int64_t* out, int64_t n, uint64_t seed,                     \
+                            uint64_t counter FASTMLP_STREAM_ARG);                         \
     void sgd_step(float* param, const float* grad, float* buf, int64_t size, float lr,  \
                   float momentum, bool nesterov, float weight_decay FASTMLP_STREAM_ARG);\
     void adam_step(float* param, const float* grad, float* m, float* v, int64_t size,   \
                    double lr, double beta1, double beta2, double eps,                   \
                    double weight_decay, bool decoupled, int64_t step FASTMLP_STREAM_ARG);
+
+struct SgdHyper;   // kernel_math.h
+struct AdamHyper;
 
 namespace cpu {
 #define FASTMLP_NO_STREAM
@@ -123,44 +143,12 @@ std::string gemm_isa();
 std::string gemm_isas_supported();
 std::string set_gemm_isa(const std::string& name);
 
-// The lean training loop of fit on the CPU (cpu/train.cpp): `steps` optimizer
-// steps of a Dense stack + softmax-cross-entropy in one call.
-struct TrainLayer {
-    float* w;             // (in, out) kernel
-    float* b;             // (out,) bias, or null
-    float* gw;            // gradients, shaped like w and b
-    float* gb;            // (null without a bias)
-    float* state[4];      // Adam: m_w, v_w, m_b, v_b; SGD: buf_w, buf_b (null: no momentum)
-    float* act;           // (batch, out) this layer's output
-    float* dact;          // (batch, out) gradient w.r.t. the output (hidden layers only)
-    int64_t in, out;
-    bool relu;
-};
-struct TrainOptim {
-    int kind;             // 0: SGD, 1: Adam (decoupled: AdamW)
-    double lr, momentum, weight_decay, beta1, beta2, eps;
-    bool nesterov, decoupled;
-    int64_t step0;        // the step number of the first step (Adam counts from 1)
-};
-struct TrainBatches {
-    const float* x;       // (rows, features)
-    int64_t rows, features;
-    const void* labels;   // (rows,) int32/int64 or (rows, classes) float32
-    LabelKind kind;
-    const int64_t* order; // row permutation (rows,), or null: in order
-    int64_t start, batch, steps;  // step s trains rows start + s*batch ... (+batch, clipped)
-    float* xbuf;          // (batch, features) gather buffer (with order)
-    void* ybuf;           // (batch,) labels gather buffer (with order)
-    float* probs;         // (batch, classes)
-    float* row_loss;      // (batch,)
-    float* loss;          // 1 float
-    int64_t* bad_row;     // 1 int64
-};
-// Returns the steps run: all of them, or up to and including the first step
-// whose loss is not finite. losses[s] = the step's mean loss, correct[s] = its
-// arg-max hits.
-int64_t train_steps(const TrainLayer* layers, int n_layers, const TrainOptim& opt,
-                    const TrainBatches& data, float* losses, int64_t* correct);
+// The optimizer updates with their constants already computed (the engine's
+// per-step table; sgd_step / adam_step compute them, then call these).
+void sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
+                    const SgdHyper& h);
+void adam_step_hyper(float* param, const float* grad, float* m, float* v, int64_t size,
+                     const AdamHyper& h);
 }  // namespace cpu
 
 #ifdef FASTMLP_WITH_CUDA

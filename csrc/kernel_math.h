@@ -99,4 +99,87 @@ FASTMLP_HOSTDEV float log_softmax_entry(float z, float row_max, float log_sum) {
     return (z - row_max) - log_sum;
 }
 
+// ---- Counter-based random numbers: Philox4x32-10 ---------------------------
+// Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC'11), the
+// generator cuRAND and JAX use. A pure function of (counter, key): any element
+// of any epoch's stream is computed directly, in any order, on any device, so
+// the CPU and the GPU draw the same numbers (tests/test_random.py checks the
+// published known-answer vectors).
+struct Philox4 {
+    uint32_t v[4];
+};
+
+FASTMLP_HOSTDEV Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
+    constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+    constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+    for (int round = 0; round < 10; ++round) {
+        const uint64_t p0 = static_cast<uint64_t>(kMul0) * ctr.v[0];
+        const uint64_t p1 = static_cast<uint64_t>(kMul1) * ctr.v[2];
+        const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+        const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+        ctr = Philox4{{hi1 ^ ctr.v[1] ^ k0, lo1, hi0 ^ ctr.v[3] ^ k1, lo0}};
+        k0 += kWeyl0;  // the key schedule: a Weyl sequence, bumped between rounds
+        k1 += kWeyl1;
+    }
+    return ctr;
+}
+
+// ---- Shuffling: a keyed pseudo-random permutation of [0, n) ----------------
+// perm[i] = permute_index(i, key) for every i is a permutation, computed per
+// element with no sort and no shared state: a balanced Feistel network over
+// 2*half bits (2^(2*half) >= n; any Feistel network is a bijection whatever
+// its round function), whose round function is Philox of (right half, round)
+// under the epoch's key, then cycle-walking: an index that lands outside
+// [0, n) is encrypted again until it lands inside. The walk stays on the
+// cycle of i, which contains i itself, so it ends; the domain is < 4n, so it
+// takes < 4 encryptions on average. Four rounds with a pseudo-random round
+// function make a pseudo-random permutation (Luby-Rackoff) -- plenty for the
+// order of SGD batches.
+struct PermKey {
+    uint64_t n;
+    uint32_t k0, k1;
+    int half_bits;
+};
+
+// The permutation of [0, n) numbered `counter` (fit uses the epoch count) of
+// the stream `seed`.
+inline PermKey perm_key(uint64_t n, uint64_t seed, uint64_t counter) {
+    // The epoch's key: Philox of the counter under the seed (a fixed tag in
+    // v[2] keeps this stream apart from other uses of the same seed).
+    const Philox4 k = philox4x32_10(
+        Philox4{{static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
+                 0x5348554Fu /* "SHUF" */, 0u}},
+        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    int bits = 0;
+    while (bits < 64 && (uint64_t{1} << bits) < n) ++bits;
+    PermKey key;
+    key.n = n;
+    key.k0 = k.v[0];
+    key.k1 = k.v[1];
+    key.half_bits = bits < 2 ? 1 : (bits + 1) / 2;  // n <= 2^62: half_bits <= 31
+    return key;
+}
+
+FASTMLP_HOSTDEV uint64_t feistel_encrypt(uint64_t x, const PermKey& key) {
+    const uint32_t mask = (uint32_t{1} << key.half_bits) - 1u;
+    uint32_t left = static_cast<uint32_t>(x >> key.half_bits) & mask;
+    uint32_t right = static_cast<uint32_t>(x) & mask;
+    for (uint32_t round = 0; round < 4; ++round) {
+        const uint32_t f = philox4x32_10(Philox4{{right, round, 0u, 0u}}, key.k0, key.k1).v[0];
+        const uint32_t next = left ^ (f & mask);
+        left = right;
+        right = next;
+    }
+    return (static_cast<uint64_t>(left) << key.half_bits) | right;
+}
+
+// The position-i element of the permutation; i < key.n.
+FASTMLP_HOSTDEV uint64_t permute_index(uint64_t i, const PermKey& key) {
+    uint64_t x = i;
+    do {
+        x = feistel_encrypt(x, key);
+    } while (x >= key.n);
+    return x;
+}
+
 }  // namespace fastmlp

@@ -38,7 +38,12 @@ void sgd_step(float* param, const float* grad, float* buf, int64_t size, float l
                   "sgd_step: momentum != 0 needs a momentum buffer");
     if (size == 0) return;
     FASTMLP_CHECK(param && grad, "sgd_step: null pointer");
-    const SgdHyper h{lr, momentum, weight_decay, nesterov};
+    sgd_step_hyper(param, grad, buf, size, SgdHyper{lr, momentum, weight_decay, nesterov});
+}
+
+void sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
+                    const SgdHyper& h) {
+    if (size == 0) return;
     parallel_range(size, size >= kParMin,
                    [&](int64_t i0, int64_t i1) { sgd_range(param, grad, buf, i0, i1, h); });
 }
@@ -50,7 +55,13 @@ void adam_step(float* param, const float* grad, float* m, float* v, int64_t size
     FASTMLP_CHECK(step >= 1, "adam_step: step counts from 1, got " << step);
     if (size == 0) return;
     FASTMLP_CHECK(param && grad && m && v, "adam_step: null pointer");
-    const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, step);
+    adam_step_hyper(param, grad, m, v, size,
+                    adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, step));
+}
+
+void adam_step_hyper(float* param, const float* grad, float* m, float* v, int64_t size,
+                     const AdamHyper& h) {
+    if (size == 0) return;
     parallel_range(size, size >= kParMin,
                    [&](int64_t i0, int64_t i1) { adam_range(param, grad, m, v, i0, i1, h); });
 }

@@ -118,5 +118,42 @@ void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind, fl
     *bad_row = fb == std::numeric_limits<int64_t>::max() ? -1 : fb;
 }
 
+namespace {
+
+// Index of the first maximum of row[0..n): a NaN never compares greater, so it
+// is picked only at index 0 (a row with NaN has a NaN loss already).
+int64_t first_argmax(const float* row, int64_t n) {
+    int64_t best = 0;
+    for (int64_t c = 1; c < n; ++c)
+        if (row[c] > row[best]) best = c;
+    return best;
+}
+
+}  // namespace
+
+void softmax_xent_fused(const float* logits, const void* labels, LabelKind kind, float* out,
+                        float* row_loss, int32_t* /*row_hits: the CPU counts directly*/,
+                        float* loss, int64_t* hits, int64_t* bad_row, int64_t rows, int64_t cols,
+                        bool backward) {
+    check_args("softmax_xent_fused", labels, kind, rows, cols);
+    FASTMLP_CHECK(hits, "softmax_xent_fused: null hits");
+    FASTMLP_CHECK(rows == 0 || cols == 0 || logits + rows * cols <= out || out + rows * cols <= logits,
+                  "softmax_xent_fused: out must not overlap logits");
+    // Forward then backward, in place over out: the same functions (and so the
+    // same bits) as the two unfused ops.
+    softmax_xent_fwd(logits, labels, kind, out, row_loss, loss, bad_row, rows, cols);
+    if (backward) softmax_xent_bwd(out, labels, kind, out, bad_row, rows, cols);
+    int64_t count = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        int64_t truth;
+        if (kind == LabelKind::kOneHot)
+            truth = first_argmax(static_cast<const float*>(labels) + r * cols, cols);
+        else
+            truth = label_of(labels, kind, r, cols);  // -1 when out of range: never a hit
+        count += first_argmax(logits + r * cols, cols) == truth;
+    }
+    *hits = count;
+}
+
 }  // namespace cpu
 }  // namespace fastmlp

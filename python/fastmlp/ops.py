@@ -21,7 +21,8 @@ _cpu = _C.cpu
 __all__ = [
     "gemm", "dense_forward", "dense_backward_input", "dense_backward_weight",
     "set_matmul_precision", "get_matmul_precision", "bias_add", "bias_grad", "relu", "relu_backward",
-    "softmax_cross_entropy", "softmax_cross_entropy_backward", "sgd_step", "adam_step",
+    "softmax_cross_entropy", "softmax_cross_entropy_backward", "softmax_cross_entropy_fused",
+    "random_permutation", "sgd_step", "adam_step",
 ]
 
 _LABEL_INT32, _LABEL_INT64, _LABEL_ONEHOT = 0, 1, 2
@@ -355,6 +356,74 @@ def softmax_cross_entropy_backward(probs, labels, *, out=None, check_labels=True
     if check_labels and int(bad_row[0]) >= 0:
         _raise_bad_label(op, lab, bad_row[0], cols)
     return dlogits
+
+
+def softmax_cross_entropy_fused(logits, labels, *, backward=True, out=None,
+                                check_labels=True):
+    """The loss of a training step in one kernel pass: ``(loss, out, hits, bad_row)``.
+
+    ``out`` (n, classes) receives ``(probs - onehot) / n`` with ``backward`` (the
+    gradient of the mean loss w.r.t. the logits), else the probabilities; it must not
+    overlap ``logits``. ``loss`` is the mean loss (0-d float32), ``hits`` the number of
+    rows whose arg-max (the first maximum) equals the label (0-d int64; for float
+    label rows, the label row's arg-max), ``bad_row`` as
+    :func:`softmax_cross_entropy_forward`. Nothing is read back from the GPU with
+    ``check_labels=False``.
+    """
+    op = "softmax_cross_entropy_fused"
+    ck = Checker(op)
+    logits = ck.f32(logits, "logits", ndim=2)
+    rows, cols = logits.shape
+    lab, kind = _labels(ck, labels, rows, cols)
+    if rows > 0 and cols == 0:
+        raise ValueError(f"{op}: 'logits' has 0 classes")
+    res = ck.out(out, "out", (rows, cols), like=logits)
+    ck.no_overlap(res, "out", (logits, "logits"), (lab, "labels"))
+    row_loss = ck.empty((rows,), np.float32, like=logits)
+    row_hits = ck.empty((rows,), np.int32, like=logits)
+    loss = ck.empty((), np.float32, like=logits)
+    hits = ck.empty((), np.int64, like=logits)
+    bad_row = ck.empty((1,), np.int64, like=logits)
+    mod, extra, ctx = ck.backend(logits)
+    with ctx, _nvtx.annotate(op):
+        mod.softmax_xent_fused(address(logits), address(lab), kind, address(res),
+                               address(row_loss), address(row_hits), address(loss),
+                               address(hits), address(bad_row), rows, cols, bool(backward),
+                               *extra)
+    if check_labels and int(bad_row[0]) >= 0:
+        _raise_bad_label(op, lab, bad_row[0], cols)
+    return loss, res, hits, bad_row
+
+
+def random_permutation(n, seed, counter=0, *, out=None, device="cpu"):
+    """A random permutation of ``[0, n)`` as int64, the same on every device: the
+    permutation numbered ``counter`` of the stream ``seed`` (both unsigned 64-bit).
+
+    Computed per element by a keyed Feistel network over Philox (no sort, no state):
+    ``fit`` shuffles epoch ``e`` with ``random_permutation(rows, seed, e)`` on the CPU
+    and on the GPU alike. ``out`` (an int64 array of n elements, NumPy or CuPy) is
+    written in place; otherwise a new array is made on ``device`` ("cpu" / "cuda").
+    """
+    op = "random_permutation"
+    if isinstance(n, bool) or int(n) != n or n < 0:
+        raise ValueError(f"{op}: 'n' must be a non-negative integer, got {n!r}")
+    n = int(n)
+    seed, counter = int(seed) & (2**64 - 1), int(counter) & (2**64 - 1)
+    ck = Checker(op)
+    if out is None:
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"{op}: device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            from ._interop import cupy_module, require_cuda
+            require_cuda(op)
+            out = cupy_module().empty((n,), np.int64)
+        else:
+            out = np.empty((n,), np.int64)
+    out = ck.array(out, "out", dtypes=(np.int64,), shape=(n,), writable=True)
+    mod, extra, ctx = ck.backend(out)
+    with ctx, _nvtx.annotate(op):
+        mod.random_permutation(address(out), n, seed, counter, *extra)
+    return out
 
 
 def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0):

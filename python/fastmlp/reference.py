@@ -37,6 +37,9 @@ __all__ = [
     "relu_backward",
     "softmax_cross_entropy",
     "softmax_cross_entropy_backward",
+    "softmax_cross_entropy_fused",
+    "random_permutation",
+    "philox4x32_10",
     "sgd_step",
     "adam_step",
 ]
@@ -257,6 +260,71 @@ def softmax_cross_entropy_backward(probs, labels, *, out=None):
         target = labels.astype(probs.dtype)
     grad = (probs - target) / max(n, 1)
     return _store(grad, out)
+
+
+def softmax_cross_entropy_fused(logits, labels, *, backward=True, out=None):
+    """The training step's loss in one call: ``(loss, out, hits)`` where ``out`` is
+    d(mean loss)/d(logits) with ``backward`` (else the probabilities) and ``hits``
+    counts the rows whose arg-max (the first maximum) equals the label (for float
+    rows: the label row's arg-max)."""
+    xp = _xp(logits, labels, out)
+    loss, probs = softmax_cross_entropy(logits, labels)
+    result = softmax_cross_entropy_backward(probs, labels) if backward else probs
+    n = logits.shape[0]
+    truth = labels if labels.dtype.kind in "iu" else xp.argmax(labels, axis=1)
+    hits = int(xp.sum(xp.argmax(logits, axis=1) == truth)) if n else 0
+    return loss, _store(result, out), xp.asarray(hits, dtype=xp.int64)
+
+
+# --------------------------------------------------------------------------- random
+
+_M32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al., SC'11) of the four 32-bit words ``counter`` under
+    the two words ``key``, on NumPy uint32 arrays of any (matching) shape: a tuple of
+    four arrays."""
+    c = [np.asarray(v, dtype=np.uint64) & _M32 for v in counter]
+    k0, k1 = (np.asarray(v, dtype=np.uint64) & _M32 for v in key)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & np.uint64(_M32),
+             (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & np.uint64(_M32)]
+        k0 = (k0 + np.uint64(0x9E3779B9)) & np.uint64(_M32)
+        k1 = (k1 + np.uint64(0xBB67AE85)) & np.uint64(_M32)
+    return tuple(v.astype(np.uint32) for v in c)
+
+
+def random_permutation(n, seed, counter, *, xp=np):
+    """The permutation of [0, n) numbered ``counter`` of stream ``seed``: a 4-round
+    Feistel network whose round function is Philox, with cycle-walking (see
+    kernel_math.h, ``permute_index``), written out in array code."""
+    n, seed, counter = int(n), int(seed) & (2**64 - 1), int(counter) & (2**64 - 1)
+    if n == 0:
+        return xp.zeros((0,), dtype=xp.int64)
+    k = philox4x32_10((counter & _M32, counter >> 32, 0x5348554F, 0),
+                      (seed & _M32, seed >> 32))
+    k0, k1 = int(k[0]), int(k[1])
+    bits = max(0, (n - 1).bit_length())
+    half = 1 if bits < 2 else (bits + 1) // 2
+    mask = np.uint64((1 << half) - 1)
+
+    def encrypt(x):
+        left, right = (x >> np.uint64(half)) & mask, x & mask
+        for r in range(4):
+            f = philox4x32_10((right, r, 0, 0), (k0, k1))[0].astype(np.uint64)
+            left, right = right, left ^ (f & mask)
+        return (left << np.uint64(half)) | right
+
+    x = encrypt(np.arange(n, dtype=np.uint64))
+    while True:  # cycle-walking: re-encrypt what landed outside [0, n)
+        out = x >= np.uint64(n)
+        if not out.any():
+            break
+        x[out] = encrypt(x[out])
+    return xp.asarray(x.astype(np.int64))
 
 
 # --------------------------------------------------------------------------- optimizers

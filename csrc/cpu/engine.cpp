@@ -1,0 +1,122 @@
+// The CPU engine: runs a plan's op lists step after step on the calling
+// thread (each kernel spreads its own work over the thread pool), through
+// engine_exec.h's switch. Engine memory is host memory, so the per-step
+// state is read and written directly.
+#include <cmath>
+#include <cstring>
+
+#include "check.h"
+#include "cpu/parallel.h"
+#include "engine.h"
+#include "engine_exec.h"
+#include "fastmlp.h"
+#include "kernel_math.h"
+
+namespace fastmlp {
+namespace engine {
+namespace {
+
+struct CpuDev {
+    using Stream = int;  // no streams on the CPU
+
+    static void gemm_ex(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                        const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                        float* c, int64_t ldc, const GemmEpilogue& ep, Precision p, Stream) {
+        cpu::gemm_ex(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep, p);
+    }
+
+    static void relu_backward(const float* dy, const float* y, float* dx, int64_t size, Stream) {
+        cpu::relu_backward(dy, y, dx, size);
+    }
+
+    static void xent(const float* logits, const void* labels, LabelKind kind, float* out,
+                     float* row_loss, int32_t* row_hits, StepScalars* sc, int64_t rows,
+                     int64_t cols, bool backward, Stream) {
+        cpu::softmax_xent_fused(logits, labels, kind, out, row_loss, row_hits, &sc->loss,
+                                &sc->hits, &sc->bad_row, rows, cols, backward);
+    }
+
+    static void gather(const float* x, const void* y, const int64_t* order, float* x_dst,
+                       void* y_dst, const EngineState* st, int64_t rows, int64_t features,
+                       int64_t label_bytes, int64_t batch, Stream) {
+        const int64_t first = st->step * batch;
+        const auto* ysrc = static_cast<const char*>(y);
+        auto* ydst = static_cast<char*>(y_dst);
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t src = order ? order[first + r] : first + r;
+            std::memcpy(x_dst + r * features, x + src * features, features * sizeof(float));
+            if (ysrc)
+                std::memcpy(ydst + r * label_bytes, ysrc + src * label_bytes, label_bytes);
+        }
+    }
+
+    static void optimizer(int64_t kind, float* params, const float* grads, float* s0, float* s1,
+                          int64_t size, const StepHyper* hyper, const EngineState* st, Stream) {
+        const StepHyper& h = hyper[st->step];
+        if (kind == kSgd)
+            cpu::sgd_step_hyper(params, grads, s0, size, h.sgd);
+        else
+            cpu::adam_step_hyper(params, grads, s0, s1, size, h.adam);
+    }
+
+    static void store(const float* src, float* dst, const EngineState* st, int64_t rows,
+                      int64_t cols, int64_t batch, Stream) {
+        std::memcpy(dst + st->step * batch * cols, src, rows * cols * sizeof(float));
+    }
+
+    static void step_end(EngineState* st, const StepScalars* sc, int64_t rows, Stream) {
+        if (sc) {
+            // As fit always did in Python: float32 loss * rows, summed in double.
+            st->loss_sum += static_cast<double>(sc->loss) * static_cast<double>(rows);
+            st->correct += sc->hits;
+            if (!std::isfinite(sc->loss) && st->nonfinite_step < 0) st->nonfinite_step = st->step;
+            if (sc->bad_row >= 0 && st->bad_row < 0) st->bad_row = sc->bad_row;
+        }
+        st->step += 1;
+    }
+};
+
+class CpuEngine final : public Engine {
+public:
+    int64_t run(int list, int64_t rows, int64_t batch, int64_t first, int64_t count,
+                std::uintptr_t) override {
+        FASTMLP_CHECK(list >= 0 && list < kNumLists, "engine: unknown op list " << list);
+        FASTMLP_CHECK(batch >= 1 && first >= 0 && count >= 0,
+                      "engine: bad batch " << batch << ", first step " << first << " or count "
+                                           << count);
+        FASTMLP_CHECK(count == 0 || (first + count - 1) * batch < rows,
+                      "engine: steps " << first << ".." << first + count - 1 << " of batch "
+                                       << batch << " run past the " << rows << " rows");
+        const std::vector<PlanOp>& ops = ops_[list];
+        // step_end is the op that advances the step; its state buffer tells
+        // where to look for a non-finite loss.
+        const EngineState* st = nullptr;
+        for (const PlanOp& op : ops)
+            if (op.code == OpCode::step_end) st = static_cast<const EngineState*>(buffer(op.buf[0]));
+        FASTMLP_CHECK(st != nullptr, "engine: op list " << list << " has no step_end");
+        FASTMLP_CHECK(st->step == first, "engine: the pass is at step " << st->step
+                                             << ", asked to run from step " << first);
+        void* const* table = bufs_.data();
+        for (int64_t s = first; s < first + count; ++s) {
+            const int64_t n = rows - s * batch < batch ? rows - s * batch : batch;
+            for (const PlanOp& op : ops) run_op<CpuDev>(op, table, n, 0);
+            // Training stops after the step whose loss is not finite (fit
+            // reports it); an evaluation runs to the end (its loss is NaN).
+            if (list == kTrain && st->nonfinite_step >= 0) return s - first + 1;
+        }
+        return count;
+    }
+
+    void synchronize() override {}
+
+protected:
+    void write(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+    void read(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+};
+
+}  // namespace
+
+Engine* new_cpu_engine() { return new CpuEngine(); }
+
+}  // namespace engine
+}  // namespace fastmlp

@@ -1,0 +1,179 @@
+// The step plan as the C++ engines see it, and the engine interface.
+//
+// fastmlp/plan.py compiles a model into op lists (training step, evaluation
+// step, prediction step) over a table of buffers; an engine runs a list for
+// many steps with no Python per op: the CPU engine (cpu/engine.cpp) as a plain
+// loop, the CUDA engine (cuda/engine.cu) by replaying one CUDA Graph per
+// (list, rows). Both dispatch every op through the one switch in
+// engine_exec.h, so a new op is one opcode here and one case there.
+//
+// Per-step values are never launch arguments (a CUDA Graph freezes those):
+// the batch index lives in EngineState (engine memory, advanced by the
+// step_end op), the optimizer's per-step constants in a table of StepHyper
+// indexed by it, written by the host once per pass.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fastmlp.h"
+#include "kernel_math.h"
+
+namespace fastmlp {
+namespace engine {
+
+// The opcodes, once: the enum, the names (errors, NVTX) and the Python enum
+// (fastmlp/plan.py checks its list against _C.engine_opcodes()). Buffers
+// (buf[]) and sizes (dim[]) of each; "-" marks an optional buffer (id -1);
+// n is the step's row count (the batch, or fewer in the last step).
+//
+// gather      buf: x_src, y_src-, order-, x_dst, y_dst-, state
+//             dim: features, label_bytes (per row), batch
+//             rows b*s .. b*s+n of the source (b = batch, s = state.step),
+//             through `order` when given, copied to the batch buffers.
+// dense_fwd   buf: x, w, b-, y          dim: in, out, relu, precision
+//             y = relu?(x @ w + b)                          gemm_ex
+// xent        buf: logits, labels, out, row_loss, row_hits, scalars
+//             dim: classes, label kind, backward
+//             softmax-cross-entropy, fused: out = dlogits (backward) or
+//             probs; scalars.loss = mean loss, scalars.hits = arg-max hits
+// relu_bwd    buf: dz, y                dim: cols           dz *= (y > 0)
+// dense_bwd_w buf: x, dz, gw, gb-       dim: in, out, -, precision
+//             gw = x^T dz, gb = colsum(dz)                  gemm_ex
+// dense_bwd_x buf: dz, w, mask-, dx     dim: in, out, -, precision
+//             dx = (dz w^T) * (mask > 0)                    gemm_ex
+// optimizer   buf: params, grads, s0-, s1-, hyper, state
+//             dim: size, kind (0 SGD: s0 = momentum buffer; 1 Adam/AdamW:
+//             s0 = m, s1 = v)
+//             one launch over the flat parameters, with hyper[state.step]
+// store       buf: src, dst, state      dim: cols, batch
+//             rows 0..n of src to rows b*s.. of dst (predict's output)
+// step_end    buf: state, scalars-
+//             loss_sum += loss * n, correct += hits, records the first
+//             non-finite loss, then state.step += 1
+#define FASTMLP_OPCODES(X) \
+    X(gather)              \
+    X(dense_fwd)           \
+    X(xent)                \
+    X(relu_bwd)            \
+    X(dense_bwd_w)         \
+    X(dense_bwd_x)         \
+    X(optimizer)           \
+    X(store)               \
+    X(step_end)
+
+enum class OpCode : int32_t {
+#define FASTMLP_OPCODE_ENUM(name) name,
+    FASTMLP_OPCODES(FASTMLP_OPCODE_ENUM)
+#undef FASTMLP_OPCODE_ENUM
+};
+constexpr int kNumOpCodes = 0
+#define FASTMLP_OPCODE_COUNT(name) +1
+    FASTMLP_OPCODES(FASTMLP_OPCODE_COUNT)
+#undef FASTMLP_OPCODE_COUNT
+    ;
+
+const char* opcode_name(OpCode code);
+
+constexpr int kMaxBufs = 6;
+constexpr int kMaxDims = 4;
+
+struct PlanOp {
+    OpCode code;
+    int32_t buf[kMaxBufs];   // buffer ids; -1 = none
+    int64_t dim[kMaxDims];
+};
+
+// The op lists of a plan.
+enum OpList : int { kTrain = 0, kEvaluate = 1, kPredict = 2, kNumLists = 3 };
+
+// Engine memory (device memory on CUDA), one per bound plan.
+struct EngineState {
+    int64_t step;            // steps run in this pass: the batch index
+    int64_t correct;         // arg-max hits, summed over the pass
+    double loss_sum;         // sum over steps of (mean loss * rows), in double
+    int64_t nonfinite_step;  // the first step whose loss was not finite, or -1
+    int64_t bad_row;         // the last xent's first out-of-range label row, or -1
+    int64_t reserved[3];
+};
+static_assert(sizeof(EngineState) == 64, "plan.py allocates 64 bytes");
+
+// What one xent op leaves for step_end (and for the Python executor).
+struct StepScalars {
+    float loss;
+    int32_t reserved0;
+    int64_t hits;
+    int64_t bad_row;
+    int64_t reserved1;
+};
+static_assert(sizeof(StepScalars) == 32, "plan.py allocates 32 bytes");
+
+// The optimizer's constants for one step, computed on the host (adam_hyper,
+// in double, exactly as the per-call ops do) so the engine's update is the
+// per-call update bit for bit.
+struct StepHyper {
+    SgdHyper sgd;
+    AdamHyper adam;
+};
+
+enum OptKind : int64_t { kSgd = 0, kAdam = 1 };
+
+// One bound plan on one device. Pointers are addresses in the engine's
+// memory (host for the CPU engine, device for CUDA); nothing is allocated
+// here: plan.py allocates every buffer (CuPy's pool on the GPU).
+class Engine {
+public:
+    virtual ~Engine() = default;
+
+    // The ops of one list; checked against the buffer table (ids in range,
+    // opcodes known). Replaces the list and drops its captured graphs.
+    void set_ops(int list, const std::vector<PlanOp>& ops);
+    // The buffer table (addresses by id). Drops every captured graph when an
+    // address changes.
+    void set_buffers(const std::vector<std::uintptr_t>& addresses);
+    // The optimizer constants of steps 0..lrs.size() of the coming pass into
+    // the hyper buffer `hyper_buf` (which holds >= lrs.size() StepHyper):
+    // step s runs with learning rate lrs[s] and optimizer step number step0 + s.
+    void set_schedule(int hyper_buf, int64_t kind, const std::vector<double>& lrs,
+                      int64_t step0, double momentum, double beta1, double beta2, double eps,
+                      double weight_decay, bool nesterov, bool decoupled);
+    // EngineState at `state_buf` reset for a new pass (step 0, sums 0, flags -1).
+    void begin_pass(int state_buf);
+    // A copy of the EngineState at `state_buf` (waits for the engine's work).
+    EngineState state(int state_buf);
+
+    // Runs steps first .. first+count-1 of `list` over `rows` rows in batches
+    // of `batch` (the last step may have fewer rows). state.step must equal
+    // `first`. stream: the caller's CUDA stream (CuPy's current), 0 on the
+    // CPU. Returns the steps run: all, except that the CPU engine stops after
+    // a step whose loss is not finite (the CUDA engine runs on; the caller
+    // reads state().nonfinite_step at its next progress update).
+    virtual int64_t run(int list, int64_t rows, int64_t batch, int64_t first, int64_t count,
+                        std::uintptr_t stream) = 0;
+    // Waits until the engine's work so far is done.
+    virtual void synchronize() = 0;
+    // Graphs captured so far (CUDA), for tests.
+    virtual int64_t graphs_captured() const { return 0; }
+
+protected:
+    // Copies between host memory and engine memory (device on CUDA), ordered
+    // with the engine's work.
+    virtual void write(void* dst, const void* src, size_t bytes) = 0;
+    virtual void read(void* dst, const void* src, size_t bytes) = 0;
+    virtual void on_plan_changed() {}
+
+    void* buffer(int id) const;
+    std::vector<PlanOp> ops_[kNumLists];
+    std::vector<void*> bufs_;
+};
+
+// The engines (cpu/engine.cpp, cuda/engine.cu).
+Engine* new_cpu_engine();
+#ifdef FASTMLP_WITH_CUDA
+Engine* new_cuda_engine(int device);
+#endif
+
+}  // namespace engine
+}  // namespace fastmlp

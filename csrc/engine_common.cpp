@@ -1,0 +1,89 @@
+// The device-independent part of the engines (engine.h): plan checks, the
+// buffer table, the per-step optimizer table and the pass state.
+#include <cstring>
+
+#include "check.h"
+#include "engine.h"
+#include "kernel_math.h"
+
+namespace fastmlp {
+namespace engine {
+
+const char* opcode_name(OpCode code) {
+    switch (code) {
+#define FASTMLP_OPCODE_NAME(name) \
+    case OpCode::name:            \
+        return #name;
+        FASTMLP_OPCODES(FASTMLP_OPCODE_NAME)
+#undef FASTMLP_OPCODE_NAME
+    }
+    return "unknown";
+}
+
+void* Engine::buffer(int id) const {
+    FASTMLP_CHECK(id >= 0 && id < static_cast<int>(bufs_.size()) && bufs_[id] != nullptr,
+                  "engine: buffer " << id << " is not bound");
+    return bufs_[id];
+}
+
+void Engine::set_ops(int list, const std::vector<PlanOp>& ops) {
+    FASTMLP_CHECK(list >= 0 && list < kNumLists, "engine: unknown op list " << list);
+    for (size_t i = 0; i < ops.size(); ++i) {
+        const PlanOp& op = ops[i];
+        const int code = static_cast<int>(op.code);
+        FASTMLP_CHECK(code >= 0 && code < kNumOpCodes,
+                      "engine: op " << i << " has unknown opcode " << code);
+        for (int b = 0; b < kMaxBufs; ++b)
+            FASTMLP_CHECK(op.buf[b] >= -1 && op.buf[b] < static_cast<int>(bufs_.size()),
+                          "engine: op " << i << " (" << opcode_name(op.code) << ") names buffer "
+                                        << op.buf[b] << "; the table has " << bufs_.size());
+    }
+    ops_[list] = ops;
+    on_plan_changed();
+}
+
+void Engine::set_buffers(const std::vector<std::uintptr_t>& addresses) {
+    std::vector<void*> bufs(addresses.size());
+    for (size_t i = 0; i < addresses.size(); ++i) bufs[i] = reinterpret_cast<void*>(addresses[i]);
+    if (bufs != bufs_) {
+        bufs_ = bufs;
+        on_plan_changed();
+    }
+}
+
+void Engine::set_schedule(int hyper_buf, int64_t kind, const std::vector<double>& lrs,
+                          int64_t step0, double momentum, double beta1, double beta2, double eps,
+                          double weight_decay, bool nesterov, bool decoupled) {
+    FASTMLP_CHECK(kind == kSgd || kind == kAdam, "engine: unknown optimizer kind " << kind);
+    FASTMLP_CHECK(step0 >= 1, "engine: optimizer steps count from 1, got " << step0);
+    std::vector<StepHyper> table(lrs.size());
+    for (size_t s = 0; s < lrs.size(); ++s) {
+        StepHyper& h = table[s];
+        std::memset(&h, 0, sizeof(h));
+        // The same float conversions as the per-call ops (ops.sgd_step passes
+        // float(lr) etc.; adam_step calls adam_hyper with the doubles).
+        h.sgd = SgdHyper{static_cast<float>(lrs[s]), static_cast<float>(momentum),
+                         static_cast<float>(weight_decay), nesterov};
+        if (kind == kAdam)
+            h.adam = adam_hyper(lrs[s], beta1, beta2, eps, weight_decay, decoupled,
+                                step0 + static_cast<int64_t>(s));
+    }
+    if (!table.empty()) write(buffer(hyper_buf), table.data(), table.size() * sizeof(StepHyper));
+}
+
+void Engine::begin_pass(int state_buf) {
+    EngineState st;
+    std::memset(&st, 0, sizeof(st));
+    st.nonfinite_step = -1;
+    st.bad_row = -1;
+    write(buffer(state_buf), &st, sizeof(st));
+}
+
+EngineState Engine::state(int state_buf) {
+    EngineState st;
+    read(&st, buffer(state_buf), sizeof(st));
+    return st;
+}
+
+}  // namespace engine
+}  // namespace fastmlp

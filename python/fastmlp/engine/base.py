@@ -1,0 +1,46 @@
+"""The interface every engine implements (see :mod:`fastmlp.engine`)."""
+from __future__ import annotations
+
+
+class Engine:
+    """Runs a bound plan's op lists. A *pass* (a training epoch, an evaluation, a
+    prediction) is ``set_ops``-independent: ``begin_pass()``, then ``run`` over
+    consecutive steps, ``state()`` at progress updates and at the end.
+
+    ``run(lst, rows, batch, first, count)`` runs steps ``first .. first+count-1`` of op
+    list ``lst`` over ``rows`` rows in batches of ``batch`` and returns the steps run
+    (a training run stops after a step whose loss is not finite, except on CUDA, where
+    the caller learns it from ``state()["nonfinite_step"]``).
+    """
+    name = "?"
+
+    def __init__(self, plan, arena):
+        self.plan, self.arena = plan, arena
+
+    def bind(self, **inputs) -> None:
+        """Bind input buffers (``train_x=``, ``train_y=``, ``train_order=``, ``eval_x=``,
+        ``eval_y=``, ``predict_x=``, ``predict_out=``)."""
+        self.arena.bind(**inputs)
+
+    def prepare(self, lst, batch) -> None:
+        """Get op list ``lst`` ready for batches of ``batch`` rows (before a pass)."""
+
+    def set_schedule(self, lrs, step0, optimizer) -> None:
+        """The optimizer's learning rate for each step of the coming pass and the step
+        number of its first step (Adam's bias correction counts from 1)."""
+        raise NotImplementedError
+
+    def begin_pass(self) -> None:
+        raise NotImplementedError
+
+    def run(self, lst, rows, batch, first, count) -> int:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        pass
+
+    def graphs_captured(self) -> int:
+        return 0

@@ -1,0 +1,82 @@
+"""The C++ engines (csrc/engine.h): the CPU loop and the CUDA Graph engine.
+
+Both receive the plan's ops as (opcode, buffer ids, dims) and the arena's buffer
+addresses, and run whole passes with no Python per op. On CUDA the engine works on
+its own non-blocking stream, ordered against CuPy's current stream with events; it
+captures one CUDA Graph per (op list, rows) -- the full batch, the last partial batch,
+the evaluation batch -- after one eager warm-up step, and replays it. The step index,
+the optimizer's per-step constants and the metric sums live in engine memory, so a
+replay needs no launch arguments and the host reads the sums only when asked.
+"""
+from __future__ import annotations
+
+from .. import _C
+from .._interop import cupy_module
+from ..plan import with_batch
+from .base import Engine
+
+
+class NativeEngine(Engine):
+    def __init__(self, plan, arena):
+        super().__init__(plan, arena)
+        self.name = arena.device
+        ordinal = 0
+        if arena.device == "cuda":
+            ordinal = cupy_module().cuda.Device().id
+        self._e = _C.new_engine(arena.device, ordinal)
+        self._batch = {}
+        self._addresses = None
+        self._sync_buffers()
+        self._state_id = plan.buf("state").id
+        self._hyper_id = plan.buf("hyper").id
+
+    def _sync_buffers(self):
+        addresses = self.arena.addresses()
+        if addresses != self._addresses:
+            self._e.set_buffers(addresses)  # drops captured graphs when an address moved
+            self._addresses = addresses
+
+    def bind(self, **inputs):
+        super().bind(**inputs)
+        self._sync_buffers()
+
+    def set_schedule(self, lrs, step0, optimizer):
+        from .. import optim
+
+        if isinstance(optimizer, optim.Adam):
+            kw = dict(momentum=0.0, beta1=optimizer.betas[0], beta2=optimizer.betas[1],
+                      eps=optimizer.eps, weight_decay=optimizer.weight_decay, nesterov=False,
+                      decoupled=optimizer._decoupled)
+        else:
+            kw = dict(momentum=optimizer.momentum, beta1=0.0, beta2=0.0, eps=0.0,
+                      weight_decay=optimizer.weight_decay, nesterov=optimizer.nesterov,
+                      decoupled=False)
+        self._e.set_schedule(self._hyper_id, self.plan.opt_kind, [float(v) for v in lrs],
+                             int(step0), kw["momentum"], kw["beta1"], kw["beta2"], kw["eps"],
+                             kw["weight_decay"], kw["nesterov"], kw["decoupled"])
+
+    def begin_pass(self):
+        self._e.begin_pass(self._state_id)
+
+    def prepare(self, lst, batch):
+        """Give the engine op list ``lst`` for batches of ``batch`` rows. (Changing a
+        list drops the captured graphs: fit prepares its lists before the first step.)"""
+        if self._batch.get(lst) != batch:
+            self._e.set_ops(lst, [op.native() for op in with_batch(self.plan.lists[lst], batch)])
+            self._batch[lst] = batch
+
+    def run(self, lst, rows, batch, first, count):
+        self.prepare(lst, batch)
+        stream = 0
+        if self.arena.device == "cuda":
+            stream = cupy_module().cuda.get_current_stream().ptr
+        return self._e.run(lst, rows, batch, first, count, stream)
+
+    def state(self):
+        return self._e.state(self._state_id)
+
+    def synchronize(self):
+        self._e.synchronize()
+
+    def graphs_captured(self):
+        return self._e.graphs_captured()

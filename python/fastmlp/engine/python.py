@@ -1,0 +1,122 @@
+"""The Python executor: runs a plan op by op through :mod:`fastmlp.ops`.
+
+It is the reference the C++ engines are tested against bit for bit: every op calls
+the public, individually tested op with NumPy / CuPy views of the arena, so the
+engines' argument plumbing (sizes, leading dimensions, offsets, the per-step table)
+is checked against code that reads like the math. It also runs what the engines do
+not: an optimizer subclass with its own ``_update`` (called per parameter, as
+``Optimizer.step`` would), and data left on the host while the model trains on the
+GPU (each batch gathered on the host and copied over).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ops
+from .._interop import cupy_module, is_cupy
+from ..plan import TRAIN
+from .base import Engine
+
+_PRECISION = {0: "fp32", 1: "tf32"}
+
+
+class PythonExecutor(Engine):
+    name = "python"
+
+    def __init__(self, plan, arena, optimizer=None):
+        super().__init__(plan, arena)
+        self.optimizer = optimizer
+        self._state = self._fresh_state()
+        self._scalars = None
+        self._lrs, self._step0 = [], 1
+
+    @staticmethod
+    def _fresh_state():
+        return {"step": 0, "correct": 0, "loss_sum": 0.0, "nonfinite_step": -1, "bad_row": -1}
+
+    def set_schedule(self, lrs, step0, optimizer):
+        self._lrs, self._step0 = list(lrs), int(step0)
+
+    def begin_pass(self):
+        self._state = self._fresh_state()
+
+    def state(self):
+        return dict(self._state)
+
+    def synchronize(self):
+        if self.arena.device == "cuda":
+            cupy_module().cuda.get_current_stream().synchronize()
+
+    def run(self, lst, rows, batch, first, count):
+        if self._state["step"] != first:
+            raise ValueError(f"engine: the pass is at step {self._state['step']}, asked to run "
+                             f"from step {first}")
+        for s in range(first, first + count):
+            n = min(batch, rows - s * batch)
+            for op in self.plan.lists[lst]:
+                self._exec(op, n, batch)
+            if lst == TRAIN and self._state["nonfinite_step"] >= 0:
+                return s - first + 1
+        return count
+
+    # -- one op ---------------------------------------------------------------------------
+    def _exec(self, op, n, batch):
+        arr = self.arena.array
+        b = [None if i is None else arr(i) for i in op.bufs]
+        d = op.dims
+        code = op.code
+        if code == "gather":
+            x, y, order, xb, yb = b[0], b[1], b[2], b[3], b[4]
+            lo = self._state["step"] * batch
+            idx = order[lo:lo + n] if order is not None else slice(lo, lo + n)
+            if is_cupy(xb) and not is_cupy(x):  # host data, GPU model: copy the batch over
+                hidx = cupy_module().asnumpy(idx) if is_cupy(idx) else idx
+                xb[:n].set(np.ascontiguousarray(x[hidx]))
+                if y is not None:
+                    yb[:n].set(np.ascontiguousarray(y[hidx]))
+            else:
+                xb[:n] = x[idx]
+                if y is not None:
+                    yb[:n] = y[idx]
+        elif code == "dense_fwd":
+            ops.dense_forward(b[0][:n], b[1], b[2], activation="relu" if d[2] else None,
+                              out=b[3][:n], precision=_PRECISION[d[3]])
+        elif code == "xent":
+            loss, _, hits, bad = ops.softmax_cross_entropy_fused(
+                b[0][:n], b[1][:n], backward=bool(d[2]), out=b[2][:n], check_labels=False)
+            self._scalars = (float(loss), int(hits), int(bad[0]))
+        elif code == "relu_bwd":
+            ops.relu_backward(b[0][:n], b[1][:n], out=b[0][:n])
+        elif code == "dense_bwd_w":
+            ops.dense_backward_weight(b[0][:n], b[1][:n], out=b[2], bias_out=b[3],
+                                      bias=b[3] is not None, precision=_PRECISION[d[3]])
+        elif code == "dense_bwd_x":
+            ops.dense_backward_input(b[0][:n], b[1], relu_output=None if b[2] is None
+                                     else b[2][:n], out=b[3][:n], precision=_PRECISION[d[3]])
+        elif code == "optimizer":
+            self._optimizer_step()
+        elif code == "store":
+            lo = self._state["step"] * batch
+            b[1][lo:lo + n] = b[0][:n]
+        elif code == "step_end":
+            st = self._state
+            if op.bufs[1] is not None:
+                loss, hits, bad = self._scalars
+                st["loss_sum"] += loss * n  # a float32 value times n, in double
+                st["correct"] += hits
+                if not np.isfinite(loss) and st["nonfinite_step"] < 0:
+                    st["nonfinite_step"] = st["step"]
+                if bad >= 0 and st["bad_row"] < 0:
+                    st["bad_row"] = bad
+            st["step"] += 1
+        else:
+            raise ValueError(f"python executor: no rule for opcode {code!r}")
+
+    def _optimizer_step(self):
+        """The optimizer's own per-parameter rule, with the step number the engines'
+        table holds for this step (Adam's bias correction counts from 1)."""
+        opt = self.optimizer
+        s = self._state["step"]
+        opt.iterations = self._step0 + s
+        for p, g, st in zip(self.arena.param_views(), self.arena.grad_views(), opt.state):
+            opt._update(p, g, st)

@@ -1,0 +1,140 @@
+"""Saving and loading models: the file format, in one place.
+
+A model file is safetensors: the weights as tensors ``layers.<i>.kernel`` /
+``layers.<i>.bias``; the configuration (layers, optimizer, loss, metrics) as JSON in
+the metadata key ``fastmlp``; and, when the optimizer is included, its state as
+``optimizer.<param index>.<buffer>`` tensors plus the step count and the shuffling
+position (seed, epochs shuffled) in the metadata, so a resumed ``fit`` continues
+exactly. Engines never touch files; objects give their configuration
+(``get_config``) and state (``state_arrays``). Files are written atomically (a
+temporary file renamed over the target), so a crash never leaves half a model.
+
+Format versions: 1 (fastmlp 0.1 before the step plan: NumPy shuffling state) still
+loads, but its shuffling position does not carry over; 2 is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import optim as _optim
+from ._interop import cupy_module, is_cupy
+from .layers import Dense
+
+__all__ = ["save_model", "load_model", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "fastmlp.sequential"
+FORMAT_VERSION = 2
+
+
+def _host(a):
+    return cupy_module().asnumpy(a) if is_cupy(a) else np.asarray(a)
+
+
+def save_model(model, path, include_optimizer: bool = True) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for i, layer in enumerate(model.layers):
+        tensors[f"layers.{i}.kernel"] = _host(layer.kernel)
+        if layer.use_bias:
+            tensors[f"layers.{i}.bias"] = _host(layer.bias)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.get_config()}
+    if model.loss is not None:
+        meta["compile"] = {"optimizer": type(model.optimizer).__name__,
+                           "optimizer_config": model.optimizer.get_config(),
+                           "loss": model.loss.name, "metrics": model.metrics}
+    if include_optimizer and model.optimizer is not None:
+        for key, arr in model.optimizer.state_arrays().items():
+            tensors[f"optimizer.{key}"] = _host(arr)
+        meta["optimizer_iterations"] = model.optimizer.iterations
+        meta["shuffle"] = {"seed": model._shuffle_seed, "count": model._shuffle_count}
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fastmlp-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                  metadata={"fastmlp": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_model(path, compile: bool = True):
+    """Read a model written by :func:`save_model`.
+
+    With ``compile`` (default) the optimizer, loss and metrics are restored, and the
+    optimizer state when it was saved. A file that is not a fastmlp model, or whose
+    tensors do not match its configuration, raises ValueError naming the file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from .model import Sequential, _to_device
+
+    path = str(path)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            raw = (f.metadata() or {}).get("fastmlp")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if raw is None:
+        raise ValueError(f"{path}: a safetensors file without fastmlp metadata (not saved by "
+                         "fastmlp's model.save)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt fastmlp metadata ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this "
+                         f"fastmlp reads ({FORMAT_VERSION}); upgrade fastmlp")
+    try:
+        layers = [Dense.from_config(c) for c in meta["model"]["layers"]]
+        model = Sequential(layers, name=meta["model"].get("name"))
+        model.build(layers[0].input_dim)
+        weights = []
+        for i, layer in enumerate(layers):
+            weights.append(tensors.pop(f"layers.{i}.kernel"))
+            if layer.use_bias:
+                weights.append(tensors.pop(f"layers.{i}.bias"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the model configuration does not match the tensors "
+                         f"({type(e).__name__}: {e})") from None
+    try:
+        model.set_weights(weights)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if compile and "compile" in meta:
+        c = meta["compile"]
+        try:
+            model.compile(_optim.from_config(c["optimizer"], c["optimizer_config"]),
+                          c["loss"], c["metrics"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: bad compile settings ({e})") from None
+        opt_state = {k[len("optimizer."):]: v for k, v in tensors.items()
+                     if k.startswith("optimizer.")}
+        if "optimizer_iterations" in meta:
+            try:
+                model.optimizer.load_state_arrays(opt_state, model.params(),
+                                                  meta["optimizer_iterations"],
+                                                  lambda a: _to_device(a, model.device))
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+        shuffle = meta.get("shuffle")
+        if shuffle is not None:
+            try:
+                model._shuffle_seed = int(shuffle["seed"])
+                model._shuffle_count = int(shuffle["count"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: bad shuffling state ({e})") from None
+    return model

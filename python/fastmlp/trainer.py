@@ -1,0 +1,262 @@
+"""The training loop: epochs, shuffling, progress, callbacks, non-finite checks.
+
+Who owns what: :class:`~fastmlp.model.Sequential` checks and places the user's
+arguments and owns the layers, the optimizer and the loss; this module binds the
+model's step plan to memory (:func:`bind`), picks the engine
+(:func:`fastmlp.engine.choose`) and drives passes over it -- one ``run`` call per
+chunk of steps, the metric sums read from engine memory only at progress updates
+and at the end of a pass. The engines (:mod:`fastmlp.engine`) run the steps.
+
+Shuffling: epoch ``e`` of a model visits the rows in the order
+``ops.random_permutation(rows, model's shuffle seed, e)`` -- the same order on the
+CPU and on the GPU (a counter-based generator, computed on the device).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from . import _nvtx, engine as _engine, ops
+from . import optim as _optim
+from ._interop import cupy_module, is_cupy
+from .plan import EVALUATE, PREDICT, TRAIN, build_plan
+
+# evaluate / predict / validation batch when none is given: large enough to keep the
+# GEMMs efficient, small enough that the workspaces stay a few MB for usual widths.
+EVAL_BATCH = 1024
+# Steps per engine call: the CPU checks for a non-finite loss after each call, and
+# the progress bar moves a few times per second. CUDA launches run ahead of the
+# GPU, so its chunks can be long; the sums are read only at progress updates.
+_CHUNK = {"cpu": 64, "python": 16, "cuda": 256}
+_PROGRESS_S = 0.25
+
+
+class _Bound:
+    """A model's plan bound to memory on its device, and the engines over it."""
+
+    def __init__(self, key, plan, arena):
+        self.key, self.plan, self.arena = key, plan, arena
+        self.engines: dict = {}
+
+    def engine(self, name, optimizer):
+        if name not in self.engines:
+            self.engines[name] = _engine.make(name, self.plan, self.arena, optimizer)
+        eng = self.engines[name]
+        if name == "python":
+            eng.optimizer = optimizer
+        return eng
+
+
+def _plan_key(model):
+    opt, loss = model.optimizer, model.loss
+    return (model.device,
+            tuple((id(l), l.input_dim, l.units, l.activation, l.use_bias) for l in model.layers),
+            id(opt), type(opt).__name__, tuple(getattr(opt, "_buffers", ())),
+            None if loss is None else loss.sparse,
+            ops._PRECISIONS[ops.get_matmul_precision()])
+
+
+def bind(model, capacity: int, max_steps: int = 1) -> _Bound:
+    """The model's bound plan for batches of up to ``capacity`` rows and passes of up
+    to ``max_steps`` steps: rebuilt when the model changed (layers, optimizer, loss,
+    device, matmul precision) or needs more room; the layers and the optimizer then
+    hold views into its arena."""
+    opt, loss = model.optimizer, model.loss
+    key = _plan_key(model)
+    b = model._bound
+    if b is None or b.key != key or not b.arena.fits(capacity, max_steps):
+        if b is not None and b.key == key:  # grow, never shrink: no thrashing
+            capacity = max(capacity, b.arena.capacity)
+            max_steps = max(max_steps, b.arena.max_steps)
+        plan = build_plan(model.layers, 1 if isinstance(opt, _optim.Adam) else 0,
+                          getattr(opt, "_buffers", ()) if opt is not None else (),
+                          np.int32 if loss is None or loss.sparse else np.float32, key[-1])
+        arena = _engine.Arena(plan, model.device, capacity, max_steps)
+        arena.adopt(model.layers, opt)
+        b = model._bound = _Bound(key, plan, arena)
+    elif not b.arena.owns(model.layers, opt):
+        b.arena.adopt(model.layers, opt)
+    return b
+
+
+def _labels_host(y):
+    return cupy_module().asnumpy(y) if is_cupy(y) else y
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, initial_epoch,
+        history, desc_fmt="Epoch {}/{}"):
+    """Train ``model`` on prepared (x, y) (on the model's device, or on the host when
+    too large for the GPU); ``val`` is prepared (x_val, y_val) or None."""
+    n = len(x)
+    steps = math.ceil(n / batch_size)
+    opt = model.optimizer
+    host_data = model.device == "cuda" and not is_cupy(x)
+    name, why = _engine.choose(model.device, opt, host_data)
+    eval_batch = min(EVAL_BATCH, max(1, len(val[0]))) if val is not None else 0
+    bound = bind(model, max(min(batch_size, n), eval_batch), steps)
+    eng = bound.engine(name, opt)
+    xp = np if host_data or model.device == "cpu" else cupy_module()
+    order = xp.empty((n,), np.int64) if shuffle else None
+    eng.bind(train_x=x, train_y=y, train_order=order)
+    eng.prepare(TRAIN, batch_size)
+    if val is not None:
+        val_eng = _evaluation_engine(model, bound, val[0])
+        val_eng.bind(eval_x=val[0], eval_y=val[1])
+        val_eng.prepare(EVALUATE, eval_batch)
+    history.params.update({"epochs": epochs, "steps": steps, "batch_size": batch_size,
+                           "samples": n, "device": model.device, "engine": eng.name,
+                           "engine_reason": why})
+    model.stop_training = False
+    for cb in callbacks:
+        cb.on_train_begin()
+    for epoch in range(initial_epoch, epochs):
+        for cb in callbacks:
+            cb.on_epoch_begin(epoch)
+        t0 = time.perf_counter()
+        desc = desc_fmt.format(epoch + 1, epochs)
+        with _nvtx.annotate(f"epoch{epoch + 1}"):
+            if order is not None:
+                ops.random_permutation(n, model._shuffle_seed, model._shuffle_count, out=order)
+                model._shuffle_count += 1
+            logs = _train_epoch(model, eng, n, batch_size, steps, verbose, desc)
+            if val is not None:
+                with _nvtx.annotate("validation"):
+                    v = _evaluate_pass(model, val_eng, val[0], val[1], eval_batch)
+                logs.update({"val_" + k: value for k, value in v.items()})
+        logs["time"] = time.perf_counter() - t0
+        if verbose == 2:
+            print(f"{desc} - " + format_logs(logs), flush=True)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    for cb in callbacks:
+        cb.on_train_end()
+    return history
+
+
+def _train_epoch(model, eng, n, batch, steps, verbose, desc) -> dict:
+    opt = model.optimizer
+    eng.set_schedule([opt.lr] * steps, opt.iterations + 1, opt)
+    eng.begin_pass()
+    chunk = _CHUNK.get(eng.name, 64)
+    cheap_state = eng.name != "cuda"  # reading the CUDA engine's sums waits for the GPU
+    bar = _progress(steps, desc) if verbose == 1 else None
+    last_shown = time.perf_counter()
+    first = 0
+    try:
+        while first < steps:
+            count = min(chunk, steps - first)
+            with _nvtx.annotate("train_steps"):
+                done = eng.run(TRAIN, n, batch, first, count)
+            opt.iterations += done
+            first += done
+            now = time.perf_counter()
+            show = bar is not None and (now - last_shown > _PROGRESS_S or first == steps)
+            if cheap_state or show:
+                st = eng.state()
+                if st["nonfinite_step"] >= 0:
+                    _raise_nonfinite(model, st, desc)
+                if show:
+                    last_shown = now
+                    bar.update(first - bar.n)
+                    bar.set_postfix(_logs(model, st, min(n, first * batch)), refresh=False)
+        st = eng.state()
+        if st["nonfinite_step"] >= 0:
+            _raise_nonfinite(model, st, desc)
+        logs = _logs(model, st, n)
+        if bar is not None:
+            bar.update(steps - bar.n)
+            bar.set_postfix(logs, refresh=True)
+        return logs
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _logs(model, st, seen) -> dict:
+    logs = {"loss": st["loss_sum"] / seen}
+    for m in model.metrics:
+        logs[m] = st["correct"] / seen
+    return logs
+
+
+def _raise_nonfinite(model, st, desc):
+    model.stop_training = True
+    # The running sum took the step's non-finite loss (NaN stays NaN, +-inf stays inf
+    # unless both signs came): say which it was.
+    value = st["loss_sum"] if not math.isfinite(st["loss_sum"]) else float("nan")
+    raise FloatingPointError(
+        f"fit: the loss became {value} in {desc.lower()} at step {st['nonfinite_step'] + 1} "
+        "(on the GPU: or earlier in the epoch's last chunk of steps); training stopped. Lower the learning rate, or check the inputs for NaN/Inf and "
+        "their scale (e.g. images divided by 255).")
+
+
+# ----------------------------------------------------------------------------- evaluate / predict
+
+
+def _evaluation_engine(model, bound, x):
+    name, _ = _engine.choose(model.device, None, model.device == "cuda" and not is_cupy(x))
+    return bound.engine(name, model.optimizer)
+
+
+def evaluate(model, x, y, batch_size) -> dict:
+    """``{"loss", <metrics>}`` over prepared (x, y)."""
+    n = len(x)
+    if n == 0:
+        raise ValueError("evaluate: no samples")
+    bound = bind(model, min(batch_size, n))
+    eng = _evaluation_engine(model, bound, x)
+    eng.bind(eval_x=x, eval_y=y)
+    return _evaluate_pass(model, eng, x, y, batch_size)
+
+
+def _evaluate_pass(model, eng, x, y, batch_size) -> dict:
+    n = len(x)
+    eng.prepare(EVALUATE, batch_size)
+    eng.begin_pass()
+    eng.run(EVALUATE, n, batch_size, 0, math.ceil(n / batch_size))
+    st = eng.state()
+    logs = {"loss": st["loss_sum"] / n}
+    for m in model.metrics or ["accuracy"]:
+        logs[m] = st["correct"] / n
+    return logs
+
+
+def predict(model, x, batch_size):
+    """The last layer's output for the rows of ``x`` (on the model's device)."""
+    n = len(x)
+    xp = cupy_module() if model.device == "cuda" else np
+    out = xp.empty((n, model.layers[-1].units), np.float32)
+    if n == 0:
+        return out
+    bound = bind(model, min(batch_size, n))
+    eng = bound.engine(_engine.choose(model.device)[0], model.optimizer)
+    eng.bind(predict_x=x, predict_out=out)
+    eng.prepare(PREDICT, batch_size)
+    eng.begin_pass()
+    eng.run(PREDICT, n, batch_size, 0, math.ceil(n / batch_size))
+    eng.synchronize()
+    eng.bind(predict_x=None, predict_out=None)
+    return out
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def format_logs(logs: dict) -> str:
+    parts = []
+    for k, v in logs.items():
+        parts.append(f"{k}: {v:.2f}s" if k == "time" else f"{k}: {v:.4f}")
+    return " - ".join(parts)
+
+
+def _progress(steps: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True, leave=True)
