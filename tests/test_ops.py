@@ -624,3 +624,63 @@ def test_cpu_results_do_not_depend_on_thread_count(tmp_path):
     assert int(one["threads"]) == 1 and int(many["threads"]) == 3
     for key in ("c", "ct", "cnt", "db", "loss", "p", "g"):
         assert one[key].tobytes() == many[key].tobytes(), f"{key} differs between 1 and 3 threads"
+
+
+# ----------------------------------------------------------------------------- fused softmax CE
+
+
+@pytest.mark.parametrize("backward", [True, False], ids=["backward", "forward"])
+@pytest.mark.parametrize("kind", LABEL_KINDS)
+@pytest.mark.parametrize("shape", SCE_SHAPES, ids=_ids(SCE_SHAPES))
+def test_softmax_cross_entropy_fused(backend, rng, shape, kind, backward):
+    """The training step's loss in one pass: out (dlogits or probs), the mean loss and
+    the arg-max hits, against the float64 reference (same tolerances as the unfused
+    ops) -- and on the CPU equal bit for bit to the unfused forward then backward."""
+    n, c = shape
+    logits = normal(rng, shape, scale=3.0)
+    labels = _labels(rng, kind, n, c)
+    truth = labels if labels.ndim == 1 else labels.argmax(axis=1)
+    logits[np.arange(n // 2), truth[:n // 2]] += 8.0  # the first half of the rows hit
+    Z, L = backend.to(logits), backend.to(labels)
+    out = backend.nan(shape)
+    loss, res, hits, bad = fm.ops.softmax_cross_entropy_fused(Z, L, backward=backward, out=out)
+    assert res is out and hits.dtype == np.int64 and hits.shape == ()
+    want_loss, want_out, want_hits = ref.softmax_cross_entropy_fused(
+        f64(logits), _ref_labels(labels), backward=backward)
+    _, want_probs = ref.softmax_cross_entropy(f64(logits), _ref_labels(labels))
+    tol = ulp_tol(want_out, 4) + _probs_tol(logits, want_probs) / max(n, 1) if backward \
+        else _probs_tol(logits, want_probs)
+    assert_close(backend.host(out), want_out, tol, "fused out")
+    assert abs(float(backend.host(loss)) - float(want_loss)) <= _loss_tol(logits, want_loss, n)
+    # hits: exact (normal logits have no ties; the reference's argmax is the first max)
+    assert int(backend.host(hits)) == int(want_hits)
+    assert int(backend.host(bad)[0]) == -1
+    if n >= 7 and c >= 7:
+        assert 0 < int(want_hits) < n  # neither all nor none: a wrong count shows
+    if not backend.is_gpu:
+        l0, p0 = fm.ops.softmax_cross_entropy(Z, L)
+        if backward:
+            p0 = fm.ops.softmax_cross_entropy_backward(p0, L, out=p0)
+        np.testing.assert_array_equal(backend.host(out), p0)
+        assert float(loss) == float(l0)
+
+
+def test_softmax_cross_entropy_fused_hits_ties_and_bad_labels(backend):
+    """Ties go to the first maximum (NumPy's argmax); a bad label is never a hit and is
+    reported (and, with check_labels, raised)."""
+    logits = np.array([[1, 3, 3], [2, 2, 2], [0, 1, 5], [5, 1, 0]], np.float32)
+    labels = np.array([1, 0, 2, 2], np.int32)  # hits: rows 0, 1, 2
+    Z = backend.to(logits)
+    _, _, hits, _ = fm.ops.softmax_cross_entropy_fused(Z, backend.to(labels))
+    assert int(backend.host(hits)) == 3
+    onehot_rows = backend.to(np.eye(3, dtype=np.float32)[[1, 2, 2, 0]])  # hits: 0, 2, 3
+    _, _, hits, _ = fm.ops.softmax_cross_entropy_fused(Z, onehot_rows)
+    assert int(backend.host(hits)) == 3
+    bad = backend.to(np.array([1, 0, 7, 2], np.int32))
+    loss, _, hits, row = fm.ops.softmax_cross_entropy_fused(Z, bad, check_labels=False)
+    assert int(backend.host(row)[0]) == 2 and int(backend.host(hits)) == 2
+    assert np.isnan(float(backend.host(loss)))
+    with pytest.raises(ValueError, match="label 7 in row 2"):
+        fm.ops.softmax_cross_entropy_fused(Z, bad)
+    with pytest.raises(ValueError, match="'out' overlaps 'logits'"):
+        fm.ops.softmax_cross_entropy_fused(Z, backend.to(labels), out=Z)

@@ -116,7 +116,10 @@ class PythonExecutor(Engine):
         """The optimizer's own per-parameter rule, with the step number the engines'
         table holds for this step (Adam's bias correction counts from 1)."""
         opt = self.optimizer
-        s = self._state["step"]
-        opt.iterations = self._step0 + s
-        for p, g, st in zip(self.arena.param_views(), self.arena.grad_views(), opt.state):
-            opt._update(p, g, st)
+        counted = opt.iterations  # the trainer counts the steps a run did
+        opt.iterations = self._step0 + self._state["step"]
+        try:
+            for p, g, st in zip(self.arena.param_views(), self.arena.grad_views(), opt.state):
+                opt._update(p, g, st)
+        finally:
+            opt.iterations = counted
