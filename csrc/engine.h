@@ -165,6 +165,9 @@ protected:
     virtual void on_plan_changed() {}
 
     void* buffer(int id) const;
+    // Throws unless every buffer the ops of `list` need is bound (non-null);
+    // the optional ones ("-" above) may be null. Cheap: once per run() call.
+    void check_bound(int list) const;
     std::vector<PlanOp> ops_[kNumLists];
     std::vector<void*> bufs_;
 };

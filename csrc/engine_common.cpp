@@ -26,6 +26,40 @@ void* Engine::buffer(int id) const {
     return bufs_[id];
 }
 
+namespace {
+
+// Bit b set: buffer position b of the opcode may be absent (engine.h's "-").
+unsigned optional_buffers(OpCode code) {
+    switch (code) {
+        case OpCode::gather: return (1u << 1) | (1u << 2) | (1u << 4);
+        case OpCode::dense_fwd: return 1u << 2;
+        case OpCode::dense_bwd_w: return 1u << 3;
+        case OpCode::dense_bwd_x: return 1u << 2;
+        case OpCode::optimizer: return (1u << 2) | (1u << 3);
+        case OpCode::step_end: return 1u << 1;
+        default: return 0u;
+    }
+}
+
+}  // namespace
+
+void Engine::check_bound(int list) const {
+    FASTMLP_CHECK(list >= 0 && list < kNumLists, "engine: unknown op list " << list);
+    FASTMLP_CHECK(!ops_[list].empty(), "engine: op list " << list << " is empty");
+    for (size_t i = 0; i < ops_[list].size(); ++i) {
+        const PlanOp& op = ops_[list][i];
+        const unsigned optional = optional_buffers(op.code);
+        for (int b = 0; b < kMaxBufs; ++b) {
+            const int id = op.buf[b];
+            const bool bound = id >= 0 && id < static_cast<int>(bufs_.size()) && bufs_[id];
+            if (id >= 0 && !bound && !(optional >> b & 1u))
+                FASTMLP_CHECK(false, "engine: op " << i << " (" << opcode_name(op.code)
+                                                   << ") needs buffer " << id
+                                                   << ", which is not bound");
+        }
+    }
+}
+
 void Engine::set_ops(int list, const std::vector<PlanOp>& ops) {
     FASTMLP_CHECK(list >= 0 && list < kNumLists, "engine: unknown op list " << list);
     for (size_t i = 0; i < ops.size(); ++i) {

@@ -156,5 +156,9 @@ def test_native_engine_checks_its_inputs():
         e.set_ops(0, [(0, [5], [])])
     with pytest.raises(ValueError, match="at most"):
         e.set_ops(0, [(0, [0] * 9, [])])
+    dense = fm_plan.OPCODES.index("dense_fwd")
+    e.set_ops(0, [(dense, [0, 1, -1, 0], [1, 1, 0, 0])])
+    with pytest.raises(ValueError, match=r"op 0 \(dense_fwd\) needs buffer 0, which is not bound"):
+        e.run(0, 1, 1, 0, 1, 0)
     with pytest.raises(ValueError, match="no engine for device"):
         fm._C.new_engine("tpu", 0)

@@ -87,6 +87,7 @@ public:
         FASTMLP_CHECK(count == 0 || (first + count - 1) * batch < rows,
                       "engine: steps " << first << ".." << first + count - 1 << " of batch "
                                        << batch << " run past the " << rows << " rows");
+        check_bound(list);
         const std::vector<PlanOp>& ops = ops_[list];
         // step_end is the op that advances the step; its state buffer tells
         // where to look for a non-finite loss.
