@@ -10,7 +10,11 @@
 #   every GEMM family kernel on every benchmark shape, write the GPU's tuning
 #   table   6 benchmarks/run.py --quick --device cuda with that table (GEMM vs
 #   cuBLAS and PyTorch, TF32 vs cuBLAS TF32, fused Dense ops, memory-bound
-#   kernels, training vs PyTorch)   7 summary table (printed last).
+#   kernels, training vs PyTorch; Fashion-MNIST epochs at batch 32/128/1024 and
+#   10 epochs to test accuracy from host arrays, vs PyTorch eager and PyTorch
+#   CUDA Graphs, with the training-engine issue's H200 targets: --quick keeps
+#   that section to 3 epochs / 2 jobs each, estimated 30-60 s; its PyTorch
+#   eager runs dominate)   7 summary table (printed last).
 # Every step has a timeout, and all of them share one budget (CHECK_BUDGET_S,
 # default 540 s) so the whole check stays under ~9 minutes; the tuning and the
 # benchmark keep a reserve the earlier steps cannot eat. A failed build skips
@@ -32,7 +36,8 @@
 set -uo pipefail
 # Here every GPU test must run: conftest turns "CUDA not usable" skips into failures.
 export FASTMLP_REQUIRE_GPU=1
-# The GPU training tests read Fashion-MNIST. The GPU machine cannot install Debian's
+# The GPU training tests and run.py's epoch section read Fashion-MNIST (without it that
+# section is skipped, said in results.md). The GPU machine cannot install Debian's
 # dataset-fashion-mnist, so the caller carries the four files in the ignored folder
 # .data/fashion-mnist (mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/,
 # then run with carry [".data"]); without them those tests fail, saying where they looked.

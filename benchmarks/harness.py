@@ -64,7 +64,8 @@ def git_commit(dirty_check: bool = True) -> str:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, check=True, cwd=here).stdout.strip()
         if dirty_check:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "python"],
+            # ":/": from the repository root (plain paths are relative to cwd, benchmarks/).
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/csrc", ":/python"],
                                    capture_output=True, text=True, cwd=here).stdout.strip()
             rev += "+dirty" if dirty else ""
         return rev

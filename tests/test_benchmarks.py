@@ -99,3 +99,222 @@ def test_a_wrong_kernel_output_is_reported_as_a_failure(monkeypatch, run):
     bench.run_gemm()
     assert bench.failures and "fastmlp" in bench.failures[0]
     assert not next(r for r in bench.rows if r["impl"] == "fastmlp")["checked"]
+
+
+# -- the epoch section: PyTorch peers, rows, accuracy floors, targets --------------------------------
+
+def tiny_classes(rng, n, d=784, classes=10):
+    """n rows whose label is the arg-max of their first `classes` features: learnable in a few steps."""
+    x = rng.random((n, d), dtype=np.float32)
+    return x, x[:, :classes].argmax(axis=1).astype(np.int64)
+
+
+def test_torch_peer_eager_epoch_on_the_cpu(run):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, y = tiny_classes(rng, 100)  # 3 full batches of 32 and a partial one of 4
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    peer = run.TorchMLP(torch, "cpu", 32, seed=3)
+    loss, train_acc = peer.epoch(X, Y)
+    assert np.isfinite(loss) and loss > 0 and 0.0 <= train_acc <= 1.0
+    assert 0.0 <= peer.accuracy(X, Y) <= 1.0
+    assert peer.opt.state, "the epoch ran no optimizer step"
+
+
+def test_torch_peer_reset_is_a_fresh_start(run):
+    """reset(seed) must equal a new peer built with that seed: same weights, zeroed Adam state,
+    so every timed run (graphs reuse their tensors) starts where a fresh model would."""
+    torch = pytest.importorskip("torch")
+    x, y = tiny_classes(np.random.default_rng(1), 64)
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    used = run.TorchMLP(torch, "cpu", 16, seed=0)
+    used.epoch(X, Y)
+    used.reset(7)
+    fresh = run.TorchMLP(torch, "cpu", 16, seed=7)
+    for p, q in zip(used.model.parameters(), fresh.model.parameters()):
+        assert torch.equal(p, q)
+    for state in used.opt.state.values():
+        assert all(float(v.abs().max()) == 0.0 for v in state.values() if torch.is_tensor(v))
+    # ... and both then train identically (same seed: same shuffle, same steps).
+    torch.manual_seed(11)
+    a = used.epoch(X, Y)
+    torch.manual_seed(11)
+    b = fresh.epoch(X, Y)
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_torch_graphs_peer_refuses_cpu_data(run):
+    torch = pytest.importorskip("torch")
+    X, Y = torch.zeros((8, 784)), torch.zeros(8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="CUDA Graphs need"):
+        run.TorchMLP(torch, "cpu", 4, seed=0, capture_with=(X, Y))
+
+
+def test_bench_torch_epoch_runner_on_the_cpu(run):
+    torch = pytest.importorskip("torch")
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    rng = np.random.default_rng(2)
+    x, y = tiny_classes(rng, 96)
+    xt, yt = tiny_classes(rng, 40)
+    tensors = tuple(torch.from_numpy(a) for a in (x, y, xt, yt))
+    fn, capture_s = bench.torch_epoch(tensors, 32)
+    seconds, acc, info = fn(0)
+    assert capture_s is None and info is None
+    assert np.isfinite(seconds) and seconds > 0 and 0.0 <= acc <= 1.0
+
+
+@pytest.mark.gpu
+def test_torch_graphs_peer_matches_eager_on_the_gpu(gpu, run):
+    """The CUDA Graphs peer (one graph per batch size: 5 x 32 + a partial 12) trains like the
+    eager loop from the same seed: same shuffle, same data, Adam capturable vs not."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch sees no CUDA device")
+    x, y = tiny_classes(np.random.default_rng(3), 172)
+    X, Y = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+    graphs = run.TorchMLP(torch, "cuda", 32, seed=5, capture_with=(X, Y))
+    eager = run.TorchMLP(torch, "cuda", 32, seed=5)
+    assert sorted(graphs.graphs) == [12, 32]
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        loss_g, acc_g = graphs.epoch(X, Y)
+        torch.manual_seed(seed)
+        loss_e, acc_e = eager.epoch(X, Y)
+        assert loss_g == pytest.approx(loss_e, rel=1e-3)
+    assert graphs.accuracy(X, Y) == pytest.approx(eager.accuracy(X, Y), abs=0.02)
+
+
+def fake_runner(seconds, acc, info=None):
+    return lambda seed: (seconds, acc, info)
+
+
+def test_accuracy_rows_floors_peers_and_engine(run):
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    engine = {"engine": "cpu", "engine_reason": "default"}
+    runners = {"fastmlp": fake_runner(0.5, 0.84, engine), "PyTorch eager": fake_runner(2.0, 0.83),
+               "PyTorch CUDA Graphs": fake_runner(1.0, 0.10)}
+    results = bench.alternate(runners, 3, "test")
+    assert [len(v[0]) for v in results.values()] == [3, 3, 3]  # the warm-up call is not kept
+    row, peers = bench.accuracy_rows("fit_epoch", "784-128-10 B=32", dict.fromkeys(runners, "v"),
+                                     results, 0.80, "after one epoch", batch=32)
+    assert row["checked"] and row["history_params_engine"] == "cpu"
+    assert row["history_params_engine_reason"] == "default"
+    assert row["vs"]["PyTorch eager"]["ratio"] == pytest.approx(4.0)
+    assert peers["PyTorch eager"]["checked"]
+    # a peer that did not train fails the run: its time would compare different work
+    bad = peers["PyTorch CUDA Graphs"]
+    assert not bad["checked"] and "0.1000" in bad["error"]
+    assert len(bench.failures) == 1 and "PyTorch CUDA Graphs" in bench.failures[0]
+
+
+def test_a_crashing_peer_is_dropped_and_fails_the_run(run):
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+
+    def broken(seed):
+        raise RuntimeError("capture went wrong")
+
+    results = bench.alternate({"fastmlp": fake_runner(1.0, 0.85, {}), "PyTorch CUDA Graphs": broken},
+                              2, "epoch B=32")
+    assert list(results) == ["fastmlp"] and len(results["fastmlp"][0]) == 2
+    assert bench.failures == ["epoch B=32 PyTorch CUDA Graphs crashed: RuntimeError: capture went wrong"]
+
+
+def epoch_report(bench):
+    return report.markdown({"meta": {"device": "test", "commit": "x", "date": "d", "quick": True,
+                                     "wall_s": 0, "versions": {}, "device_kind": "cpu", "env": {}},
+                            "ceilings": {}, "rows": bench.rows, "skipped": {}, "failures": bench.failures})
+
+
+def test_epoch_section_end_to_end_on_tiny_data(monkeypatch, run):
+    """run_epoch on a tiny learnable set (2 batch sizes, then time to accuracy as in a full CPU
+    run): complete rows for fastmlp and PyTorch eager, ratios, accuracies, engine, report."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x, y = tiny_classes(rng, 200)
+    xt, yt = tiny_classes(rng, 50)
+    bench = run.Bench(harness.CpuDevice(), quick=False)
+    monkeypatch.setattr(bench, "fashion_mnist", lambda: (x, y, xt, yt))
+    monkeypatch.setattr(run, "EPOCH_BATCHES", (32, 64))
+    monkeypatch.setattr(run, "EPOCH_FLOOR", {32: 0.0, 64: 0.0})
+    monkeypatch.setattr(run, "TTA_EPOCHS", 2)
+    monkeypatch.setattr(run, "TTA_FLOOR", 0.0)
+    bench.run_epoch()
+    assert not bench.failures
+    ours = [r for r in bench.rows if r["impl"] == "fastmlp"]
+    assert [(r["op"], r["batch"]) for r in ours] == [("fit_epoch", 32), ("fit_epoch", 64),
+                                                    ("time_to_accuracy", 32)]
+    for r in ours:
+        assert r["checked"] and 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["repeats"] == (3 if r["op"] == "time_to_accuracy" else 5)  # full run: 5 epochs, 3 jobs
+        assert "history_params_engine" in r and "target" not in r  # the targets are the H200's
+        peer = r["vs"]["PyTorch eager"]
+        assert peer["ratio"] > 0
+    peers = [r for r in bench.rows if r["impl"] == "PyTorch eager"]
+    assert len(peers) == 3 and all(0.0 <= r["test_accuracy"] <= 1.0 for r in peers)
+    md = epoch_report(bench)
+    assert "| epoch, B=64, Adam | PyTorch eager |" in md
+    assert "2 epochs B=32 from host arrays (time to accuracy)" in md
+
+
+def test_an_untrained_epoch_is_a_failure(monkeypatch, run):
+    """Random labels cannot reach the real floors: every row is a FAIL, fastmlp's and the peer's."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    x, xt = rng.random((64, 784), dtype=np.float32), rng.random((32, 784), dtype=np.float32)
+    y, yt = rng.integers(0, 10, 64), rng.integers(0, 10, 32)
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    monkeypatch.setattr(bench, "fashion_mnist", lambda: (x, y, xt, yt))
+    monkeypatch.setattr(run, "EPOCH_BATCHES", (32,))
+    bench.run_epoch()
+    assert {r["impl"]: r["checked"] for r in bench.rows} == {"fastmlp": False, "PyTorch eager": False}
+    assert len(bench.failures) == 2 and all("test accuracy" in f and "< 0.8" in f for f in bench.failures)
+    assert "**FAIL** test accuracy" in epoch_report(bench)
+
+
+def test_report_prints_the_targets(run):
+    row = harness.make_row("epoch", "fit_epoch", "784-128-10 B=32", "v", "fastmlp", timing(0.1),
+                           batch=32, test_accuracy=0.85, test_accuracy_all=[0.85], checked=True,
+                           rel_err=None, history_params_engine="cuda_graph",
+                           history_params_engine_reason="default", target="H200: >= 10x PyTorch eager",
+                           target_met=False)
+    peer = harness.make_row("epoch", "fit_epoch", "784-128-10 B=32", "v", "PyTorch eager", timing(0.5),
+                            batch=32, test_accuracy=0.84, test_accuracy_all=[0.84], checked=True, rel_err=None)
+    harness.add_peers(row, {"PyTorch eager": peer})
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    bench.rows = [row, peer]
+    md = epoch_report(bench)
+    assert "5.0x faster than PyTorch eager; target H200: >= 10x PyTorch eager: not met" in md
+    assert "- epoch, B=32, Adam: H200: >= 10x PyTorch eager: **not met**" in md
+    assert "engine cuda_graph (default)" in md
+
+
+def test_cuda_branches_of_the_epoch_section_with_fake_runners(monkeypatch, run):
+    """The GPU-only orchestration (the CUDA Graphs peer, its capture time, the H200 targets,
+    time to accuracy in --quick) driven on the CPU: the device says "cuda", the runners are fakes."""
+    pytest.importorskip("torch")
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    monkeypatch.setattr(bench.dev, "kind", "cuda")
+    rng = np.random.default_rng(6)
+    x, y = tiny_classes(rng, 64)
+    monkeypatch.setattr(bench, "fashion_mnist", lambda: (x, y, x, y))
+    monkeypatch.setattr(run, "EPOCH_BATCHES", (32,))
+    engine = {"engine": "cuda_graph", "engine_reason": "default"}
+    monkeypatch.setattr(bench, "fastmlp_fit", lambda data, batch, epochs, seed, whole_job:
+                        (0.05 if whole_job else 0.1, 0.88, engine))
+    monkeypatch.setattr(bench, "torch_epoch", lambda tensors, batch, graphs=False:
+                        (fake_runner(0.2 if graphs else 1.2, 0.85), 0.7 if graphs else None))
+    monkeypatch.setattr(bench, "torch_job", lambda host, graphs=False: fake_runner(3.0, 0.88))
+    bench.run_epoch()
+    assert not bench.failures
+    epoch, tta = [r for r in bench.rows if r["impl"] == "fastmlp"]
+    assert set(epoch["vs"]) == {"PyTorch eager", "PyTorch CUDA Graphs"}
+    assert epoch["vs"]["PyTorch eager"]["ratio"] == pytest.approx(12.0)
+    # 12x eager meets its target, 2x CUDA Graphs meets 1.5x: met
+    assert epoch["target_met"] is True and "10x PyTorch eager" in epoch["target"]
+    assert next(r for r in bench.rows if r["impl"] == "PyTorch CUDA Graphs"
+                and r["op"] == "fit_epoch")["capture_s"] == 0.7
+    assert tta["op"] == "time_to_accuracy" and tta["repeats"] == 2  # --quick: 2 jobs each
+    assert tta["target_met"] is True and tta["target_stretch_met"] is True
+    assert tta["history_params_engine"] == "cuda_graph"
+    md = epoch_report(bench)
+    assert "warm-up + capture 0.70 s" in md and "met, stretch met" in md
