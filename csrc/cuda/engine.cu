@@ -1,0 +1,637 @@
+// The CUDA engine: runs a bound step plan (engine.h) on one GPU, one CUDA
+// Graph per (op list, step rows), replayed with no Python and no per-op host
+// work.
+//
+// Why graphs can replay a whole epoch: nothing that changes from step to step
+// is a launch argument. The batch index is EngineState::step in device memory
+// (the gather / optimizer / store kernels read it, step_end advances it), the
+// optimizer constants of step s are hyper[s] (a table the host writes once
+// per pass), and the only per-step launch value, the step's row count n, is
+// part of the graph key. So a pass captures at most two training graphs: the
+// full batch and the last partial one.
+//
+// Streams: the engine works on its own non-blocking stream. CUDA forbids
+// capturing the legacy default stream, which is CuPy's default (Stream.null),
+// and a non-blocking stream has no implicit synchronisation with it; the
+// caller's stream is ordered with events instead: run() makes the engine
+// stream wait for the caller's prior work and the caller's stream wait for
+// the engine's.
+//
+// The device-side kernels of the engine (gather_batch_rows, the optimizer's
+// step-table updates, store_batch_rows, step_end_accumulate) are here; the
+// plan's math ops are the library's launchers (gemm_ex, relu_backward,
+// softmax_xent_fused), called through the one op switch, engine_exec.h.
+
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "check.h"
+#include "engine.h"
+#include "engine_exec.h"
+#include "fastmlp.h"
+#include "kernel_math.h"
+#include "launch.h"
+
+namespace fastmlp {
+namespace engine {
+namespace {
+
+constexpr int kCopyBlock = 256;   // threads per row-copy block (gather / store)
+constexpr int kOptBlock = 256;    // threads per block of the optimizer update
+static_assert(kCopyBlock % cuda::detail::kWarpSize == 0, "whole warps per block");
+
+bool aligned_to(const void* p, uintptr_t bytes) {
+    return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// ---- Row copies: gather (dataset -> batch buffers) and store (batch -> output) ----
+// One block per row (rows grid-strided over the blocks), the block's threads
+// striding over the row's elements: a warp moves 32 consecutive elements, so
+// every access is coalesced. T is the copy unit, chosen on the host as the
+// widest one every row start is aligned to (float4 for 784-float rows:
+// 196 16-byte copies per row, one per thread).
+template <class T>
+__device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ src,
+                                         int64_t count) {
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+}
+
+// Labels: label_bytes per row in units of `unit` bytes (16, 8, 4 or 1; the
+// host checked that both bases and label_bytes are multiples of it).
+__device__ __forceinline__ void copy_label_row(void* dst, const void* src, int64_t label_bytes,
+                                               int unit) {
+    switch (unit) {   // block-uniform
+        case 16:
+            copy_row(static_cast<uint4*>(dst), static_cast<const uint4*>(src), label_bytes / 16);
+            break;
+        case 8:
+            copy_row(static_cast<uint2*>(dst), static_cast<const uint2*>(src), label_bytes / 8);
+            break;
+        case 4:
+            copy_row(static_cast<uint32_t*>(dst), static_cast<const uint32_t*>(src),
+                     label_bytes / 4);
+            break;
+        default:
+            copy_row(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), label_bytes);
+            break;
+    }
+}
+
+// Batch row r of step s = state->step is dataset row order[s*batch + r]
+// (shuffled) or s*batch + r: x_dst(r, :) = x_src(src, :), y likewise (bytes).
+// The step is read here, on the device, so a captured graph replays it for
+// every step. VEC4: features % 4 == 0 and both x bases 16-byte aligned.
+template <bool VEC4>
+__global__ void __launch_bounds__(kCopyBlock)
+gather_batch_rows(const float* __restrict__ x_src, const void* __restrict__ y_src,
+                  const int64_t* __restrict__ order, float* __restrict__ x_dst,
+                  void* __restrict__ y_dst, const EngineState* __restrict__ state, int64_t n,
+                  int64_t features, int64_t label_bytes, int64_t batch, int label_unit) {
+    const int64_t first = state->step * batch;
+    for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+        const int64_t src = order != nullptr ? order[first + r] : first + r;
+        if constexpr (VEC4) {
+            copy_row(reinterpret_cast<float4*>(x_dst + r * features),
+                     reinterpret_cast<const float4*>(x_src + src * features), features / 4);
+        } else {
+            copy_row(x_dst + r * features, x_src + src * features, features);
+        }
+        if (y_dst != nullptr)
+            copy_label_row(static_cast<uint8_t*>(y_dst) + r * label_bytes,
+                           static_cast<const uint8_t*>(y_src) + src * label_bytes, label_bytes,
+                           label_unit);
+    }
+}
+
+// dst(state->step * batch + r, :) = src(r, :) for r < n (predict's output).
+template <bool VEC4>
+__global__ void __launch_bounds__(kCopyBlock)
+store_batch_rows(const float* __restrict__ src, float* __restrict__ dst,
+                 const EngineState* __restrict__ state, int64_t n, int64_t cols, int64_t batch) {
+    const int64_t first = state->step * batch;
+    for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+        if constexpr (VEC4) {
+            copy_row(reinterpret_cast<float4*>(dst + (first + r) * cols),
+                     reinterpret_cast<const float4*>(src + r * cols), cols / 4);
+        } else {
+            copy_row(dst + (first + r) * cols, src + r * cols, cols);
+        }
+    }
+}
+
+// ---- The optimizer: one launch over the flat parameters -------------------------
+// The same loop bodies as optim.cu's sgd_step_f32 / adam_step_f32 (the same
+// kernel_math.h calls on the same loaded values), with the constants read
+// from hyper[state->step] instead of a by-value argument: the update is
+// bit-identical to fastmlp::cuda::sgd_step / adam_step with those constants.
+// Every thread loads the (same) step and constants: one broadcast
+// transaction per warp, served from L1 after the first warp.
+__global__ void __launch_bounds__(kOptBlock)
+sgd_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
+                   float* __restrict__ buf, int64_t size, const StepHyper* __restrict__ hyper,
+                   const EngineState* __restrict__ state) {
+    const SgdHyper h = hyper[state->step].sgd;
+    const bool uses_buf = h.momentum != 0.0f;   // the same test as sgd_update's
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < size;
+         i += stride) {
+        if (uses_buf && buf == nullptr) {
+            // A plan without a momentum buffer run with momentum != 0: the
+            // host cannot see h, so the kernel refuses to train silently
+            // without momentum and poisons the parameters (the next loss is
+            // NaN and fit stops) instead of dereferencing null.
+            param[i] = CUDART_NAN_F;
+            continue;
+        }
+        float p = param[i];
+        sgd_update(p, grad[i], uses_buf ? buf + i : nullptr, h);
+        param[i] = p;
+    }
+}
+
+__global__ void __launch_bounds__(kOptBlock)
+adam_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
+                    float* __restrict__ m, float* __restrict__ v, int64_t size,
+                    const StepHyper* __restrict__ hyper, const EngineState* __restrict__ state) {
+    const AdamHyper h = hyper[state->step].adam;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < size;
+         i += stride) {
+        float p = param[i], mi = m[i], vi = v[i];
+        adam_update(p, grad[i], mi, vi, h);
+        param[i] = p;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+// ---- End of step: the pass's running sums, then step += 1 -------------------------
+// One thread: a handful of scalar updates, ordered after the step's kernels
+// by the stream. loss * n is rounded once and then added (__dmul_rn /
+// __dadd_rn forbid contracting them into one fma), as the host computes it;
+// the product of a float and an integer n < 2^29 is exact in double anyway.
+__global__ void __launch_bounds__(1)
+step_end_accumulate(EngineState* __restrict__ st, const StepScalars* __restrict__ sc,
+                    int64_t n) {
+    if (sc != nullptr) {
+        const float loss = sc->loss;
+        st->loss_sum = __dadd_rn(st->loss_sum,
+                                 __dmul_rn(static_cast<double>(loss), static_cast<double>(n)));
+        st->correct += sc->hits;
+        if (!isfinite(loss) && st->nonfinite_step < 0) st->nonfinite_step = st->step;
+        if (sc->bad_row >= 0 && st->bad_row < 0) st->bad_row = sc->bad_row;
+    }
+    st->step += 1;
+}
+
+// The widest copy unit (16, 8, 4 or 1 bytes) that divides the row length and
+// both base addresses, so every row start is aligned to it.
+int label_copy_unit(const void* src, const void* dst, int64_t label_bytes) {
+    for (int unit : {16, 8, 4}) {
+        if (label_bytes % unit == 0 && aligned_to(src, unit) && aligned_to(dst, unit)) return unit;
+    }
+    return 1;
+}
+
+// The device functions of the op switch (engine_exec.h), CUDA flavour. Each
+// checks what its kernel would otherwise dereference, so a bad plan raises
+// on the host (at the eager warm-up step, before any capture) instead of
+// faulting on the device.
+struct CudaDev {
+    using Stream = cudaStream_t;
+
+    static void gemm_ex(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                        const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                        float* c, int64_t ldc, const GemmEpilogue& ep, Precision precision,
+                        Stream stream) {
+        cuda::gemm_ex(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep,
+                      precision, stream);
+    }
+
+    static void relu_backward(const float* dy, const float* y, float* dx, int64_t size,
+                              Stream stream) {
+        cuda::relu_backward(dy, y, dx, size, stream);
+    }
+
+    static void xent(const float* logits, const void* labels, LabelKind kind, float* out,
+                     float* row_loss, int32_t* row_hits, StepScalars* scalars, int64_t rows,
+                     int64_t cols, bool backward, Stream stream) {
+        FASTMLP_CHECK(scalars != nullptr, "engine xent: the scalars buffer is missing");
+        cuda::softmax_xent_fused(logits, labels, kind, out, row_loss, row_hits, &scalars->loss,
+                                 &scalars->hits, &scalars->bad_row, rows, cols, backward, stream);
+    }
+
+    static void gather(const float* x_src, const void* y_src, const int64_t* order, float* x_dst,
+                       void* y_dst, const EngineState* state, int64_t n, int64_t features,
+                       int64_t label_bytes, int64_t batch, Stream stream) {
+        FASTMLP_CHECK(n >= 0 && features >= 0 && label_bytes >= 0 && batch >= n,
+                      "engine gather: bad sizes n=" << n << " features=" << features
+                                                    << " label_bytes=" << label_bytes
+                                                    << " batch=" << batch);
+        if (n == 0) return;
+        FASTMLP_CHECK(state != nullptr, "engine gather: the state buffer is missing");
+        FASTMLP_CHECK(features == 0 || (x_src != nullptr && x_dst != nullptr),
+                      "engine gather: x source or batch buffer is missing");
+        const bool labels = y_dst != nullptr && label_bytes > 0;
+        FASTMLP_CHECK(!labels || y_src != nullptr,
+                      "engine gather: a label batch buffer without a label source");
+        const bool vec4 = features % 4 == 0 && aligned_to(x_src, 16) && aligned_to(x_dst, 16);
+        const int unit = labels ? label_copy_unit(y_src, y_dst, label_bytes) : 1;
+        const unsigned int blocks = cuda::detail::grid_stride_blocks(n, 1);
+        if (vec4)
+            gather_batch_rows<true><<<blocks, kCopyBlock, 0, stream>>>(
+                x_src, y_src, order, x_dst, labels ? y_dst : nullptr, state, n, features,
+                label_bytes, batch, unit);
+        else
+            gather_batch_rows<false><<<blocks, kCopyBlock, 0, stream>>>(
+                x_src, y_src, order, x_dst, labels ? y_dst : nullptr, state, n, features,
+                label_bytes, batch, unit);
+        cuda::detail::check_launch();
+    }
+
+    static void optimizer(int64_t kind, float* params, const float* grads, float* s0, float* s1,
+                          int64_t size, const StepHyper* hyper, const EngineState* state,
+                          Stream stream) {
+        FASTMLP_CHECK(kind == kSgd || kind == kAdam, "engine optimizer: unknown kind " << kind);
+        FASTMLP_CHECK(size >= 0, "engine optimizer: size must be >= 0, got " << size);
+        if (size == 0) return;
+        FASTMLP_CHECK(params != nullptr && grads != nullptr && hyper != nullptr &&
+                          state != nullptr,
+                      "engine optimizer: params, grads, hyper or state buffer is missing");
+        const unsigned int blocks = cuda::detail::grid_stride_blocks(size, kOptBlock);
+        if (kind == kSgd) {
+            // s0 may be null: momentum 0 (checked per step on the device).
+            sgd_step_table_f32<<<blocks, kOptBlock, 0, stream>>>(params, grads, s0, size, hyper,
+                                                                 state);
+        } else {
+            FASTMLP_CHECK(s0 != nullptr && s1 != nullptr,
+                          "engine optimizer: Adam needs the m and v buffers");
+            adam_step_table_f32<<<blocks, kOptBlock, 0, stream>>>(params, grads, s0, s1, size,
+                                                                  hyper, state);
+        }
+        cuda::detail::check_launch();
+    }
+
+    static void store(const float* src, float* dst, const EngineState* state, int64_t n,
+                      int64_t cols, int64_t batch, Stream stream) {
+        FASTMLP_CHECK(n >= 0 && cols >= 0 && batch >= n,
+                      "engine store: bad sizes n=" << n << " cols=" << cols << " batch=" << batch);
+        if (n == 0 || cols == 0) return;
+        FASTMLP_CHECK(src != nullptr && dst != nullptr && state != nullptr,
+                      "engine store: src, dst or state buffer is missing");
+        const bool vec4 = cols % 4 == 0 && aligned_to(src, 16) && aligned_to(dst, 16);
+        const unsigned int blocks = cuda::detail::grid_stride_blocks(n, 1);
+        if (vec4)
+            store_batch_rows<true><<<blocks, kCopyBlock, 0, stream>>>(src, dst, state, n, cols,
+                                                                      batch);
+        else
+            store_batch_rows<false><<<blocks, kCopyBlock, 0, stream>>>(src, dst, state, n, cols,
+                                                                       batch);
+        cuda::detail::check_launch();
+    }
+
+    static void step_end(EngineState* state, const StepScalars* scalars, int64_t n,
+                         Stream stream) {
+        FASTMLP_CHECK(state != nullptr, "engine step_end: the state buffer is missing");
+        step_end_accumulate<<<1, 1, 0, stream>>>(state, scalars, n);
+        cuda::detail::check_launch();
+    }
+};
+
+// Makes `device` current for a scope and restores the caller's device: the
+// engine's calls work whatever device CuPy (or the user) made current.
+class DeviceGuard {
+public:
+    explicit DeviceGuard(int device) {
+        CUDA_CHECK(cudaGetDevice(&previous_));
+        if (previous_ != device) {
+            CUDA_CHECK(cudaSetDevice(device));
+            switched_ = true;
+        }
+    }
+    // For destructors: never throws; a failure leaves the current device as is.
+    DeviceGuard(int device, std::nothrow_t) {
+        if (cudaGetDevice(&previous_) != cudaSuccess) return;
+        if (previous_ != device) switched_ = cudaSetDevice(device) == cudaSuccess;
+    }
+    ~DeviceGuard() {
+        if (switched_) cudaSetDevice(previous_);
+    }
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+private:
+    int previous_ = 0;
+    bool switched_ = false;
+};
+
+// Stream capture with a guaranteed end: if anything throws between begin and
+// finish(), the destructor ends the capture and destroys the partial graph,
+// so the stream is usable again (a stream left capturing would turn every
+// later launch on it into an error) and nothing leaks. The idea of
+// tiny-cuda-nn's capture guard, for one capture that is then replayed.
+//
+// Capture mode ThreadLocal: while this thread captures, this thread's
+// "unsafe" calls (a synchronous cudaMemcpy or cudaMalloc, which cannot be
+// recorded into a graph) fail loudly instead of being silently left out of
+// the graph, but other threads (CuPy's allocator on another Python thread)
+// are not affected, as they would be by the Global mode.
+class CaptureGuard {
+public:
+    explicit CaptureGuard(cudaStream_t stream) : stream_(stream) {
+        CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+        active_ = true;
+    }
+    // Ends the capture and returns the recorded graph (the caller owns it).
+    cudaGraph_t finish() {
+        cudaGraph_t graph = nullptr;
+        active_ = false;
+        CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+        return graph;
+    }
+    ~CaptureGuard() {
+        if (!active_) return;
+        cudaGraph_t graph = nullptr;
+        // An invalidated capture returns an error and no graph; either way
+        // the stream leaves capture mode.
+        if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph != nullptr)
+            cudaGraphDestroy(graph);
+        cudaGetLastError();   // clear the capture error so the rethrown one is what is reported
+    }
+    CaptureGuard(const CaptureGuard&) = delete;
+    CaptureGuard& operator=(const CaptureGuard&) = delete;
+
+private:
+    cudaStream_t stream_;
+    bool active_ = false;
+};
+
+class CudaEngine final : public Engine {
+public:
+    explicit CudaEngine(int device) : device_(device) {
+        DeviceGuard guard(device_);
+        // FASTMLP_CUDA_GRAPHS=0 runs every step eagerly (for tests comparing
+        // graphs on and off, and for profiling op by op).
+        const char* env = std::getenv("FASTMLP_CUDA_GRAPHS");
+        use_graphs_ = !(env != nullptr && std::strcmp(env, "0") == 0);
+        try {
+            CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+            // Timing off: these only order streams, and untimed events are cheaper.
+            CUDA_CHECK(cudaEventCreateWithFlags(&caller_ready_, cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventCreateWithFlags(&engine_done_, cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventCreateWithFlags(&legacy_ready_, cudaEventDisableTiming));
+        } catch (...) {
+            release();
+            throw;
+        }
+        // A plan has three lists and a handful of row counts (full batch,
+        // last batch, evaluation batch): no reallocation in steady state.
+        slots_.reserve(16);
+    }
+
+    CudaEngine(const CudaEngine&) = delete;   // owns a stream, events and graphs
+    CudaEngine& operator=(const CudaEngine&) = delete;
+
+    ~CudaEngine() override {
+        DeviceGuard guard(device_, std::nothrow);
+        // Let in-flight steps finish before their graphs, events and stream
+        // go (CUDA would defer those frees anyway, but the plan's buffers
+        // belong to CuPy, which may reuse them as soon as the engine is gone).
+        // Errors are ignored: a destructor must not throw.
+        if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+        destroy_graphs(-1);
+        release();
+    }
+
+    int64_t run(int list, int64_t rows, int64_t batch, int64_t first, int64_t count,
+                std::uintptr_t stream) override {
+        FASTMLP_CHECK(list >= 0 && list < kNumLists, "engine run: unknown op list " << list);
+        FASTMLP_CHECK(rows >= 0 && batch >= 1 && first >= 0 && count >= 0,
+                      "engine run: bad arguments rows=" << rows << " batch=" << batch
+                                                        << " first=" << first
+                                                        << " count=" << count);
+        if (count == 0) return 0;
+        // The last step must start inside the data: (first + count - 1) * batch < rows,
+        // computed without overflow.
+        const int64_t steps_total = cuda::detail::ceil_div(rows, batch);
+        FASTMLP_CHECK(first < steps_total && count <= steps_total - first,
+                      "engine run: steps " << first << ".." << first + count - 1 << " of "
+                                           << rows << " rows in batches of " << batch
+                                           << " (only " << steps_total << " steps)");
+        check_bound(list);   // ids in the table, required buffers bound, list not empty
+
+        DeviceGuard guard(device_);
+        cudaStream_t caller = reinterpret_cast<cudaStream_t>(stream);
+        // The engine's work starts after everything already queued on the
+        // caller's stream (e.g. CuPy filling the dataset or the parameters).
+        CUDA_CHECK(cudaEventRecord(caller_ready_, caller));
+        CUDA_CHECK(cudaStreamWaitEvent(stream_, caller_ready_, 0));
+        try {
+            for (int64_t s = first; s < first + count; ++s) {
+                const int64_t n = batch < rows - s * batch ? batch : rows - s * batch;
+                run_step(list, n);
+            }
+        } catch (...) {
+            join_caller_nothrow(caller);
+            throw;
+        }
+        // The caller's later work (CuPy reading parameters or outputs, freeing
+        // buffers back to its pool) waits for the engine's.
+        CUDA_CHECK(cudaEventRecord(engine_done_, stream_));
+        CUDA_CHECK(cudaStreamWaitEvent(caller, engine_done_, 0));
+        return count;
+    }
+
+    void synchronize() override {
+        DeviceGuard guard(device_);
+        CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
+
+    int64_t graphs_captured() const override { return graphs_captured_; }
+
+protected:
+    void write(void* dst, const void* src, size_t bytes) override {
+        if (bytes == 0) return;
+        DeviceGuard guard(device_);
+        // Engine buffers are CuPy allocations, possibly just initialised by
+        // CuPy on its stream. write() has no caller stream, so it orders
+        // itself after the legacy default stream: CuPy's default stream is
+        // that stream, and CuPy's other streams are blocking streams, whose
+        // work the legacy stream waits for. (A non-blocking caller stream is
+        // ordered by run()'s events only.) No host wait: an event, not a sync.
+        CUDA_CHECK(cudaEventRecord(legacy_ready_, cudaStreamLegacy));
+        CUDA_CHECK(cudaStreamWaitEvent(stream_, legacy_ready_, 0));
+        // From pageable host memory the call returns once the source has been
+        // staged (or copied), so the caller may reuse `src` at once; the copy
+        // is ordered before the engine's later steps by the stream.
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+    }
+
+    void read(void* dst, const void* src, size_t bytes) override {
+        if (bytes == 0) return;
+        DeviceGuard guard(device_);
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+        // Into pageable memory the async copy may return before the bytes
+        // land; the sync makes `dst` valid (and waits for the steps before it).
+        CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
+
+    void on_plan_changed() override {
+        // Graphs hold the pointers and ops they were captured with. A new
+        // buffer table invalidates all of them; a new op list only its own
+        // (fit sets the evaluation list after the training graphs exist, and
+        // they stay valid). The warm-up marks go with the graphs: a changed
+        // key warms up again before it is captured.
+        DeviceGuard guard(device_, std::nothrow);
+        if (bufs_ != seen_bufs_) {
+            destroy_graphs(-1);
+            seen_bufs_ = bufs_;
+        }
+        for (int l = 0; l < kNumLists; ++l) {
+            if (!same_ops(ops_[l], seen_ops_[l])) {
+                destroy_graphs(l);
+                seen_ops_[l] = ops_[l];
+            }
+        }
+    }
+
+private:
+    // One (list, rows) key: warmed after its first (eager) step, captured at
+    // its second, replayed from the third on.
+    struct Slot {
+        int list;
+        int64_t rows;
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+    };
+
+    void run_step(int list, int64_t n) {
+        Slot* slot = find_slot(list, n);
+        if (slot != nullptr && slot->exec != nullptr) {
+            CUDA_CHECK(cudaGraphLaunch(slot->exec, stream_));
+            return;
+        }
+        if (slot == nullptr || !use_graphs_) {
+            // First time for this key (or graphs off): a real step, run op by
+            // op. It also performs any lazy one-time host setup of the kernels
+            // (e.g. a GEMM configuration's shared-memory attribute), which
+            // must not happen for the first time inside a capture.
+            run_ops(list, n);
+            if (slot == nullptr && use_graphs_) slots_.push_back(Slot{list, n, nullptr, nullptr});
+            return;
+        }
+        capture(*slot, list, n);
+        CUDA_CHECK(cudaGraphLaunch(slot->exec, stream_));
+    }
+
+    void run_ops(int list, int64_t n) {
+        void* const* table = bufs_.data();
+        for (const PlanOp& op : ops_[list]) run_op<CudaDev>(op, table, n, stream_);
+    }
+
+    void capture(Slot& slot, int list, int64_t n) {
+        cudaGraph_t graph = nullptr;
+        {
+            CaptureGuard capture(stream_);
+            run_ops(list, n);
+            graph = capture.finish();
+        }
+        cudaGraphExec_t exec = nullptr;
+        const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+        if (err != cudaSuccess) {
+            cudaGraphDestroy(graph);
+            CUDA_CHECK(err);
+        }
+        slot.graph = graph;
+        slot.exec = exec;
+        ++graphs_captured_;
+    }
+
+    Slot* find_slot(int list, int64_t n) {
+        for (Slot& s : slots_)
+            if (s.list == list && s.rows == n) return &s;
+        return nullptr;
+    }
+
+    // Best effort, for the error path: the caller's stream still waits for
+    // whatever the engine queued before the failure.
+    void join_caller_nothrow(cudaStream_t caller) {
+        if (cudaEventRecord(engine_done_, stream_) == cudaSuccess)
+            cudaStreamWaitEvent(caller, engine_done_, 0);
+    }
+
+    // Destroys the graphs (and forgets the warm-up) of op list `list`, or of
+    // every list when list < 0. An exec still in flight is freed by CUDA when
+    // its launch completes.
+    void destroy_graphs(int list) noexcept {
+        size_t kept = 0;
+        for (size_t i = 0; i < slots_.size(); ++i) {
+            Slot& s = slots_[i];
+            if (list >= 0 && s.list != list) {
+                slots_[kept++] = s;
+                continue;
+            }
+            if (s.exec != nullptr) cudaGraphExecDestroy(s.exec);
+            if (s.graph != nullptr) cudaGraphDestroy(s.graph);
+        }
+        slots_.resize(kept);
+    }
+
+    // Field by field: PlanOp has padding, which memcmp would compare too.
+    static bool same_ops(const std::vector<PlanOp>& a, const std::vector<PlanOp>& b) {
+        if (a.size() != b.size()) return false;
+        for (size_t i = 0; i < a.size(); ++i) {
+            if (a[i].code != b[i].code) return false;
+            for (int k = 0; k < kMaxBufs; ++k)
+                if (a[i].buf[k] != b[i].buf[k]) return false;
+            for (int k = 0; k < kMaxDims; ++k)
+                if (a[i].dim[k] != b[i].dim[k]) return false;
+        }
+        return true;
+    }
+
+    void release() noexcept {
+        if (legacy_ready_ != nullptr) cudaEventDestroy(legacy_ready_);
+        if (engine_done_ != nullptr) cudaEventDestroy(engine_done_);
+        if (caller_ready_ != nullptr) cudaEventDestroy(caller_ready_);
+        if (stream_ != nullptr) cudaStreamDestroy(stream_);
+        legacy_ready_ = engine_done_ = caller_ready_ = nullptr;
+        stream_ = nullptr;
+    }
+
+    int device_;
+    bool use_graphs_ = true;
+    cudaStream_t stream_ = nullptr;
+    cudaEvent_t caller_ready_ = nullptr;   // caller's stream -> engine stream (run)
+    cudaEvent_t engine_done_ = nullptr;    // engine stream -> caller's stream (run)
+    cudaEvent_t legacy_ready_ = nullptr;   // legacy stream -> engine stream (write)
+    std::vector<Slot> slots_;
+    // The table and lists the current graphs were captured with
+    // (on_plan_changed compares against them).
+    std::vector<void*> seen_bufs_;
+    std::vector<PlanOp> seen_ops_[kNumLists];
+    int64_t graphs_captured_ = 0;
+};
+
+}  // namespace
+
+Engine* new_cuda_engine(int device) {
+    int count = 0;
+    CUDA_CHECK(cudaGetDeviceCount(&count));
+    FASTMLP_CHECK(device >= 0 && device < count,
+                  "new_cuda_engine: device " << device << " does not exist (" << count
+                                             << " CUDA devices)");
+    return new CudaEngine(device);
+}
+
+}  // namespace engine
+}  // namespace fastmlp
