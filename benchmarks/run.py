@@ -58,6 +58,12 @@ os.environ.setdefault("CUPY_TF32", "0")  # before CuPy is imported: it reads thi
 # until the 4 ms scheduler tick (measured: fastmlp, NumPy and PyTorch all 2-5x slower
 # in one process). 2^4 cycles: they sleep at once; NumPy's own times do not change.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# Peers at their best: some machines set OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (older
+# OpenBLAS builds crash without them on their CPUs), which pin NumPy's OpenBLAS to an
+# old kernel. This process is a benchmark, never a test: unset both before NumPy loads
+# and record what was unset (results.json "env"; threadpoolctl names the kernel).
+UNSET_FOR_PEERS = {k: os.environ.pop(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                   if k in os.environ}
 # OMP_WAIT_POLICY is left alone: fastmlp no longer uses OpenMP (its own pool's idle
 # workers sleep after ~50 us), and PASSIVE made PyTorch's own loop 3x slower (2.7
 # instead of 0.86 s per Fashion-MNIST epoch here), which would flatter fastmlp.
@@ -856,7 +862,8 @@ def meta(dev, bench, args, wall_s):
             "slug": dev.slug, "quick": args.quick, "versions": versions, "torch_note": bench.torch_reason,
             "torch_threads": bench.torch.get_num_threads() if bench.torch is not None else None,
             "host": platform.node(), "wall_s": wall_s, "env": dev.info(), "nvtx_enabled": _nvtx_enabled(),
-            "tf32": False, "repeats": bench.repeats, "min_time_s": bench.min_time}
+            "tf32": False, "repeats": bench.repeats, "min_time_s": bench.min_time,
+            "unset_for_peers": UNSET_FOR_PEERS}
 
 
 def _nvtx_enabled():
