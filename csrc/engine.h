@@ -30,9 +30,11 @@ namespace engine {
 // n is the step's row count (the batch, or fewer in the last step).
 //
 // gather      buf: x_src, y_src-, order-, x_dst, y_dst-, state
-//             dim: features, label_bytes (per row), batch
+//             dim: features, label_bytes (per row), batch, source rows
 //             rows b*s .. b*s+n of the source (b = batch, s = state.step),
-//             through `order` when given, copied to the batch buffers.
+//             through `order` when given, copied to the batch buffers; an
+//             order entry outside the source rows is never read (the CPU
+//             throws, a GPU thread skips the row).
 // dense_fwd   buf: x, w, b-, y          dim: in, out, relu, precision
 //             y = relu?(x @ w + b)                          gemm_ex
 // xent        buf: logits, labels, out, row_loss, row_hits, scalars
@@ -165,11 +167,14 @@ protected:
     virtual void on_plan_changed() {}
 
     void* buffer(int id) const;
-    // Throws unless every buffer the ops of `list` need is bound (non-null);
-    // the optional ones ("-" above) may be null. Cheap: once per run() call.
-    void check_bound(int list) const;
+    // Throws unless every buffer the ops of `list` need is bound (non-null;
+    // the optional ones, "-" above, may be null) and, when the list updates
+    // the parameters, steps first .. first+count-1 lie within the optimizer
+    // table set_schedule wrote. Cheap: once per run() call.
+    void check_run(int list, int64_t first, int64_t count) const;
     std::vector<PlanOp> ops_[kNumLists];
     std::vector<void*> bufs_;
+    int64_t schedule_steps_ = 0;  // entries of the optimizer table (set_schedule)
 };
 
 // The engines (cpu/engine.cpp, cuda/engine.cu).

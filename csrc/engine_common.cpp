@@ -43,7 +43,7 @@ unsigned optional_buffers(OpCode code) {
 
 }  // namespace
 
-void Engine::check_bound(int list) const {
+void Engine::check_run(int list, int64_t first, int64_t count) const {
     FASTMLP_CHECK(list >= 0 && list < kNumLists, "engine: unknown op list " << list);
     FASTMLP_CHECK(!ops_[list].empty(), "engine: op list " << list << " is empty");
     for (size_t i = 0; i < ops_[list].size(); ++i) {
@@ -57,6 +57,11 @@ void Engine::check_bound(int list) const {
                                                    << ") needs buffer " << id
                                                    << ", which is not bound");
         }
+        if (op.code == OpCode::optimizer)
+            FASTMLP_CHECK(first + count <= schedule_steps_,
+                          "engine: steps " << first << ".." << first + count - 1
+                                           << " run past the optimizer table of "
+                                           << schedule_steps_ << " steps (set_schedule)");
     }
 }
 
@@ -103,6 +108,7 @@ void Engine::set_schedule(int hyper_buf, int64_t kind, const std::vector<double>
                                 step0 + static_cast<int64_t>(s));
     }
     if (!table.empty()) write(buffer(hyper_buf), table.data(), table.size() * sizeof(StepHyper));
+    schedule_steps_ = static_cast<int64_t>(table.size());
 }
 
 void Engine::begin_pass(int state_buf) {

@@ -9,7 +9,7 @@
 //   xent(logits, labels, kind, out, row_loss, row_hits, scalars, rows, cols,
 //        backward, stream)        softmax_xent_fused into *scalars
 //   gather(x_src, y_src, order, x_dst, y_dst, state, rows, features,
-//          label_bytes, batch, stream)
+//          label_bytes, batch, source_rows, stream)
 //   optimizer(kind, params, grads, s0, s1, size, hyper, state, stream)
 //   store(src, dst, state, rows, cols, batch, stream)
 //   step_end(state, scalars, rows, stream)
@@ -34,7 +34,7 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
     switch (op.code) {
         case OpCode::gather:
             Dev::gather(f32(0), buf(1), static_cast<const int64_t*>(buf(2)), f32(3), buf(4),
-                        state(5), n, d[0], d[1], d[2], stream);
+                        state(5), n, d[0], d[1], d[2], d[3], stream);
             break;
         case OpCode::dense_fwd: {
             // y(n, out) = x(n, in) @ w(in, out), row-major: lda = in, ldb = ldc = out.

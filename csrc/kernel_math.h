@@ -17,6 +17,20 @@
 
 namespace fastmlp {
 
+// Roundings that must not depend on the compiler's context. nvcc leaves a
+// `p - a * b` (or a product used by a later statement) as PTX mul/sub without
+// a rounding mode, which ptxas may or may not fuse into one FFMA depending on
+// scheduling: the same source in two kernels could then round differently.
+// On the device these say which one is meant; on the host they are the plain
+// expressions.
+#if defined(__CUDA_ARCH__)
+FASTMLP_HOSTDEV float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+FASTMLP_HOSTDEV float sub_mul(float p, float a, float b) { return __fmaf_rn(-a, b, p); }
+#else
+FASTMLP_HOSTDEV float mul_rn(float a, float b) { return a * b; }
+FASTMLP_HOSTDEV float sub_mul(float p, float a, float b) { return p - a * b; }
+#endif
+
 FASTMLP_HOSTDEV float relu(float x) { return x > 0.0f ? x : 0.0f; }
 
 // dy * (y > 0): the mask comes from the forward output, so it needs no copy of
@@ -43,7 +57,7 @@ FASTMLP_HOSTDEV void sgd_update(float& p, float g, float* buf, const SgdHyper& h
         *buf = b;
         g = h.nesterov ? g + h.momentum * b : b;
     }
-    p = p - h.lr * g;
+    p = sub_mul(p, h.lr, g);
 }
 
 // ---- Adam / AdamW (torch.optim.Adam / AdamW) --------------------------------
@@ -82,7 +96,7 @@ inline AdamHyper adam_hyper(double lr, double beta1, double beta2, double eps,
 
 FASTMLP_HOSTDEV void adam_update(float& p, float g, float& m, float& v, const AdamHyper& h) {
     if (h.weight_decay != 0.0f) {
-        if (h.decoupled) p = p * h.decay_factor;   // AdamW: p.mul_(1 - lr*wd)
+        if (h.decoupled) p = mul_rn(p, h.decay_factor);   // AdamW: p.mul_(1 - lr*wd)
         else g = g + h.weight_decay * p;            // Adam: grad.add(p, alpha=wd)
     }
     m = m + h.one_minus_beta1 * (g - m);            // exp_avg.lerp_(grad, 1-beta1)

@@ -38,12 +38,14 @@ struct CpuDev {
 
     static void gather(const float* x, const void* y, const int64_t* order, float* x_dst,
                        void* y_dst, const EngineState* st, int64_t rows, int64_t features,
-                       int64_t label_bytes, int64_t batch, Stream) {
+                       int64_t label_bytes, int64_t batch, int64_t source_rows, Stream) {
         const int64_t first = st->step * batch;
         const auto* ysrc = static_cast<const char*>(y);
         auto* ydst = static_cast<char*>(y_dst);
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t src = order ? order[first + r] : first + r;
+            FASTMLP_CHECK(src >= 0 && src < source_rows, "engine gather: row " << src
+                              << " of a source of " << source_rows << " rows");
             std::memcpy(x_dst + r * features, x + src * features, features * sizeof(float));
             if (ysrc)
                 std::memcpy(ydst + r * label_bytes, ysrc + src * label_bytes, label_bytes);
@@ -87,7 +89,7 @@ public:
         FASTMLP_CHECK(count == 0 || (first + count - 1) * batch < rows,
                       "engine: steps " << first << ".." << first + count - 1 << " of batch "
                                        << batch << " run past the " << rows << " rows");
-        check_bound(list);
+        check_run(list, first, count);
         const std::vector<PlanOp>& ops = ops_[list];
         // step_end is the op that advances the step; its state buffer tells
         // where to look for a non-finite loss.

@@ -95,10 +95,15 @@ __global__ void __launch_bounds__(kCopyBlock)
 gather_batch_rows(const float* __restrict__ x_src, const void* __restrict__ y_src,
                   const int64_t* __restrict__ order, float* __restrict__ x_dst,
                   void* __restrict__ y_dst, const EngineState* __restrict__ state, int64_t n,
-                  int64_t features, int64_t label_bytes, int64_t batch, int label_unit) {
+                  int64_t features, int64_t label_bytes, int64_t batch, int64_t source_rows,
+                  int label_unit) {
     const int64_t first = state->step * batch;
     for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
         const int64_t src = order != nullptr ? order[first + r] : first + r;
+        // A permutation of the source never leaves it; should a corrupt order
+        // ever do so, the row is skipped rather than read out of bounds (a
+        // kernel cannot raise; the CPU engine throws on the same input).
+        if (src < 0 || src >= source_rows) continue;
         if constexpr (VEC4) {
             copy_row(reinterpret_cast<float4*>(x_dst + r * features),
                      reinterpret_cast<const float4*>(x_src + src * features), features / 4);
@@ -232,7 +237,7 @@ struct CudaDev {
 
     static void gather(const float* x_src, const void* y_src, const int64_t* order, float* x_dst,
                        void* y_dst, const EngineState* state, int64_t n, int64_t features,
-                       int64_t label_bytes, int64_t batch, Stream stream) {
+                       int64_t label_bytes, int64_t batch, int64_t source_rows, Stream stream) {
         FASTMLP_CHECK(n >= 0 && features >= 0 && label_bytes >= 0 && batch >= n,
                       "engine gather: bad sizes n=" << n << " features=" << features
                                                     << " label_bytes=" << label_bytes
@@ -250,11 +255,11 @@ struct CudaDev {
         if (vec4)
             gather_batch_rows<true><<<blocks, kCopyBlock, 0, stream>>>(
                 x_src, y_src, order, x_dst, labels ? y_dst : nullptr, state, n, features,
-                label_bytes, batch, unit);
+                label_bytes, batch, source_rows, unit);
         else
             gather_batch_rows<false><<<blocks, kCopyBlock, 0, stream>>>(
                 x_src, y_src, order, x_dst, labels ? y_dst : nullptr, state, n, features,
-                label_bytes, batch, unit);
+                label_bytes, batch, source_rows, unit);
         cuda::detail::check_launch();
     }
 
@@ -427,7 +432,7 @@ public:
                       "engine run: steps " << first << ".." << first + count - 1 << " of "
                                            << rows << " rows in batches of " << batch
                                            << " (only " << steps_total << " steps)");
-        check_bound(list);   // ids in the table, required buffers bound, list not empty
+        check_run(list, first, count);   // buffers bound, steps within the optimizer table
 
         DeviceGuard guard(device_);
         cudaStream_t caller = reinterpret_cast<cudaStream_t>(stream);

@@ -195,7 +195,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
 
     def gather(name, x, y, order_id, batch_x, batch_y, lb):
         return Op("gather", name, (x, y, order_id, batch_x, batch_y, state),
-                  (features, lb, 0))  # dims[2] (the batch) is set per pass: see with_batch
+                  (features, lb, 0, 0))  # the batch and the source rows: set per pass
 
     def forward():
         ops, a = [], xb
@@ -253,14 +253,14 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     return plan
 
 
-def with_batch(ops, batch: int):
+def with_batch(ops, batch: int, rows: int):
     """The ops with the batch size filled in where an op indexes rows by step
-    (gather: dims[2]; store: dims[1])."""
+    (gather: dims[2]; store: dims[1]) and the pass's source rows (gather: dims[3])."""
     out = []
     for op in ops:
         dims = list(op.dims)
         if op.code == "gather":
-            dims[2] = batch
+            dims[2], dims[3] = batch, rows
         elif op.code == "store":
             dims[1] = batch
         out.append(Op(op.code, op.name, op.bufs, tuple(dims)))

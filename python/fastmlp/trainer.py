@@ -39,6 +39,7 @@ class _Bound:
     def __init__(self, key, plan, arena):
         self.key, self.plan, self.arena = key, plan, arena
         self.engines: dict = {}
+        self.orders: dict = {}  # shuffling buffers by (array module, rows)
 
     def engine(self, name, optimizer):
         if name not in self.engines:
@@ -101,13 +102,17 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
     bound = bind(model, max(min(batch_size, n), eval_batch), steps)
     eng = bound.engine(name, opt)
     xp = np if host_data or model.device == "cpu" else cupy_module()
-    order = xp.empty((n,), np.int64) if shuffle else None
+    order = None
+    if shuffle:  # one buffer per bound plan and size: its address, hence the graphs, stay
+        order = bound.orders.get((xp.__name__, n))
+        if order is None:
+            order = bound.orders[(xp.__name__, n)] = xp.empty((n,), np.int64)
     eng.bind(train_x=x, train_y=y, train_order=order)
-    eng.prepare(TRAIN, batch_size)
+    eng.prepare(TRAIN, batch_size, n)
     if val is not None:
         val_eng = _evaluation_engine(model, bound, val[0])
         val_eng.bind(eval_x=val[0], eval_y=val[1])
-        val_eng.prepare(EVALUATE, eval_batch)
+        val_eng.prepare(EVALUATE, eval_batch, len(val[0]))
     history.params.update({"epochs": epochs, "steps": steps, "batch_size": batch_size,
                            "samples": n, "device": model.device, "engine": eng.name,
                            "engine_reason": why})
@@ -218,7 +223,7 @@ def evaluate(model, x, y, batch_size) -> dict:
 
 def _evaluate_pass(model, eng, x, y, batch_size) -> dict:
     n = len(x)
-    eng.prepare(EVALUATE, batch_size)
+    eng.prepare(EVALUATE, batch_size, n)
     eng.begin_pass()
     eng.run(EVALUATE, n, batch_size, 0, math.ceil(n / batch_size))
     st = eng.state()
@@ -238,7 +243,7 @@ def predict(model, x, batch_size):
     bound = bind(model, min(batch_size, n))
     eng = bound.engine(_engine.choose(model.device)[0], model.optimizer)
     eng.bind(predict_x=x, predict_out=out)
-    eng.prepare(PREDICT, batch_size)
+    eng.prepare(PREDICT, batch_size, n)
     eng.begin_pass()
     eng.run(PREDICT, n, batch_size, 0, math.ceil(n / batch_size))
     eng.synchronize()

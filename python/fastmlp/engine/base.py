@@ -22,8 +22,9 @@ class Engine:
         ``eval_y=``, ``predict_x=``, ``predict_out=``)."""
         self.arena.bind(**inputs)
 
-    def prepare(self, lst, batch) -> None:
-        """Get op list ``lst`` ready for batches of ``batch`` rows (before a pass)."""
+    def prepare(self, lst, batch, rows) -> None:
+        """Get op list ``lst`` ready for a pass over ``rows`` rows in batches of
+        ``batch`` (before the pass)."""
 
     def set_schedule(self, lrs, step0, optimizer) -> None:
         """The optimizer's learning rate for each step of the coming pass and the step

@@ -43,6 +43,17 @@ class NativeEngine(Engine):
     def set_schedule(self, lrs, step0, optimizer):
         from .. import optim
 
+        if len(lrs) > self.arena.max_steps:
+            raise ValueError(f"engine: a schedule of {len(lrs)} steps does not fit the "
+                             f"arena's optimizer table ({self.arena.max_steps} steps)")
+        if (self.plan.opt_kind == 1) != isinstance(optimizer, optim.Adam):
+            raise ValueError(f"engine: the plan was built for another optimizer than "
+                             f"{type(optimizer).__name__}; compile again")
+        if not isinstance(optimizer, optim.Adam) and optimizer.momentum != 0.0 \
+                and not self.plan.opt_buffers:
+            raise ValueError("engine: SGD momentum was set after the optimizer was created "
+                             "(it has no momentum buffer); create fm.optim.SGD(momentum=...) "
+                             "instead")
         if isinstance(optimizer, optim.Adam):
             kw = dict(momentum=0.0, beta1=optimizer.betas[0], beta2=optimizer.betas[1],
                       eps=optimizer.eps, weight_decay=optimizer.weight_decay, nesterov=False,
@@ -58,15 +69,16 @@ class NativeEngine(Engine):
     def begin_pass(self):
         self._e.begin_pass(self._state_id)
 
-    def prepare(self, lst, batch):
-        """Give the engine op list ``lst`` for batches of ``batch`` rows. (Changing a
-        list drops the captured graphs: fit prepares its lists before the first step.)"""
-        if self._batch.get(lst) != batch:
-            self._e.set_ops(lst, [op.native() for op in with_batch(self.plan.lists[lst], batch)])
-            self._batch[lst] = batch
+    def prepare(self, lst, batch, rows):
+        """Give the engine op list ``lst`` for passes over ``rows`` rows in batches of
+        ``batch``. (A changed list drops that list's captured graphs.)"""
+        if self._batch.get(lst) != (batch, rows):
+            self._e.set_ops(lst, [op.native() for op in
+                                  with_batch(self.plan.lists[lst], batch, rows)])
+            self._batch[lst] = (batch, rows)
 
     def run(self, lst, rows, batch, first, count):
-        self.prepare(lst, batch)
+        self.prepare(lst, batch, rows)
         stream = 0
         if self.arena.device == "cuda":
             stream = cupy_module().cuda.get_current_stream().ptr
