@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
 # 1 build + install for sm_90   2 fastmlp.backends()   3 pytest -m gpu (includes
-#   every GEMM family kernel: tests/test_gemm_cuda.py)   4 compute-sanitizer
+#   every GEMM family kernel: tests/test_gemm_cuda.py; the CUDA Graph engine against
+#   the CUDA executor: tests/test_engine_gpu.py)   4 compute-sanitizer
 #   memcheck / racecheck / synccheck / initcheck on a small GPU subset (incl. one
 #   run of each GEMM family kernel)   5 benchmarks/tune_gemm.py: check and time
 #   every GEMM family kernel on every benchmark shape, write the GPU's tuning
@@ -56,12 +57,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 BUDGET=${CHECK_BUDGET_S:-540}
 TUNE_BUDGET_S=${TUNE_BUDGET_S:-100}
-SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_ops.py tests/test_gemm_cuda.py}
+SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_ops.py tests/test_gemm_cuda.py tests/test_engine_gpu.py}
 SANITIZE_K=${SANITIZE_K:-small or sanitize}
 # racecheck/synccheck/initcheck are slower; they get the kernels with shared
 # memory, barriers or reductions (GEMM edge tiles, bias_grad, softmax-CE, one
-# run of every GEMM family kernel: cp.async pipelines, split-K).
-SANITIZE_K_SHARED=${SANITIZE_K_SHARED:-(small and (63x65x64 or 65x63x65 or bias_grad or softmax_cross_entropy)) or sanitize_family}
+# run of every GEMM family kernel: cp.async pipelines, split-K; a small run of the
+# CUDA Graph engine: gather, fused softmax-CE, optimizer table, captured graphs).
+SANITIZE_K_SHARED=${SANITIZE_K_SHARED:-(small and (63x65x64 or 65x63x65 or bias_grad or softmax_cross_entropy)) or sanitize_family or sanitize_engine}
 LOG=$OUT/check.log
 
 declare -a SUMMARY=()

@@ -121,3 +121,18 @@ def test_gpu_evaluate_and_predict_equal_the_python_executor(gpu, monkeypatch):
     want = model.evaluate(xd, yd, batch_size=23), model.predict(xd, batch_size=23)
     assert got[0] == want[0]
     np.testing.assert_array_equal(gpu.xp.asnumpy(got[1]), gpu.xp.asnumpy(want[1]))
+
+
+def test_sanitize_engine_small_run(gpu, monkeypatch):
+    """A small shuffled run with validation and partial batches -- eager warm-up steps,
+    captures, replays, evaluate and predict -- against the CUDA executor. The GPU check
+    runs this one under compute-sanitizer (memcheck, racecheck, synccheck, initcheck)."""
+    case = BY_ID["prime-sizes"]
+    m1, h1 = run_case(case, monkeypatch, gpu, "native", epochs=3, validation_split=0.2)
+    m0, h0 = run_case(case, monkeypatch, gpu, "python", epochs=3, validation_split=0.2)
+    assert_same_run(m1, h1, m0, h0)
+    x, _ = case.data()
+    monkeypatch.setenv("FASTMLP_ENGINE", "native")
+    got = m1.predict(gpu.xp.asarray(x), batch_size=10)
+    np.testing.assert_array_equal(gpu.xp.asnumpy(got), gpu.xp.asnumpy(
+        m0.predict(gpu.xp.asarray(x), batch_size=10)))
