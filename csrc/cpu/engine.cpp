@@ -4,6 +4,7 @@
 // state is read and written directly.
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "check.h"
 #include "cpu/parallel.h"
@@ -99,10 +100,26 @@ public:
         FASTMLP_CHECK(st != nullptr, "engine: op list " << list << " has no step_end");
         FASTMLP_CHECK(st->step == first, "engine: the pass is at step " << st->step
                                              << ", asked to run from step " << first);
-        void* const* table = bufs_.data();
+        // In order (no permutation bound), a batch is rows b*s.. of the source,
+        // already contiguous: the CPU reads it in place instead of copying it,
+        // by pointing the batch buffers of this call's table into the source
+        // (the CUDA engine copies: its graphs hold fixed addresses).
+        std::vector<void*> table(bufs_);
         for (int64_t s = first; s < first + count; ++s) {
             const int64_t n = rows - s * batch < batch ? rows - s * batch : batch;
-            for (const PlanOp& op : ops) run_op<CpuDev>(op, table, n, 0);
+            for (const PlanOp& op : ops) {
+                if (op.code == OpCode::gather && (op.buf[2] < 0 || bufs_[op.buf[2]] == nullptr)) {
+                    const int64_t row0 = st->step * op.dim[2];
+                    FASTMLP_CHECK(row0 + n <= op.dim[3], "engine gather: rows " << row0 << ".."
+                                      << row0 + n - 1 << " of a source of " << op.dim[3]);
+                    table[op.buf[3]] = static_cast<char*>(bufs_[op.buf[0]]) +
+                                       row0 * op.dim[0] * static_cast<int64_t>(sizeof(float));
+                    if (op.buf[4] >= 0 && op.buf[1] >= 0 && bufs_[op.buf[1]] != nullptr)
+                        table[op.buf[4]] = static_cast<char*>(bufs_[op.buf[1]]) + row0 * op.dim[1];
+                    continue;
+                }
+                run_op<CpuDev>(op, table.data(), n, 0);
+            }
             // Training stops after the step whose loss is not finite (fit
             // reports it); an evaluation runs to the end (its loss is NaN).
             if (list == kTrain && st->nonfinite_step >= 0) return s - first + 1;
