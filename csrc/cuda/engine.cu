@@ -40,6 +40,7 @@
 #include "fastmlp.h"
 #include "kernel_math.h"
 #include "launch.h"
+#include "optim_loops.cuh"
 
 namespace fastmlp {
 namespace engine {
@@ -134,49 +135,24 @@ store_batch_rows(const float* __restrict__ src, float* __restrict__ dst,
 }
 
 // ---- The optimizer: one launch over the flat parameters -------------------------
-// The same loop bodies as optim.cu's sgd_step_f32 / adam_step_f32 (the same
-// kernel_math.h calls on the same loaded values), with the constants read
-// from hyper[state->step] instead of a by-value argument: the update is
-// bit-identical to fastmlp::cuda::sgd_step / adam_step with those constants.
+// The loops of optim_loops.cuh, which optim.cu's sgd_step_f32 / adam_step_f32
+// run too, with the constants read from hyper[state->step] instead of a
+// by-value argument: the update is bit-identical to fastmlp::cuda::sgd_step /
+// adam_step with those constants.
 // Every thread loads the (same) step and constants: one broadcast
 // transaction per warp, served from L1 after the first warp.
 __global__ void __launch_bounds__(kOptBlock)
 sgd_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
                    float* __restrict__ buf, int64_t size, const StepHyper* __restrict__ hyper,
                    const EngineState* __restrict__ state) {
-    const SgdHyper h = hyper[state->step].sgd;
-    const bool uses_buf = h.momentum != 0.0f;   // the same test as sgd_update's
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < size;
-         i += stride) {
-        if (uses_buf && buf == nullptr) {
-            // A plan without a momentum buffer run with momentum != 0: the
-            // host cannot see h, so the kernel refuses to train silently
-            // without momentum and poisons the parameters (the next loss is
-            // NaN and fit stops) instead of dereferencing null.
-            param[i] = CUDART_NAN_F;
-            continue;
-        }
-        float p = param[i];
-        sgd_update(p, grad[i], uses_buf ? buf + i : nullptr, h);
-        param[i] = p;
-    }
+    cuda::sgd_loop(param, grad, buf, size, hyper[state->step].sgd);
 }
 
 __global__ void __launch_bounds__(kOptBlock)
 adam_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
                     float* __restrict__ m, float* __restrict__ v, int64_t size,
                     const StepHyper* __restrict__ hyper, const EngineState* __restrict__ state) {
-    const AdamHyper h = hyper[state->step].adam;
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < size;
-         i += stride) {
-        float p = param[i], mi = m[i], vi = v[i];
-        adam_update(p, grad[i], mi, vi, h);
-        param[i] = p;
-        m[i] = mi;
-        v[i] = vi;
-    }
+    cuda::adam_loop(param, grad, m, v, size, hyper[state->step].adam);
 }
 
 // ---- End of step: the pass's running sums, then step += 1 -------------------------

@@ -16,6 +16,7 @@
 #include "fastmlp.h"
 #include "launch.h"
 #include "kernel_math.h"
+#include "optim_loops.cuh"
 
 namespace fastmlp {
 namespace cuda {
@@ -23,33 +24,16 @@ namespace {
 
 constexpr int kBlock = 256;
 
-// buf is null when h.momentum == 0; sgd_update then never touches it, and no
-// pointer is formed from it here (null + i would be undefined behaviour).
 __global__ void __launch_bounds__(kBlock)
 sgd_step_f32(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ buf,
              int64_t size, SgdHyper h) {
-    const bool uses_buf = h.momentum != 0.0f;   // the same test as sgd_update's
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < size;
-         i += stride) {
-        float p = param[i];
-        sgd_update(p, grad[i], uses_buf ? buf + i : nullptr, h);
-        param[i] = p;
-    }
+    sgd_loop(param, grad, buf, size, h);
 }
 
 __global__ void __launch_bounds__(kBlock)
 adam_step_f32(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ m,
               float* __restrict__ v, int64_t size, AdamHyper h) {
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < size;
-         i += stride) {
-        float p = param[i], mi = m[i], vi = v[i];
-        adam_update(p, grad[i], mi, vi, h);
-        param[i] = p;
-        m[i] = mi;
-        v[i] = vi;
-    }
+    adam_loop(param, grad, m, v, size, h);
 }
 
 }  // namespace

@@ -284,6 +284,16 @@ def _labels(ck, labels, rows, cols):
     return lab, (_LABEL_INT32 if lab.dtype == np.int32 else _LABEL_INT64)
 
 
+def _logits_labels(ck, logits, labels):
+    """Validated (logits, labels, label kind) of a softmax-cross-entropy op."""
+    logits = ck.f32(logits, "logits", ndim=2)
+    rows, cols = logits.shape
+    lab, kind = _labels(ck, labels, rows, cols)
+    if rows > 0 and cols == 0:
+        raise ValueError(f"{ck.op}: 'logits' has 0 classes")
+    return logits, lab, kind
+
+
 def _raise_bad_label(op, labels, bad_row, classes):
     row = int(bad_row)
     value = int(labels[row])
@@ -302,11 +312,8 @@ def softmax_cross_entropy_forward(logits, labels, *, check_labels=True):
     """
     op = "softmax_cross_entropy"
     ck = Checker(op)
-    logits = ck.f32(logits, "logits", ndim=2)
+    logits, lab, kind = _logits_labels(ck, logits, labels)
     rows, cols = logits.shape
-    lab, kind = _labels(ck, labels, rows, cols)
-    if rows > 0 and cols == 0:
-        raise ValueError(f"{op}: 'logits' has 0 classes")
     probs = ck.empty((rows, cols), np.float32, like=logits)
     row_loss = ck.empty((rows,), np.float32, like=logits)
     loss = ck.empty((), np.float32, like=logits)
@@ -372,11 +379,8 @@ def softmax_cross_entropy_fused(logits, labels, *, backward=True, out=None,
     """
     op = "softmax_cross_entropy_fused"
     ck = Checker(op)
-    logits = ck.f32(logits, "logits", ndim=2)
+    logits, lab, kind = _logits_labels(ck, logits, labels)
     rows, cols = logits.shape
-    lab, kind = _labels(ck, labels, rows, cols)
-    if rows > 0 and cols == 0:
-        raise ValueError(f"{op}: 'logits' has 0 classes")
     res = ck.out(out, "out", (rows, cols), like=logits)
     ck.no_overlap(res, "out", (logits, "logits"), (lab, "labels"))
     row_loss = ck.empty((rows,), np.float32, like=logits)
