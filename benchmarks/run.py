@@ -837,8 +837,15 @@ class Bench:
             samples.append((time.perf_counter() - t0) / steps)
         return {"timing": H.summarize(samples), "loss": loss}
 
-    def run(self, sections):
+    def run(self, sections, budget_s=None):
+        start = time.perf_counter()
         for name in sections:
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                # Out of time: later sections are reported as skipped, and the results
+                # so far are still written (a killed run would write nothing).
+                self.skipped[name] = f"not run: the --budget-s {budget_s:.0f} s was spent"
+                log(f"   {name} skipped: budget spent")
+                continue
             log(f"== {name} on {self.dev.name}")
             t0 = time.perf_counter()
             try:
@@ -886,7 +893,7 @@ def run_device(dev, args, out_dir):
     bench = Bench(dev, args.quick)
     if bench.torch is None:
         log(f"PyTorch rows skipped: {bench.torch_reason}")
-    bench.run(args.sections)
+    bench.run(args.sections, args.budget_s)
     bench_meta = meta(dev, bench, args, time.perf_counter() - t0)
     bench_meta.update(load_start=load_start, load_end=load_average())
     run_info = {k: bench_meta[k] for k in ("commit", "date", "device")}
@@ -922,6 +929,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated subset of {','.join(SECTIONS)} (ceilings always run)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no section after this many seconds (the rest are reported "
+                         "as skipped; the results so far are written)")
     args = ap.parse_args(argv)
     args.sections = ["ceilings"] + [s for s in args.sections.split(",") if s and s != "ceilings"]
     bad = [s for s in args.sections if s not in SECTIONS]

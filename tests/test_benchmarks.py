@@ -318,3 +318,18 @@ def test_cuda_branches_of_the_epoch_section_with_fake_runners(monkeypatch, run):
     assert tta["history_params_engine"] == "cuda_graph"
     md = epoch_report(bench)
     assert "warm-up + capture 0.70 s" in md and "met, stretch met" in md
+
+
+def test_budget_skips_the_sections_that_would_start_late(monkeypatch, run):
+    """--budget-s: once spent, no further section starts; they are reported as skipped
+    (so a GPU check whose step would time out still writes what it measured)."""
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    ran = []
+    monkeypatch.setattr(bench, "run_gemm", lambda: ran.append("gemm"), raising=False)
+    monkeypatch.setattr(bench, "run_memory", lambda: ran.append("memory"), raising=False)
+    bench.run(["gemm", "memory"], budget_s=-1.0)
+    assert ran == [] and set(bench.skipped) == {"gemm", "memory"}
+    assert "budget" in bench.skipped["gemm"]
+    bench.skipped.clear()
+    bench.run(["gemm", "memory"], budget_s=60.0)
+    assert ran == ["gemm", "memory"] and not bench.skipped
