@@ -40,6 +40,20 @@ def test_graph_engine_equals_cuda_python_executor(gpu, monkeypatch, case):
     assert m1._bound.engines["cuda"].graphs_captured() >= 1  # replayed, not only eager
 
 
+def test_graphs_on_equal_graphs_off(gpu, monkeypatch):
+    """The same engine with every step run op by op (FASTMLP_CUDA_GRAPHS=0, read when
+    the engine is created): capture and replay change nothing. If the executor test
+    above fails and this one passes, the kernels differ; if this one fails, the
+    graphs do."""
+    case = BY_ID["adam-shuffle"]
+    on = run_case(case, monkeypatch, gpu, "native")
+    monkeypatch.setenv("FASTMLP_CUDA_GRAPHS", "0")
+    off = run_case(case, monkeypatch, gpu, "native")
+    assert off[0]._bound.engines["cuda"].graphs_captured() == 0
+    assert on[0]._bound.engines["cuda"].graphs_captured() >= 1
+    assert_same_run(*on, *off)
+
+
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_steps_per_call_do_not_change_the_gpu_result(gpu, monkeypatch, chunk):
     case = BY_ID["adamw-shuffle"]
