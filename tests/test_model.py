@@ -442,6 +442,50 @@ def test_save_load_round_trip(tmp_path):
     fresh.fit(x, y, epochs=1, verbose=0, device="cpu")
 
 
+def test_save_is_atomic_and_keeps_the_shuffling_position(tmp_path, monkeypatch):
+    """The file is written next to the target and renamed over it: a failing write
+    leaves the old file intact and no temporary behind. The shuffling seed and the
+    epochs shuffled travel with the optimizer state; a format-1 file (the NumPy
+    generator state of earlier releases) still loads, shuffling from epoch 0."""
+    import json
+
+    import safetensors.numpy as stn
+    from safetensors import safe_open
+
+    x, y = blobs()
+    fm.set_seed(0)
+    model = fm.Sequential([fm.Dense(8, activation="relu", input_dim=20), fm.Dense(4)])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=2, verbose=0)
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    loaded = fm.load_model(path)
+    assert (loaded._shuffle_seed, loaded._shuffle_count) == (model._shuffle_seed, 2)
+    before = path.read_bytes()
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stn, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    monkeypatch.undo()
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads(f.metadata()["fastmlp"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["format_version"] = 1
+    del meta["shuffle"]
+    meta["rng_state"] = {"bit_generator": "PCG64"}
+    old = tmp_path / "old.safetensors"
+    stn.save_file(tensors, str(old), metadata={"fastmlp": json.dumps(meta)})
+    v1 = fm.load_model(old)
+    assert v1._shuffle_count == 0 and v1.optimizer.iterations == model.optimizer.iterations
+    np.testing.assert_array_equal(v1.predict(x), model.predict(x))
+
+
 def test_load_model_rejects_bad_files(tmp_path):
     from safetensors.numpy import save_file
 
