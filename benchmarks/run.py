@@ -801,39 +801,17 @@ class Bench:
             "".join(f"  FAIL {r['impl']}: {r['error']}" for r in [row, *peers.values()] if r.get("error")))
 
     def torch_training(self, batch, steps, fits, x_host, y_host):
-        """The same work in PyTorch eager: shuffle, slice batches on the device, Adam, accuracy."""
-        torch = self.torch
-        tdev = "cuda" if self.dev.kind == "cuda" else "cpu"
-        torch.manual_seed(0)
-        x = torch.from_numpy(x_host).to(tdev)
-        y = torch.from_numpy(y_host).to(tdev)
-        model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).to(tdev)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        loss_fn = torch.nn.CrossEntropyLoss()
-        sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-
-        def epoch():
-            perm = torch.randperm(x.shape[0], device=tdev)
-            loss_sum = torch.zeros((), device=tdev)
-            correct = torch.zeros((), dtype=torch.int64, device=tdev)
-            for i in range(steps):
-                idx = perm[i * batch:(i + 1) * batch]
-                xb, yb = x[idx], y[idx]
-                out = model(xb)
-                loss = loss_fn(out, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach()
-                correct += (out.argmax(1) == yb).sum()
-            return float(loss_sum) / steps  # reads back, as fit's end-of-epoch metrics do
-
-        loss = epoch()  # warm-up
+        """The same work in PyTorch eager (TorchMLP's loop): shuffle, index the batches on
+        the device, Adam, loss and accuracy sums read back once per epoch."""
+        torch, tdev = self.torch, self.dev.kind
+        x, y = torch.from_numpy(x_host).to(tdev), torch.from_numpy(y_host).to(tdev)
+        peer = TorchMLP(torch, tdev, batch, seed=0)
+        loss, _ = peer.epoch(x, y)  # warm-up
         samples = []
         for _ in range(fits):
             t0 = time.perf_counter()
-            loss = epoch()
-            sync()
+            loss, _ = peer.epoch(x, y)
+            self._torch_sync()
             samples.append((time.perf_counter() - t0) / steps)
         return {"timing": H.summarize(samples), "loss": loss}
 

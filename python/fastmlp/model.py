@@ -34,10 +34,6 @@ _EVAL_BATCH = _trainer.EVAL_BATCH
 # ------------------------------------------------------------------------- devices
 
 
-def _xp_of(device: str):
-    return cupy_module() if device == "cuda" else np
-
-
 def _to_device(a, device: str):
     """``a`` (NumPy / CuPy) on ``device`` as a C-contiguous array (copied only if needed)."""
     if device == "cuda":

@@ -142,11 +142,10 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     total = sum(sizes)
 
     # Flat parameters, gradients and optimizer state, at the same offsets.
-    b.add("params", "param", (total,))
-    b.add("grads", "grad", (total,))
+    params = b.add("params", "param", (total,))
+    grads = b.add("grads", "grad", (total,))
     opt_bufs = tuple(optimizer_buffers)
-    for j, name in enumerate(opt_bufs):
-        b.add(f"opt.{name}", "state", (total,))
+    opt_ids = [b.add(f"opt.{name}", "state", (total,)) for name in opt_bufs]
     w, bias, gw, gb = [], [], [], []
     off = 0
     for i, layer in enumerate(layers):
@@ -225,8 +224,8 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                             (dz, w[i], mask, dacts[i - 1]),
                             (layer.input_dim, layer.units, 0, precision)))
             dz = dacts[i - 1]
-    s = [2 + j if j < len(opt_bufs) else None for j in range(2)]  # opt.* follow params, grads
-    train.append(Op("optimizer", "optimizer", (0, 1, s[0], s[1], hyper, state),
+    s = opt_ids + [None] * (2 - len(opt_ids))
+    train.append(Op("optimizer", "optimizer", (params, grads, s[0], s[1], hyper, state),
                     (total, optimizer_kind)))
     train.append(Op("step_end", "step_end", (state, scalars)))
 

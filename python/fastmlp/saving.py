@@ -21,17 +21,13 @@ import tempfile
 import numpy as np
 
 from . import optim as _optim
-from ._interop import cupy_module, is_cupy
 from .layers import Dense
+from .model import Sequential, _host, _to_device
 
 __all__ = ["save_model", "load_model", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "fastmlp.sequential"
 FORMAT_VERSION = 2
-
-
-def _host(a):
-    return cupy_module().asnumpy(a) if is_cupy(a) else np.asarray(a)
 
 
 def save_model(model, path, include_optimizer: bool = True) -> None:
@@ -74,8 +70,6 @@ def load_model(path, compile: bool = True):
     tensors do not match its configuration, raises ValueError naming the file.
     """
     from safetensors import SafetensorError, safe_open
-
-    from .model import Sequential, _to_device
 
     path = str(path)
     try:
