@@ -302,6 +302,9 @@ PYBIND11_MODULE(_C, mod) {
     FASTMLP_BIND_OPS(cpu, fastmlp::cpu, FASTMLP_NOTHING, FASTMLP_NOTHING)
     cpu.def("num_threads", &fastmlp::cpu::num_threads);
     cpu.def("set_num_threads", &fastmlp::cpu::set_num_threads);
+    cpu.def("flush_denormal", &fastmlp::cpu::flush_denormal);
+    cpu.def("set_flush_denormal", &fastmlp::cpu::set_flush_denormal);
+    cpu.def("flush_denormal_supported", &fastmlp::cpu::flush_denormal_supported);
     cpu.def("gemm_isa", &fastmlp::cpu::gemm_isa);
     cpu.def("gemm_fast", &bind_gemm_fast);
     cpu.def("gemm_isas_supported", &fastmlp::cpu::gemm_isas_supported);

@@ -136,6 +136,12 @@ FASTMLP_DECLARE_OPS(FASTMLP_NO_STREAM)
 int num_threads();
 // Sets the threads of all later CPU kernels (process-wide).
 void set_num_threads(int n);
+// Flush-to-zero / denormals-are-zero inside the CPU kernels (cpu/fpenv.h):
+// on by default, process-wide; the caller's own FP mode is restored after
+// every kernel call.
+bool flush_denormal();
+void set_flush_denormal(bool on);
+bool flush_denormal_supported();
 // The instruction set of the CPU GEMM driver: its name ("avx512", "avx2",
 // "generic"), the ones this CPU supports (comma-separated), and a setter for
 // tests and benchmarks ("auto" = the best supported); returns the old name.

@@ -2,7 +2,12 @@
 each op equals the float64 reference, and softmax cross-entropy keeps its invariants
 (rows of probs sum to 1, loss >= 0). Hypothesis seeks out adversarial data (many equal
 terms of one sign), so sums are held to their worst-case rounding bound (k*eps of the sum
-of magnitudes), not the sqrt(k) bound that random data meets in test_ops."""
+of magnitudes), not the sqrt(k) bound that random data meets in test_ops.
+
+The IEEE properties run with fm.set_flush_denormal(False) (subnormals included: the
+kernels must not lose them in that mode); test_gemm_property_flush_on holds the default
+flush-to-zero mode to the reference of the flushed inputs (test_denormal.py has the
+exact cases)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from helpers import (
     sum_tol,
     ulp_tol,
 )
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -28,8 +34,17 @@ FAST = settings(max_examples=100, deadline=None)
 dims = st.integers(min_value=0, max_value=70)
 
 
+@pytest.fixture(autouse=True)
+def ieee_mode():
+    """IEEE gradual underflow for the properties below (flush-to-zero is the default)."""
+    before = fm.get_flush_denormal()
+    fm.set_flush_denormal(False)
+    yield
+    fm.set_flush_denormal(before)
+
+
 def floats(lo=-10.0, hi=10.0):
-    """Finite float32 values in [lo, hi] (subnormals included: kernels must not flush them)."""
+    """Finite float32 values in [lo, hi] (subnormals included)."""
     return st.floats(min_value=lo, max_value=hi, width=32, allow_nan=False, allow_infinity=False)
 
 
@@ -62,6 +77,42 @@ def test_gemm_property(data, m, k, n, ta, tb, ab):
         gemm_tol(a, b, c0, trans_a=ta, trans_b=tb, alpha=alpha, beta=beta, worst_case=True),
         "gemm",
     )
+
+
+F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # 2**-126: below it, flush-to-zero writes 0
+
+
+def flushed(a):
+    """a with its denormals replaced by (signed) zero, as DAZ reads them."""
+    return np.where(np.abs(a) < F32_MIN_NORMAL, np.float32(0) * a, a).astype(np.float32)
+
+
+@FAST
+@given(
+    data=st.data(),
+    m=dims,
+    k=dims,
+    n=dims,
+    ta=st.booleans(),
+    tb=st.booleans(),
+    ab=st.sampled_from([(1.0, 0.0), (-1.5, 1.0), (2.0, -0.25)]),
+)
+def test_gemm_property_flush_on(data, m, k, n, ta, tb, ab):
+    """Flush-to-zero on: the reference of the flushed inputs, plus at most one FLT_MIN
+    per flushed partial sum (k of them) and per epilogue operation."""
+    alpha, beta = ab
+    a = data.draw(arrays((k, m) if ta else (m, k)), label="a")
+    b = data.draw(arrays((n, k) if tb else (k, n)), label="b")
+    c0 = data.draw(arrays((m, n)), label="c0") if beta != 0 else np.full((m, n), np.nan, np.float32)
+    out = c0.copy()
+    fm.set_flush_denormal(True)
+    fm.ops.gemm(a, b, trans_a=ta, trans_b=tb, alpha=alpha, beta=beta, out=out)
+    fa, fb, fc = flushed(a), flushed(b), flushed(c0) if beta != 0 else c0
+    want = ref.gemm(*f64(fa, fb), trans_a=ta, trans_b=tb, alpha=alpha, beta=beta, out=f64(fc).copy())
+    tol = gemm_tol(fa, fb, fc, trans_a=ta, trans_b=tb, alpha=alpha, beta=beta, worst_case=True)
+    assert_close(out, want, tol + (k + 3) * (1 + abs(alpha) + abs(beta)) * F32_MIN_NORMAL,
+                 "gemm (flush)")
+    assert not ((out != 0) & (np.abs(out) < F32_MIN_NORMAL)).any()  # no denormal written
 
 
 @FAST

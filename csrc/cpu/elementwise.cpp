@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/fpenv.h"
 #include "check.h"
 #include "cpu/parallel.h"
 #include "fastmlp.h"
@@ -18,6 +19,7 @@ static void check_sizes(const char* op, int64_t rows, int64_t cols) {
 }
 
 void bias_add(const float* x, const float* bias, float* y, int64_t rows, int64_t cols) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     check_sizes("bias_add", rows, cols);
     if (rows == 0 || cols == 0) return;
     FASTMLP_CHECK(x && bias && y, "bias_add: null pointer");
@@ -45,6 +47,7 @@ static void column_sums(const float* dy, float* db, int64_t rows, int64_t cols,
 }
 
 void bias_grad(const float* dy, float* db, int64_t rows, int64_t cols) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     check_sizes("bias_grad", rows, cols);
     if (cols == 0) return;
     FASTMLP_CHECK(db && (rows == 0 || dy), "bias_grad: null pointer");
@@ -57,6 +60,7 @@ void bias_grad(const float* dy, float* db, int64_t rows, int64_t cols) {
 }
 
 void relu(const float* x, float* y, int64_t size) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     FASTMLP_CHECK(size >= 0, "relu: size must be >= 0, got " << size);
     if (size == 0) return;
     FASTMLP_CHECK(x && y, "relu: null pointer");
@@ -66,6 +70,7 @@ void relu(const float* x, float* y, int64_t size) {
 }
 
 void relu_backward(const float* dy, const float* y, float* dx, int64_t size) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     FASTMLP_CHECK(size >= 0, "relu_backward: size must be >= 0, got " << size);
     if (size == 0) return;
     FASTMLP_CHECK(dy && y && dx, "relu_backward: null pointer");

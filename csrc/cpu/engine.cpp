@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "check.h"
+#include "cpu/fpenv.h"
 #include "cpu/parallel.h"
 #include "engine.h"
 #include "engine_exec.h"
@@ -91,6 +92,7 @@ public:
                       "engine: steps " << first << ".." << first + count - 1 << " of batch "
                                        << batch << " run past the " << rows << " rows");
         check_run(list, first, count);
+        cpu::FlushDenormalScope fp_scope;  // cpu/fpenv.h: the whole pass in one mode
         const std::vector<PlanOp>& ops = ops_[list];
         // step_end is the op that advances the step; its state buffer tells
         // where to look for a non-finite loss.

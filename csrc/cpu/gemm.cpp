@@ -10,6 +10,7 @@
 #include <cstring>
 #include <string>
 
+#include "cpu/fpenv.h"
 #include "check.h"
 #include "cpu/gemm_impl.h"
 #include "cpu/parallel.h"
@@ -112,6 +113,7 @@ std::string gemm_isas_supported() {
 void gemm_ex(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
              const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
              int64_t ldc, const GemmEpilogue& ep, Precision) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     FASTMLP_CHECK(m >= 0 && n >= 0 && k >= 0,
                   "gemm: sizes must be >= 0, got m=" << m << " n=" << n << " k=" << k);
     FASTMLP_CHECK(lda >= (trans_a ? m : k) && lda >= 1, "gemm: lda too small: " << lda);

@@ -1,5 +1,6 @@
 // CPU SGD and Adam/AdamW steps, in place. The update rules live in kernel_math.h and
 // are shared with the CUDA kernels.
+#include "cpu/fpenv.h"
 #include "check.h"
 #include "cpu/parallel.h"
 #include "fastmlp.h"
@@ -33,6 +34,7 @@ void adam_range(float* __restrict param, const float* __restrict grad, float* __
 
 void sgd_step(float* param, const float* grad, float* buf, int64_t size, float lr,
               float momentum, bool nesterov, float weight_decay) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     FASTMLP_CHECK(size >= 0, "sgd_step: size must be >= 0, got " << size);
     FASTMLP_CHECK(momentum == 0.0f || buf || size == 0,
                   "sgd_step: momentum != 0 needs a momentum buffer");
@@ -43,6 +45,7 @@ void sgd_step(float* param, const float* grad, float* buf, int64_t size, float l
 
 void sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
                     const SgdHyper& h) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     if (size == 0) return;
     parallel_range(size, size >= kParMin,
                    [&](int64_t i0, int64_t i1) { sgd_range(param, grad, buf, i0, i1, h); });
@@ -51,6 +54,7 @@ void sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
 void adam_step(float* param, const float* grad, float* m, float* v, int64_t size, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                int64_t step) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     FASTMLP_CHECK(size >= 0, "adam_step: size must be >= 0, got " << size);
     FASTMLP_CHECK(step >= 1, "adam_step: step counts from 1, got " << step);
     if (size == 0) return;
@@ -61,6 +65,7 @@ void adam_step(float* param, const float* grad, float* m, float* v, int64_t size
 
 void adam_step_hyper(float* param, const float* grad, float* m, float* v, int64_t size,
                      const AdamHyper& h) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     if (size == 0) return;
     parallel_range(size, size >= kParMin,
                    [&](int64_t i0, int64_t i1) { adam_range(param, grad, m, v, i0, i1, h); });

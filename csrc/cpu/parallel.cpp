@@ -21,6 +21,7 @@
 #endif
 
 #include "check.h"
+#include "cpu/fpenv.h"
 #include "fastmlp.h"
 
 namespace fastmlp {
@@ -37,7 +38,11 @@ struct Job {
     int64_t chunks;
     std::atomic<int64_t> next{0};  // the next unclaimed chunk
     std::atomic<int64_t> done{0};  // chunks finished
+    FpControl fp;                  // the caller's FP control word (cpu/fpenv.h)
 };
+
+// The flush-denormal switch (cpu/fpenv.h); read by every kernel call.
+std::atomic<bool> g_flush_denormal{true};
 
 int env_threads() {
     for (const char* name : {"FASTMLP_NUM_THREADS", "OMP_NUM_THREADS"}) {
@@ -83,6 +88,7 @@ public:
         job.fn = fn;
         job.ctx = ctx;
         job.chunks = chunks;
+        job.fp = fp_control();  // workers run the job in the caller's FP mode
         wanted_.store(threads - 1, std::memory_order_relaxed);
         current_.store(&job, std::memory_order_seq_cst);
         generation_.fetch_add(1, std::memory_order_seq_cst);
@@ -138,7 +144,13 @@ private:
             if (id >= wanted_.load(std::memory_order_relaxed)) continue;  // fewer threads asked
             inside_.fetch_add(1, std::memory_order_seq_cst);
             Job* job = current_.load(std::memory_order_seq_cst);
-            if (job != nullptr) work_on(*job);
+            if (job != nullptr) {
+                // The caller's flush-denormal (and rounding) mode for this job only.
+                const FpControl own = fp_control();
+                if (job->fp != own) set_fp_control(job->fp);
+                work_on(*job);
+                if (job->fp != own) set_fp_control(own);
+            }
             inside_.fetch_sub(1, std::memory_order_seq_cst);
         }
     }
@@ -164,6 +176,12 @@ void run_chunks(int64_t chunks, int threads, ChunkFn fn, void* ctx) {
 int pool_threads() { return Pool::get().threads(); }
 
 int num_threads() { return pool_threads(); }
+
+bool flush_denormal() { return g_flush_denormal.load(std::memory_order_relaxed); }
+
+void set_flush_denormal(bool on) { g_flush_denormal.store(on, std::memory_order_relaxed); }
+
+bool flush_denormal_supported() { return kFlushSupported; }
 
 void set_num_threads(int n) {
     FASTMLP_CHECK(n >= 1, "set_num_threads: need at least 1 thread, got " << n);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/fpenv.h"
 #include "check.h"
 #include "cpu/parallel.h"
 #include "fastmlp.h"
@@ -49,6 +50,7 @@ void check_args(const char* op, const void* labels, LabelKind kind, int64_t rows
 void softmax_xent_fwd(const float* logits, const void* labels, LabelKind kind,
                       float* probs, float* row_loss, float* loss, int64_t* bad_row,
                       int64_t rows, int64_t cols) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     check_args("softmax_xent_fwd", labels, kind, rows, cols);
     FASTMLP_CHECK(loss && bad_row, "softmax_xent_fwd: null loss or bad_row");
     FASTMLP_CHECK(rows == 0 || (logits && probs && row_loss), "softmax_xent_fwd: null pointer");
@@ -93,6 +95,7 @@ void softmax_xent_fwd(const float* logits, const void* labels, LabelKind kind,
 
 void softmax_xent_bwd(const float* probs, const void* labels, LabelKind kind, float* dlogits,
                       int64_t* bad_row, int64_t rows, int64_t cols) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     check_args("softmax_xent_bwd", labels, kind, rows, cols);
     FASTMLP_CHECK(bad_row, "softmax_xent_bwd: null bad_row");
     FASTMLP_CHECK(rows == 0 || (probs && dlogits), "softmax_xent_bwd: null pointer");
@@ -135,6 +138,7 @@ void softmax_xent_fused(const float* logits, const void* labels, LabelKind kind,
                         float* row_loss, int32_t* /*row_hits: the CPU counts directly*/,
                         float* loss, int64_t* hits, int64_t* bad_row, int64_t rows, int64_t cols,
                         bool backward) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     check_args("softmax_xent_fused", labels, kind, rows, cols);
     FASTMLP_CHECK(hits, "softmax_xent_fused: null hits");
     FASTMLP_CHECK(rows == 0 || cols == 0 || logits + rows * cols <= out || out + rows * cols <= logits,

@@ -10,7 +10,8 @@ from .ops import get_matmul_precision, set_matmul_precision
 
 __version__ = "0.1.0"
 __all__ = ["backends", "ops", "reference", "set_seed", "set_matmul_precision",
-           "get_matmul_precision", "set_num_threads", "get_num_threads", "Dense", "Sequential", "load_model",
+           "get_matmul_precision", "set_num_threads", "get_num_threads", "set_flush_denormal",
+           "get_flush_denormal", "Dense", "Sequential", "load_model",
            "callbacks", "datasets", "layers", "losses", "optim", "__version__"]
 
 
@@ -28,10 +29,38 @@ def get_num_threads() -> int:
     return int(_C.cpu.num_threads())
 
 
+def set_flush_denormal(mode: bool) -> bool:
+    """Flush-to-zero / denormals-are-zero inside fastmlp's CPU kernels (default: on).
+
+    On, a denormal (subnormal) float32 input reads as zero and a result that would be
+    denormal is written as zero, as TensorFlow/Keras run their CPU kernels: denormals
+    cost x86 cores a microcode assist per operation (~100x on Intel), and training
+    meets them (Adam's moments of always-zero inputs decay into them). The mode is set
+    on the calling thread and the kernel pool's workers for the duration of each kernel
+    call and restored afterwards, so NumPy and the rest of the process keep IEEE
+    arithmetic. Off, the kernels follow IEEE 754 (gradual underflow). Process-wide;
+    the GPU kernels are not affected (they keep denormals, at full speed there).
+
+    Returns whether this CPU supports the mode (x86-64 and AArch64 do), like
+    ``torch.set_flush_denormal``; where it is unsupported the kernels always run IEEE.
+    """
+    if not isinstance(mode, (bool, int)) or mode not in (0, 1):
+        raise ValueError(f"set_flush_denormal: need True or False, got {mode!r}")
+    _C.cpu.set_flush_denormal(bool(mode))
+    return bool(_C.cpu.flush_denormal_supported())
+
+
+def get_flush_denormal() -> bool:
+    """Whether fastmlp's CPU kernels flush denormals (see :func:`set_flush_denormal`);
+    False where the CPU does not support it."""
+    return bool(_C.cpu.flush_denormal()) and bool(_C.cpu.flush_denormal_supported())
+
+
 def backends() -> dict:
     """What was built and what can run here.
 
     ``{"cpu": True, "cpu_threads": int, "cpu_gemm": "avx512"/"avx2"/"generic",
+    "cpu_flush_denormal": bool,
     "cuda_built": bool, "cuda": bool,
     "cuda_reason": str, "build_info": str}`` -- ``cuda_reason`` says why the
     CUDA kernels cannot run (no CUDA build / no CuPy / no device or driver),
@@ -42,6 +71,7 @@ def backends() -> dict:
         "cpu": True,
         "cpu_threads": _C.cpu.num_threads(),
         "cpu_gemm": _C.cpu.gemm_isa(),
+        "cpu_flush_denormal": get_flush_denormal(),
         "cuda_built": bool(_C.cuda_built),
         "cuda": usable,
         "cuda_reason": why,
