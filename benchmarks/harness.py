@@ -178,6 +178,17 @@ def numpy_blas_info() -> dict:
                     break
     except Exception:
         pass
+    # threadpoolctl (the bench extra) names the kernel OpenBLAS picked for this CPU
+    # ("architecture"): the one NumPy's GEMMs ran, after run.py unset the overrides.
+    try:
+        from threadpoolctl import threadpool_info
+        for lib in threadpool_info():
+            if lib.get("internal_api") == "openblas":
+                info["blas_architecture"] = lib.get("architecture")
+                info["blas_threads"] = lib.get("num_threads", info.get("blas_threads"))
+                break
+    except ImportError:
+        info["blas_architecture"] = "unknown (threadpoolctl not installed: pip install 'fastmlp[bench]')"
     return info
 
 

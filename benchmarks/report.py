@@ -69,6 +69,12 @@ def summary(res) -> list:
         big = max((r for r in mem if r["op"] == op), key=lambda r: r["bytes"])
         add(f"{op} {big['shape']}", big, "GB/s", "gbps", fmt="{:.1f}")
     for r in rows:
+        if r["section"] == "denormal" and r["impl"] == "fastmlp":
+            v = next(iter(r["vs"].values()))
+            lines.append(f"| {r['op']} {r['shape']}, {r['variant']} | {r['median_s'] * 1e3:.3g} ms "
+                         f"({r['min_s'] * 1e3:.3g}–{r['max_s'] * 1e3:.3g}) | normal data {v['median_s'] * 1e3:.3g} ms | "
+                         f"denormal costs {1 / v['ratio']:.2f}x |")
+    for r in rows:
         if r["section"] == "training" and r["impl"] == "fastmlp":
             add(f"train step B={r['batch']} ({r['epoch_s']:.2f} s/epoch)", r, "ms", "ms", fmt="{:.3g}")
     for r in rows:
@@ -119,11 +125,13 @@ def markdown(res) -> str:
                + ".")
     if meta["device_kind"] == "cpu":
         out.append(f"Threads: fastmlp (own pool) {env.get('fastmlp_threads')}, NumPy's BLAS "
-                   f"({env.get('blas')} {env.get('blas_version')}, core {env.get('blas_core')}) "
-                   f"{env.get('blas_threads')}, PyTorch {meta.get('torch_threads')}; "
+                   f"({env.get('blas')} {env.get('blas_version')}, kernel "
+                   f"{env.get('blas_architecture') or env.get('blas_core')}) "
+                   f"{env.get('blas_threads')}, PyTorch {meta.get('torch_threads')} "
+                   f"({meta.get('torch_cpu')}); unset for the peers by run.py: "
+                   f"{meta.get('unset_for_peers') or 'nothing (neither was set)'}; "
                    f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}, "
                    f"OPENBLAS_NUM_THREADS={env.get('OPENBLAS_NUM_THREADS')}, "
-                   f"OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE')}, "
                    f"OPENBLAS_THREAD_TIMEOUT={env.get('OPENBLAS_THREAD_TIMEOUT')} (set by run.py: "
                    "idle OpenBLAS workers sleep at once instead of spinning and stalling the other "
                    f"libraries' threads), OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY')} (PyTorch's "
@@ -190,6 +198,20 @@ def markdown(res) -> str:
                 v = r["vs"].get(p)
                 cells += [_num(v and v["gbps"]), _pct(v and v["ratio"])]
             out.append("| " + " | ".join(cells + [_check(r)]) + " |")
+
+    den = [r for r in rows if r["section"] == "denormal" and "vs" in r]
+    if den:
+        out += ["", "## Denormal data", "",
+                "The same call on denormal and on normal data, alternated in one run; `cost` = "
+                "denormal time / normal time (1.00: free). fastmlp flushes denormals to zero inside "
+                "its CPU kernels by default (`fm.set_flush_denormal`); NumPy is IEEE.", "",
+                "| impl | op | shape | data and mode | denormal ms (min–max) | normal ms (min–max) | cost |",
+                "|---|---|---|---|---|---|---|"]
+        for r in den:
+            v = next(iter(r["vs"].values()))
+            out.append(f"| {r['impl']} | {r['op']} | {r['shape']} | {r['variant']} | {_ms(r)} | "
+                       f"{v['median_s'] * 1e3:.3f} ({v['min_s'] * 1e3:.3f}–{v['max_s'] * 1e3:.3f}) | "
+                       f"{1 / v['ratio']:.2f}x |")
 
     train = [r for r in rows if r["section"] == "training" and r["impl"] == "fastmlp"]
     out += ["", "## Training: 784-128-10, Adam", ""]

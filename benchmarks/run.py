@@ -76,7 +76,7 @@ import report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASHION_MNIST_TRAIN = 60000
-SECTIONS = ["ceilings", "gemm", "memory", "training", "epoch"]
+SECTIONS = ["ceilings", "gemm", "memory", "denormal", "training", "epoch"]
 GEMM_TOL = 1e-4  # FP32 lands near 1e-6 for k <= 8192; TF32 (~3e-4) cannot pass
 
 
@@ -544,6 +544,68 @@ class Bench:
                     f"({row['pct_of_roof']:5.1f}% of copy)  {peer} {peer_row['gbps']:7.1f}"
                     + ("" if error is None else f"  FAIL {error}"))
 
+    # -- denormal data (CPU) ------------------------------------------------------------
+    def run_denormal(self):
+        """GEMM and adam_step on denormal vs normal data, with fastmlp's flush-to-zero mode
+        on (the default) and off (IEEE), and NumPy's GEMM (IEEE) for comparison. A row's
+        ratio is the normal-data time / the denormal-data time (1.0: denormals cost
+        nothing; the target with flush on is >= 0.83, i.e. at most 1.2x slower)."""
+        if self.dev.kind != "cpu":
+            raise Skip("flush-to-zero is a CPU mode; the GPU kernels keep denormals")
+        import fastmlp as fm
+        tiny = np.float32(1e-39)  # every |x| <= ~5 * 1e-39 is denormal (FLT_MIN = 1.18e-38)
+        s = 512 if self.quick else 1024
+        a_norm, b = self.rand(s, s), self.rand(s, s)
+        a_den = (np.clip(a_norm, -5, 5) * tiny).astype(np.float32)
+        assert np.all(np.abs(a_den) < np.finfo(np.float32).tiny)
+        c = np.empty((s, s), np.float32)
+        n = 1 << 18  # adam_step: 1 MiB per array, in cache
+        p, g0 = self.rand(n), self.rand(n) * np.float32(1e-3)
+        m_norm, v_norm = self.rand(n) * np.float32(1e-3), np.abs(self.rand(n)) * np.float32(1e-6)
+        m_den = (np.clip(self.rand(n), -5, 5) * tiny).astype(np.float32)
+        v_den = np.abs(m_den)
+        m, v = np.empty(n, np.float32), np.empty(n, np.float32)
+
+        def adam(m0, v0, grad):
+            def step():  # restore the moments first: a step changes them (both variants alike)
+                np.copyto(m, m0)
+                np.copyto(v, v0)
+                fm.ops.adam_step(p, grad, m, v, step=900, lr=1e-3)
+            return step
+
+        zero_g = np.zeros(n, np.float32)  # the always-zero pixels' weights: zero gradient
+        cases = [("gemm", f"{s}x{s}x{s}", 2.0 * s ** 3, 12.0 * s * s, "A",
+                  lambda: fm.ops.gemm(a_norm, b, out=c), lambda: fm.ops.gemm(a_den, b, out=c),
+                  lambda: np.matmul(a_norm, b, out=c), lambda: np.matmul(a_den, b, out=c)),
+                 ("adam_step", f"{n}", 12.0 * n, 44.0 * n, "m, v (zero gradient), incl. restoring them",
+                  adam(m_norm, v_norm, zero_g), adam(m_den, v_den, zero_g), None, None)]
+        before = fm.get_flush_denormal()
+        try:
+            for op, shape, flops, nbytes, what, ours_norm, ours_den, np_norm, np_den in cases:
+                for mode in (True, False):
+                    fm.set_flush_denormal(mode)
+                    fns = {"denormal": ours_den, "normal": ours_norm}
+                    if np_norm is not None and mode:
+                        fns.update({"NumPy denormal": np_den, "NumPy normal": np_norm})
+                    t = self.time(fns)
+                    variant = f"denormal {what}; flush {'on (default)' if mode else 'off (IEEE)'}"
+                    row = H.make_row("denormal", op, shape, variant, "fastmlp", t["denormal"],
+                                     flops=flops, nbytes=nbytes, checked=True)
+                    peer = {"fastmlp, normal data": H.make_row("denormal", op, shape, variant, "fastmlp, normal data",
+                                                               t["normal"], flops=flops, nbytes=nbytes)}
+                    self._finish(row, peer)
+                    msg = f"  {op:10s} {variant:60s} normal/denormal time {row['vs']['fastmlp, normal data']['ratio']:.2f}"
+                    if "NumPy denormal" in t:
+                        nrow = H.make_row("denormal", op, shape, f"denormal {what}; IEEE", "NumPy",
+                                          t["NumPy denormal"], flops=flops, nbytes=nbytes, checked=True)
+                        self._finish(nrow, {"NumPy, normal data": H.make_row(
+                            "denormal", op, shape, f"denormal {what}; IEEE", "NumPy, normal data",
+                            t["NumPy normal"], flops=flops, nbytes=nbytes)})
+                        msg += f"   NumPy {nrow['vs']['NumPy, normal data']['ratio']:.2f}"
+                    log(msg)
+        finally:
+            fm.set_flush_denormal(before)
+
     # -- training ---------------------------------------------------------------------
     def run_training(self):
         import fastmlp as fm
@@ -846,6 +908,11 @@ def meta(dev, bench, args, wall_s):
     return {"commit": H.git_commit(), "date": H.now_utc(), "device": dev.name, "device_kind": dev.kind,
             "slug": dev.slug, "quick": args.quick, "versions": versions, "torch_note": bench.torch_reason,
             "torch_threads": bench.torch.get_num_threads() if bench.torch is not None else None,
+            # PyTorch's CPU GEMM library and the instruction set it dispatches to
+            "torch_cpu": (f"{bench.torch.backends.cpu.get_cpu_capability()}, MKL "
+                          f"{bench.torch.backends.mkl.is_available()}, oneDNN "
+                          f"{bench.torch.backends.mkldnn.is_available()}")
+            if bench.torch is not None and dev.kind == "cpu" else None,
             "host": platform.node(), "wall_s": wall_s, "env": dev.info(), "nvtx_enabled": _nvtx_enabled(),
             "tf32": False, "repeats": bench.repeats, "min_time_s": bench.min_time,
             "unset_for_peers": UNSET_FOR_PEERS}

@@ -333,3 +333,25 @@ def test_budget_skips_the_sections_that_would_start_late(monkeypatch, run):
     bench.skipped.clear()
     bench.run(["gemm", "memory"], budget_s=60.0)
     assert ran == ["gemm", "memory"] and not bench.skipped
+
+
+def test_denormal_section_rows_and_report(run):
+    """The denormal section: a row per op and mode, each with its normal-data twin, the
+    data really denormal, and the process's flush mode as it was before."""
+    import fastmlp as fm
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    bench.repeats, bench.min_time = 3, 0.0
+    before = fm.get_flush_denormal()
+    bench.run_denormal()
+    assert fm.get_flush_denormal() is before
+    assert not bench.failures
+    ours = [r for r in bench.rows if r["section"] == "denormal" and r["impl"] == "fastmlp"]
+    assert [(r["op"], "flush on" in r["variant"]) for r in ours] == \
+        [("gemm", True), ("gemm", False), ("adam_step", True), ("adam_step", False)]
+    for r in ours:
+        assert r["vs"]["fastmlp, normal data"]["ratio"] > 0
+    assert any(r["impl"] == "NumPy" for r in bench.rows)
+    md = report.markdown({"meta": {"device": "test", "commit": "x", "date": "d", "quick": True, "wall_s": 0,
+                                   "versions": {}, "device_kind": "cpu", "env": {}},
+                          "ceilings": {}, "rows": bench.rows, "skipped": {}, "failures": []})
+    assert "## Denormal data" in md and "flush off (IEEE)" in md
