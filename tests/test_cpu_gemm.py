@@ -84,8 +84,8 @@ def test_alpha_beta_edges(isa, rng, trans, alpha, beta):
 
 
 # Shapes large enough that the driver packs A and/or B (see Gemm::run), with edge
-# tiles in both dimensions; the MLP shapes; and narrow deep ones (n <= NR/2, k >= 256)
-# that the driver computes as C^T = op(B)^T op(A)^T (the 128 -> 10 layer's dW).
+# tiles in both dimensions; the MLP shapes; and narrow ones (n at most one vector)
+# that take the narrow tile (Gemm::run_narrow: the 128 -> 10 layer).
 PACKED = [(75, 133, 900), (300, 261, 900), (261, 300, 901), (32, 128, 784), (784, 128, 32),
           (32, 784, 128), (1024, 130, 70), (200, 5, 300), (128, 10, 2048), (131, 16, 257)]
 
@@ -125,6 +125,17 @@ def test_epilogues_on_edge_tiles(isa, rng, shape):
     assert_close(db, f64(dy).sum(0), 2 ** -22 * (m + 2) * np.abs(f64(dy)).sum(0) + 1e-30, "db")
 
 
+@pytest.mark.parametrize("trans", TRANS, ids=TRANS_IDS)
+def test_narrow_tile_m_sweep(isa, rng, trans):
+    """n <= one vector: 2*MR-row tiles (run_narrow), edge rows in every position, with
+    alpha/beta, and k from 1 to past a k-slice."""
+    mr, nr, kc = TILES[isa]
+    for m in range(1, 4 * mr + 2):
+        _check(rng, m, min(10, nr // 2), 19, *trans)
+    for k in (1, 2, kc + 3):
+        _check(rng, 2 * mr + 3, 7, k, *trans, alpha=-0.5, beta=2.0)
+
+
 def test_drivers_agree_closely(rng):
     """Every driver computes the same products (to rounding) on the MLP shapes."""
     a, b = normal(rng, (32, 784)), normal(rng, (784, 128))
@@ -141,8 +152,9 @@ def test_drivers_agree_closely(rng):
         assert_close(out, f64(a) @ f64(b), tol, name)
 
 
-@pytest.mark.parametrize("shape", [(1024, 130, 70), (64, 1000, 513), (300, 261, 900)],
-                         ids=["1024x130x70", "64x1000x513", "300x261x900"])
+@pytest.mark.parametrize("shape", [(1024, 130, 70), (64, 1000, 513), (300, 261, 900), (3000, 10, 300),
+                                   (8192, 128, 100)],
+                         ids=["1024x130x70", "64x1000x513", "300x261x900", "3000x10x300", "8192x128x100"])
 @pytest.mark.parametrize("trans", TRANS, ids=TRANS_IDS)
 def test_thread_count_does_not_change_bits(rng, shape, trans):
     """The k-slicing depends on k only, so 1 and 2 threads give the same bits."""

@@ -33,9 +33,10 @@
 //  - op(A) transposed: the MR floats the micro-kernel broadcasts at one k are
 //    contiguous in A ("A-cont", like a packed panel with stride lda); not
 //    transposed, they are MR rows read at the same offset ("A-rows").
-// Packing is still chosen for large operands: packed panels are contiguous
-// (no TLB misses, no cache-set conflicts of power-of-two strides) and every
-// load in the micro-kernel is a full vector.
+// Packing is still chosen for large, much reused operands: packed panels are
+// contiguous (no TLB misses, no cache-set conflicts of power-of-two strides)
+// and every load in the micro-kernel is a full vector. A C at most one vector
+// wide (n <= W: the 128 -> 10 layer) takes a tile of its own (run_narrow).
 //
 // Edges without scalar code: a panel narrower than NR is zero-padded when
 // packed, or read with masked loads in place; a panel shorter than MR is
@@ -82,7 +83,7 @@ struct Scratch {
         return p;
     }
 };
-thread_local Scratch tl_a, tl_b, tl_edge, tl_t;
+thread_local Scratch tl_a, tl_b, tl_edge, tl_nb;
 
 template <class S>
 struct Gemm {
@@ -328,51 +329,115 @@ struct Gemm {
         }
     }
 
-    // Returns false when out of memory for the packing buffers.
-    static bool run(const GemmArgs& g) {
-        // A narrow C (n at most half a register tile) with a deep k, e.g. the
-        // 128 -> 10 layer's dW = X^T dY (128 x 10, k = batch): the NR-wide tile
-        // would spend most of its FMAs on padding columns. Computing C^T = op(B)^T
-        // op(A)^T instead puts the narrow side on the MR rows of the tile, which
-        // waste far less; C^T goes to a scratch buffer and is copied out with
-        // alpha, beta and the epilogue. Every C element still sums p in order over
-        // the same k-slices, and the choice depends on the shape only.
-        if (2 * g.n <= NR && g.m >= 4 * NR && g.k >= 256) return run_transposed(g);
-        return run_direct(g);
-    }
+    // -- narrow C: n <= W, one vector per row ------------------------------------
+    //
+    // The 128 -> 10 layer's products (X@W: n = 10; dW: 128 x 10) would waste most
+    // of an NR-wide tile on padding columns. Here a tile is RN rows x one vector:
+    // per k, one load of B's row (packed once, zero-padded to W), RN broadcasts of
+    // A read in place, RN FMAs; RN accumulators hide the FMA latency. Every C
+    // element sums p = 0..k-1 in order in one accumulator: deterministic, and
+    // independent of the thread count (threads take row bands).
+    static constexpr int RN = 2 * MR;
 
-    static bool run_transposed(const GemmArgs& g) {
-        float* t = tl_t.get(g.m * g.n);  // C^T: n x m, row-major
-        if (t == nullptr) return false;
-        GemmArgs h = g;
-        h.trans_a = !g.trans_b;  // op(A') = op(B)^T (n x k)
-        h.a = g.b;
-        h.lda = g.ldb;
-        h.trans_b = !g.trans_a;  // op(B') = op(A)^T (k x m)
-        h.b = g.a;
-        h.ldb = g.lda;
-        h.m = g.n;
-        h.n = g.m;
-        h.alpha = 1.0f;
-        h.beta = 0.0f;
-        h.c = t;
-        h.ldc = g.m;
-        h.ep = GemmEpilogue();
-        if (!run_direct(h)) return false;
-        const GemmEpilogue& ep = g.ep;
-        for (int64_t i = 0; i < g.m; ++i) {
-            float* __restrict ci = g.c + i * g.ldc;
-            for (int64_t j = 0; j < g.n; ++j) {
-                float v = g.alpha * t[j * g.m + i];
-                if (g.beta != 0.0f) v += g.beta * ci[j];
-                if (ep.bias) v += ep.bias[j];
-                if (ep.relu) v = v > 0.0f ? v : 0.0f;
-                if (ep.relu_mask) v = ep.relu_mask[i * ep.ld_mask + j] > 0.0f ? v : 0.0f;
-                ci[j] = v;
+    // C[0:mr, 0:n] (+)= op(A)[0:mr, :] @ Bp, Bp = op(B) packed k x W.
+    //   kACont: op(A)(i, p) = a[p*a_ld + i] (A^T in place, or a packed edge panel);
+    //   otherwise a[i*a_ld + p] (rows in place; rows past mr read row 0).
+    template <bool kACont>
+    static void narrow_tile(int64_t k, const float* __restrict a, int64_t a_ld,
+                            const float* __restrict bp, int64_t b_rs, float* c, int64_t ldc,
+                            int mr, int n, const Update& u) {
+        V acc[RN];
+#pragma GCC unroll 32
+        for (int i = 0; i < RN; ++i) acc[i] = S::zero();
+        if (kACont) {
+            for (int64_t p = 0; p < k; ++p) {
+                const V bv = S::load_n(bp + p * b_rs, n);
+#pragma GCC unroll 32
+                for (int i = 0; i < RN; ++i) acc[i] = S::fma(S::set1(a[i]), bv, acc[i]);
+                a += a_ld;
+            }
+        } else {
+            const float* ar[RN];
+#pragma GCC unroll 32
+            for (int i = 0; i < RN; ++i) ar[i] = a + (i < mr ? i : 0) * a_ld;
+            for (int64_t p = 0; p < k; ++p) {
+                const V bv = S::load_n(bp + p * b_rs, n);
+#pragma GCC unroll 32
+                for (int i = 0; i < RN; ++i) acc[i] = S::fma(S::set1(ar[i][p]), bv, acc[i]);
             }
         }
-        if (ep.colsum_b) colsum(g, 0, g.n);
-        return true;
+        const V alpha = S::set1(u.alpha), beta = S::set1(u.beta);
+        const bool epi = u.bias || u.relu || u.mask;
+#pragma GCC unroll 32
+        for (int i = 0; i < RN; ++i) {
+            if (i >= mr) break;
+            float* ci = c + i * ldc;
+            V t = S::mul(alpha, acc[i]);
+            if (u.beta != 0.0f) t = S::fma(beta, S::load_n(ci, n), t);
+            if (epi) t = finish(t, i, 0, n, u);
+            S::store_n(ci, t, n);
+        }
+    }
+
+    static bool run_narrow(const GemmArgs& g) {
+        // op(B)'s rows are read in place with masked loads; a transposed B is
+        // packed first into k x W (k*n floats: small next to the m*k*n work).
+        const float* bp = g.b;
+        int64_t b_rs = g.ldb;
+        if (g.trans_b) {
+            float* pk = tl_nb.get(g.k * W);
+            if (pk == nullptr) return false;
+            for (int64_t j = 0; j < g.n; ++j) {
+                const float* __restrict src = g.b + j * g.ldb;
+                for (int64_t p = 0; p < g.k; ++p) pk[p * W + j] = src[p];
+            }
+            bp = pk;
+            b_rs = W;
+        }
+        const int64_t tiles = cdiv(g.m, RN);
+        const int64_t want = g.threads > 1 ? int64_t(g.threads) * kChunksPerThread : 1;
+        const int64_t parts = tiles < want ? tiles : want;
+        bool ok = true;
+        auto chunk = [&](int64_t t) {
+            const int64_t t0 = tiles * t / parts, t1 = tiles * (t + 1) / parts;
+            float* edge = nullptr;
+            for (int64_t tile_i = t0; tile_i < t1; ++tile_i) {
+                const int64_t i0 = tile_i * RN;
+                const int mr = static_cast<int>(imin(RN, g.m - i0));
+                Update u;
+                u.alpha = g.alpha;
+                u.beta = g.beta;
+                u.bias = g.ep.bias;
+                u.relu = g.ep.relu;
+                u.ld_mask = g.ep.ld_mask;
+                u.mask = g.ep.relu_mask ? g.ep.relu_mask + i0 * g.ep.ld_mask : nullptr;
+                float* ct = g.c + i0 * g.ldc;
+                if (!g.trans_a) {
+                    narrow_tile<false>(g.k, g.a + i0 * g.lda, g.lda, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
+                } else if (mr == RN) {
+                    narrow_tile<true>(g.k, g.a + i0, g.lda, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
+                } else {  // a short panel of A^T in place would read past A's end: pack it
+                    if (edge == nullptr) edge = tl_edge.get(g.k * RN);
+                    if (edge == nullptr) {
+                        __atomic_store_n(&ok, false, __ATOMIC_RELAXED);
+                        return;
+                    }
+                    for (int64_t p = 0; p < g.k; ++p)
+                        for (int i = 0; i < RN; ++i)
+                            edge[p * RN + i] = i < mr ? g.a[p * g.lda + i0 + i] : 0.0f;
+                    narrow_tile<true>(g.k, edge, RN, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
+                }
+            }
+        };
+        parallel_chunks(parts, g.threads, chunk);
+        if (g.ep.colsum_b) colsum(g, 0, g.n);
+        return __atomic_load_n(&ok, __ATOMIC_RELAXED);
+    }
+
+    // Returns false when out of memory for the packing buffers.
+    static bool run(const GemmArgs& g) {
+        if (g.n <= W) return run_narrow(g);
+        return run_direct(g);
     }
 
     static bool run_direct(const GemmArgs& g) {
@@ -381,19 +446,28 @@ struct Gemm {
         // many row panels; pack A when it is large and not already in panel
         // order (see the header comment).
         const bool pack_b_ = g.trans_b || (g.k * g.n >= (int64_t(1) << 16) && mp >= 8);
-        const bool pack_a_ = !g.trans_a ? (g.k * g.m >= (int64_t(1) << 16) && np >= 4)
+        // A in place is op(A)'s rows, read as MR streams: measured faster than
+        // packing it unless it is reused by many column panels (AMD EPYC, Zen 4:
+        // 784->128 X@W at batch 8192 went from 0.77x to 1.1x NumPy's SkylakeX
+        // kernel; 1024^3 from 0.97x to 1.0-1.2x).
+        const bool pack_a_ = !g.trans_a ? (g.k * g.m >= (int64_t(1) << 16) && np >= 64)
                                         : (g.k * g.m >= (int64_t(1) << 18) && np >= 8);
-        // Threads split C along N (each packs its own B panels) unless N is too
-        // narrow for every thread to get a panel.
-        const bool by_cols = np >= g.threads || np >= mp;
+        // Threads split C into bands along its longer side: a column band packs
+        // its own B panels but needs all of op(A) (packed once per band when A is
+        // packed), a row band the reverse. Splitting the longer side shares the
+        // smaller operand (e.g. the forward X@W of a 784->128 layer at batch 8192:
+        // row bands, each packing a slice of X, all reading W).
+        const bool by_cols = g.threads <= 1 ? true
+                             : np >= g.threads && (np * NR >= mp * MR || mp < g.threads);
         // Chunk t owns a column (or row) band of C and the matching share of the
         // column sums. A thread that is not running when the loop starts leaves
         // its chunks to the others (cpu/parallel.h). Several chunks per thread
-        // bound what a thread descheduled mid-chunk holds up, except when A is
-        // packed: each chunk packs its own copy of A.
+        // bound what a thread descheduled mid-chunk holds up, except when each
+        // chunk would pack its own copy of the shared operand.
+        const bool copies = by_cols ? pack_a_ : pack_b_;
         const int64_t bands = by_cols ? np : mp;
-        const int64_t want = g.threads > 1 && !pack_a_ ? int64_t(g.threads) * kChunksPerThread
-                                                       : int64_t(g.threads);
+        const int64_t want = g.threads > 1 && !copies ? int64_t(g.threads) * kChunksPerThread
+                                                      : int64_t(g.threads);
         const int64_t parts = bands < want ? bands : want;
         bool ok = true;
         auto chunk = [&](int64_t t) {
