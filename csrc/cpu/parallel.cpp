@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -32,13 +33,20 @@ namespace {
 // longer than the gaps between the kernels of one training step.
 constexpr int kSpins = 4000;
 
+// Chunks have a home thread: thread t (the caller is 0, worker w is w + 1)
+// first claims the contiguous block [chunks*t/T, chunks*(t+1)/T), in order,
+// then takes what is still unclaimed elsewhere, from the end backwards. So a
+// kernel that runs every step (a GEMM's column bands, the optimizer's range)
+// finds its data in the same core's cache step after step, and a thread that
+// is late or descheduled still leaves its chunks to the others.
 struct Job {
     ChunkFn fn;
     void* ctx;
     int64_t chunks;
-    std::atomic<int64_t> next{0};  // the next unclaimed chunk
-    std::atomic<int64_t> done{0};  // chunks finished
-    FpControl fp;                  // the caller's FP control word (cpu/fpenv.h)
+    int threads;                     // T
+    std::atomic<uint8_t>* claimed;   // chunks flags, 0 = free
+    std::atomic<int64_t> done{0};    // chunks finished
+    FpControl fp;                    // the caller's FP control word (cpu/fpenv.h)
 };
 
 // The flush-denormal switch (cpu/fpenv.h); read by every kernel call.
@@ -84,10 +92,17 @@ public:
             return;
         }
         ensure_workers(threads - 1);
+        if (claimed_size_ < chunks) {
+            claimed_.reset(new std::atomic<uint8_t>[static_cast<size_t>(chunks)]);
+            claimed_size_ = chunks;
+        }
+        for (int64_t i = 0; i < chunks; ++i) claimed_[i].store(0, std::memory_order_relaxed);
         Job job;
         job.fn = fn;
         job.ctx = ctx;
         job.chunks = chunks;
+        job.threads = threads;
+        job.claimed = claimed_.get();
         job.fp = fp_control();  // workers run the job in the caller's FP mode
         wanted_.store(threads - 1, std::memory_order_relaxed);
         current_.store(&job, std::memory_order_seq_cst);
@@ -96,7 +111,7 @@ public:
             std::lock_guard<std::mutex> lk(mu_);
             cv_.notify_all();
         }
-        work_on(job);
+        work_on(job, 0);
         // Every chunk is claimed; wait for those other threads are still running.
         while (job.done.load(std::memory_order_acquire) < chunks) FASTMLP_PAUSE();
         // Retire the job, then wait for workers that picked up its pointer to let go.
@@ -107,14 +122,24 @@ public:
 private:
     Pool() : threads_(env_threads()) {}
 
-    static void work_on(Job& job) {
+    static bool claim(Job& job, int64_t i) {
+        return job.claimed[i].load(std::memory_order_relaxed) == 0 &&
+               job.claimed[i].exchange(1, std::memory_order_acq_rel) == 0;
+    }
+
+    static void run_chunk(Job& job, int64_t i) {
+        job.fn(job.ctx, i);
+        job.done.fetch_add(1, std::memory_order_release);
+    }
+
+    // Thread `tid` of the job: its home block first, then whatever is left.
+    static void work_on(Job& job, int tid) {
         tl_in_chunk = true;
-        for (;;) {
-            const int64_t i = job.next.fetch_add(1, std::memory_order_relaxed);
-            if (i >= job.chunks) break;
-            job.fn(job.ctx, i);
-            job.done.fetch_add(1, std::memory_order_release);
-        }
+        const int64_t lo = job.chunks * tid / job.threads, hi = job.chunks * (tid + 1) / job.threads;
+        for (int64_t i = lo; i < hi; ++i)
+            if (claim(job, i)) run_chunk(job, i);
+        for (int64_t i = job.chunks - 1; i >= 0; --i)
+            if ((i < lo || i >= hi) && claim(job, i)) run_chunk(job, i);
         tl_in_chunk = false;
     }
 
@@ -148,7 +173,7 @@ private:
                 // The caller's flush-denormal (and rounding) mode for this job only.
                 const FpControl own = fp_control();
                 if (job->fp != own) set_fp_control(job->fp);
-                work_on(*job);
+                work_on(*job, id + 1);
                 if (job->fp != own) set_fp_control(own);
             }
             inside_.fetch_sub(1, std::memory_order_seq_cst);
@@ -158,6 +183,8 @@ private:
     std::atomic<int> threads_;
     std::mutex submit_;                 // one parallel loop at a time
     std::vector<std::thread> workers_;  // detached; kept for the count
+    std::unique_ptr<std::atomic<uint8_t>[]> claimed_;  // the job's chunk flags (submit_ held)
+    int64_t claimed_size_ = 0;
     std::atomic<Job*> current_{nullptr};
     std::atomic<uint64_t> generation_{0};
     std::atomic<int> inside_{0};        // workers holding current_

@@ -6,10 +6,14 @@
 // work) one of those threads is often descheduled, and every region then
 // waits for the scheduler to run it again -- fit at batch 32 went from 1.2 s
 // to 20-40 s per epoch while another process used one of the two cores.
-// Here the work is cut into chunks that threads claim from a shared counter;
-// the calling thread claims chunks too, and returns as soon as every chunk is
-// done. A worker that wakes late finds nothing left and goes back to sleep, so
-// a loaded machine costs at most the parallel speed-up, never more.
+// Here the work is cut into chunks that threads claim; the calling thread
+// claims chunks too, and returns as soon as every chunk is done. A worker that
+// wakes late finds nothing left and goes back to sleep, so a loaded machine
+// costs at most the parallel speed-up, never more. Each thread first claims
+// its own contiguous block of chunks (thread t of T: chunks*t/T ..), then the
+// others' leftovers: a kernel run every step finds its share of the data in
+// the same core's L2 (the seed model's Fashion-MNIST epoch at batch 32 on 2
+// AMD EPYC cores: 0.32 s with first-come chunks, 0.27 s this way).
 //
 // Idle workers spin briefly (a training step's kernels follow each other
 // within microseconds), then sleep on a condition variable, so they do not
