@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FASTMLP_HOSTDEV __host__ __device__ __forceinline__
@@ -107,6 +108,82 @@ FASTMLP_HOSTDEV void adam_update(float& p, float g, float& m, float& v, const Ad
     // on CPUs: 1.5x faster on Zen 4); a few ulp from torch's rounding, as its
     // own foreach/fused variants are (tests/test_optim.py holds the bound).
     p = p + (-h.step_size) * m / (sqrtf(v) + h.eps_scaled);
+}
+
+// ---- exp for vectorised CPU loops --------------------------------------------
+// std::exp is a library call the compiler cannot vectorise; this one is plain
+// arithmetic, so a loop over it becomes SIMD code (16 lanes with AVX-512).
+// Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r
+// (relative error <= 2 ulp over the float range), times 2^n built in two
+// power-of-two factors so results below FLT_MIN come out as IEEE denormals
+// (flushed to zero in fastmlp's default CPU mode). exp(-inf) = 0,
+// exp(x > 88.72) = +inf, exp(NaN) = NaN. CPU only (the CUDA kernels use expf).
+inline float exp_vec(float x) {
+    const float xc = x < -104.0f ? -104.0f : (x > 88.8f ? 88.8f : x);  // NaN passes through
+    const float t = xc * 1.44269504088896341f;
+    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+    float r = xc - n * 0.693359375f;                   // ln2 = 0.693359375 - 2.12194440e-4
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t ni = static_cast<int32_t>(n);       // [-150, 129]
+    const int32_t n1 = ni >> 1, n2 = ni - n1;          // each in [-75, 65]: a normal 2^k
+    float s1, s2;
+    const int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    std::memcpy(&s1, &b1, 4);
+    std::memcpy(&s2, &b2, 4);
+    const float y = (p * s1) * s2;
+    return x > 88.72283935546875f ? INFINITY : y;
+}
+
+// log for vectorised CPU loops, the companion of exp_vec: Cephes' logf. x =
+// 2^e m with m in [sqrt(1/2), sqrt(2)), log x = e ln2 + log m, log m by a
+// degree-9 polynomial (relative error <= 2 ulp for normal x). log(0) = -inf,
+// log(x < 0) = NaN, log(+inf) = +inf, log(NaN) = NaN; a denormal x is read as
+// 0 (softmax sums are >= 1, the only use here). CPU only.
+inline float log_vec(float x) {
+    int32_t bits;
+    std::memcpy(&bits, &x, 4);
+    int32_t e = ((bits >> 23) & 0xff) - 126;                // x = 2^e * m, m in [0.5, 1)
+    const int32_t mb = (bits & 0x007fffff) | 0x3f000000;
+    float m;
+    std::memcpy(&m, &mb, 4);
+    const bool small = m < 0.707106781186547524f;           // m in [sqrt(1/2), sqrt(2))
+    e -= small ? 1 : 0;
+    m = (small ? m + m : m) - 1.0f;
+    const float z = m * m;
+    float p = 7.0376836292e-2f;
+    p = p * m - 1.1514610310e-1f;
+    p = p * m + 1.1676998740e-1f;
+    p = p * m - 1.2420140846e-1f;
+    p = p * m + 1.4249322787e-1f;
+    p = p * m - 1.6668057665e-1f;
+    p = p * m + 2.0000714765e-1f;
+    p = p * m - 2.4999993993e-1f;
+    p = p * m + 3.3333331174e-1f;
+    const float fe = static_cast<float>(e);
+    float y = p * m * z;
+    y = y + fe * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    y = m + y;
+    y = y + fe * 0.693359375f;
+    // Outside the normal range: +inf -> +inf, [0, FLT_MIN) -> -inf, < 0 or NaN -> NaN.
+    // Blended as integers: a float select here made GCC branch (and not vectorise).
+    float special = x == INFINITY ? INFINITY : -INFINITY;
+    special = x >= 0.0f ? special : NAN;
+    const int32_t keep = -static_cast<int32_t>((x >= 1.17549435e-38f) & (x < INFINITY));
+    int32_t yb, sb;
+    std::memcpy(&yb, &y, 4);
+    std::memcpy(&sb, &special, 4);
+    const int32_t rb = (yb & keep) | (sb & ~keep);
+    float r;
+    std::memcpy(&r, &rb, 4);
+    return r;
 }
 
 // ---- Softmax cross-entropy ---------------------------------------------------

@@ -449,6 +449,24 @@ def test_softmax_cross_entropy_extreme_logits(backend, rng, kind):
     assert np.isfinite(backend.host(grad)).all()
 
 
+def test_softmax_cross_entropy_every_exponent(backend):
+    """Two classes with gaps over the whole float range of exp (0 down to -110, where
+    e^gap underflows): probabilities within 4 ulp (plus FLT_MIN, where a result is
+    denormal or flushed) and the loss within 1e-6 of float64 -- the CPU's
+    vectorised exp and log (kernel_math.h: exp_vec, log_vec) included."""
+    gaps = np.concatenate([np.linspace(-110, 0, 20001), [-1e-6, -1e-30, 0.0]]).astype(np.float32)
+    logits = np.stack([gaps, np.zeros_like(gaps)], axis=1)
+    labels = np.zeros(len(gaps), np.int64)
+    loss, probs = fm.ops.softmax_cross_entropy(backend.to(logits), backend.to(labels))
+    e = np.exp(f64(gaps))
+    want = np.stack([e / (e + 1), 1 / (e + 1)], axis=1)
+    got = backend.host(probs).astype(np.float64)
+    tol = 4 * np.spacing(want.astype(np.float32)).astype(np.float64) + np.finfo(np.float32).tiny
+    assert (np.abs(got - want) <= tol).all(), np.abs(got - want).max()
+    want_loss = np.mean(np.log1p(e) - f64(gaps))
+    assert abs(float(backend.host(loss)) - want_loss) <= 1e-6 * want_loss
+
+
 def test_softmax_cross_entropy_labels_agree(backend, rng):
     """int32, int64 and one-hot labels of the same classes give the same loss and probs."""
     n, c = 45, 11

@@ -33,17 +33,23 @@ def per_step_losses(model, x, y, steps, device="cpu"):
 
 def test_one_cpu_epoch_reaches_accuracy(fashion):
     """The issue's workload for one epoch: 784-128-10, Adam 1e-3, batch 32, all 60000
-    training images. Measured 0.85-0.86 test accuracy; Keras' identical model reaches
-    about 0.82-0.85 after its first epoch. Stated bound: 0.83."""
+    training images, from three seeds. Measured 0.829-0.851 test accuracy over seeds
+    0-4 (one seed alone lands anywhere in that range: the trajectory is chaotic);
+    Keras' identical model reaches about 0.82-0.85 after its first epoch. Stated
+    bounds: every seed >= 0.82, their mean >= 0.835."""
     (xt, yt), (xs, ys) = fashion
-    fm.set_seed(0)
-    model = mlp(fm.optim.Adam(lr=1e-3))
-    h = model.fit(xt, yt, epochs=1, batch_size=32, verbose=0, device="cpu")
-    result = model.evaluate(xs, ys)
-    assert result["accuracy"] >= 0.83, result
-    assert 0.2 < result["loss"] < 0.6, result
-    # The training metrics of the epoch are sane too (mean over the epoch's batches).
-    assert h.history["accuracy"][0] >= 0.78 and h.history["loss"][0] < 0.7, h.history
+    accs = []
+    for seed in (0, 1, 2):
+        fm.set_seed(seed)
+        model = mlp(fm.optim.Adam(lr=1e-3))
+        h = model.fit(xt, yt, epochs=1, batch_size=32, verbose=0, device="cpu")
+        result = model.evaluate(xs, ys)
+        assert result["accuracy"] >= 0.82, (seed, result)
+        assert 0.2 < result["loss"] < 0.6, (seed, result)
+        # The training metrics of the epoch are sane too (mean over the epoch's batches).
+        assert h.history["accuracy"][0] >= 0.78 and h.history["loss"][0] < 0.7, h.history
+        accs.append(result["accuracy"])
+    assert np.mean(accs) >= 0.835, accs
 
 
 OPTIMIZERS = {

@@ -53,6 +53,25 @@ void bias_grad(const float* dy, float* db, int64_t rows, int64_t cols) {
     FASTMLP_CHECK(db && (rows == 0 || dy), "bias_grad: null pointer");
     constexpr int64_t CB = 256;  // columns per task: 1 KiB of sums, stays in L1
     const int64_t nb = (cols + CB - 1) / CB;
+    // Many rows: blocks of kRowBlock rows summed in parallel into partial sums,
+    // then the partials added in block order. The blocks depend on rows only,
+    // so the result does not depend on the thread count. (A column band per
+    // thread alone would leave all but one thread idle for a layer of 128.)
+    constexpr int64_t kRowBlock = 2048;
+    const int64_t nrb = (rows + kRowBlock - 1) / kRowBlock;
+    if (nrb > 1 && rows * cols >= kParMin) {
+        std::vector<float> part(static_cast<size_t>(nrb * cols));
+        parallel_range(nrb, true, [&](int64_t q0, int64_t q1) {
+            for (int64_t q = q0; q < q1; ++q) {
+                const int64_t r0 = q * kRowBlock, n = std::min(rows - r0, kRowBlock);
+                for (int64_t bi = 0; bi < nb; ++bi)
+                    column_sums(dy + r0 * cols, part.data() + q * cols, n, cols, bi * CB,
+                                std::min(cols, (bi + 1) * CB));
+            }
+        });
+        column_sums(part.data(), db, nrb, cols, 0, cols);
+        return;
+    }
     parallel_range(nb, rows * cols >= kParMin && nb > 1, [&](int64_t b0, int64_t b1) {
         for (int64_t bi = b0; bi < b1; ++bi)
             column_sums(dy, db, rows, cols, bi * CB, std::min(cols, (bi + 1) * CB));

@@ -19,12 +19,81 @@ namespace fastmlp {
 namespace cpu {
 namespace {
 
+constexpr int64_t kBlock = 256, kBlockFloats = 4096;  // a block: at most these rows, floats
+
+// The softmax of n rows of `cols` logits z (n * cols <= kBlockFloats unless
+// n == 1): p = exp(z - max) / sum, mx = the row maxima, lse = log(sum). Every
+// row is reduced over c = 0..cols-1 in order. The exps and logs of the whole
+// block run in flat loops (SIMD across rows: the MLP's row of 10 classes is
+// shorter than a vector) with exp_vec/log_vec (kernel_math.h).
+inline __attribute__((always_inline)) void softmax_block_impl(
+        const float* __restrict z, float* __restrict p, float* __restrict mx,
+        float* __restrict lse, int64_t n, int64_t cols) {
+    for (int64_t r = 0; r < n; ++r) {
+        const float* zr = z + r * cols;
+        float* pr = p + r * cols;
+        float m = zr[0];
+        for (int64_t c = 1; c < cols; ++c) m = std::max(m, zr[c]);
+        mx[r] = m;
+        for (int64_t c = 0; c < cols; ++c) pr[c] = zr[c] - m;  // <= 0: exp never overflows
+    }
+    for (int64_t i = 0; i < n * cols; ++i) p[i] = exp_vec(p[i]);
+    float sum[kBlock];
+    for (int64_t r = 0; r < n; ++r) {
+        const float* pr = p + r * cols;
+        float s = 0.0f;
+        for (int64_t c = 0; c < cols; ++c) s += pr[c];
+        sum[r] = s;
+    }
+    for (int64_t r = 0; r < n; ++r) lse[r] = log_vec(sum[r]);  // sum >= 1 (exp(0) is a term), or NaN
+    for (int64_t r = 0; r < n; ++r) {
+        float* pr = p + r * cols;
+        const float inv = 1.0f / sum[r];
+        for (int64_t c = 0; c < cols; ++c) pr[c] *= inv;
+    }
+}
+
+FASTMLP_SIMD_CLONES
+void softmax_block(const float* __restrict z, float* __restrict p, float* __restrict mx,
+                   float* __restrict lse, int64_t n, int64_t cols) {
+    softmax_block_impl(z, p, mx, lse, n, cols);
+}
+
 // The integer label of row r, or -1 when it is out of range (int64 labels may
 // not fit in int, so compare before narrowing).
 int64_t label_of(const void* labels, LabelKind kind, int64_t r, int64_t cols) {
     int64_t y = kind == LabelKind::kInt32 ? static_cast<const int32_t*>(labels)[r]
                                           : static_cast<const int64_t*>(labels)[r];
     return (y >= 0 && y < cols) ? y : -1;
+}
+
+// The loss of rows r0 .. r0+n-1 from their maxima and log-sums (NaN for an
+// out-of-range label); returns the first such row, or -1.
+FASTMLP_SIMD_CLONES
+int64_t row_losses(const float* __restrict logits, const void* labels, LabelKind kind,
+                   const float* __restrict mx, const float* __restrict lse,
+                   float* __restrict row_loss, int64_t r0, int64_t n, int64_t cols) {
+    int64_t bad = -1;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = r0 + i;
+        const float* z = logits + r * cols;
+        float l;
+        if (kind == LabelKind::kOneHot) {
+            const float* y = static_cast<const float*>(labels) + r * cols;
+            l = 0.0f;
+            for (int64_t c = 0; c < cols; ++c) l -= y[c] * log_softmax_entry(z[c], mx[i], lse[i]);
+        } else {
+            const int64_t y = label_of(labels, kind, r, cols);
+            if (y < 0) {
+                l = std::numeric_limits<float>::quiet_NaN();
+                if (bad < 0) bad = r;
+            } else {
+                l = -log_softmax_entry(z[y], mx[i], lse[i]);
+            }
+        }
+        row_loss[r] = l;
+    }
+    return bad;
 }
 
 // *first = min(*first, r), from any thread (min is order-independent: deterministic).
@@ -56,34 +125,17 @@ void softmax_xent_fwd(const float* logits, const void* labels, LabelKind kind,
     FASTMLP_CHECK(rows == 0 || (logits && probs && row_loss), "softmax_xent_fwd: null pointer");
     std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
     parallel_range(rows, rows * cols >= kParMin, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-        const float* z = logits + r * cols;
-        float* p = probs + r * cols;
-        float zmax = z[0];
-        for (int64_t c = 1; c < cols; ++c) zmax = std::max(zmax, z[c]);
-        float sum = 0.0f;
-        for (int64_t c = 0; c < cols; ++c) {
-            p[c] = std::exp(z[c] - zmax);  // <= 1: never overflows
-            sum += p[c];
+        // Rows in blocks of at most kBlock rows and kBlockFloats logits:
+        // softmax_block computes the probabilities and, per row, the max and
+        // log(sum exp); the loss of each row then needs only its label.
+        const int64_t block = std::max<int64_t>(1, std::min(kBlock, kBlockFloats / cols));
+        float mx[kBlock], lse[kBlock];
+        for (int64_t b0 = r0; b0 < r1; b0 += block) {
+            const int64_t n = std::min(r1 - b0, block);
+            softmax_block(logits + b0 * cols, probs + b0 * cols, mx, lse, n, cols);
+            const int64_t bad = row_losses(logits, labels, kind, mx, lse, row_loss, b0, n, cols);
+            if (bad >= 0) atomic_min(first_bad, bad);
         }
-        const float inv = 1.0f / sum, log_sum = std::log(sum);
-        for (int64_t c = 0; c < cols; ++c) p[c] *= inv;
-        float l;
-        if (kind == LabelKind::kOneHot) {
-            const float* y = static_cast<const float*>(labels) + r * cols;
-            l = 0.0f;
-            for (int64_t c = 0; c < cols; ++c) l -= y[c] * log_softmax_entry(z[c], zmax, log_sum);
-        } else {
-            const int64_t y = label_of(labels, kind, r, cols);
-            if (y < 0) {
-                l = std::numeric_limits<float>::quiet_NaN();
-                atomic_min(first_bad, r);
-            } else {
-                l = -log_softmax_entry(z[y], zmax, log_sum);
-            }
-        }
-        row_loss[r] = l;
-    }
     });
     // The mean in a fixed order (double accumulation: rows can be millions).
     double total = 0.0;

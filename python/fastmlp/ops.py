@@ -301,20 +301,25 @@ def _raise_bad_label(op, labels, bad_row, classes):
                      f"(the logits have {classes} classes)")
 
 
-def softmax_cross_entropy_forward(logits, labels, *, check_labels=True):
+def softmax_cross_entropy_forward(logits, labels, *, check_labels=True, out=None):
     """Like :func:`softmax_cross_entropy`, plus the bad-label flag.
 
     Returns ``(loss, probs, bad_row)``; ``bad_row`` is a 1-element int64
     array on the logits' device holding the first row with an out-of-range
     label, or -1. With ``check_labels=False`` nothing is read back from the
     GPU (no sync): the caller checks ``bad_row`` later (``fit`` does, once
-    per epoch at the latest).
+    per epoch at the latest). ``out`` (rows, classes) receives the
+    probabilities when given; it must not overlap ``logits``.
     """
     op = "softmax_cross_entropy"
     ck = Checker(op)
     logits, lab, kind = _logits_labels(ck, logits, labels)
     rows, cols = logits.shape
-    probs = ck.empty((rows, cols), np.float32, like=logits)
+    if out is None:
+        probs = ck.empty((rows, cols), np.float32, like=logits)
+    else:
+        probs = ck.out(out, "out", (rows, cols), like=logits)
+        ck.no_overlap(probs, "out", (logits, "logits"), (lab, "labels"))
     row_loss = ck.empty((rows,), np.float32, like=logits)
     loss = ck.empty((), np.float32, like=logits)
     bad_row = ck.empty((1,), np.int64, like=logits)
