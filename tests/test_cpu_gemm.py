@@ -153,8 +153,9 @@ def test_drivers_agree_closely(rng):
 
 
 @pytest.mark.parametrize("shape", [(1024, 130, 70), (64, 1000, 513), (300, 261, 900), (3000, 10, 300),
-                                   (8192, 128, 100)],
-                         ids=["1024x130x70", "64x1000x513", "300x261x900", "3000x10x300", "8192x128x100"])
+                                   (8192, 128, 100), (32, 128, 784), (100, 300, 1200)],
+                         ids=["1024x130x70", "64x1000x513", "300x261x900", "3000x10x300", "8192x128x100",
+                              "32x128x784-splitk", "100x300x1200-splitk"])
 @pytest.mark.parametrize("trans", TRANS, ids=TRANS_IDS)
 def test_thread_count_does_not_change_bits(rng, shape, trans):
     """The k-slicing depends on k only, so 1 and 2 threads give the same bits."""
@@ -175,3 +176,30 @@ def test_set_num_threads_validates():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="positive integer"):
             fm.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_split_k_epilogues_match_one_thread_bits(rng, beta):
+    """Few rows and a deep k run as parallel k-slices (Gemm::run_splitk) on 2+ threads:
+    the same bits as the sequential slices of one thread, with alpha/beta, bias + ReLU
+    and the ReLU mask."""
+    m, k, n = 32, 784, 128
+    x, w, bias, c0 = normal(rng, (m, k)), normal(rng, (k, n)), normal(rng, (n,)), normal(rng, (m, n))
+    dy, w_t = normal(rng, (m, k)), normal(rng, (n, k))  # dx = dy @ w_t^T: k = 784 deep
+    mask = np.maximum(normal(rng, (m, n)), 0)
+    before = fm.get_num_threads()
+    outs = {}
+    try:
+        for threads in (1, 2):
+            fm.set_num_threads(threads)
+            c = c0.copy()
+            fm.ops.gemm(x, w, alpha=1.5, beta=beta, out=c)
+            outs[threads] = (c, fm.ops.dense_forward(x, w, bias, activation="relu"),
+                             fm.ops.dense_backward_input(dy, w_t, relu_output=mask))
+    finally:
+        fm.set_num_threads(before)
+    for a, b in zip(outs[1], outs[2]):
+        assert np.array_equal(a, b)
+    want = np.where(mask > 0, f64(dy) @ f64(w_t).T, 0.0)
+    assert_close(outs[2][2], want, gemm_tol(dy, w_t, None, trans_a=False, trans_b=True, alpha=1.0,
+                                            beta=0.0), "dx")

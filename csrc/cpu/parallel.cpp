@@ -32,6 +32,9 @@ namespace {
 // Spins of an idle worker before it sleeps: ~30-100 us of pause instructions,
 // longer than the gaps between the kernels of one training step.
 constexpr int kSpins = 4000;
+// Spins of the calling thread waiting for the last chunks before it yields
+// its core (a few microseconds: a running worker finishes a chunk by then).
+constexpr int kWaitSpins = 200;
 
 // Chunks have a home thread: thread t (the caller is 0, worker w is w + 1)
 // first claims the contiguous block [chunks*t/T, chunks*(t+1)/T), in order,
@@ -113,14 +116,24 @@ public:
         }
         work_on(job, 0);
         // Every chunk is claimed; wait for those other threads are still running.
-        while (job.done.load(std::memory_order_acquire) < chunks) FASTMLP_PAUSE();
+        // Spin briefly, then yield: the thread being waited for may have been
+        // placed on this very core (a worker woken from sleep often is), and
+        // pure spinning would keep it off until the scheduler's next tick.
+        for (int spins = 0; job.done.load(std::memory_order_acquire) < chunks; ++spins)
+            spin_or_yield(spins);
         // Retire the job, then wait for workers that picked up its pointer to let go.
         current_.store(nullptr, std::memory_order_seq_cst);
-        while (inside_.load(std::memory_order_seq_cst) != 0) FASTMLP_PAUSE();
+        for (int spins = 0; inside_.load(std::memory_order_seq_cst) != 0; ++spins)
+            spin_or_yield(spins);
     }
 
 private:
     Pool() : threads_(env_threads()) {}
+
+    static void spin_or_yield(int spins) {
+        if (spins < kWaitSpins) FASTMLP_PAUSE();
+        else std::this_thread::yield();
+    }
 
     static bool claim(Job& job, int64_t i) {
         return job.claimed[i].load(std::memory_order_relaxed) == 0 &&
