@@ -48,10 +48,17 @@ struct CpuDev {
             const int64_t src = order ? order[first + r] : first + r;
             FASTMLP_CHECK(src >= 0 && src < source_rows, "engine gather: row " << src
                               << " of a source of " << source_rows << " rows");
-            std::memcpy(x_dst + r * features, x + src * features, features * sizeof(float));
-            if (ysrc)
-                std::memcpy(ydst + r * label_bytes, ysrc + src * label_bytes, label_bytes);
         }
+        // Shuffled rows come from all over the data set, mostly from memory: two
+        // threads wait on twice the cache lines at once.
+        cpu::parallel_range(rows, rows * features >= 8192, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+                const int64_t src = order ? order[first + r] : first + r;
+                std::memcpy(x_dst + r * features, x + src * features, features * sizeof(float));
+                if (ysrc)
+                    std::memcpy(ydst + r * label_bytes, ysrc + src * label_bytes, label_bytes);
+            }
+        });
     }
 
     static void optimizer(int64_t kind, float* params, const float* grads, float* s0, float* s1,
