@@ -52,16 +52,13 @@ def arrays(shape, elements=None):
     return hnp.arrays(np.float32, shape, elements=elements if elements is not None else floats())
 
 
+# The GEMM properties' shapes and transposes (alpha/beta pairs per test).
+GEMM_GIVEN = dict(data=st.data(), m=dims, k=dims, n=dims, ta=st.booleans(), tb=st.booleans())
+
+
 @FAST
-@given(
-    data=st.data(),
-    m=dims,
-    k=dims,
-    n=dims,
-    ta=st.booleans(),
-    tb=st.booleans(),
-    ab=st.sampled_from([(1.0, 0.0), (0.5, 0.0), (-1.5, 1.0), (2.0, -0.25), (0.0, 1.0)]),
-)
+@given(**GEMM_GIVEN,
+       ab=st.sampled_from([(1.0, 0.0), (0.5, 0.0), (-1.5, 1.0), (2.0, -0.25), (0.0, 1.0)]))
 def test_gemm_property(data, m, k, n, ta, tb, ab):
     alpha, beta = ab
     a = data.draw(arrays((k, m) if ta else (m, k)), label="a")
@@ -88,15 +85,7 @@ def flushed(a):
 
 
 @FAST
-@given(
-    data=st.data(),
-    m=dims,
-    k=dims,
-    n=dims,
-    ta=st.booleans(),
-    tb=st.booleans(),
-    ab=st.sampled_from([(1.0, 0.0), (-1.5, 1.0), (2.0, -0.25)]),
-)
+@given(**GEMM_GIVEN, ab=st.sampled_from([(1.0, 0.0), (-1.5, 1.0), (2.0, -0.25)]))
 def test_gemm_property_flush_on(data, m, k, n, ta, tb, ab):
     """Flush-to-zero on: the reference of the flushed inputs, plus at most one FLT_MIN
     per flushed partial sum (k of them) and per epilogue operation."""

@@ -116,54 +116,55 @@ struct Gemm {
     //   kACont: A at (i, p) is a[p*a_ld + i] (packed panel, or op(A) = A^T in
     //           place); otherwise a[i*a_ld + p] (op(A) = A in place).
     //   kMaskB: the B panel is read in place and is narrower than NR.
-    template <bool kACont, bool kMaskB>
+    //   R x NVT: the tile's rows and vectors (the narrow tile: 2*MR x 1).
+    template <bool kACont, bool kMaskB, int R = MR, int NVT = NV>
     static void tile(int64_t kc, const float* __restrict a, int64_t a_ld,
                      const float* __restrict b, int64_t b_rs, float* c, int64_t ldc, int mr,
                      int nr, const Update& u) {
-        V acc[MR][NV];
+        V acc[R][NVT];
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i)
+        for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) acc[i][v] = S::zero();
-        int cnt[NV];
+            for (int v = 0; v < NVT; ++v) acc[i][v] = S::zero();
+        int cnt[NVT];
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) {
+        for (int v = 0; v < NVT; ++v) {
             const int left = nr - v * W;
             cnt[v] = left >= W ? W : (left > 0 ? left : 0);
         }
         if (kACont) {
             for (int64_t p = 0; p < kc; ++p) {
-                V bv[NV];
+                V bv[NVT];
 #pragma GCC unroll 8
-                for (int v = 0; v < NV; ++v)
+                for (int v = 0; v < NVT; ++v)
                     bv[v] = !kMaskB || cnt[v] == W ? S::load(b + v * W)
                             : cnt[v] > 0           ? S::load_n(b + v * W, cnt[v])
                                                    : S::zero();
 #pragma GCC unroll 16
-                for (int i = 0; i < MR; ++i) {
+                for (int i = 0; i < R; ++i) {
                     const V ai = S::set1(a[i]);
 #pragma GCC unroll 8
-                    for (int v = 0; v < NV; ++v) acc[i][v] = S::fma(ai, bv[v], acc[i][v]);
+                    for (int v = 0; v < NVT; ++v) acc[i][v] = S::fma(ai, bv[v], acc[i][v]);
                 }
                 a += a_ld;
                 b += b_rs;
             }
         } else {
-            const float* ar[MR];
+            const float* ar[R];
 #pragma GCC unroll 16
-            for (int i = 0; i < MR; ++i) ar[i] = a + (i < mr ? i : 0) * a_ld;
+            for (int i = 0; i < R; ++i) ar[i] = a + (i < mr ? i : 0) * a_ld;
             for (int64_t p = 0; p < kc; ++p) {
-                V bv[NV];
+                V bv[NVT];
 #pragma GCC unroll 8
-                for (int v = 0; v < NV; ++v)
+                for (int v = 0; v < NVT; ++v)
                     bv[v] = !kMaskB || cnt[v] == W ? S::load(b + v * W)
                             : cnt[v] > 0           ? S::load_n(b + v * W, cnt[v])
                                                    : S::zero();
 #pragma GCC unroll 16
-                for (int i = 0; i < MR; ++i) {
+                for (int i = 0; i < R; ++i) {
                     const V ai = S::set1(ar[i][p]);
 #pragma GCC unroll 8
-                    for (int v = 0; v < NV; ++v) acc[i][v] = S::fma(ai, bv[v], acc[i][v]);
+                    for (int v = 0; v < NVT; ++v) acc[i][v] = S::fma(ai, bv[v], acc[i][v]);
                 }
                 b += b_rs;
             }
@@ -171,11 +172,11 @@ struct Gemm {
         const V alpha = S::set1(u.alpha), beta = S::set1(u.beta);
         const bool epi = u.bias || u.relu || u.mask;
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) {
+        for (int i = 0; i < R; ++i) {
             if (i >= mr) break;
             float* ci = c + i * ldc;
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) {
+            for (int v = 0; v < NVT; ++v) {
                 if (cnt[v] == 0) break;
                 V t = S::mul(alpha, acc[i][v]);
                 if (cnt[v] == W) {
@@ -332,52 +333,13 @@ struct Gemm {
     // -- narrow C: n <= W, one vector per row ------------------------------------
     //
     // The 128 -> 10 layer's products (X@W: n = 10; dW: 128 x 10) would waste most
-    // of an NR-wide tile on padding columns. Here a tile is RN rows x one vector:
-    // per k, one load of B's row (packed once, zero-padded to W), RN broadcasts of
-    // A read in place, RN FMAs; RN accumulators hide the FMA latency. Every C
+    // of an NR-wide tile on padding columns. Here the tile is RN rows x one vector
+    // (tile<..., RN, 1>): per k, one masked load of B's row (in place; a
+    // transposed B is packed first), RN broadcasts of A read in place, RN FMAs;
+    // RN accumulators hide the FMA latency. Every C
     // element sums p = 0..k-1 in order in one accumulator: deterministic, and
     // independent of the thread count (threads take row bands).
     static constexpr int RN = 2 * MR;
-
-    // C[0:mr, 0:n] (+)= op(A)[0:mr, :] @ Bp, Bp = op(B) packed k x W.
-    //   kACont: op(A)(i, p) = a[p*a_ld + i] (A^T in place, or a packed edge panel);
-    //   otherwise a[i*a_ld + p] (rows in place; rows past mr read row 0).
-    template <bool kACont>
-    static void narrow_tile(int64_t k, const float* __restrict a, int64_t a_ld,
-                            const float* __restrict bp, int64_t b_rs, float* c, int64_t ldc,
-                            int mr, int n, const Update& u) {
-        V acc[RN];
-#pragma GCC unroll 32
-        for (int i = 0; i < RN; ++i) acc[i] = S::zero();
-        if (kACont) {
-            for (int64_t p = 0; p < k; ++p) {
-                const V bv = S::load_n(bp + p * b_rs, n);
-#pragma GCC unroll 32
-                for (int i = 0; i < RN; ++i) acc[i] = S::fma(S::set1(a[i]), bv, acc[i]);
-                a += a_ld;
-            }
-        } else {
-            const float* ar[RN];
-#pragma GCC unroll 32
-            for (int i = 0; i < RN; ++i) ar[i] = a + (i < mr ? i : 0) * a_ld;
-            for (int64_t p = 0; p < k; ++p) {
-                const V bv = S::load_n(bp + p * b_rs, n);
-#pragma GCC unroll 32
-                for (int i = 0; i < RN; ++i) acc[i] = S::fma(S::set1(ar[i][p]), bv, acc[i]);
-            }
-        }
-        const V alpha = S::set1(u.alpha), beta = S::set1(u.beta);
-        const bool epi = u.bias || u.relu || u.mask;
-#pragma GCC unroll 32
-        for (int i = 0; i < RN; ++i) {
-            if (i >= mr) break;
-            float* ci = c + i * ldc;
-            V t = S::mul(alpha, acc[i]);
-            if (u.beta != 0.0f) t = S::fma(beta, S::load_n(ci, n), t);
-            if (epi) t = finish(t, i, 0, n, u);
-            S::store_n(ci, t, n);
-        }
-    }
 
     static bool run_narrow(const GemmArgs& g) {
         // op(B)'s rows are read in place with masked loads; a transposed B is
@@ -413,9 +375,9 @@ struct Gemm {
                 u.mask = g.ep.relu_mask ? g.ep.relu_mask + i0 * g.ep.ld_mask : nullptr;
                 float* ct = g.c + i0 * g.ldc;
                 if (!g.trans_a) {
-                    narrow_tile<false>(g.k, g.a + i0 * g.lda, g.lda, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
+                    tile<false, true, RN, 1>(g.k, g.a + i0 * g.lda, g.lda, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
                 } else if (mr == RN) {
-                    narrow_tile<true>(g.k, g.a + i0, g.lda, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
+                    tile<true, true, RN, 1>(g.k, g.a + i0, g.lda, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
                 } else {  // a short panel of A^T in place would read past A's end: pack it
                     if (edge == nullptr) edge = tl_edge.get(g.k * RN);
                     if (edge == nullptr) {
@@ -425,7 +387,7 @@ struct Gemm {
                     for (int64_t p = 0; p < g.k; ++p)
                         for (int i = 0; i < RN; ++i)
                             edge[p * RN + i] = i < mr ? g.a[p * g.lda + i0 + i] : 0.0f;
-                    narrow_tile<true>(g.k, edge, RN, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
+                    tile<true, true, RN, 1>(g.k, edge, RN, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
                 }
             }
         };
