@@ -562,7 +562,7 @@ class Bench:
         assert np.all(np.abs(a_den) < np.finfo(np.float32).tiny)
         c = np.empty((s, s), np.float32)
         n = 1 << 18  # adam_step: 1 MiB per array, in cache
-        p, g0 = self.rand(n), self.rand(n) * np.float32(1e-3)
+        p = self.rand(n)
         m_norm, v_norm = self.rand(n) * np.float32(1e-3), np.abs(self.rand(n)) * np.float32(1e-6)
         m_den = (np.clip(self.rand(n), -5, 5) * tiny).astype(np.float32)
         v_den = np.abs(m_den)
