@@ -67,7 +67,6 @@ FASTMLP_HOSTDEV void sgd_update(float& p, float g, float* buf, const SgdHyper& h
 struct AdamHyper {
     float beta1;
     float beta2;
-    float eps;
     float weight_decay;
     float decay_factor;   // AdamW: 1 - lr * wd (applied to p first)
     bool decoupled;
@@ -82,7 +81,6 @@ inline AdamHyper adam_hyper(double lr, double beta1, double beta2, double eps,
     AdamHyper h;
     h.beta1 = static_cast<float>(beta1);
     h.beta2 = static_cast<float>(beta2);
-    h.eps = static_cast<float>(eps);
     h.weight_decay = static_cast<float>(weight_decay);
     h.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
     h.decoupled = decoupled;

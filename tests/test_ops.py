@@ -490,6 +490,23 @@ def test_softmax_cross_entropy_labels_agree(backend, rng):
     assert np.array_equal(g[0], g[1]) and np.array_equal(g[0], g[2])
 
 
+def test_softmax_cross_entropy_forward_out(backend, rng):
+    """out= receives the probabilities (the same values as without it); an out
+    overlapping the logits or of the wrong shape is a ValueError."""
+    logits = backend.to(normal(rng, (9, 5)))
+    labels = backend.to(rng.integers(0, 5, 9).astype(np.int64))
+    loss, probs, _ = fm.ops.softmax_cross_entropy_forward(logits, labels)
+    out = backend.to(np.full((9, 5), np.nan, np.float32))
+    loss2, probs2, _ = fm.ops.softmax_cross_entropy_forward(logits, labels, out=out)
+    assert probs2 is out
+    assert np.array_equal(backend.host(probs2), backend.host(probs))
+    assert float(backend.host(loss2)) == float(backend.host(loss))
+    with pytest.raises(ValueError, match="out"):
+        fm.ops.softmax_cross_entropy_forward(logits, labels, out=logits)
+    with pytest.raises(ValueError, match="out"):
+        fm.ops.softmax_cross_entropy_forward(logits, labels, out=backend.to(np.zeros((9, 4), np.float32)))
+
+
 def test_softmax_cross_entropy_empty(backend):
     for labels in (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 10), np.float32)):
         loss, probs = fm.ops.softmax_cross_entropy(

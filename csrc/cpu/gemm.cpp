@@ -81,11 +81,7 @@ void gemm_k0(const GemmArgs& g) {
     for (int64_t i = 0; i < g.m; ++i)
         for (int64_t j = 0; j < g.n; ++j) {
             float& cij = g.c[i * g.ldc + j];
-            float t = g.beta == 0.0f ? 0.0f : g.beta * cij;
-            if (g.ep.bias) t += g.ep.bias[j];
-            if (g.ep.relu) t = t > 0.0f ? t : 0.0f;
-            if (g.ep.relu_mask) t = g.ep.relu_mask[i * g.ep.ld_mask + j] > 0.0f ? t : 0.0f;
-            cij = t;
+            cij = epilogue_at(g.beta == 0.0f ? 0.0f : g.beta * cij, g.ep, i, j);
         }
     if (g.ep.colsum_b)
         for (int64_t j = 0; j < g.n; ++j) g.ep.colsum_b[j] = 0.0f;

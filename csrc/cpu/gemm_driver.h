@@ -441,13 +441,7 @@ struct Gemm {
                     for (int64_t j = 0; j < g.n; ++j) cr[j] = pr[j] + cr[j];
                     continue;
                 }
-                for (int64_t j = 0; j < g.n; ++j) {
-                    float v = pr[j] + cr[j];
-                    if (ep.bias) v = v + ep.bias[j];
-                    if (ep.relu) v = v > 0.0f ? v : 0.0f;
-                    if (ep.relu_mask) v = ep.relu_mask[r * ep.ld_mask + j] > 0.0f ? v : 0.0f;
-                    cr[j] = v;
-                }
+                for (int64_t j = 0; j < g.n; ++j) cr[j] = epilogue_at(pr[j] + cr[j], ep, r, j);
             }
         }
         if (ep.colsum_b) colsum(g, 0, g.n);

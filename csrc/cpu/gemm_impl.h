@@ -11,6 +11,16 @@
 namespace fastmlp {
 namespace cpu {
 
+// The Dense epilogue on one element C(i, j) = v, for the scalar paths (k == 0,
+// the sum of k-slices); the same operations, in the same order, as the
+// micro-kernel's vector epilogue. static: each instruction-set copy keeps its own.
+static inline float epilogue_at(float v, const GemmEpilogue& ep, int64_t i, int64_t j) {
+    if (ep.bias) v = v + ep.bias[j];
+    if (ep.relu) v = v > 0.0f ? v : 0.0f;
+    if (ep.relu_mask) v = ep.relu_mask[i * ep.ld_mask + j] > 0.0f ? v : 0.0f;
+    return v;
+}
+
 struct GemmArgs {
     bool trans_a, trans_b;
     int64_t m, n, k;

@@ -34,7 +34,6 @@ void adam_range(float* __restrict param, const float* __restrict grad, float* __
 
 void sgd_step(float* param, const float* grad, float* buf, int64_t size, float lr,
               float momentum, bool nesterov, float weight_decay) {
-    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     FASTMLP_CHECK(size >= 0, "sgd_step: size must be >= 0, got " << size);
     FASTMLP_CHECK(momentum == 0.0f || buf || size == 0,
                   "sgd_step: momentum != 0 needs a momentum buffer");
@@ -54,7 +53,6 @@ void sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
 void adam_step(float* param, const float* grad, float* m, float* v, int64_t size, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                int64_t step) {
-    FlushDenormalScope fp_scope;  // cpu/fpenv.h
     FASTMLP_CHECK(size >= 0, "adam_step: size must be >= 0, got " << size);
     FASTMLP_CHECK(step >= 1, "adam_step: step counts from 1, got " << step);
     if (size == 0) return;

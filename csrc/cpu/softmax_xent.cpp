@@ -26,9 +26,9 @@ constexpr int64_t kBlock = 256, kBlockFloats = 4096;  // a block: at most these 
 // row is reduced over c = 0..cols-1 in order. The exps and logs of the whole
 // block run in flat loops (SIMD across rows: the MLP's row of 10 classes is
 // shorter than a vector) with exp_vec/log_vec (kernel_math.h).
-inline __attribute__((always_inline)) void softmax_block_impl(
-        const float* __restrict z, float* __restrict p, float* __restrict mx,
-        float* __restrict lse, int64_t n, int64_t cols) {
+FASTMLP_SIMD_CLONES
+void softmax_block(const float* __restrict z, float* __restrict p, float* __restrict mx,
+                   float* __restrict lse, int64_t n, int64_t cols) {
     for (int64_t r = 0; r < n; ++r) {
         const float* zr = z + r * cols;
         float* pr = p + r * cols;
@@ -51,12 +51,6 @@ inline __attribute__((always_inline)) void softmax_block_impl(
         const float inv = 1.0f / sum[r];
         for (int64_t c = 0; c < cols; ++c) pr[c] *= inv;
     }
-}
-
-FASTMLP_SIMD_CLONES
-void softmax_block(const float* __restrict z, float* __restrict p, float* __restrict mx,
-                   float* __restrict lse, int64_t n, int64_t cols) {
-    softmax_block_impl(z, p, mx, lse, n, cols);
 }
 
 // The integer label of row r, or -1 when it is out of range (int64 labels may
