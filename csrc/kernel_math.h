@@ -32,11 +32,22 @@ FASTMLP_HOSTDEV float mul_rn(float a, float b) { return a * b; }
 FASTMLP_HOSTDEV float sub_mul(float p, float a, float b) { return p - a * b; }
 #endif
 
-FASTMLP_HOSTDEV float relu(float x) { return x > 0.0f ? x : 0.0f; }
+// NaN and Inf propagate as in torch (issue 20: a comparison that is false for
+// NaN must not turn a NaN into a number). Every ReLU of every kernel, scalar
+// or vector, CPU or CUDA, is one of these two rules.
 
-// dy * (y > 0): the mask comes from the forward output, so it needs no copy of
-// the input; at y == 0 the gradient is 0, like torch's threshold_backward.
-FASTMLP_HOSTDEV float relu_grad(float dy, float y) { return y > 0.0f ? dy : 0.0f; }
+// torch.relu: x < 0 ? 0 : x, so relu(NaN) = NaN, relu(+Inf) = +Inf,
+// relu(-Inf) = 0 and relu(-0) = -0 (the same as vmaxps(0, x) on x86).
+FASTMLP_HOSTDEV float relu(float x) { return x < 0.0f ? 0.0f : x; }
+
+// torch's threshold_backward(dy, y, 0): y <= 0 ? 0 : dy. The mask comes from
+// the forward output y, so it needs no copy of the input; at y == 0 the
+// gradient is 0, and where y is NaN the gradient dy passes (NaN stays visible).
+FASTMLP_HOSTDEV float relu_grad(float dy, float y) { return y <= 0.0f ? 0.0f : dy; }
+
+// max(a, b) that returns NaN when either is NaN (torch.max / np.maximum);
+// fmaxf and std::max drop a NaN operand.
+FASTMLP_HOSTDEV float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
 // ---- SGD (torch.optim.SGD, dampening = 0) ---------------------------------
 //   g = grad + wd * p

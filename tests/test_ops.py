@@ -336,16 +336,18 @@ def test_relu_backward(backend, rng, shape):
 
 
 def test_relu_nan_inf(backend):
-    """relu is x > 0 ? x : 0: relu(NaN) = 0 (like max(x, 0) in C), +Inf stays, -Inf -> 0."""
+    """relu is torch.relu (x < 0 ? 0 : x): NaN and +Inf pass, -Inf -> 0, -0.0 stays -0.0;
+    relu_backward is threshold_backward (y <= 0 ? 0 : dy): where y is NaN, dy passes."""
     x = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 2.5, -2.5], dtype=np.float32)
     got = backend.host(fm.ops.relu(backend.to(x)))
     assert_equal_f32(got, ref.relu(f64(x)), "relu")
-    assert_equal_f32(got, np.array([0, np.inf, 0, 0, 0, 2.5, 0]), "relu")
+    assert_equal_f32(got, np.array([np.nan, np.inf, 0, 0, 0, 2.5, 0]), "relu")
+    assert np.signbit(got).tolist() == [False, False, False, True, False, False, False]
     dy = np.array([1.0, np.nan, np.inf, 3.0, np.nan, -1.0, 2.0], dtype=np.float32)
     y = np.array([1.0, 2.0, 0.0, 0.0, 0.0, 5.0, np.nan], dtype=np.float32)
     got = backend.host(fm.ops.relu_backward(backend.to(dy), backend.to(y)))
     assert_equal_f32(got, ref.relu_backward(*f64(dy, y)), "relu_backward")
-    assert_equal_f32(got, np.array([1.0, np.nan, 0, 0, 0, -1.0, 0]), "relu_backward")
+    assert_equal_f32(got, np.array([1.0, np.nan, 0, 0, 0, -1.0, 2.0]), "relu_backward")
 
 
 # ----------------------------------------------------------------------------- softmax CE

@@ -160,10 +160,10 @@ def test_float32_stays_float32():
 
 def test_bias_and_relu_values():
     x = np.array([[1.0, -2.0, 0.0], [np.nan, np.inf, -np.inf]])
-    assert np.array_equal(ref.relu(x), [[1.0, 0.0, 0.0], [0.0, np.inf, 0.0]])
+    assert np.array_equal(ref.relu(x), [[1.0, 0.0, 0.0], [np.nan, np.inf, 0.0]], equal_nan=True)
     assert np.array_equal(
-        ref.relu_backward(np.array([np.nan, 2.0, 3.0]), np.array([0.0, 1.0, -1.0])), [0.0, 2.0, 0.0]
-    )
+        ref.relu_backward(np.array([np.nan, 2.0, 3.0, 4.0]), np.array([0.0, 1.0, -1.0, np.nan])),
+        [0.0, 2.0, 0.0, 4.0])
     assert np.array_equal(
         ref.bias_add(np.zeros((2, 3)), np.array([1.0, 2.0, 3.0])), [[1, 2, 3], [1, 2, 3]]
     )

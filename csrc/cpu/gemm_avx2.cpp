@@ -34,10 +34,14 @@ struct S {
     static FASTMLP_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
     static FASTMLP_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
     static FASTMLP_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
-    // max returns its second operand when either is NaN: relu(NaN) = 0, as x > 0 ? x : 0.
-    static FASTMLP_INLINE V relu(V t) { return _mm256_max_ps(t, zero()); }
+    // max returns its second operand when either is NaN, and the first
+    // when both are zeros: max(0, t) is kernel_math.h's relu(t) = t < 0 ? 0 : t
+    // lane by lane (NaN and -0 pass through).
+    static FASTMLP_INLINE V relu(V t) { return _mm256_max_ps(zero(), t); }
+    // relu_grad(t, m) = m <= 0 ? 0 : t: "not less or equal, unordered" keeps t
+    // where m is NaN.
     static FASTMLP_INLINE V where_pos(V m, V t) {
-        return _mm256_and_ps(_mm256_cmp_ps(m, zero(), _CMP_GT_OQ), t);
+        return _mm256_and_ps(_mm256_cmp_ps(m, zero(), _CMP_NLE_UQ), t);
     }
 };
 

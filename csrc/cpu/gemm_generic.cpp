@@ -60,11 +60,11 @@ struct S {
         return a;
     }
     static FASTMLP_INLINE V relu(V t) {
-        for (int l = 0; l < W; ++l) t.x[l] = t.x[l] > 0.0f ? t.x[l] : 0.0f;
+        for (int l = 0; l < W; ++l) t.x[l] = fastmlp::relu(t.x[l]);
         return t;
     }
     static FASTMLP_INLINE V where_pos(V m, V t) {
-        for (int l = 0; l < W; ++l) t.x[l] = m.x[l] > 0.0f ? t.x[l] : 0.0f;
+        for (int l = 0; l < W; ++l) t.x[l] = fastmlp::relu_grad(t.x[l], m.x[l]);
         return t;
     }
 };

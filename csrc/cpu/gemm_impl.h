@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "fastmlp.h"
+#include "kernel_math.h"
 
 namespace fastmlp {
 namespace cpu {
@@ -16,8 +17,8 @@ namespace cpu {
 // micro-kernel's vector epilogue. static: each instruction-set copy keeps its own.
 static inline float epilogue_at(float v, const GemmEpilogue& ep, int64_t i, int64_t j) {
     if (ep.bias) v = v + ep.bias[j];
-    if (ep.relu) v = v > 0.0f ? v : 0.0f;
-    if (ep.relu_mask) v = ep.relu_mask[i * ep.ld_mask + j] > 0.0f ? v : 0.0f;
+    if (ep.relu) v = fastmlp::relu(v);                                  // kernel_math.h
+    if (ep.relu_mask) v = fastmlp::relu_grad(v, ep.relu_mask[i * ep.ld_mask + j]);
     return v;
 }
 

@@ -33,7 +33,7 @@ void softmax_block(const float* __restrict z, float* __restrict p, float* __rest
         const float* zr = z + r * cols;
         float* pr = p + r * cols;
         float m = zr[0];
-        for (int64_t c = 1; c < cols; ++c) m = std::max(m, zr[c]);
+        for (int64_t c = 1; c < cols; ++c) m = fastmlp::max_nan(m, zr[c]);  // a NaN logit: a NaN row
         mx[r] = m;
         for (int64_t c = 0; c < cols; ++c) pr[c] = zr[c] - m;  // <= 0: exp never overflows
     }

@@ -17,6 +17,7 @@
 #include "check.h"
 #include "fastmlp.h"
 #include "gemm_family.h"
+#include "kernel_math.h"
 #include "launch.h"
 
 namespace fastmlp {
@@ -35,8 +36,8 @@ gemm_epilogue_f32(float* c, int64_t ldc, int64_t m, int64_t n, const float* __re
         const int64_t i = e / n, j = e - i * n;
         float t = c[i * ldc + j];
         if (bias) t += bias[j];
-        if (relu) t = t > 0.0f ? t : 0.0f;
-        if (mask) t = mask[i * ld_mask + j] > 0.0f ? t : 0.0f;
+        if (relu) t = fastmlp::relu(t);  // kernel_math.h: NaN propagates
+        if (mask) t = fastmlp::relu_grad(t, mask[i * ld_mask + j]);
         c[i * ldc + j] = t;
     }
 }

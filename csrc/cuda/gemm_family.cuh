@@ -48,6 +48,7 @@
 #include "check.h"
 #include "fastmlp.h"
 #include "gemm_family.h"
+#include "kernel_math.h"
 #include "launch.h"
 
 // cp.async and mma.sync tf32 exist from sm_80 on. For older targets (sm_75
@@ -302,8 +303,8 @@ __device__ __forceinline__ float finish(const Params& p, float s, float c_old, f
     float t = p.alpha * s;
     if (p.beta != 0.0f) t += p.beta * c_old;
     if (p.bias) t += bias;
-    if (p.relu) t = t > 0.0f ? t : 0.0f;
-    if (p.mask) t = mask > 0.0f ? t : 0.0f;
+    if (p.relu) t = fastmlp::relu(t);             // kernel_math.h: NaN propagates
+    if (p.mask) t = fastmlp::relu_grad(t, mask);
     return t;
 }
 

@@ -49,7 +49,7 @@ constexpr unsigned int kFullMask = 0xffffffffu;
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-        v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+        v = fastmlp::max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
     return v;
 }
 
@@ -92,10 +92,10 @@ softmax_xent_fwd_f32(const float* __restrict__ logits, const void* __restrict__ 
         const float* z = logits + r * cols;
         float* p = probs + r * cols;
 
-        // fmaxf drops a NaN operand; a NaN logit still poisons the sum below
-        // (exp(NaN - max) = NaN), so probs and the loss come out NaN.
+        // max_nan (kernel_math.h): a NaN logit makes the max NaN, so the whole
+        // row's probs and its loss come out NaN, as torch's.
         float row_max = -CUDART_INF_F;
-        for (int64_t c = lane; c < cols; c += kWarpSize) row_max = fmaxf(row_max, z[c]);
+        for (int64_t c = lane; c < cols; c += kWarpSize) row_max = fastmlp::max_nan(row_max, z[c]);
         row_max = warp_max(row_max);
 
         float sum = 0.0f;
@@ -288,7 +288,7 @@ softmax_xent_fused_f32(const float* __restrict__ logits, const void* __restrict_
         int64_t best_i = kNoIndex;
         for (int64_t c = lane; c < cols; c += kWarpSize) {
             const float x = z[c];
-            row_max = fmaxf(row_max, x);
+            row_max = fastmlp::max_nan(row_max, x);
             argmax_visit(x, c, best_v, best_i);
         }
         row_max = warp_max(row_max);

@@ -247,7 +247,7 @@ def bias_grad(dy, *, out=None):
 
 
 def relu(x, *, out=None):
-    """``max(x, 0)`` (as ``x > 0 ? x : 0``, so relu(NaN) = 0). ``out`` may be ``x``."""
+    """``x < 0 ? 0 : x``, as ``torch.relu``: NaN and +Inf pass, -Inf -> 0. ``out`` may be ``x``."""
     ck = Checker("relu")
     x = ck.f32(x, "x")
     y = ck.out(out, "out", x.shape, like=x)
@@ -259,7 +259,8 @@ def relu(x, *, out=None):
 
 
 def relu_backward(dy, y, *, out=None):
-    """``dy * (y > 0)`` where y is relu's output. ``out`` may be ``dy``."""
+    """``y <= 0 ? 0 : dy`` where y is relu's output (torch's ``threshold_backward``: where
+    y is NaN, dy passes). ``out`` may be ``dy``."""
     ck = Checker("relu_backward")
     dy = ck.f32(dy, "dy")
     y = ck.f32(y, "y", shape=dy.shape)

@@ -12,8 +12,10 @@ promise:
 * ``gemm``: BLAS semantics. When ``beta == 0`` the old contents of ``out`` are
   never read (so NaN in ``out`` does not propagate); ``out=None`` means a fresh
   array and ``beta`` is ignored.
-* ``relu`` is ``x > 0 ? x : 0`` (so ``relu(NaN) == 0``, as ``max(x, 0)`` in C),
-  and ``relu_backward`` is ``y > 0 ? dy : 0``.
+* NaN and Inf propagate as in PyTorch: ``relu`` is ``x < 0 ? 0 : x``
+  (``torch.relu``: ``relu(NaN) == NaN``, ``relu(-0.0) == -0.0``) and
+  ``relu_backward`` is ``y <= 0 ? 0 : dy`` (torch's ``threshold_backward``: where
+  ``y`` is NaN, ``dy`` passes).
 * softmax cross-entropy subtracts the row max and uses log-sum-exp, so logits of
   +-1000 give finite results; the loss is the mean over rows.
 * ``sgd_step`` / ``adam_step`` follow ``torch.optim.SGD`` (dampening 0) and
@@ -170,17 +172,18 @@ def bias_grad(dy, *, out=None):
 
 
 def relu(x, *, out=None):
-    """x > 0 ? x : 0 (so NaN maps to 0, like the kernels and max(x, 0) in C)."""
+    """x < 0 ? 0 : x, as torch.relu and the kernels: NaN and +Inf pass, -0.0 stays -0.0."""
     xp = _xp(x, out)
-    return _store(xp.where(x > 0, x, xp.zeros((), dtype=x.dtype)), out)
+    return _store(xp.where(x < 0, xp.zeros((), dtype=x.dtype), x), out)
 
 
 def relu_backward(dy, y, *, out=None):
-    """dx = dy * (y > 0), written as a select so that a NaN in dy where y <= 0 gives 0."""
+    """dx = y <= 0 ? 0 : dy (torch's threshold_backward): a NaN in dy where y <= 0 gives 0,
+    and where y is NaN, dy passes."""
     xp = _xp(dy, y, out)
     if dy.shape != y.shape:
         raise ValueError(f"'y' must have the shape of 'dy' {tuple(dy.shape)}, got {tuple(y.shape)}")
-    return _store(xp.where(y > 0, dy, xp.zeros((), dtype=dy.dtype)), out)
+    return _store(xp.where(y <= 0, xp.zeros((), dtype=dy.dtype), dy), out)
 
 
 # --------------------------------------------------------------------------- softmax CE
