@@ -79,6 +79,9 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
         NS::relu_backward(ptr<const float>(dy), ptr<const float>(y), ptr<float>(dx),         \
                           size EXTRA_ARG);                                                   \
     }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("first_nonfinite", [](uintptr_t x, int64_t size, uintptr_t out EXTRA_PARAM) {      \
+        NS::first_nonfinite(ptr<const float>(x), size, ptr<int64_t>(out) EXTRA_ARG);         \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
     M.def("softmax_xent_fwd", [](uintptr_t logits, uintptr_t labels, int kind, uintptr_t probs, \
                                  uintptr_t row_loss, uintptr_t loss, uintptr_t bad_row,      \
                                  int64_t rows, int64_t cols EXTRA_PARAM) {                   \
@@ -255,6 +258,7 @@ void bind_engine(py::module_& mod) {
             d["loss_sum"] = st.loss_sum;
             d["nonfinite_step"] = st.nonfinite_step;
             d["bad_row"] = st.bad_row;
+            d["nonfinite_param_step"] = st.nonfinite_param_step;
             return d;
         })
         .def("run", &Engine::run, py::call_guard<py::gil_scoped_release>())

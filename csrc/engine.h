@@ -49,7 +49,10 @@ namespace engine {
 // optimizer   buf: params, grads, s0-, s1-, hyper, state
 //             dim: size, kind (0 SGD: s0 = momentum buffer; 1 Adam/AdamW:
 //             s0 = m, s1 = v)
-//             one launch over the flat parameters, with hyper[state.step]
+//             one launch over the flat parameters, with hyper[state.step];
+//             records the first step that left a parameter NaN or +-Inf in
+//             state.nonfinite_param_step (checked in the same pass over the
+//             parameters: no extra read)
 // store       buf: src, dst, state      dim: cols, batch
 //             rows 0..n of src to rows b*s.. of dst (predict's output)
 // step_end    buf: state, scalars-
@@ -98,7 +101,8 @@ struct EngineState {
     double loss_sum;         // sum over steps of (mean loss * rows), in double
     int64_t nonfinite_step;  // the first step whose loss was not finite, or -1
     int64_t bad_row;         // the last xent's first out-of-range label row, or -1
-    int64_t reserved[3];
+    int64_t nonfinite_param_step;  // the first step whose update left a parameter non-finite, or -1
+    int64_t reserved[2];
 };
 static_assert(sizeof(EngineState) == 64, "plan.py allocates 64 bytes");
 
@@ -150,8 +154,9 @@ public:
     // of `batch` (the last step may have fewer rows). state.step must equal
     // `first`. stream: the caller's CUDA stream (CuPy's current), 0 on the
     // CPU. Returns the steps run: all, except that the CPU engine stops after
-    // a step whose loss is not finite (the CUDA engine runs on; the caller
-    // reads state().nonfinite_step at its next progress update).
+    // a step whose loss or updated parameters are not finite (the CUDA engine
+    // runs on; the caller reads state().nonfinite_step / nonfinite_param_step
+    // at its next progress update).
     virtual int64_t run(int list, int64_t rows, int64_t batch, int64_t first, int64_t count,
                         std::uintptr_t stream) = 0;
     // Waits until the engine's work so far is done.

@@ -116,6 +116,7 @@ void Engine::begin_pass(int state_buf) {
     std::memset(&st, 0, sizeof(st));
     st.nonfinite_step = -1;
     st.bad_row = -1;
+    st.nonfinite_param_step = -1;
     write(buffer(state_buf), &st, sizeof(st));
 }
 

@@ -30,9 +30,10 @@ enum class LabelKind : int {
 // The fused extras of gemm_ex, for Dense layers. Applied to each element of C
 // after t = alpha * sum_p op(A)(i,p) op(B)(p,j) + beta * C(i,j), in this order:
 //   t += bias[j]                         bias != nullptr     (Dense forward)
-//   t = t > 0 ? t : 0                    relu                (Dense forward)
-//   t = mask[i*ld_mask + j] > 0 ? t : 0  relu_mask != nullptr (dX through a ReLU:
+//   t = t < 0 ? 0 : t                    relu                (Dense forward)
+//   t = mask[i*ld_mask + j] <= 0 ? 0 : t relu_mask != nullptr (dX through a ReLU:
 //                                        mask is the ReLU's output, m x n)
+// (kernel_math.h's relu / relu_grad: NaN and Inf propagate as in torch)
 // and, independently of C, colsum_b[j] = sum_p op(B)(p,j) (n floats): the bias
 // gradient fused into dW = X^T dY. colsum_b needs trans_b == false. The sum
 // order is fixed per build and machine (deterministic), not necessarily p order.
@@ -68,8 +69,10 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //   does not propagate, as in BLAS. k == 0 gives C = beta * C.
 // bias_add:  y(r,c) = x(r,c) + bias(c)           y may alias x
 // bias_grad: db(c) = sum_r dy(r,c)                (column sums)
-// relu:      y = max(x, 0)                        y may alias x
-// relu_backward: dx = dy * (y > 0)                dx may alias dy
+// relu:      y = x < 0 ? 0 : x (torch.relu)       y may alias x
+// relu_backward: dx = y <= 0 ? 0 : dy             dx may alias dy
+// first_nonfinite: *out = the smallest i with x[i] NaN or +-Inf, or -1 (out
+//   points to one int64, device memory on CUDA).
 // softmax_xent_fwd: probs = softmax(logits) per row; row_loss(r) = -sum_c
 //   label(r,c) * log probs(r,c); *loss = mean over rows (0 when rows == 0).
 //   *bad_row = the smallest row whose integer label is outside [0, cols), or
@@ -106,6 +109,7 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
     void relu(const float* x, float* y, int64_t size FASTMLP_STREAM_ARG);               \
     void relu_backward(const float* dy, const float* y, float* dx,                      \
                        int64_t size FASTMLP_STREAM_ARG);                                \
+    void first_nonfinite(const float* x, int64_t size, int64_t* out FASTMLP_STREAM_ARG);\
     void softmax_xent_fwd(const float* logits, const void* labels, LabelKind kind,      \
                           float* probs, float* row_loss, float* loss, int64_t* bad_row, \
                           int64_t rows, int64_t cols FASTMLP_STREAM_ARG);               \
@@ -151,9 +155,11 @@ std::string set_gemm_isa(const std::string& name);
 
 // The optimizer updates with their constants already computed (the engine's
 // per-step table; sgd_step / adam_step compute them, then call these).
-void sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
+// Return true when an updated parameter is NaN or +-Inf (found in the update
+// loop itself: the engine stops training on it without another pass).
+bool sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
                     const SgdHyper& h);
-void adam_step_hyper(float* param, const float* grad, float* m, float* v, int64_t size,
+bool adam_step_hyper(float* param, const float* grad, float* m, float* v, int64_t size,
                      const AdamHyper& h);
 }  // namespace cpu
 

@@ -45,6 +45,15 @@ FASTMLP_HOSTDEV float relu(float x) { return x < 0.0f ? 0.0f : x; }
 // gradient is 0, and where y is NaN the gradient dy passes (NaN stays visible).
 FASTMLP_HOSTDEV float relu_grad(float dy, float y) { return y <= 0.0f ? 0.0f : dy; }
 
+// 1 when x is NaN or +-Inf (its exponent bits all set), else 0: an integer
+// test, so an OR over a loop vectorises (isfinite may not, and -ffast-math
+// style flags could fold it away).
+FASTMLP_HOSTDEV uint32_t nonfinite_bit(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof(u));
+    return (~u & 0x7f800000u) == 0u ? 1u : 0u;
+}
+
 // max(a, b) that returns NaN when either is NaN (torch.max / np.maximum);
 // fmaxf and std::max drop a NaN operand.
 FASTMLP_HOSTDEV float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }

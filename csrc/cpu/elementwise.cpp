@@ -2,6 +2,8 @@
 // by side. Plain loops the compiler vectorises; threads (cpu/parallel.h) only
 // above kParMin elements.
 #include <algorithm>
+#include <atomic>
+#include <limits>
 #include <vector>
 
 #include "cpu/fpenv.h"
@@ -96,6 +98,47 @@ void relu_backward(const float* dy, const float* y, float* dx, int64_t size) {
     parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) dx[i] = relu_grad(dy[i], y[i]);
     });
+}
+
+namespace {
+
+// 1 when x[b..e) holds a NaN or +-Inf: an integer OR over the block (it
+// vectorises; no early exit inside a block).
+FASTMLP_SIMD_CLONES
+uint32_t any_nonfinite(const float* __restrict x, int64_t b, int64_t e) {
+    uint32_t bad = 0;
+    for (int64_t i = b; i < e; ++i) bad |= nonfinite_bit(x[i]);
+    return bad;
+}
+
+}  // namespace
+
+void first_nonfinite(const float* x, int64_t size, int64_t* out) {
+    FASTMLP_CHECK(size >= 0, "first_nonfinite: size must be >= 0, got " << size);
+    FASTMLP_CHECK(out, "first_nonfinite: null out");
+    *out = -1;
+    if (size == 0) return;
+    FASTMLP_CHECK(x, "first_nonfinite: null pointer");
+    // Each thread scans its range in blocks; the first bad block is searched
+    // element by element. min over threads is order-independent; a thread
+    // stops once an earlier index is known. One pass over clean data.
+    std::atomic<int64_t> first{std::numeric_limits<int64_t>::max()};
+    parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
+        constexpr int64_t kBlock = 4096;
+        for (int64_t b = i0; b < i1; b += kBlock) {
+            if (b >= first.load(std::memory_order_relaxed)) return;
+            const int64_t e = std::min(i1, b + kBlock);
+            if (!any_nonfinite(x, b, e)) continue;
+            int64_t i = b;
+            while (!nonfinite_bit(x[i])) ++i;
+            int64_t cur = first.load(std::memory_order_relaxed);
+            while (i < cur && !first.compare_exchange_weak(cur, i, std::memory_order_relaxed)) {
+            }
+            return;
+        }
+    });
+    const int64_t f = first.load();
+    *out = f == std::numeric_limits<int64_t>::max() ? -1 : f;
 }
 
 }  // namespace cpu

@@ -62,12 +62,11 @@ struct CpuDev {
     }
 
     static void optimizer(int64_t kind, float* params, const float* grads, float* s0, float* s1,
-                          int64_t size, const StepHyper* hyper, const EngineState* st, Stream) {
+                          int64_t size, const StepHyper* hyper, EngineState* st, Stream) {
         const StepHyper& h = hyper[st->step];
-        if (kind == kSgd)
-            cpu::sgd_step_hyper(params, grads, s0, size, h.sgd);
-        else
-            cpu::adam_step_hyper(params, grads, s0, s1, size, h.adam);
+        const bool bad = kind == kSgd ? cpu::sgd_step_hyper(params, grads, s0, size, h.sgd)
+                                      : cpu::adam_step_hyper(params, grads, s0, s1, size, h.adam);
+        if (bad && st->nonfinite_param_step < 0) st->nonfinite_param_step = st->step;
     }
 
     static void store(const float* src, float* dst, const EngineState* st, int64_t rows,
@@ -129,9 +128,11 @@ public:
                 }
                 run_op<CpuDev>(op, table.data(), n, 0);
             }
-            // Training stops after the step whose loss is not finite (fit
-            // reports it); an evaluation runs to the end (its loss is NaN).
-            if (list == kTrain && st->nonfinite_step >= 0) return s - first + 1;
+            // Training stops after the step whose loss or updated parameters
+            // are not finite (fit reports it); an evaluation runs to the end
+            // (its loss is NaN).
+            if (list == kTrain && (st->nonfinite_step >= 0 || st->nonfinite_param_step >= 0))
+                return s - first + 1;
         }
         return count;
     }

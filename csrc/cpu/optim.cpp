@@ -1,5 +1,7 @@
 // CPU SGD and Adam/AdamW steps, in place. The update rules live in kernel_math.h and
 // are shared with the CUDA kernels.
+#include <atomic>
+
 #include "cpu/fpenv.h"
 #include "check.h"
 #include "cpu/parallel.h"
@@ -14,20 +16,35 @@ namespace {
 // rule has no cross-element dependence, so any vector width gives the same
 // floats as the scalar loop, except where the compiler contracts a*b + c into
 // an FMA on targets that have one).
+// Each returns 1 when an updated parameter is NaN or +-Inf (an integer OR in
+// the same loop: it vectorises with the update and costs no extra pass).
 FASTMLP_SIMD_CLONES
-void sgd_range(float* __restrict param, const float* __restrict grad, float* __restrict buf,
-               int64_t i0, int64_t i1, SgdHyper h) {
+uint32_t sgd_range(float* __restrict param, const float* __restrict grad, float* __restrict buf,
+                   int64_t i0, int64_t i1, SgdHyper h) {
+    uint32_t bad = 0;
     if (buf) {
-        for (int64_t i = i0; i < i1; ++i) sgd_update(param[i], grad[i], buf + i, h);
+        for (int64_t i = i0; i < i1; ++i) {
+            sgd_update(param[i], grad[i], buf + i, h);
+            bad |= nonfinite_bit(param[i]);
+        }
     } else {
-        for (int64_t i = i0; i < i1; ++i) sgd_update(param[i], grad[i], nullptr, h);
+        for (int64_t i = i0; i < i1; ++i) {
+            sgd_update(param[i], grad[i], nullptr, h);
+            bad |= nonfinite_bit(param[i]);
+        }
     }
+    return bad;
 }
 
 FASTMLP_SIMD_CLONES
-void adam_range(float* __restrict param, const float* __restrict grad, float* __restrict m,
-                float* __restrict v, int64_t i0, int64_t i1, AdamHyper h) {
-    for (int64_t i = i0; i < i1; ++i) adam_update(param[i], grad[i], m[i], v[i], h);
+uint32_t adam_range(float* __restrict param, const float* __restrict grad, float* __restrict m,
+                    float* __restrict v, int64_t i0, int64_t i1, AdamHyper h) {
+    uint32_t bad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+        adam_update(param[i], grad[i], m[i], v[i], h);
+        bad |= nonfinite_bit(param[i]);
+    }
+    return bad;
 }
 
 }  // namespace
@@ -42,12 +59,15 @@ void sgd_step(float* param, const float* grad, float* buf, int64_t size, float l
     sgd_step_hyper(param, grad, buf, size, SgdHyper{lr, momentum, weight_decay, nesterov});
 }
 
-void sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
+bool sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
                     const SgdHyper& h) {
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
-    if (size == 0) return;
-    parallel_range(size, size >= kParMin,
-                   [&](int64_t i0, int64_t i1) { sgd_range(param, grad, buf, i0, i1, h); });
+    if (size == 0) return false;
+    std::atomic<uint32_t> bad{0};
+    parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
+        if (sgd_range(param, grad, buf, i0, i1, h)) bad.store(1, std::memory_order_relaxed);
+    });
+    return bad.load() != 0;
 }
 
 void adam_step(float* param, const float* grad, float* m, float* v, int64_t size, double lr,
@@ -61,12 +81,15 @@ void adam_step(float* param, const float* grad, float* m, float* v, int64_t size
                     adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, step));
 }
 
-void adam_step_hyper(float* param, const float* grad, float* m, float* v, int64_t size,
+bool adam_step_hyper(float* param, const float* grad, float* m, float* v, int64_t size,
                      const AdamHyper& h) {
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
-    if (size == 0) return;
-    parallel_range(size, size >= kParMin,
-                   [&](int64_t i0, int64_t i1) { adam_range(param, grad, m, v, i0, i1, h); });
+    if (size == 0) return false;
+    std::atomic<uint32_t> bad{0};
+    parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
+        if (adam_range(param, grad, m, v, i0, i1, h)) bad.store(1, std::memory_order_relaxed);
+    });
+    return bad.load() != 0;
 }
 
 }  // namespace cpu

@@ -49,6 +49,22 @@ relu_backward_f32(const float* dy, const float* y, float* dx, int64_t size) {
         dx[i] = fastmlp::relu_grad(dy[i], y[i]);
 }
 
+// *out = min(*out, the first i with x[i] NaN or +-Inf): each thread's first
+// bad element is its smallest (its indices increase), so one atomicMin per
+// thread that found one; *out starts at all ones (-1 as int64). The min is
+// order-independent: deterministic.
+__global__ void __launch_bounds__(kBlock)
+first_nonfinite_f32(const float* __restrict__ x, int64_t size, unsigned long long* out) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < size;
+         i += stride) {
+        if (nonfinite_bit(x[i])) {
+            atomicMin(out, static_cast<unsigned long long>(i));
+            return;
+        }
+    }
+}
+
 // db(c) = sum_r dy(r, c), deterministic without atomics: one block owns a
 // 32-column tile and sums it completely, in a fixed order.
 //
@@ -151,6 +167,17 @@ void relu_backward(const float* dy, const float* y, float* dx, int64_t size, cud
     FASTMLP_CHECK(dy != nullptr && y != nullptr && dx != nullptr, "relu_backward: null pointer");
     relu_backward_f32<<<detail::grid_stride_blocks(size, kBlock), kBlock, 0, stream>>>(dy, y, dx,
                                                                                        size);
+    detail::check_launch();
+}
+
+void first_nonfinite(const float* x, int64_t size, int64_t* out, cudaStream_t stream) {
+    FASTMLP_CHECK(size >= 0, "first_nonfinite: size must be non-negative, got " << size);
+    FASTMLP_CHECK(out != nullptr, "first_nonfinite: null out");
+    CUDA_CHECK(cudaMemsetAsync(out, 0xFF, sizeof(int64_t), stream));  // -1: none found
+    if (size == 0) return;
+    FASTMLP_CHECK(x != nullptr, "first_nonfinite: null pointer");
+    first_nonfinite_f32<<<detail::grid_stride_blocks(size, kBlock), kBlock, 0, stream>>>(
+        x, size, reinterpret_cast<unsigned long long*>(out));
     detail::check_launch();
 }
 

@@ -140,19 +140,30 @@ store_batch_rows(const float* __restrict__ src, float* __restrict__ dst,
 // by-value argument: the update is bit-identical to fastmlp::cuda::sgd_step /
 // adam_step with those constants.
 // Every thread loads the (same) step and constants: one broadcast
-// transaction per warp, served from L1 after the first warp.
+// transaction per warp, served from L1 after the first warp. A thread that
+// left a parameter NaN or +-Inf records the step in
+// state->nonfinite_param_step; every writer of one launch writes the same
+// value (the step), and launches are ordered by the stream, so the race is
+// benign and the result deterministic.
+__device__ __forceinline__ void note_nonfinite_param(EngineState* state, int64_t step) {
+    if (state->nonfinite_param_step < 0) state->nonfinite_param_step = step;
+}
+
 __global__ void __launch_bounds__(kOptBlock)
 sgd_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
                    float* __restrict__ buf, int64_t size, const StepHyper* __restrict__ hyper,
-                   const EngineState* __restrict__ state) {
-    cuda::sgd_loop(param, grad, buf, size, hyper[state->step].sgd);
+                   EngineState* state) {
+    const int64_t step = state->step;
+    if (cuda::sgd_loop(param, grad, buf, size, hyper[step].sgd)) note_nonfinite_param(state, step);
 }
 
 __global__ void __launch_bounds__(kOptBlock)
 adam_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
                     float* __restrict__ m, float* __restrict__ v, int64_t size,
-                    const StepHyper* __restrict__ hyper, const EngineState* __restrict__ state) {
-    cuda::adam_loop(param, grad, m, v, size, hyper[state->step].adam);
+                    const StepHyper* __restrict__ hyper, EngineState* state) {
+    const int64_t step = state->step;
+    if (cuda::adam_loop(param, grad, m, v, size, hyper[step].adam))
+        note_nonfinite_param(state, step);
 }
 
 // ---- End of step: the pass's running sums, then step += 1 -------------------------
@@ -240,7 +251,7 @@ struct CudaDev {
     }
 
     static void optimizer(int64_t kind, float* params, const float* grads, float* s0, float* s1,
-                          int64_t size, const StepHyper* hyper, const EngineState* state,
+                          int64_t size, const StepHyper* hyper, EngineState* state,
                           Stream stream) {
         FASTMLP_CHECK(kind == kSgd || kind == kAdam, "engine optimizer: unknown kind " << kind);
         FASTMLP_CHECK(size >= 0, "engine optimizer: size must be >= 0, got " << size);

@@ -71,6 +71,52 @@ def _as_input(x, where: str):
     return np.asarray(x)
 
 
+def _int_arg(value, name: str, where: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (Python or NumPy integers, or integral floats
+    such as 32.0); anything else -> ValueError naming the argument."""
+    ok = not isinstance(value, (bool, np.bool_))
+    if ok:
+        try:
+            ok = int(value) == value and value >= minimum
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+    if not ok:
+        raise ValueError(f"{where}: '{name}' must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _bool_arg(value, name: str, where: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{where}: '{name}' must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _verbose_arg(verbose, where: str) -> int:
+    """0, 1 or 2 ("auto" = 1, as Keras)."""
+    if isinstance(verbose, str) and verbose == "auto":
+        return 1
+    if isinstance(verbose, (bool, np.bool_)) or verbose not in (0, 1, 2):
+        raise ValueError(f"{where}: 'verbose' must be 0, 1, 2 or 'auto', got {verbose!r}")
+    return int(verbose)
+
+
+def _check_finite(arr, name: str, where: str, row0: int = 0) -> None:
+    """ValueError naming the first NaN / +-Inf of a placed float32 array (one pass on
+    its device: ``ops.first_nonfinite``); ``row0`` is the array's first row in the
+    user's data (validation_split holds out the last rows)."""
+    from . import ops
+
+    at = ops.first_nonfinite(arr)
+    if at is None:
+        return
+    value = float(arr[at])
+    where_at = f"row {at[0] + row0}" + (f", column {at[1]}" if len(at) > 1 else "")
+    raise ValueError(
+        f"{where}: '{name}' holds {value} at {where_at} (the first non-finite value); NaN "
+        "and Inf in the data would poison the weights. Clean it (drop or impute the "
+        "rows, e.g. np.nan_to_num) or pass check_finite=False to skip this check.")
+
+
 def _fits_on_device(nbytes: int) -> bool:
     """Whether a dataset of ``nbytes`` may live on the GPU: at most half its free memory
     (counting what CuPy's pool holds), leaving room for workspaces and other work."""
@@ -227,42 +273,63 @@ class Sequential:
             arr = cupy_module().asnumpy(arr)
         return np.ascontiguousarray(arr, dtype=dtype)
 
-    def _prepare_xy(self, x, y, wx: str, wy: str):
+    def _prepare_xy(self, x, y, wx: str, wy: str, where: str, check_finite: bool, row0: int = 0):
         x = self._prepare_x(x, wx)
         y = _as_input(y, wy)
         if len(y) != len(x):
             raise ValueError(f"'{wx}' has {len(x)} samples but '{wy}' has {len(y)}")
         # Checked once, on the whole set, before any step (no per-step label check).
         y = self.loss.labels(y, len(x), self.layers[-1].units, where=wy)
+        x_float = x.dtype.kind == "f"
         if self.device == "cuda" and not is_cupy(x) \
                 and not _fits_on_device(len(x) * (x.shape[1] * 4 + y.nbytes // max(1, len(y)))):
             # too large for the GPU: stays on the host, batches are copied over one by one
-            return np.ascontiguousarray(x, dtype=np.float32), _host(y)
-        return self._place(x, np.float32), self._place(y, y.dtype)
+            x, y = np.ascontiguousarray(x, dtype=np.float32), _host(y)
+        else:
+            x, y = self._place(x, np.float32), self._place(y, y.dtype)
+        if check_finite:  # after the cast: float64 beyond float32's range is Inf here
+            if x_float:
+                _check_finite(x, wx, where, row0)
+            if y.dtype.kind == "f":
+                _check_finite(y, wy, where, row0)
+        return x, y
 
     # -- fit ----------------------------------------------------------------------------
     def fit(self, x, y, epochs: int = 1, batch_size: int = 32, validation_data=None,
             validation_split: float = 0.0, shuffle: bool = True, verbose: int = 1,
-            callbacks=None, device: str = "auto", initial_epoch: int = 0) -> History:
+            callbacks=None, device: str = "auto", initial_epoch: int = 0,
+            check_finite: bool = True) -> History:
         """Train for ``epochs`` epochs; returns a History (``history.history`` holds the
         per-epoch ``loss``, the metrics and their ``val_*`` twins).
 
         ``validation_split`` holds out the last fraction of (x, y), before shuffling, as
         Keras does. ``device``: "cpu", "cuda" or "auto" (the GPU when usable). ``verbose``:
-        0 silent, 1 a progress bar per epoch, 2 one line per epoch.
+        0 silent, 1 a progress bar per epoch, 2 one line per epoch. ``initial_epoch``: the
+        epoch to start from (to resume a run; ``epochs`` counts from 0, as Keras).
+        ``check_finite``: the inputs are checked once for NaN / Inf (ValueError naming the
+        first bad row and column); False skips that pass.
         """
         self._require_compiled("fit")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"fit: 'batch_size' must be a positive integer, got {batch_size!r}")
-        if not 0.0 <= validation_split < 1.0:
-            raise ValueError(f"fit: 'validation_split' must be in [0, 1), got {validation_split}")
+        epochs = _int_arg(epochs, "epochs", "fit", 0)
+        initial_epoch = _int_arg(initial_epoch, "initial_epoch", "fit", 0)
+        if initial_epoch > epochs:
+            raise ValueError(f"fit: 'initial_epoch' ({initial_epoch}) is past 'epochs' ({epochs}): "
+                             "epochs is the number of the last epoch to run, counted from 0 "
+                             "as in Keras")
+        batch_size = _int_arg(batch_size, "batch_size", "fit", 1)
+        if isinstance(validation_split, (bool, np.bool_)) \
+                or not isinstance(validation_split, (int, float, np.integer, np.floating)) \
+                or not 0.0 <= validation_split < 1.0:
+            raise ValueError(f"fit: 'validation_split' must be a number in [0, 1), got "
+                             f"{validation_split!r}")
         if validation_split and validation_data is not None:
             raise ValueError("fit: pass validation_data or validation_split, not both")
-        if verbose not in (0, 1, 2):
-            raise ValueError(f"fit: 'verbose' must be 0, 1 or 2, got {verbose!r}")
-        batch_size = int(batch_size)
+        verbose = _verbose_arg(verbose, "fit")
+        shuffle = _bool_arg(shuffle, "shuffle", "fit")
+        check_finite = _bool_arg(check_finite, "check_finite", "fit")
         self.to(_resolve_device(device, x))
         x = self._prepare_x(x, "x")
+        val_names, val_row0 = ("x_val", "y_val"), 0
         if validation_split:
             n_val = int(len(x) * validation_split)
             if n_val == 0 or n_val == len(x):
@@ -272,15 +339,17 @@ class Sequential:
             if len(y) != len(x):
                 raise ValueError(f"'x' has {len(x)} samples but 'y' has {len(y)}")
             validation_data = (x[len(x) - n_val:], y[len(x) - n_val:])
+            # the held-out rows are rows of x and y: errors name them so
+            val_names, val_row0 = ("x", "y"), len(x) - n_val
             x, y = x[:len(x) - n_val], y[:len(x) - n_val]
-        x, y = self._prepare_xy(x, y, "x", "y")
+        x, y = self._prepare_xy(x, y, "x", "y", "fit", check_finite)
         if len(x) == 0:
             raise ValueError("fit: 'x' has no samples")
         val = None
         if validation_data is not None:
-            if len(validation_data) != 2:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("fit: validation_data must be a tuple (x_val, y_val)")
-            val = self._prepare_xy(*validation_data, "x_val", "y_val")
+            val = self._prepare_xy(*validation_data, *val_names, "fit", check_finite, val_row0)
 
         history = History()
         cbs: list[Callback] = [history] + list(callbacks or [])
@@ -294,21 +363,31 @@ class Sequential:
                             initial_epoch=initial_epoch, history=history)
 
     # -- evaluate / predict -------------------------------------------------------------
-    def evaluate(self, x, y, batch_size: int | None = None, verbose: int = 0) -> dict:
-        """``{"loss": mean loss, "accuracy": ...}`` over (x, y), on the model's device."""
+    def evaluate(self, x, y, batch_size: int | None = None, verbose: int = 0,
+                 check_finite: bool = True) -> dict:
+        """``{"loss": mean loss, "accuracy": ...}`` over (x, y), on the model's device.
+        ``check_finite`` as in :meth:`fit`."""
         self._require_compiled("evaluate")
-        x, y = self._prepare_xy(x, y, "x", "y")
+        verbose = _verbose_arg(verbose, "evaluate")
+        check_finite = _bool_arg(check_finite, "check_finite", "evaluate")
+        x, y = self._prepare_xy(x, y, "x", "y", "evaluate", check_finite)
         logs = _trainer.evaluate(self, x, y, self._batch_arg(batch_size, "evaluate"))
         if verbose:
             print(_trainer.format_logs(logs))
         return logs
 
-    def predict(self, x, batch_size: int | None = None):
+    def predict(self, x, batch_size: int | None = None, check_finite: bool = True):
         """The last layer's output for each row of ``x`` (softmax probabilities when the
-        last activation is softmax). NumPy in -> NumPy out; CuPy in -> CuPy out."""
+        last activation is softmax). NumPy in -> NumPy out; CuPy in -> CuPy out.
+        ``check_finite`` as in :meth:`fit`."""
         self._require_built("predict")
+        check_finite = _bool_arg(check_finite, "check_finite", "predict")
         want_cupy = is_cupy(_as_input(x, "x"))
-        x = self._place(self._prepare_x(x, "x"), np.float32)
+        x = self._prepare_x(x, "x")
+        x_float = x.dtype.kind == "f"
+        x = self._place(x, np.float32)
+        if check_finite and x_float:
+            _check_finite(x, "x", "predict")
         out = _trainer.predict(self, x, self._batch_arg(batch_size, "predict"))
         if want_cupy:
             return out if is_cupy(out) else cupy_module().asarray(out)
@@ -318,10 +397,7 @@ class Sequential:
     def _batch_arg(batch_size, what):
         if batch_size is None:
             return _EVAL_BATCH
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"{what}: 'batch_size' must be a positive integer, got "
-                             f"{batch_size!r}")
-        return int(batch_size)
+        return _int_arg(batch_size, "batch_size", what, 1)
 
     # -- weights ------------------------------------------------------------------------
     def get_weights(self) -> list:

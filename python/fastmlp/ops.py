@@ -22,7 +22,7 @@ __all__ = [
     "gemm", "dense_forward", "dense_backward_input", "dense_backward_weight",
     "set_matmul_precision", "get_matmul_precision", "bias_add", "bias_grad", "relu", "relu_backward",
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "softmax_cross_entropy_fused",
-    "random_permutation", "sgd_step", "adam_step",
+    "random_permutation", "sgd_step", "adam_step", "first_nonfinite",
 ]
 
 _LABEL_INT32, _LABEL_INT64, _LABEL_ONEHOT = 0, 1, 2
@@ -270,6 +270,22 @@ def relu_backward(dy, y, *, out=None):
     with ctx, _nvtx.annotate("relu_backward"):
         mod.relu_backward(address(dy), address(y), address(dx), dy.size, *extra)
     return dx
+
+
+def first_nonfinite(x):
+    """The index (a tuple, C order) of the first NaN or +-Inf element of a float32 array,
+    or ``None`` when every element is finite. One pass over ``x`` on its device (the GPU
+    reads back one int64); ``fit``, ``evaluate`` and ``predict`` run it on their inputs."""
+    ck = Checker("first_nonfinite")
+    x = ck.f32(x, "x")
+    out = ck.empty((1,), np.int64, like=x)
+    mod, extra, ctx = ck.backend(x)
+    with ctx, _nvtx.annotate("first_nonfinite"):
+        mod.first_nonfinite(address(x), x.size, address(out), *extra)
+    i = int(out[0])
+    if i < 0:
+        return None
+    return tuple(int(v) for v in np.unravel_index(i, x.shape)) if x.ndim else ()
 
 
 def _labels(ck, labels, rows, cols):

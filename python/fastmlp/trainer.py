@@ -165,15 +165,13 @@ def _train_epoch(model, eng, n, batch, steps, verbose, desc) -> dict:
             show = bar is not None and (now - last_shown > _PROGRESS_S or first == steps)
             if cheap_state or show:
                 st = eng.state()
-                if st["nonfinite_step"] >= 0:
-                    _raise_nonfinite(model, st, desc)
+                _check_finite_state(model, st, desc)
                 if show:
                     last_shown = now
                     bar.update(first - bar.n)
                     bar.set_postfix(_logs(model, st, min(n, first * batch)), refresh=False)
         st = eng.state()
-        if st["nonfinite_step"] >= 0:
-            _raise_nonfinite(model, st, desc)
+        _check_finite_state(model, st, desc)
         logs = _logs(model, st, n)
         if bar is not None:
             bar.update(steps - bar.n)
@@ -191,15 +189,29 @@ def _logs(model, st, seen) -> dict:
     return logs
 
 
-def _raise_nonfinite(model, st, desc):
+def _check_finite_state(model, st, desc):
+    """FloatingPointError when a step of the pass had a non-finite loss or left a
+    parameter non-finite (the engines record both in their state: no extra read)."""
+    loss_step, param_step = st["nonfinite_step"], st.get("nonfinite_param_step", -1)
+    if loss_step < 0 and param_step < 0:
+        return
     model.stop_training = True
-    # The running sum took the step's non-finite loss (NaN stays NaN, +-inf stays inf
-    # unless both signs came): say which it was.
-    value = st["loss_sum"] if not math.isfinite(st["loss_sum"]) else float("nan")
+    # The step is exact on every engine; the CPU engines stop right after it, the GPU
+    # runs on to the end of its chunk of steps (the weights are non-finite by then).
+    where = " (the GPU ran on to the end of its chunk of steps)" if model.device == "cuda" else ""
+    advice = ("Lower the learning rate, or check the inputs for NaN/Inf and their scale "
+              "(e.g. images divided by 255).")
+    if loss_step >= 0 and (param_step < 0 or loss_step <= param_step):
+        # The running sum took the step's non-finite loss (NaN stays NaN, +-inf stays
+        # inf unless both signs came): say which it was.
+        value = st["loss_sum"] if not math.isfinite(st["loss_sum"]) else float("nan")
+        raise FloatingPointError(
+            f"fit: the loss became {value} in {desc.lower()} at step {loss_step + 1}{where}; "
+            f"training stopped. {advice}")
     raise FloatingPointError(
-        f"fit: the loss became {value} in {desc.lower()} at step {st['nonfinite_step'] + 1} "
-        "(on the GPU: or earlier in the epoch's last chunk of steps); training stopped. Lower the learning rate, or check the inputs for NaN/Inf and "
-        "their scale (e.g. images divided by 255).")
+        f"fit: the optimizer update of step {param_step + 1} in {desc.lower()} left a parameter "
+        f"NaN or Inf while the loss was finite{where}; training stopped and the model's weights "
+        f"now hold non-finite values. {advice}")
 
 
 # ----------------------------------------------------------------------------- evaluate / predict

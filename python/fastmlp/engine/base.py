@@ -9,8 +9,9 @@ class Engine:
 
     ``run(lst, rows, batch, first, count)`` runs steps ``first .. first+count-1`` of op
     list ``lst`` over ``rows`` rows in batches of ``batch`` and returns the steps run
-    (a training run stops after a step whose loss is not finite, except on CUDA, where
-    the caller learns it from ``state()["nonfinite_step"]``).
+    (a training run stops after a step whose loss or updated parameters are not
+    finite, except on CUDA, where the caller learns it from ``state()["nonfinite_step"]``
+    and ``state()["nonfinite_param_step"]``).
     """
     name = "?"
 

@@ -32,7 +32,8 @@ class PythonExecutor(Engine):
 
     @staticmethod
     def _fresh_state():
-        return {"step": 0, "correct": 0, "loss_sum": 0.0, "nonfinite_step": -1, "bad_row": -1}
+        return {"step": 0, "correct": 0, "loss_sum": 0.0, "nonfinite_step": -1, "bad_row": -1,
+                "nonfinite_param_step": -1}
 
     def set_schedule(self, lrs, step0, optimizer):
         self._lrs, self._step0 = list(lrs), int(step0)
@@ -55,7 +56,8 @@ class PythonExecutor(Engine):
             n = min(batch, rows - s * batch)
             for op in self.plan.lists[lst]:
                 self._exec(op, n, batch)
-            if lst == TRAIN and self._state["nonfinite_step"] >= 0:
+            st = self._state
+            if lst == TRAIN and (st["nonfinite_step"] >= 0 or st["nonfinite_param_step"] >= 0):
                 return s - first + 1
         return count
 
@@ -95,6 +97,11 @@ class PythonExecutor(Engine):
                                      else b[2][:n], out=b[3][:n], precision=_PRECISION[d[3]])
         elif code == "optimizer":
             self._optimizer_step()
+            st = self._state
+            if st["nonfinite_param_step"] < 0 and not all(
+                    bool(p.size == 0 or cupy_module().isfinite(p).all() if is_cupy(p)
+                         else np.isfinite(p).all()) for p in self.arena.param_views()):
+                st["nonfinite_param_step"] = st["step"]
         elif code == "store":
             lo = self._state["step"] * batch
             b[1][lo:lo + n] = b[0][:n]
