@@ -55,8 +55,19 @@ FASTMLP_HOSTDEV uint32_t nonfinite_bit(float x) {
 }
 
 // max(a, b) that returns NaN when either is NaN (torch.max / np.maximum);
-// fmaxf and std::max drop a NaN operand.
-FASTMLP_HOSTDEV float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+// fmaxf and std::max drop a NaN operand. On sm_80+ it is one instruction
+// (max.NaN.f32; the compare-and-select costs registers in the softmax
+// kernels). The two may differ only in the sign of a zero result (max of -0
+// and +0), which the callers (a row max subtracted from the row) never see.
+FASTMLP_HOSTDEV float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return (a > b || a != a) ? a : b;
+#endif
+}
 
 // ---- SGD (torch.optim.SGD, dampening = 0) ---------------------------------
 //   g = grad + wd * p

@@ -278,3 +278,31 @@ def test_memory_is_stable_over_200_fit_and_predict_calls():
     gc.collect()
     grown = _rss_bytes() - start
     assert grown < RSS_BOUND, f"RSS grew by {grown / 2**20:.1f} MiB over 200 fresh models"
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_stable_over_200_fit_and_predict_calls(gpu):
+    """The same on the GPU (run by benchmarks/gpu_check.sh): host RSS and the device
+    memory CuPy's pool hands out stay put over 200 fit / evaluate / predict calls."""
+    cp = gpu.xp
+    pool = cp.get_default_memory_pool()
+    x, y = blobs(n=512)
+    xd, yd = cp.asarray(x), cp.asarray(y)
+    model = small()
+    for _ in range(20):
+        model.fit(xd, yd, epochs=1, batch_size=32, validation_split=0.1, verbose=0,
+                  device="cuda")
+        model.predict(xd)
+    cp.cuda.get_current_stream().synchronize()
+    gc.collect()
+    rss0, used0 = _rss_bytes(), pool.used_bytes()
+    for _ in range(200):
+        model.fit(xd, yd, epochs=1, batch_size=32, validation_split=0.1, verbose=0,
+                  device="cuda")
+        model.predict(xd)
+        model.evaluate(xd, yd)
+    cp.cuda.get_current_stream().synchronize()
+    gc.collect()
+    rss_grown, used_grown = _rss_bytes() - rss0, pool.used_bytes() - used0
+    assert rss_grown < RSS_BOUND, f"host RSS grew by {rss_grown / 2**20:.1f} MiB"
+    assert used_grown < 2**20, f"device memory in use grew by {used_grown / 2**20:.2f} MiB"
