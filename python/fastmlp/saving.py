@@ -6,17 +6,25 @@ the metadata key ``fastmlp``; and, when the optimizer is included, its state as
 ``optimizer.<param index>.<buffer>`` tensors plus the step count and the shuffling
 position (seed, epochs shuffled) in the metadata, so a resumed ``fit`` continues
 exactly. Engines never touch files; objects give their configuration
-(``get_config``) and state (``state_arrays``). Files are written atomically (a
-temporary file renamed over the target), so a crash never leaves half a model.
+(``get_config``) and state (``state_arrays``).
+
+Files are written atomically (:func:`write_atomic`): the bytes go to a temporary file
+``.fastmlp-<random>.tmp`` in the target's folder, are flushed to the disk (fsync), and
+the temporary is renamed over the target, then the folder is synced. A crash, a kill
+or a full disk at any moment leaves the previous file or the new one, never half a
+model; a process killed mid-write may leave its temporary behind (harmless, and safe
+to delete).
 
 Format versions: 1 (fastmlp 0.1 before the step plan: NumPy shuffling state) still
 loads, but its shuffling position does not carry over; 2 is written.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 
 import numpy as np
 
@@ -24,14 +32,21 @@ from . import optim as _optim
 from .layers import Dense
 from .model import Sequential, _host, _to_device
 
-__all__ = ["save_model", "load_model", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_model", "load_model", "write_atomic", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "fastmlp.sequential"
 FORMAT_VERSION = 2
+TEMP_PREFIX, TEMP_SUFFIX = ".fastmlp-", ".tmp"  # the temporaries write_atomic leaves on a kill
 
 
 def save_model(model, path, include_optimizer: bool = True) -> None:
-    from safetensors.numpy import save_file
+    """Write ``model`` to ``path`` (atomically: see :func:`write_atomic`)."""
+    write_atomic(path, _model_bytes(model, include_optimizer))
+
+
+def _model_bytes(model, include_optimizer: bool) -> bytes:
+    """The model file's bytes."""
+    from safetensors.numpy import save
 
     tensors = {}
     for i, layer in enumerate(model.layers):
@@ -44,22 +59,67 @@ def save_model(model, path, include_optimizer: bool = True) -> None:
                            "optimizer_config": model.optimizer.get_config(),
                            "loss": model.loss.name, "metrics": model.metrics}
     if include_optimizer and model.optimizer is not None:
-        for key, arr in model.optimizer.state_arrays().items():
+        # before the first step the state is not built yet: its zeros are saved
+        for key, arr in model.optimizer.state_arrays(model.params()).items():
             tensors[f"optimizer.{key}"] = _host(arr)
         meta["optimizer_iterations"] = model.optimizer.iterations
         meta["shuffle"] = {"seed": model._shuffle_seed, "count": model._shuffle_count}
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                metadata={"fastmlp": json.dumps(meta)})
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Replace ``path`` by a file holding ``data``, so that a crash, a kill or a full disk
+    at any moment leaves either the previous file or the new one: write a temporary in
+    the same folder, fsync it, rename it over ``path`` (``os.replace``), fsync the
+    folder. On an error the temporary is removed and the error propagates; a killed
+    process leaves it behind. The file gets the mode of the file it replaces, else the
+    usual one (0o666 less the umask, as ``open(path, "wb")``)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastmlp-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: no such folder", folder)
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-                  metadata={"fastmlp": json.dumps(meta)})
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    # 64 random bits: two writers never pick the same name; O_EXCL would say if they did.
+    # os.open applies the umask to 0o666 (tempfile.mkstemp would make it 0o600).
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        try:
+            if mode is not None:
+                os.chmod(tmp, mode)
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view):]
+            os.fsync(fd)  # the data on the disk before the name points at it
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename durable: on POSIX a file name is data of its folder."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # some file systems cannot sync a folder: nothing more to do there
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def load_model(path, compile: bool = True):
@@ -132,3 +192,4 @@ def load_model(path, compile: bool = True):
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}: bad shuffling state ({e})") from None
     return model
+
