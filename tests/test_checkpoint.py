@@ -1,9 +1,12 @@
-"""Model files: nothing half-written, nothing silently different.
+"""Model files and resumable training: nothing half-written, nothing silently different.
 
 - ``save`` writes a temporary next to the target, fsyncs it and renames it over the
   target: a write that fails half-way (a full disk) or a process killed at any moment
   leaves the previous file, which loads; the file gets the usual mode, not 0600.
 - A compiled, untrained model round-trips and trains as the original would.
+- ``BackupAndRestore``: a training process killed mid-run (SIGKILL) and started again
+  ends bit for bit as an uninterrupted run (subprocesses); bad arguments, another
+  model's backup, keeping the backup, failing backup writes.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 import pytest
 
 import fastmlp as fm
-from fastmlp.callbacks import Callback, ModelCheckpoint
+from fastmlp.callbacks import BackupAndRestore, Callback, EarlyStopping, ModelCheckpoint
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="SIGKILL and file modes: POSIX")
 
@@ -281,3 +284,215 @@ def test_killed_while_saving_leaves_one_whole_model(tmp_path, moment):
     left = set(p.name for p in tmp_path.iterdir()) - {script.name, path.name,
                                                        "m.safetensors.0", "m.safetensors.1"}
     assert all(n.startswith(".fastmlp-") and n.endswith(".tmp") for n in left), left
+
+
+# ------------------------------------------------------------------- BackupAndRestore
+
+
+TRAIN = """
+import json, os, signal, sys, threading, time
+import numpy as np
+import fastmlp as fm
+from fastmlp.callbacks import BackupAndRestore, Callback
+
+backup_dir, out = sys.argv[1], sys.argv[2]
+kill_at, delay = int(sys.argv[3]), float(sys.argv[4])  # kill_at -1: no kill
+EPOCHS = 6
+
+
+class Killer(Callback):
+    # SIGKILLs this process `delay` seconds after epoch kill_at begins, and holds the run
+    # at the next epoch's begin until then: the kill always lands mid-run.
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == kill_at:
+            def kill():
+                time.sleep(delay)
+                os.kill(os.getpid(), signal.SIGKILL)
+            threading.Thread(target=kill, daemon=True).start()
+        elif epoch > kill_at:
+            threading.Event().wait()
+
+
+class Decay(Callback):
+    # changes lr cumulatively: the resumed run needs the backed-up lr
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.optimizer.lr *= 0.7
+
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(2000, 20)).astype(np.float32)
+y = rng.integers(0, 4, 2000)
+fm.set_seed(0)
+model = fm.Sequential([fm.Dense(32, activation="relu", input_dim=20),
+                       fm.Dense(4, activation="softmax")])
+model.compile(fm.optim.Adam(lr=1e-2), "sparse_categorical_crossentropy", ["accuracy"])
+callbacks = ([Killer()] if kill_at >= 0 else []) + [Decay(), BackupAndRestore(backup_dir)]
+history = model.fit(x, y, epochs=EPOCHS, batch_size=32, validation_split=0.2, shuffle=True,
+                    verbose=0, callbacks=callbacks, device="cpu")
+model.save(out)
+with open(out + ".json", "w") as f:
+    json.dump({"epoch": history.epoch, "val_loss": history.history["val_loss"]}, f)
+"""
+
+
+def read_file(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return json.loads(f.metadata()["fastmlp"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+@posix_only
+@pytest.mark.parametrize("delay", [0.001, 0.01])
+def test_killed_training_resumes_bit_for_bit(tmp_path, delay):
+    """A training process is SIGKILLed ``delay`` s after epoch 2 begins (here: 1 ms
+    most often lands while epoch 2's backup is being written, 10 ms once it is written),
+    then run again to the end: it ends bit for bit as an uninterrupted run."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    backup_dir = tmp_path / "backup"
+
+    def run(backup, out, kill_at):
+        return subprocess.run([sys.executable, str(script), str(backup), str(out),
+                               str(kill_at), str(delay)], env=child_env(),
+                              timeout=300).returncode
+
+    assert run(backup_dir, tmp_path / "resumed.safetensors", kill_at=2) == -signal.SIGKILL
+    meta, _ = read_file(backup_dir / BackupAndRestore.FILENAME)
+    done = meta["backup"]["epochs_done"]
+    assert 1 <= done < 6 and done in (2, 3)  # epoch 2 ran, or was under way
+    assert meta["optimizer_iterations"] == done * 50  # 1600 training rows / 32
+
+    assert run(backup_dir, tmp_path / "resumed.safetensors", kill_at=-1) == 0
+    # deleted at the end, with its folder -- unless the kill left a temporary there
+    assert not (backup_dir / BackupAndRestore.FILENAME).exists()
+    assert not backup_dir.exists() or temporaries(backup_dir) == sorted(os.listdir(backup_dir))
+    assert run(tmp_path / "backup2", tmp_path / "straight.safetensors", kill_at=-1) == 0
+
+    resumed_meta, resumed = read_file(tmp_path / "resumed.safetensors")
+    straight_meta, straight = read_file(tmp_path / "straight.safetensors")
+    assert sorted(resumed) == sorted(straight)
+    for key in straight:
+        np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
+    assert resumed_meta == straight_meta  # step count, lr, shuffling position
+    assert straight_meta["optimizer_iterations"] == 300
+    logs = {n: json.loads((tmp_path / f"{n}.safetensors.json").read_text())
+            for n in ("resumed", "straight")}
+    assert logs["straight"]["epoch"] == [0, 1, 2, 3, 4, 5]
+    assert logs["resumed"]["epoch"] == list(range(done, 6))  # History starts at the resume
+    assert logs["resumed"]["val_loss"] == logs["straight"]["val_loss"][done:]
+
+
+class Crash(Callback):
+    """Raises at the begin of epoch ``at``: an interrupted run whose backup stays."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at:
+            raise RuntimeError("crash")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_backup_restores_into_the_model_the_engine_runs_on(tmp_path, request, device):
+    """Interrupted, then resumed by the same model object (its engine buffers bound):
+    the backup overwrites whatever the model holds, and the run ends as an
+    uninterrupted one."""
+    if device == "cuda":
+        request.getfixturevalue("gpu")  # skips without a usable GPU
+    x, y = blobs()
+    straight = make_model()
+    fit(straight, x, y, 5, device=device)
+
+    model = make_model()
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(model, x, y, 5, [Crash(2), BackupAndRestore(tmp_path / "b")], device=device)
+    # scramble everything the backup must restore, in place and by assignment
+    model.set_weights([w + 1 for w in model.get_weights()])
+    for s in model.optimizer.state:
+        for arr in s.values():
+            arr[...] = 7
+    model.optimizer.iterations, model.optimizer.lr, model._shuffle_count = 999, 5.0, 42
+    history = fit(model, x, y, 5, [BackupAndRestore(tmp_path / "b")], device=device)
+    assert history.epoch == [2, 3, 4]
+    assert_same_training_state(model, straight)
+    assert not (tmp_path / "b").exists()
+
+
+def test_backup_of_another_model_is_refused(tmp_path):
+    x, y = blobs()
+    folder = tmp_path / "b"
+    with pytest.raises(RuntimeError):
+        fit(make_model(), x, y, 3, [Crash(1), BackupAndRestore(folder)])
+    backup = str(folder / BackupAndRestore.FILENAME)
+    others = {"layers": make_model(units=8),
+              "optimizer": make_model(fm.optim.SGD(lr=1e-2)),
+              "optimizer settings": make_model(fm.optim.Adam(lr=1e-2, betas=(0.8, 0.999)))}
+    for what, model in others.items():
+        before = model.get_weights()
+        with pytest.raises(ValueError, match="not a backup of this model") as info:
+            fit(model, x, y, 3, [BackupAndRestore(folder)])
+        assert backup in str(info.value), what
+        for w, b in zip(model.get_weights(), before):  # untouched
+            np.testing.assert_array_equal(w, b)
+    # another lr is no mismatch: lr is training state (a callback may change it)
+    model = make_model(fm.optim.Adam(lr=0.5))
+    assert fit(model, x, y, 3, [BackupAndRestore(folder)]).epoch == [1, 2]
+    assert model.optimizer.lr == 1e-2
+
+    # a model file where a backup is expected
+    folder.mkdir()
+    make_model().save(backup)
+    with pytest.raises(ValueError, match="a model file, not a backup"):
+        fit(make_model(), x, y, 3, [BackupAndRestore(folder)])
+
+
+def test_backup_and_restore_arguments():
+    for bad in (123, None, b"dir", ["dir"]):
+        with pytest.raises(TypeError, match="'backup_dir' must be a folder path"):
+            BackupAndRestore(bad)
+    with pytest.raises(ValueError, match="'backup_dir' is empty"):
+        BackupAndRestore("")
+
+
+def test_keeping_and_deleting_the_backup(tmp_path):
+    x, y = blobs()
+    folder = tmp_path / "b"
+    model = make_model()
+    fit(model, x, y, 2, [BackupAndRestore(folder, delete_checkpoint=False)])
+    meta, _ = read_file(folder / BackupAndRestore.FILENAME)
+    assert meta["backup"]["epochs_done"] == 2
+    # the backup says the 2 epochs are done: nothing left to run
+    weights = model.get_weights()
+    history = fit(model, x, y, 2, [BackupAndRestore(folder)])
+    assert history.epoch == []
+    np.testing.assert_array_equal(model.get_weights()[0], weights[0])
+    assert not folder.exists()
+
+    # the folder keeps other files; a run stopped by EarlyStopping also ends cleanly
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    stop = EarlyStopping(monitor="loss", patience=0, min_delta=1e9)
+    history = fit(make_model(), x, y, 5, [stop, BackupAndRestore(folder)])
+    assert history.epoch == [0, 1]  # epoch 0 improves on inf; epoch 1 cannot
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_backup_is_written_atomically(tmp_path, monkeypatch):
+    """The disk fills while epoch 1's backup is written: fit raises, and the backup of
+    epoch 0 is intact, with no temporary beside it."""
+    x, y = blobs()
+
+    class DiskFullAtEpoch1(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                half_a_write_then_disk_full(monkeypatch)
+
+    with pytest.raises(OSError) as info:
+        fit(make_model(), x, y, 4, [DiskFullAtEpoch1(), BackupAndRestore(tmp_path)])
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    meta, _ = read_file(tmp_path / BackupAndRestore.FILENAME)
+    assert meta["backup"]["epochs_done"] == 1
+    assert temporaries(tmp_path) == []

@@ -32,7 +32,8 @@ from . import optim as _optim
 from .layers import Dense
 from .model import Sequential, _host, _to_device
 
-__all__ = ["save_model", "load_model", "write_atomic", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_model", "load_model", "write_atomic", "save_backup", "restore_backup", "FORMAT",
+           "FORMAT_VERSION"]
 
 FORMAT = "fastmlp.sequential"
 FORMAT_VERSION = 2
@@ -44,8 +45,9 @@ def save_model(model, path, include_optimizer: bool = True) -> None:
     write_atomic(path, _model_bytes(model, include_optimizer))
 
 
-def _model_bytes(model, include_optimizer: bool) -> bytes:
-    """The model file's bytes."""
+def _model_bytes(model, include_optimizer: bool, backup: dict | None = None) -> bytes:
+    """The model file's bytes; ``backup`` (BackupAndRestore's epoch count) goes into the
+    metadata under "backup"."""
     from safetensors.numpy import save
 
     tensors = {}
@@ -64,6 +66,8 @@ def _model_bytes(model, include_optimizer: bool) -> bytes:
             tensors[f"optimizer.{key}"] = _host(arr)
         meta["optimizer_iterations"] = model.optimizer.iterations
         meta["shuffle"] = {"seed": model._shuffle_seed, "count": model._shuffle_count}
+    if backup is not None:
+        meta["backup"] = backup
     return save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                 metadata={"fastmlp": json.dumps(meta)})
 
@@ -193,3 +197,76 @@ def load_model(path, compile: bool = True):
                 raise ValueError(f"{path}: bad shuffling state ({e})") from None
     return model
 
+
+# ----------------------------------------------------------------------------- backups
+# BackupAndRestore's file (fastmlp.callbacks): a model file with the optimizer state and,
+# in the metadata under "backup", the number of epochs completed.
+
+
+def save_backup(model, path, epochs_done: int) -> None:
+    """Write ``model``'s training state after ``epochs_done`` epochs to ``path``, atomically."""
+    write_atomic(path, _model_bytes(model, True, backup={"epochs_done": int(epochs_done)}))
+
+
+def restore_backup(model, path) -> int:
+    """Load the training state written by :func:`save_backup` into ``model`` -- the
+    weights, the optimizer state and step count, its ``lr`` (a callback may have changed
+    it), the shuffling position -- in place (an engine may hold views of them), and
+    return the number of epochs completed. The backup must be of a model with the same
+    layers, loss and optimizer (class and settings other than ``lr``): else ValueError
+    naming the file, and the model is left untouched."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    saved = load_model(path, compile=False)  # checks the file and the weights
+    with safe_open(path, framework="numpy") as f:
+        meta = json.loads(f.metadata()["fastmlp"])
+        state = {k[len("optimizer."):]: f.get_tensor(k) for k in f.keys()
+                 if k.startswith("optimizer.")}
+
+    def layers(m):  # what the weights' meaning depends on (not names, not initialisers)
+        return [(l.input_dim, l.units, l.activation, l.use_bias) for l in m.layers]
+
+    def settings(name, config):
+        return name, {k: v for k, v in config.items() if k != "lr"}
+
+    if "backup" not in meta:
+        raise ValueError(f"{path}: a model file, not a backup (no 'backup' metadata: not "
+                         "written by BackupAndRestore)")
+    opt = model.optimizer
+    c = meta.get("compile") or {}
+    try:
+        if layers(saved) != layers(model):
+            raise ValueError(f"it holds layers (input_dim, units, activation, use_bias) "
+                             f"{layers(saved)}, the model has {layers(model)}")
+        if c.get("loss") != model.loss.name:
+            raise ValueError(f"it was trained with loss {c.get('loss')!r}, the model has "
+                             f"{model.loss.name!r}")
+        theirs = settings(c.get("optimizer"), c.get("optimizer_config") or {})
+        mine = settings(type(opt).__name__, json.loads(json.dumps(opt.get_config())))
+        if theirs != mine:
+            raise ValueError(f"its optimizer is {theirs[0]} {theirs[1]}, the model's is "
+                             f"{mine[0]} {mine[1]} (lr aside)")
+        epochs_done = int(meta["backup"]["epochs_done"])
+        iterations = int(meta["optimizer_iterations"])
+        seed, count = int(meta["shuffle"]["seed"]), int(meta["shuffle"]["count"])
+        lr = float(c["optimizer_config"]["lr"])
+        if epochs_done < 0 or iterations < 0 or count < 0:
+            raise ValueError(f"negative counts: epochs_done={epochs_done}, "
+                             f"optimizer_iterations={iterations}, shuffle count={count}")
+        for key, zeros in opt.state_arrays(model.params()).items():
+            if key not in state or tuple(state[key].shape) != tuple(zeros.shape):
+                got = tuple(state[key].shape) if key in state else "missing"
+                raise ValueError(f"optimizer state '{key}': expected shape "
+                                 f"{tuple(zeros.shape)}, got {got}")
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+        raise ValueError(f"{path}: not a backup of this model ({what}); delete it, or give "
+                         "BackupAndRestore another backup_dir") from None
+    # all checked: now change the model
+    model.set_weights(saved.get_weights())
+    opt.load_state_arrays(state, model.params(), iterations,
+                          lambda a: _to_device(a, model.device))
+    opt.lr = lr
+    model._shuffle_seed, model._shuffle_count = seed, count
+    return epochs_done
