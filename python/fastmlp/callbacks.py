@@ -1,4 +1,4 @@
-"""Callbacks for ``Model.fit``: History, EarlyStopping, ModelCheckpoint.
+"""Callbacks for ``Model.fit``: History, EarlyStopping, ModelCheckpoint, BackupAndRestore.
 
 A callback sees the model (``self.model``) and the epoch logs -- a dict such as
 ``{"loss": 0.41, "accuracy": 0.85, "val_loss": 0.45, "val_accuracy": 0.84}``.
@@ -8,8 +8,9 @@ There are no per-batch hooks: they would force a device-to-host copy every step.
 from __future__ import annotations
 
 import math
+import os
 
-__all__ = ["Callback", "History", "EarlyStopping", "ModelCheckpoint"]
+__all__ = ["Callback", "History", "EarlyStopping", "ModelCheckpoint", "BackupAndRestore"]
 
 
 class Callback:
@@ -152,3 +153,55 @@ class ModelCheckpoint(_Monitor):
         self.saved.append(path)
         if self.verbose:
             print(f"ModelCheckpoint: saved {path}")
+
+
+class BackupAndRestore(Callback):
+    """Resume a ``fit`` that was interrupted (killed, crashed) where it stopped, as Keras 3's
+    BackupAndRestore: at each epoch's end the training state -- weights, optimizer state
+    and step count, ``lr``, the shuffling position, the number of epochs completed -- is
+    written atomically to ``<backup_dir>/backup.safetensors``; a ``fit`` that finds it
+    restores it into the model (of the same layers, loss and optimizer: else ValueError)
+    and continues with the next epoch, so the run ends bit for bit as an uninterrupted
+    one. Its History starts at that epoch. A ``fit`` that ends (also stopped by
+    EarlyStopping) deletes the backup (and ``backup_dir`` when then empty) unless
+    ``delete_checkpoint=False``; one that raises keeps it. Other callbacks' state (e.g.
+    EarlyStopping's patience count) is not backed up. One backup_dir per training run. A
+    kill in the middle of a backup's write may leave a ``.fastmlp-*.tmp`` in backup_dir
+    (never read; the folder then stays)."""
+
+    FILENAME = "backup.safetensors"
+
+    def __init__(self, backup_dir, delete_checkpoint: bool = True):
+        if not isinstance(backup_dir, (str, os.PathLike)) \
+                or not isinstance(os.fspath(backup_dir), str):
+            raise TypeError(f"BackupAndRestore: 'backup_dir' must be a folder path (str or "
+                            f"os.PathLike), got {type(backup_dir).__name__}")
+        if not os.fspath(backup_dir):
+            raise ValueError("BackupAndRestore: 'backup_dir' is empty")
+        self.backup_dir = os.fspath(backup_dir)
+        self.delete_checkpoint = bool(delete_checkpoint)
+        self.path = os.path.join(self.backup_dir, self.FILENAME)
+
+    def on_train_begin(self, logs=None):
+        from .saving import restore_backup  # here: saving imports model, which imports us
+
+        if os.path.exists(self.path):
+            self.model._initial_epoch = restore_backup(self.model, self.path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        from .saving import save_backup
+
+        os.makedirs(self.backup_dir, exist_ok=True)
+        save_backup(self.model, self.path, epoch + 1)
+
+    def on_train_end(self, logs=None):
+        if not self.delete_checkpoint:
+            return
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        try:
+            os.rmdir(self.backup_dir)  # only when empty: the folder may hold other files
+        except OSError:
+            pass

@@ -62,25 +62,45 @@ class Optimizer:
     def _update(self, param, grad, state) -> None:
         raise NotImplementedError
 
-    def state_arrays(self) -> dict:
-        """``{"<param index>.<buffer>": array}`` -- the state, for saving."""
-        return {f"{i}.{name}": arr for i, s in enumerate(self.state) for name, arr in s.items()}
+    def _built_for(self, params) -> bool:
+        """Whether the state holds this optimizer's buffers for ``params`` (shapes)."""
+        return len(self.state) == len(params) and all(
+            set(s) == set(self._buffers) and all(tuple(a.shape) == tuple(p.shape)
+                                                 for a in s.values())
+            for s, p in zip(self.state, params))
+
+    def state_arrays(self, params=None) -> dict:
+        """``{"<param index>.<buffer>": array}`` -- the state, for saving. The state is
+        built on the first step; before it, given ``params``, the zeros it starts from."""
+        state = self.state
+        if params is not None and not self._built_for(params):
+            state = [{name: _zeros_like(p) for name in self._buffers} for p in params]
+        return {f"{i}.{name}": arr for i, s in enumerate(state) for name, arr in s.items()}
 
     def load_state_arrays(self, arrays: dict, params, iterations: int, convert) -> None:
         """Restore the state saved by :meth:`state_arrays`; ``convert`` moves an array
-        to the parameters' device."""
-        self.build(params)
-        for i, s in enumerate(self.state):
-            for name in s:
+        to the parameters' device. A state already built for ``params`` is overwritten in
+        place (an engine may hold views of it). At step 0 a file without any state
+        (saved before the first step by fastmlp 0.1) restores the zeros it started from."""
+        iterations = int(iterations)
+        for i, p in enumerate(params):
+            for name in self._buffers:
                 key = f"{i}.{name}"
                 if key not in arrays:
+                    if iterations == 0 and not arrays:
+                        continue
                     raise ValueError(f"optimizer state '{key}' is missing")
-                if tuple(arrays[key].shape) != tuple(params[i].shape):
+                if tuple(arrays[key].shape) != tuple(p.shape):
                     raise ValueError(f"optimizer state '{key}' has shape "
                                      f"{tuple(arrays[key].shape)}, the parameter has "
-                                     f"{tuple(params[i].shape)}")
-                s[name][...] = convert(arrays[key])
-        self.iterations = int(iterations)
+                                     f"{tuple(p.shape)}")
+        if not self._built_for(params):
+            self.build(params)
+        for i, s in enumerate(self.state):
+            for name, arr in s.items():
+                key = f"{i}.{name}"
+                arr[...] = convert(arrays[key]) if key in arrays else 0
+        self.iterations = iterations
 
     def to(self, convert) -> None:
         """Move the state with ``convert`` (a device transfer)."""

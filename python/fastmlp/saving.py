@@ -6,17 +6,25 @@ the metadata key ``fastmlp``; and, when the optimizer is included, its state as
 ``optimizer.<param index>.<buffer>`` tensors plus the step count and the shuffling
 position (seed, epochs shuffled) in the metadata, so a resumed ``fit`` continues
 exactly. Engines never touch files; objects give their configuration
-(``get_config``) and state (``state_arrays``). Files are written atomically (a
-temporary file renamed over the target), so a crash never leaves half a model.
+(``get_config``) and state (``state_arrays``).
+
+Files are written atomically (:func:`write_atomic`): the bytes go to a temporary file
+``.fastmlp-<random>.tmp`` in the target's folder, are flushed to the disk (fsync), and
+the temporary is renamed over the target, then the folder is synced. A crash, a kill
+or a full disk at any moment leaves the previous file or the new one, never half a
+model; a process killed mid-write may leave its temporary behind (harmless, and safe
+to delete).
 
 Format versions: 1 (fastmlp 0.1 before the step plan: NumPy shuffling state) still
 loads, but its shuffling position does not carry over; 2 is written.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 
 import numpy as np
 
@@ -24,14 +32,23 @@ from . import optim as _optim
 from .layers import Dense
 from .model import Sequential, _host, _to_device
 
-__all__ = ["save_model", "load_model", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_model", "load_model", "write_atomic", "save_backup", "restore_backup", "FORMAT",
+           "FORMAT_VERSION"]
 
 FORMAT = "fastmlp.sequential"
 FORMAT_VERSION = 2
+TEMP_PREFIX, TEMP_SUFFIX = ".fastmlp-", ".tmp"  # the temporaries write_atomic leaves on a kill
 
 
 def save_model(model, path, include_optimizer: bool = True) -> None:
-    from safetensors.numpy import save_file
+    """Write ``model`` to ``path`` (atomically: see :func:`write_atomic`)."""
+    write_atomic(path, _model_bytes(model, include_optimizer))
+
+
+def _model_bytes(model, include_optimizer: bool, backup: dict | None = None) -> bytes:
+    """The model file's bytes; ``backup`` (BackupAndRestore's epoch count) goes into the
+    metadata under "backup"."""
+    from safetensors.numpy import save
 
     tensors = {}
     for i, layer in enumerate(model.layers):
@@ -44,22 +61,69 @@ def save_model(model, path, include_optimizer: bool = True) -> None:
                            "optimizer_config": model.optimizer.get_config(),
                            "loss": model.loss.name, "metrics": model.metrics}
     if include_optimizer and model.optimizer is not None:
-        for key, arr in model.optimizer.state_arrays().items():
+        # before the first step the state is not built yet: its zeros are saved
+        for key, arr in model.optimizer.state_arrays(model.params()).items():
             tensors[f"optimizer.{key}"] = _host(arr)
         meta["optimizer_iterations"] = model.optimizer.iterations
         meta["shuffle"] = {"seed": model._shuffle_seed, "count": model._shuffle_count}
+    if backup is not None:
+        meta["backup"] = backup
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                metadata={"fastmlp": json.dumps(meta)})
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Replace ``path`` by a file holding ``data``, so that a crash, a kill or a full disk
+    at any moment leaves either the previous file or the new one: write a temporary in
+    the same folder, fsync it, rename it over ``path`` (``os.replace``), fsync the
+    folder. On an error the temporary is removed and the error propagates; a killed
+    process leaves it behind. The file gets the mode of the file it replaces, else the
+    usual one (0o666 less the umask, as ``open(path, "wb")``)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastmlp-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: no such folder", folder)
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-                  metadata={"fastmlp": json.dumps(meta)})
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    # 64 random bits: two writers never pick the same name; O_EXCL would say if they did.
+    # os.open applies the umask to 0o666 (tempfile.mkstemp would make it 0o600).
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        try:
+            if mode is not None:
+                os.chmod(tmp, mode)
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view):]
+            os.fsync(fd)  # the data on the disk before the name points at it
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename durable: on POSIX a file name is data of its folder."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # some file systems cannot sync a folder: nothing more to do there
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def load_model(path, compile: bool = True):
@@ -132,3 +196,77 @@ def load_model(path, compile: bool = True):
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}: bad shuffling state ({e})") from None
     return model
+
+
+# ----------------------------------------------------------------------------- backups
+# BackupAndRestore's file (fastmlp.callbacks): a model file with the optimizer state and,
+# in the metadata under "backup", the number of epochs completed.
+
+
+def save_backup(model, path, epochs_done: int) -> None:
+    """Write ``model``'s training state after ``epochs_done`` epochs to ``path``, atomically."""
+    write_atomic(path, _model_bytes(model, True, backup={"epochs_done": int(epochs_done)}))
+
+
+def restore_backup(model, path) -> int:
+    """Load the training state written by :func:`save_backup` into ``model`` -- the
+    weights, the optimizer state and step count, its ``lr`` (a callback may have changed
+    it), the shuffling position -- in place (an engine may hold views of them), and
+    return the number of epochs completed. The backup must be of a model with the same
+    layers, loss and optimizer (class and settings other than ``lr``): else ValueError
+    naming the file, and the model is left untouched."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    saved = load_model(path, compile=False)  # checks the file and the weights
+    with safe_open(path, framework="numpy") as f:
+        meta = json.loads(f.metadata()["fastmlp"])
+        state = {k[len("optimizer."):]: f.get_tensor(k) for k in f.keys()
+                 if k.startswith("optimizer.")}
+
+    def layers(m):  # what the weights' meaning depends on (not names, not initialisers)
+        return [(l.input_dim, l.units, l.activation, l.use_bias) for l in m.layers]
+
+    def settings(name, config):
+        return name, {k: v for k, v in config.items() if k != "lr"}
+
+    if "backup" not in meta:
+        raise ValueError(f"{path}: a model file, not a backup (no 'backup' metadata: not "
+                         "written by BackupAndRestore)")
+    opt = model.optimizer
+    c = meta.get("compile") or {}
+    try:
+        if layers(saved) != layers(model):
+            raise ValueError(f"it holds layers (input_dim, units, activation, use_bias) "
+                             f"{layers(saved)}, the model has {layers(model)}")
+        if c.get("loss") != model.loss.name:
+            raise ValueError(f"it was trained with loss {c.get('loss')!r}, the model has "
+                             f"{model.loss.name!r}")
+        theirs = settings(c.get("optimizer"), c.get("optimizer_config") or {})
+        mine = settings(type(opt).__name__, json.loads(json.dumps(opt.get_config())))
+        if theirs != mine:
+            raise ValueError(f"its optimizer is {theirs[0]} {theirs[1]}, the model's is "
+                             f"{mine[0]} {mine[1]} (lr aside)")
+        epochs_done = int(meta["backup"]["epochs_done"])
+        iterations = int(meta["optimizer_iterations"])
+        seed, count = int(meta["shuffle"]["seed"]), int(meta["shuffle"]["count"])
+        lr = float(c["optimizer_config"]["lr"])
+        if epochs_done < 0 or iterations < 0 or count < 0:
+            raise ValueError(f"negative counts: epochs_done={epochs_done}, "
+                             f"optimizer_iterations={iterations}, shuffle count={count}")
+        for key, zeros in opt.state_arrays(model.params()).items():
+            if key not in state or tuple(state[key].shape) != tuple(zeros.shape):
+                got = tuple(state[key].shape) if key in state else "missing"
+                raise ValueError(f"optimizer state '{key}': expected shape "
+                                 f"{tuple(zeros.shape)}, got {got}")
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+        raise ValueError(f"{path}: not a backup of this model ({what}); delete it, or give "
+                         "BackupAndRestore another backup_dir") from None
+    # all checked: now change the model
+    model.set_weights(saved.get_weights())
+    opt.load_state_arrays(state, model.params(), iterations,
+                          lambda a: _to_device(a, model.device))
+    opt.lr = lr
+    model._shuffle_seed, model._shuffle_count = seed, count
+    return epochs_done

@@ -117,9 +117,10 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
                            "samples": n, "device": model.device, "engine": eng.name,
                            "engine_reason": why})
     model.stop_training = False
+    model._initial_epoch = initial_epoch  # a callback may move it (BackupAndRestore), as in Keras
     for cb in callbacks:
         cb.on_train_begin()
-    for epoch in range(initial_epoch, epochs):
+    for epoch in range(model._initial_epoch, epochs):
         for cb in callbacks:
             cb.on_epoch_begin(epoch)
         t0 = time.perf_counter()
