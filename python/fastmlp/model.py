@@ -148,6 +148,7 @@ class Sequential:
         self.stop_training = False
         self.device = "cpu"
         self._bound = None  # the plan bound to memory (fastmlp.trainer.bind)
+        self._initial_epoch = 0  # fit's first epoch; BackupAndRestore may move it (as Keras)
         # Shuffling: epoch e visits the rows in ops.random_permutation(rows, seed, e). The
         # seed is drawn from fastmlp's generator (set_seed makes runs repeat); seed and
         # count are saved with the model, so a resumed run shuffles on.

@@ -97,10 +97,11 @@ class PythonExecutor(Engine):
                                      else b[2][:n], out=b[3][:n], precision=_PRECISION[d[3]])
         elif code == "optimizer":
             self._optimizer_step()
+            # The C++ engines find a non-finite parameter inside their update loop; here
+            # the updated parameters are checked afterwards (first_nonfinite: one pass).
             st = self._state
-            if st["nonfinite_param_step"] < 0 and not all(
-                    bool(p.size == 0 or cupy_module().isfinite(p).all() if is_cupy(p)
-                         else np.isfinite(p).all()) for p in self.arena.param_views()):
+            if st["nonfinite_param_step"] < 0 and any(
+                    ops.first_nonfinite(p) is not None for p in self.arena.param_views()):
                 st["nonfinite_param_step"] = st["step"]
         elif code == "store":
             lo = self._state["step"] * batch
