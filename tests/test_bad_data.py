@@ -136,11 +136,19 @@ def test_first_nonfinite_checks_its_argument():
 # ----------------------------------------------------------------------------- parameters
 
 
-@pytest.mark.parametrize("engine", ["native", "python"])
-def test_a_parameter_that_overflows_stops_fit(monkeypatch, engine):
+@pytest.mark.parametrize("engine,device", [
+    ("native", "cpu"), ("python", "cpu"),
+    pytest.param("native", "cuda", marks=pytest.mark.gpu),
+    pytest.param("python", "cuda", marks=pytest.mark.gpu)])
+def test_a_parameter_that_overflows_stops_fit(monkeypatch, engine, device):
     """The loss of a step is computed before its update: a learning rate that overflows
     the update leaves Inf/NaN weights while the loss was finite. fit stops after that
-    step (found in the optimizer's own pass over the parameters)."""
+    step (found in the optimizer's own pass over the parameters); the CUDA engine runs on
+    to the end of its chunk of steps but names the same step."""
+    if device == "cuda":
+        from conftest import gpu_backend
+
+        gpu_backend()  # skips with the reason when CUDA is not usable
     monkeypatch.setenv("FASTMLP_ENGINE", engine)
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(64, 8)) * 1e3).astype(np.float32)
@@ -149,8 +157,9 @@ def test_a_parameter_that_overflows_stops_fit(monkeypatch, engine):
     model.compile(fm.optim.SGD(lr=3e38), "sparse_categorical_crossentropy")
     with pytest.raises(FloatingPointError,
                        match="optimizer update of step 1 in epoch 1/3 left a parameter NaN or Inf"):
-        model.fit(x, y, epochs=3, batch_size=32, shuffle=False, verbose=0, device="cpu")
-    assert model.optimizer.iterations == 1  # stopped right after the step
+        model.fit(x, y, epochs=3, batch_size=32, shuffle=False, verbose=0, device=device)
+    ran = model.optimizer.iterations
+    assert ran == 1 if device == "cpu" or engine == "python" else ran == 2  # CUDA: its chunk
     assert not all(np.isfinite(w).all() for w in model.get_weights())
 
 
