@@ -142,3 +142,13 @@ def soft_labels(rng, n, c):
     """Random class distributions (rows sum to 1 in float32 up to rounding)."""
     w = rng.uniform(0.0, 1.0, size=(n, c))
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def blobs(n=600, features=20, classes=4, seed=0):
+    """Linearly separable-ish clusters (float32 x, int labels): a model that trains
+    reaches high accuracy."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (classes, features))
+    y = rng.integers(0, classes, n)
+    x = (centers[y] + rng.normal(0, 1, (n, features))).astype(np.float32)
+    return x, y

@@ -13,14 +13,11 @@ import numpy as np
 import pytest
 
 import fastmlp as fm
+from helpers import blobs as _blobs
 
 
-def blobs(n=256, features=20, classes=4, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(0, 3, (classes, features))
-    y = rng.integers(0, classes, n)
-    x = (centers[y] + rng.normal(0, 1, (n, features))).astype(np.float32)
-    return x, y
+def blobs(n=256, **kw):
+    return _blobs(n=n, **kw)
 
 
 def small(loss="sparse_categorical_crossentropy", opt="adam", features=20):

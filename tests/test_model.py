@@ -11,16 +11,7 @@ import pytest
 
 import fastmlp as fm
 from fastmlp.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from helpers import assert_close
-
-
-def blobs(n=600, features=20, classes=4, seed=0):
-    """Linearly separable-ish clusters: a model that trains reaches high accuracy."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(0, 3, (classes, features))
-    y = rng.integers(0, classes, n)
-    x = (centers[y] + rng.normal(0, 1, (n, features))).astype(np.float32)
-    return x, y
+from helpers import assert_close, blobs
 
 
 def small(classes=4, features=20, act_out=None, opt="adam", loss="sparse_categorical_crossentropy"):
