@@ -41,11 +41,11 @@ namespace engine {
 //             dim: classes, label kind, backward
 //             softmax-cross-entropy, fused: out = dlogits (backward) or
 //             probs; scalars.loss = mean loss, scalars.hits = arg-max hits
-// relu_bwd    buf: dz, y                dim: cols           dz *= (y > 0)
+// relu_bwd    buf: dz, y                dim: cols           dz = y <= 0 ? 0 : dz
 // dense_bwd_w buf: x, dz, gw, gb-       dim: in, out, -, precision
 //             gw = x^T dz, gb = colsum(dz)                  gemm_ex
 // dense_bwd_x buf: dz, w, mask-, dx     dim: in, out, -, precision
-//             dx = (dz w^T) * (mask > 0)                    gemm_ex
+//             dx = mask <= 0 ? 0 : dz w^T                   gemm_ex
 // optimizer   buf: params, grads, s0-, s1-, hyper, state
 //             dim: size, kind (0 SGD: s0 = momentum buffer; 1 Adam/AdamW:
 //             s0 = m, s1 = v)

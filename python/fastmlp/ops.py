@@ -161,7 +161,8 @@ def dense_forward(x, w, b=None, *, activation=None, out=None, precision=None):
 
 
 def dense_backward_input(dy, w, *, relu_output=None, out=None, precision=None):
-    """``dx = dy @ w.T``, times ``(relu_output > 0)`` when given: one fused kernel.
+    """``dx = dy @ w.T``, zeroed where ``relu_output <= 0`` when given (relu_backward): one
+    fused kernel.
 
     dy (n, out), w (in, out). ``relu_output`` (n, in) is the output of the
     ReLU that produced this layer's input, so ``dx`` is the gradient with

@@ -134,7 +134,7 @@ def dense_forward(x, w, b=None, *, activation=None, out=None, precision=None):
 
 
 def dense_backward_input(dy, w, *, relu_output=None, out=None, precision=None):
-    """dy @ w.T, times (relu_output > 0) when given."""
+    """dy @ w.T, then relu_backward(., relu_output) when given (zero where relu_output <= 0)."""
     dx = gemm(dy, w, trans_b=True)
     if relu_output is not None:
         dx = relu_backward(dx, relu_output)
