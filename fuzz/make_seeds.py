@@ -33,7 +33,8 @@ def idx_seeds() -> dict:
     rng = np.random.default_rng(0)
     seeds = {}
     for code in IDX_TYPES:
-        arr = rng.integers(-100, 100, (2, 3, 4)) if code != 0x08 else rng.integers(0, 256, (2, 3, 4))
+        low, high = (0, 256) if code == 0x08 else (-100, 100)  # uint8 or signed data
+        arr = rng.integers(low, high, (2, 3, 4))
         data = idx_bytes(arr, code)
         seeds[f"seed-type{code:02x}.idx"] = data
         # mtime=0: the same bytes on every run

@@ -109,8 +109,8 @@ def _read_safetensors(path: str):
     return raw, tensors
 
 
-def _float32_tensor(path, tensors: dict, key: str, shape: tuple, index: int):
-    """Tensor ``key``, checked to be float32 of ``shape`` (weight ``index`` of the model)."""
+def _check_tensor(path, tensors: dict, key: str, shape: tuple, index: int) -> None:
+    """Tensor ``key`` must be there, float32 of ``shape`` (weight ``index`` of the model)."""
     if key not in tensors:
         raise ValueError(f"{path}: the model configuration does not match the tensors (no "
                          f"tensor {key!r})")
@@ -121,7 +121,6 @@ def _float32_tensor(path, tensors: dict, key: str, shape: tuple, index: int):
                          f"{tuple(arr.shape)}")
     if arr.dtype != np.float32:
         raise ValueError(f"{path}: tensor {key!r} is {arr.dtype}; fastmlp writes float32")
-    return arr
 
 
 def _check_layers(path, config, tensors: dict) -> None:
@@ -158,10 +157,10 @@ def _check_layers(path, config, tensors: dict) -> None:
             if not isinstance(layer.get(key), (str, type(None))):
                 raise ValueError(f"{where}: {key!r} must be a string, got "
                                  f"{_brief(layer[key])}")
-        _float32_tensor(path, tensors, f"layers.{i}.kernel", (dim, units), index)
+        _check_tensor(path, tensors, f"layers.{i}.kernel", (dim, units), index)
         index += 1
         if layer.get("use_bias", True):
-            _float32_tensor(path, tensors, f"layers.{i}.bias", (units,), index)
+            _check_tensor(path, tensors, f"layers.{i}.bias", (units,), index)
             index += 1
         dim = units
 
