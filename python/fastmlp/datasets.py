@@ -15,6 +15,7 @@ Nothing is downloaded. The loaders look for the four standard files
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -50,16 +51,59 @@ _HOW_TO_GET = {
 }
 
 
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head == b"\x1f\x8b":  # the gzip magic number, whatever the file is called
-        try:
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
-    return path.read_bytes()
+# Bytes per read: the memory a read takes follows what the file holds, never what its
+# header claims (a header may claim 2^60 elements; a small gzip file may inflate ~1000x).
+_CHUNK = 1 << 20
+
+
+def _read_at_most(f, n: int) -> bytearray:
+    """Up to ``n`` bytes from ``f`` (fewer only where the stream ends), read in chunks."""
+    buf = bytearray()
+    while len(buf) < n:
+        part = f.read(min(_CHUNK, n - len(buf)))
+        if not part:
+            break
+        buf += part
+    return buf
+
+
+def _parse_idx(path: Path, f, what: str) -> np.ndarray:
+    """The IDX array in stream ``f`` (``what`` names it in messages): the header, then
+    at most one byte more than the header's sizes claim."""
+    head = _read_at_most(f, 4)
+    if len(head) < 4:
+        raise ValueError(f"{path}: not an IDX file: {len(head)} bytes, shorter than the "
+                         "4-byte magic number")
+    zero, code, rank = int.from_bytes(head[0:2], "big"), head[2], head[3]
+    if zero != 0 or code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file: magic number {head.hex()} (expected "
+                         "00 00, a type code in 08 09 0b 0c 0d 0e, then the rank)")
+    if rank == 0:
+        raise ValueError(f"{path}: IDX rank 0 (no dimensions)")
+    header = 4 + 4 * rank
+    sizes = _read_at_most(f, 4 * rank)
+    if len(sizes) < 4 * rank:
+        raise ValueError(f"{path}: truncated IDX header: rank {rank} needs {header} bytes, "
+                         f"{what} has {4 + len(sizes)}")
+    shape = tuple(int.from_bytes(sizes[4 * i: 4 * i + 4], "big") for i in range(rank))
+    dtype = _IDX_DTYPES[code]
+    # Python ints: 255 sizes of up to 2^32 - 1 would overflow int64 (np.prod).
+    nbytes = math.prod(shape) * dtype.itemsize
+    data = _read_at_most(f, nbytes + 1)  # one byte beyond the claim reveals trailing data
+    if len(data) != nbytes:
+        what_data = "truncated" if len(data) < nbytes else "has trailing bytes"
+        has = header + len(data) if len(data) < nbytes else "more"
+        raise ValueError(f"{path}: IDX data {what_data}: shape {shape} of {dtype.name} needs "
+                         f"{header + nbytes} bytes, {what} has {has}")
+    try:
+        arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as e:
+        # The data matched the sizes, so the array is small; NumPy still refuses more
+        # dimensions than it supports (32 or 64), or a 0 among sizes whose product overflows.
+        raise ValueError(f"{path}: IDX shape {shape} is not one NumPy can hold ({e})") from None
+    # The bytearray is ours: a one-byte type keeps it (no second copy); wider types are
+    # swapped into a new array of the native byte order.
+    return arr.astype(dtype.newbyteorder("="), copy=False)
 
 
 def read_idx(path) -> np.ndarray:
@@ -68,32 +112,20 @@ def read_idx(path) -> np.ndarray:
     The magic number, the rank, the sizes and the data length are checked; a
     file that does not match raises ValueError naming the file and the problem.
     The result has the native byte order and the file's element type (uint8 for
-    the MNIST files).
+    the MNIST files). It reads at most one byte more than the header's sizes claim,
+    so a gzip bomb stops early.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file: {len(data)} bytes, shorter than the "
-                         "4-byte magic number")
-    zero, code, rank = int.from_bytes(data[0:2], "big"), data[2], data[3]
-    if zero != 0 or code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file: magic number {data[:4].hex()} (expected "
-                         "00 00, a type code in 08 09 0b 0c 0d 0e, then the rank)")
-    if rank == 0:
-        raise ValueError(f"{path}: IDX rank 0 (no dimensions)")
-    header = 4 + 4 * rank
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header: rank {rank} needs {header} bytes, "
-                         f"the file has {len(data)}")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(rank))
-    dtype = _IDX_DTYPES[code]
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "has trailing bytes"
-        raise ValueError(f"{path}: IDX data {what}: shape {shape} of {dtype.name} needs "
-                         f"{expected} bytes, the file has {len(data)}")
-    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-    return arr.astype(dtype.newbyteorder("="), copy=True)
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"  # the gzip magic number, whatever the file is called
+        raw.seek(0)
+        if not gz:
+            return _parse_idx(path, raw, "the file")
+        try:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                return _parse_idx(path, f, "the decompressed file")
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
 
 
 def search_dirs(name: str, path=None) -> list[Path]:

@@ -126,6 +126,134 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+# -- reading ------------------------------------------------------------------------------
+# A model file may hold anything: every check below ends in ValueError naming the file,
+# and the configuration is checked against the tensors' shapes BEFORE a layer is built
+# (building allocates input_dim x units floats: a file claiming 10^12 units must be
+# refused, not allocated).
+
+
+def _brief(value) -> str:
+    """``value`` for a message: the repr of a scalar (cut short), the type of anything
+    else (a JSON container may nest deeper than repr recurses)."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return f"a JSON {'list' if isinstance(value, list) else 'object'}"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_safetensors(path: str):
+    """(the fastmlp metadata string or None, {name: array}) of a safetensors file. The
+    cost follows the file's size: safetensors caps the header and checks that the
+    tensor table covers the file exactly, so the arrays hold at most its bytes."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(path, framework="numpy")
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    tensors = {}
+    with f:
+        raw = (f.metadata() or {}).get("fastmlp")
+        for key in f.keys():
+            try:
+                tensors[key] = f.get_tensor(key)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+            except (TypeError, AttributeError) as e:
+                # safetensors' NumPy loader fails so on the types NumPy lacks (BF16, F8...)
+                raise ValueError(f"{path}: tensor {key!r} has a type NumPy cannot hold ({e}); "
+                                 "fastmlp writes float32") from None
+    return raw, tensors
+
+
+def _check_tensor(path, tensors: dict, key: str, shape: tuple, index: int) -> None:
+    """Tensor ``key`` must be there, float32 of ``shape`` (weight ``index`` of the model)."""
+    if key not in tensors:
+        raise ValueError(f"{path}: the model configuration does not match the tensors (no "
+                         f"tensor {key!r})")
+    arr = tensors[key]
+    if tuple(arr.shape) != shape:
+        # set_weights' wording: this check stands in for it, before anything is built.
+        raise ValueError(f"{path}: set_weights: weight {index} must have shape {shape}, got "
+                         f"{tuple(arr.shape)}")
+    if arr.dtype != np.float32:
+        raise ValueError(f"{path}: tensor {key!r} is {arr.dtype}; fastmlp writes float32")
+
+
+def _check_layers(path, config, tensors: dict) -> None:
+    """The layer configurations checked for types, against each other, and against the
+    tensors' shapes and types: what is left for Dense and Sequential to refuse is values
+    of the right type (an unknown activation, softmax before the last layer)."""
+    if not isinstance(config, dict) or not isinstance(config.get("layers"), list) \
+            or not config["layers"]:
+        raise ValueError(f"{path}: the model configuration has no list of layers")
+    if not isinstance(config.get("name"), (str, type(None))):
+        raise ValueError(f"{path}: the model's name is {_brief(config['name'])}, not a string")
+    dim, index = None, 0
+    for i, layer in enumerate(config["layers"]):
+        where = f"{path}: layer {i}"
+        if not isinstance(layer, dict):
+            raise ValueError(f"{where}: the configuration is {_brief(layer)}, not an object")
+        units, input_dim = layer.get("units"), layer.get("input_dim")
+        if not _is_int(units) or units < 1:
+            raise ValueError(f"{where}: 'units' must be a positive integer, got {_brief(units)}")
+        if input_dim is not None and (not _is_int(input_dim) or input_dim < 1):
+            raise ValueError(f"{where}: 'input_dim' must be a positive integer, got "
+                             f"{_brief(input_dim)}")
+        if i == 0:
+            if input_dim is None:
+                raise ValueError(f"{where}: no 'input_dim' (a saved model is built)")
+            dim = input_dim
+        elif input_dim is not None and input_dim != dim:
+            raise ValueError(f"{where}: 'input_dim' is {input_dim} but the previous layer has "
+                             f"{dim} units")
+        if not isinstance(layer.get("use_bias", True), bool):
+            raise ValueError(f"{where}: 'use_bias' must be true or false, got "
+                             f"{_brief(layer['use_bias'])}")
+        for key in ("class", "activation", "name", "kernel_initializer", "bias_initializer"):
+            if not isinstance(layer.get(key), (str, type(None))):
+                raise ValueError(f"{where}: {key!r} must be a string, got "
+                                 f"{_brief(layer[key])}")
+        _check_tensor(path, tensors, f"layers.{i}.kernel", (dim, units), index)
+        index += 1
+        if layer.get("use_bias", True):
+            _check_tensor(path, tensors, f"layers.{i}.bias", (units,), index)
+            index += 1
+        dim = units
+
+
+def _check_compile(path, meta: dict) -> None:
+    """The types of the compile settings and of the saved counters (their values are
+    checked by the optimizer, loss and metric constructors)."""
+    c = meta["compile"]
+    if not isinstance(c, dict) or not isinstance(c.get("optimizer"), str) \
+            or not isinstance(c.get("optimizer_config"), dict):
+        raise ValueError(f"{path}: bad compile settings (expected an optimizer name and an "
+                         "optimizer_config object)")
+    if not isinstance(c.get("loss"), str) or not isinstance(c.get("metrics", []), list):
+        raise ValueError(f"{path}: bad compile settings (expected a loss name and a list of "
+                         "metrics)")
+    # The kernels take the step (iterations + 1) as int64: 2^62 leaves room to train on.
+    iterations = meta.get("optimizer_iterations", 0)
+    if not _is_int(iterations) or not 0 <= iterations < 2**62:
+        raise ValueError(f"{path}: bad optimizer step count {_brief(iterations)} (a "
+                         "non-negative integer)")
+    shuffle = meta.get("shuffle")
+    if shuffle is not None and not (
+            isinstance(shuffle, dict) and _is_int(shuffle.get("seed"))
+            and _is_int(shuffle.get("count")) and 0 <= shuffle["seed"] < 2**64
+            and 0 <= shuffle["count"] < 2**62):
+        raise ValueError(f"{path}: bad shuffling state (expected seed and count, "
+                         "non-negative 64-bit integers)")
+
+
 def load_model(path, compile: bool = True):
     """Read a model written by :func:`save_model`.
 
@@ -133,29 +261,27 @@ def load_model(path, compile: bool = True):
     optimizer state when it was saved. A file that is not a fastmlp model, or whose
     tensors do not match its configuration, raises ValueError naming the file.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = str(path)
-    try:
-        with safe_open(path, framework="numpy") as f:
-            raw = (f.metadata() or {}).get("fastmlp")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    raw, tensors = _read_safetensors(path)
     if raw is None:
         raise ValueError(f"{path}: a safetensors file without fastmlp metadata (not saved by "
                          "fastmlp's model.save)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt fastmlp metadata ({e})") from None
+    except (ValueError, RecursionError) as e:  # also numbers of over 4300 digits, deep nests
+        raise ValueError(f"{path}: corrupt fastmlp metadata ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: corrupt fastmlp metadata ({_brief(meta)}, not an object)")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this "
-                         f"fastmlp reads ({FORMAT_VERSION}); upgrade fastmlp")
+        raise ValueError(f"{path}: format {_brief(meta.get('format'))}, expected {FORMAT!r}")
+    version = meta.get("format_version", 0)
+    if not _is_int(version):
+        raise ValueError(f"{path}: format version {_brief(version)} is not an integer")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {version} is newer than this fastmlp reads "
+                         f"({FORMAT_VERSION}); upgrade fastmlp")
+    _check_layers(path, meta.get("model"), tensors)
     try:
         layers = [Dense.from_config(c) for c in meta["model"]["layers"]]
         model = Sequential(layers, name=meta["model"].get("name"))
@@ -173,14 +299,19 @@ def load_model(path, compile: bool = True):
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     if compile and "compile" in meta:
+        _check_compile(path, meta)
         c = meta["compile"]
         try:
             model.compile(_optim.from_config(c["optimizer"], c["optimizer_config"]),
-                          c["loss"], c["metrics"])
-        except (KeyError, TypeError, ValueError) as e:
+                          c["loss"], c.get("metrics"))
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"{path}: bad compile settings ({e})") from None
         opt_state = {k[len("optimizer."):]: v for k, v in tensors.items()
                      if k.startswith("optimizer.")}
+        for key, arr in opt_state.items():
+            if arr.dtype != np.float32:  # load_state_arrays would cast it silently
+                raise ValueError(f"{path}: tensor 'optimizer.{key}' is {arr.dtype}; fastmlp "
+                                 "writes float32")
         if "optimizer_iterations" in meta:
             try:
                 model.optimizer.load_state_arrays(opt_state, model.params(),
@@ -190,11 +321,8 @@ def load_model(path, compile: bool = True):
                 raise ValueError(f"{path}: {e}") from None
         shuffle = meta.get("shuffle")
         if shuffle is not None:
-            try:
-                model._shuffle_seed = int(shuffle["seed"])
-                model._shuffle_count = int(shuffle["count"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: bad shuffling state ({e})") from None
+            model._shuffle_seed = shuffle["seed"]
+            model._shuffle_count = shuffle["count"]
     return model
 
 
