@@ -480,6 +480,14 @@ def _summary(runner: Runner, findings: dict) -> str:
 # --------------------------------------------------------------------------- engines
 
 
+def _record(runner: Runner, findings: dict, finding: Finding, data: bytes) -> None:
+    """Count a finding by its signature; the first of each is reported and saved."""
+    sig = _signature(finding)
+    if sig not in findings:
+        _report_finding(runner, finding, data)
+    findings[sig] = findings.get(sig, 0) + 1
+
+
 def run_builtin(runner: Runner, seeds: list[bytes], seconds: float, seed: int,
                 keep_going: bool) -> int:
     """The fallback fuzzer: mutate the pool, keep inputs with a new outcome."""
@@ -498,10 +506,7 @@ def run_builtin(runner: Runner, seeds: list[bytes], seconds: float, seed: int,
         try:
             result = runner.outcome(data)
         except Finding as finding:
-            sig = _signature(finding)
-            if sig not in findings:
-                _report_finding(runner, finding, data)
-            findings[sig] = findings.get(sig, 0) + 1
+            _record(runner, findings, finding, data)
             if not keep_going:
                 break
             continue
@@ -538,10 +543,7 @@ def run_atheris(atheris, runner: Runner, seeds: list[bytes], seconds: float, see
         try:
             runner.outcome(data)
         except Finding as finding:
-            sig = _signature(finding)
-            if sig not in findings:
-                _report_finding(runner, finding, data)
-            findings[sig] = findings.get(sig, 0) + 1
+            _record(runner, findings, finding, data)
             if not keep_going:
                 finish(1)
 
