@@ -131,9 +131,7 @@ void first_nonfinite(const float* x, int64_t size, int64_t* out) {
             if (!any_nonfinite(x, b, e)) continue;
             int64_t i = b;
             while (!nonfinite_bit(x[i])) ++i;
-            int64_t cur = first.load(std::memory_order_relaxed);
-            while (i < cur && !first.compare_exchange_weak(cur, i, std::memory_order_relaxed)) {
-            }
+            atomic_min(first, i);  // cpu/parallel.h
             return;
         }
     });

@@ -26,6 +26,7 @@
 // output element is computed by one chunk in a fixed order.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace fastmlp {
@@ -73,6 +74,14 @@ inline void parallel_range(int64_t n, bool parallel, F&& f) {
         if (hi > lo) f(lo, hi);
     };
     parallel_chunks(parts, threads, chunk);
+}
+
+// first = min(first, r), from any thread: min is order-independent, so the
+// result is deterministic (the first bad row / element a parallel scan found).
+inline void atomic_min(std::atomic<int64_t>& first, int64_t r) {
+    int64_t cur = first.load(std::memory_order_relaxed);
+    while (r < cur && !first.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {
+    }
 }
 
 }  // namespace cpu

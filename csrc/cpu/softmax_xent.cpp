@@ -90,13 +90,6 @@ int64_t row_losses(const float* __restrict logits, const void* labels, LabelKind
     return bad;
 }
 
-// *first = min(*first, r), from any thread (min is order-independent: deterministic).
-void atomic_min(std::atomic<int64_t>& first, int64_t r) {
-    int64_t cur = first.load(std::memory_order_relaxed);
-    while (r < cur && !first.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {
-    }
-}
-
 void check_args(const char* op, const void* labels, LabelKind kind, int64_t rows,
                 int64_t cols) {
     FASTMLP_CHECK(rows >= 0 && cols >= 0,

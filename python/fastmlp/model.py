@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import losses as _losses
+from . import ops as _ops
 from . import optim as _optim
 from . import trainer as _trainer
 from ._interop import cuda_status, cupy_module, is_cupy, require_cuda
@@ -104,9 +105,7 @@ def _check_finite(arr, name: str, where: str, row0: int = 0) -> None:
     """ValueError naming the first NaN / +-Inf of a placed float32 array (one pass on
     its device: ``ops.first_nonfinite``); ``row0`` is the array's first row in the
     user's data (validation_split holds out the last rows)."""
-    from . import ops
-
-    at = ops.first_nonfinite(arr)
+    at = _ops.first_nonfinite(arr)
     if at is None:
         return
     value = float(arr[at])

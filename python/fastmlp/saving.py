@@ -254,6 +254,17 @@ def _check_compile(path, meta: dict) -> None:
                          "non-negative 64-bit integers)")
 
 
+def _optimizer_state(path, tensors: dict) -> dict:
+    """The file's ``optimizer.*`` tensors by state key, float32 only (load_state_arrays
+    would cast another type silently)."""
+    state = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    for key, arr in state.items():
+        if arr.dtype != np.float32:
+            raise ValueError(f"{path}: tensor 'optimizer.{key}' is {arr.dtype}; fastmlp "
+                             "writes float32")
+    return state
+
+
 def load_model(path, compile: bool = True):
     """Read a model written by :func:`save_model`.
 
@@ -261,6 +272,12 @@ def load_model(path, compile: bool = True):
     optimizer state when it was saved. A file that is not a fastmlp model, or whose
     tensors do not match its configuration, raises ValueError naming the file.
     """
+    return _load(path, compile)[0]
+
+
+def _load(path, compile: bool):
+    """:func:`load_model`, also returning the file's metadata and its tensors other than
+    the layers' (the optimizer state): ``(model, meta, tensors)``, one read."""
     path = str(path)
     raw, tensors = _read_safetensors(path)
     if raw is None:
@@ -306,12 +323,7 @@ def load_model(path, compile: bool = True):
                           c["loss"], c.get("metrics"))
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"{path}: bad compile settings ({e})") from None
-        opt_state = {k[len("optimizer."):]: v for k, v in tensors.items()
-                     if k.startswith("optimizer.")}
-        for key, arr in opt_state.items():
-            if arr.dtype != np.float32:  # load_state_arrays would cast it silently
-                raise ValueError(f"{path}: tensor 'optimizer.{key}' is {arr.dtype}; fastmlp "
-                                 "writes float32")
+        opt_state = _optimizer_state(path, tensors)
         if "optimizer_iterations" in meta:
             try:
                 model.optimizer.load_state_arrays(opt_state, model.params(),
@@ -323,7 +335,7 @@ def load_model(path, compile: bool = True):
         if shuffle is not None:
             model._shuffle_seed = shuffle["seed"]
             model._shuffle_count = shuffle["count"]
-    return model
+    return model, meta, tensors
 
 
 # ----------------------------------------------------------------------------- backups
@@ -343,14 +355,9 @@ def restore_backup(model, path) -> int:
     return the number of epochs completed. The backup must be of a model with the same
     layers, loss and optimizer (class and settings other than ``lr``): else ValueError
     naming the file, and the model is left untouched."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
-    saved = load_model(path, compile=False)  # checks the file and the weights
-    with safe_open(path, framework="numpy") as f:
-        meta = json.loads(f.metadata()["fastmlp"])
-        state = {k[len("optimizer."):]: f.get_tensor(k) for k in f.keys()
-                 if k.startswith("optimizer.")}
+    saved, meta, tensors = _load(path, compile=False)  # checks the file and the weights
+    state = _optimizer_state(path, tensors)
 
     def layers(m):  # what the weights' meaning depends on (not names, not initialisers)
         return [(l.input_dim, l.units, l.activation, l.use_bias) for l in m.layers]
@@ -382,19 +389,15 @@ def restore_backup(model, path) -> int:
         if epochs_done < 0 or iterations < 0 or count < 0:
             raise ValueError(f"negative counts: epochs_done={epochs_done}, "
                              f"optimizer_iterations={iterations}, shuffle count={count}")
-        for key, zeros in opt.state_arrays(model.params()).items():
-            if key not in state or tuple(state[key].shape) != tuple(zeros.shape):
-                got = tuple(state[key].shape) if key in state else "missing"
-                raise ValueError(f"optimizer state '{key}': expected shape "
-                                 f"{tuple(zeros.shape)}, got {got}")
+        # the last check, and the first change: load_state_arrays checks every key and
+        # shape before it writes (in place) into the state
+        opt.load_state_arrays(state, model.params(), iterations,
+                              lambda a: _to_device(a, model.device))
     except (KeyError, TypeError, ValueError) as e:
         what = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
         raise ValueError(f"{path}: not a backup of this model ({what}); delete it, or give "
                          "BackupAndRestore another backup_dir") from None
-    # all checked: now change the model
-    model.set_weights(saved.get_weights())
-    opt.load_state_arrays(state, model.params(), iterations,
-                          lambda a: _to_device(a, model.device))
+    model.set_weights(saved.get_weights())  # shapes checked above: cannot fail
     opt.lr = lr
     model._shuffle_seed, model._shuffle_count = seed, count
     return epochs_done

@@ -98,10 +98,9 @@ class PythonExecutor(Engine):
         elif code == "optimizer":
             self._optimizer_step()
             # The C++ engines find a non-finite parameter inside their update loop; here
-            # the updated parameters are checked afterwards (first_nonfinite: one pass).
+            # the flat parameters (buffer 0) are checked afterwards: one pass, one read.
             st = self._state
-            if st["nonfinite_param_step"] < 0 and any(
-                    ops.first_nonfinite(p) is not None for p in self.arena.param_views()):
+            if st["nonfinite_param_step"] < 0 and ops.first_nonfinite(b[0]) is not None:
                 st["nonfinite_param_step"] = st["step"]
         elif code == "store":
             lo = self._state["step"] * batch
