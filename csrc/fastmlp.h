@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <string>
 
+#include "kernel_math.h"
+
 #ifdef FASTMLP_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -50,6 +52,30 @@ struct GemmEpilogue {
     // enough, a split-K entry runs unsplit. The CPU ignores it.
     float* workspace = nullptr;
     int64_t workspace_floats = 0;
+
+    // [issue 15] The general activation epilogue (kernel_math.h ActCode,
+    // DropoutSpec), for what the relu / relu_mask fast paths above do not
+    // cover. Element (i, j) of C is element e = i * n + j of the dropout mask.
+    //   forward (act != linear or dropout.threshold != 0), after the bias:
+    //     preact[i*ld_preact + j] = t        when preact != nullptr
+    //     t = act(t) * dropout_multiplier(e)
+    //   backward (grad_act != linear or grad_dropout.threshold != 0):
+    //     t = t * dropout_multiplier(e)      (grad_dropout: the mask of the forward)
+    //     t = act_grad(t, saved[i*ld_saved + j])   from the pre-activation when
+    //                                        saved_is_input, else from the output
+    // relu must be false when act is set, relu_mask null when grad_act is set.
+    int32_t act = 0;
+    float* preact = nullptr;
+    int64_t ld_preact = 0;
+    DropoutSpec dropout;
+    int32_t grad_act = 0;
+    const float* saved = nullptr;
+    int64_t ld_saved = 0;
+    bool saved_is_input = false;
+    DropoutSpec grad_dropout;
+
+    bool has_act() const { return act != 0 || dropout.threshold != 0; }
+    bool has_grad_act() const { return grad_act != 0 || grad_dropout.threshold != 0; }
 };
 
 // Matmul precision. The CPU always computes in fp32 (kTf32 is accepted and
@@ -92,6 +118,28 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //   loss, hits, bad_row point to one element each (device memory on CUDA).
 // random_permutation: out[i] = permute_index(i, perm_key(n, seed, counter))
 //   (kernel_math.h): the same permutation of [0, n) on every device.
+// activation_fwd: y = act(x) * dropout multiplier (kernel_math.h), x and y
+//   (rows, cols); y may alias x. act = linear with a dropout is plain dropout.
+// activation_bwd: dx = act_grad(dy * dropout multiplier, saved), from the
+//   input x (saved_is_input) or the output y; saved may be null for linear.
+//   dx may alias dy.
+// batchnorm_fwd: per column c over the rows (Keras BatchNormalization):
+//   training: mean(c), var(c) = the batch mean and biased variance;
+//     save_mean(c) = mean, save_invstd(c) = 1 / sqrt(var + eps);
+//     moving_mean = moving_mean * momentum + mean * (1 - momentum), the same
+//     for moving_var with var (in place, in the same kernel);
+//   inference: mean, var = moving_mean, moving_var (save_* may be null).
+//   y = (x - mean) * invstd * gamma + beta; gamma / beta null: 1 / 0.
+//   rows == 0 in training leaves everything but y untouched.
+// batchnorm_bwd (training statistics): xhat = (x - save_mean) * save_invstd,
+//   dbeta(c) = sum_r dy, dgamma(c) = sum_r dy * xhat (null: not wanted),
+//   dx = gamma * invstd / rows * (rows * dy - dbeta - xhat * dgamma).
+// layernorm_fwd: per row r over the cols: save_mean(r), save_invstd(r) =
+//   1 / sqrt(biased var + eps); y = (x - mean) * invstd * gamma + beta.
+// layernorm_bwd: xhat as above per row, g = dy * gamma;
+//   dx = invstd / cols * (cols * g - sum_c g - xhat * sum_c g * xhat);
+//   dgamma(c) = sum_r dy * xhat, dbeta(c) = sum_r dy (null: not wanted).
+// The normalisation reductions are deterministic (fixed order, no atomics).
 // sgd_step / adam_step: in place, torch.optim semantics (see kernel_math.h). buf may be
 //   null when momentum == 0. step counts from 1.
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
@@ -120,6 +168,26 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
                             float* out, float* row_loss, int32_t* row_hits, float* loss,  \
                             int64_t* hits, int64_t* bad_row, int64_t rows, int64_t cols,  \
                             bool backward FASTMLP_STREAM_ARG);                            \
+    void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int act,   \
+                        const DropoutSpec& dropout FASTMLP_STREAM_ARG);                   \
+    void activation_bwd(const float* dy, const float* saved, float* dx, int64_t rows,     \
+                        int64_t cols, int act, bool saved_is_input,                       \
+                        const DropoutSpec& dropout FASTMLP_STREAM_ARG);                   \
+    void batchnorm_fwd(const float* x, const float* gamma, const float* beta, float* y,   \
+                       float* save_mean, float* save_invstd, float* moving_mean,          \
+                       float* moving_var, int64_t rows, int64_t cols, float eps,          \
+                       float momentum, bool training FASTMLP_STREAM_ARG);                 \
+    void batchnorm_bwd(const float* dy, const float* x, const float* gamma,               \
+                       const float* save_mean, const float* save_invstd, float* dx,       \
+                       float* dgamma, float* dbeta, int64_t rows,                         \
+                       int64_t cols FASTMLP_STREAM_ARG);                                  \
+    void layernorm_fwd(const float* x, const float* gamma, const float* beta, float* y,   \
+                       float* save_mean, float* save_invstd, int64_t rows, int64_t cols,  \
+                       float eps FASTMLP_STREAM_ARG);                                     \
+    void layernorm_bwd(const float* dy, const float* x, const float* gamma,               \
+                       const float* save_mean, const float* save_invstd, float* dx,       \
+                       float* dgamma, float* dbeta, int64_t rows,                         \
+                       int64_t cols FASTMLP_STREAM_ARG);                                  \
     void random_permutation(int64_t* out, int64_t n, uint64_t seed,                     \
                             uint64_t counter FASTMLP_STREAM_ARG);                         \
     void sgd_step(float* param, const float* grad, float* buf, int64_t size, float lr,  \

@@ -306,4 +306,127 @@ FASTMLP_HOSTDEV uint64_t permute_index(uint64_t i, const PermKey& key) {
     return x;
 }
 
+// ---- Activations (issue 15) --------------------------------------------------
+// The elementwise activations of Dense(activation=...) and fm.Activation, by
+// code (the same numbers in fastmlp/layers.py ACTIVATION_CODES). Softmax is
+// not elementwise: it lives in the softmax-cross-entropy kernels.
+enum ActCode : int32_t {
+    kActLinear = 0,
+    kActRelu = 1,
+    kActSigmoid = 2,
+    kActTanh = 3,
+    kActGelu = 4,       // exact: 0.5 x (1 + erf(x / sqrt 2)) (torch / Keras 3 default)
+    kActSilu = 5,       // x sigmoid(x) (= swish)
+    kActElu = 6,        // alpha 1: x > 0 ? x : expm1(x)
+    kActSoftplus = 7,   // log(1 + exp(x)), computed stably
+    kActLeakyRelu = 8,  // x > 0 ? x : 0.2 x (Keras' default slope)
+    kNumActs = 9
+};
+constexpr float kLeakySlope = 0.2f;
+
+// Whether the derivative needs the pre-activation z (gelu, silu, softplus);
+// the others are computed from the output y = act(z), which the next layer
+// reads anyway, so nothing extra is stored for them.
+FASTMLP_HOSTDEV bool act_needs_input(int act) {
+    return act == kActGelu || act == kActSilu || act == kActSoftplus;
+}
+
+// The transcendental building blocks. On the device: CUDA's libdevice
+// functions (<= 2 ulp). On the host: libm (the CPU kernels may substitute
+// vectorisable versions of the same accuracy).
+FASTMLP_HOSTDEV float act_expf(float x) { return expf(x); }
+FASTMLP_HOSTDEV float act_expm1f(float x) { return expm1f(x); }
+FASTMLP_HOSTDEV float act_log1pf(float x) { return log1pf(x); }
+FASTMLP_HOSTDEV float act_tanhf(float x) { return tanhf(x); }
+FASTMLP_HOSTDEV float act_erff(float x) { return erff(x); }
+
+FASTMLP_HOSTDEV float sigmoidf(float x) { return 1.0f / (1.0f + act_expf(-x)); }
+
+// y = act(x). NaN propagates; +-Inf map to the function's limits.
+template <int A>
+FASTMLP_HOSTDEV float act_forward(float x) {
+    if (A == kActRelu) return relu(x);
+    if (A == kActSigmoid) return sigmoidf(x);
+    if (A == kActTanh) return act_tanhf(x);
+    if (A == kActGelu) return 0.5f * x * (1.0f + act_erff(x * 0.70710678118654752f));
+    if (A == kActSilu) return x * sigmoidf(x);
+    if (A == kActElu) return x > 0.0f ? x : act_expm1f(x);
+    // max(x, 0) + log1p(exp(-|x|)): no overflow for large x, exact 0-limit for x -> -inf
+    if (A == kActSoftplus) return (x > 0.0f ? x : 0.0f) + act_log1pf(act_expf(-fabsf(x)));
+    if (A == kActLeakyRelu) return x > 0.0f ? x : x * kLeakySlope;
+    return x;  // linear
+}
+
+// dx = dy * act'(z) from the output y = act(z) (the codes act_needs_input is
+// false for). The same expressions as torch's *_backward kernels.
+template <int A>
+FASTMLP_HOSTDEV float act_grad_from_output(float dy, float y) {
+    if (A == kActRelu) return relu_grad(dy, y);
+    if (A == kActSigmoid) return dy * (1.0f - y) * y;
+    if (A == kActTanh) return dy * (1.0f - y * y);
+    if (A == kActElu) return y > 0.0f ? dy : dy * (y + 1.0f);
+    if (A == kActLeakyRelu) return y > 0.0f ? dy : dy * kLeakySlope;
+    return dy;  // linear
+}
+
+// dx = dy * act'(z) from the pre-activation z (every code).
+template <int A>
+FASTMLP_HOSTDEV float act_grad_from_input(float dy, float z) {
+    if (A == kActGelu) {
+        const float cdf = 0.5f * (1.0f + act_erff(z * 0.70710678118654752f));
+        const float pdf = act_expf(-0.5f * z * z) * 0.39894228040143268f;  // 1/sqrt(2 pi)
+        return dy * (cdf + z * pdf);
+    }
+    if (A == kActSilu) {
+        const float s = sigmoidf(z);
+        return dy * (s * (1.0f + z * (1.0f - s)));
+    }
+    if (A == kActSoftplus) return dy * sigmoidf(z);
+    return act_grad_from_output<A>(dy, act_forward<A>(z));
+}
+
+// ---- Dropout (issue 15) ---------------------------------------------------------
+// Inverted dropout: element e of a (rows, cols) activation, e = row * cols +
+// col, is kept when its 32 random bits are >= threshold (P(drop) =
+// threshold / 2^32) and then scaled by `scale` = 1 / (1 - rate). The bits are
+// Philox4x32-10 of (e / 4, step) under the layer's key, lane e % 4: a pure
+// function of (seed, layer, step, e), so the backward pass regenerates the
+// mask instead of storing it and the CPU and the GPU draw the same mask.
+// `step` is the optimizer step number (the engines read it from device
+// memory: it is never a launch argument, so CUDA Graphs replay).
+struct DropoutSpec {
+    uint32_t threshold = 0;         // 0: no dropout
+    float scale = 1.0f;             // 1 / (1 - rate), rounded once from double
+    uint32_t key0 = 0, key1 = 0;    // dropout_key(seed, layer)
+    const int64_t* step = nullptr;  // the step number (device memory on CUDA)
+};
+
+// The key of layer `layer` of a model whose seed is `seed` (a tag in v[2]
+// keeps this stream apart from the shuffling's).
+inline void dropout_key(uint64_t seed, uint64_t layer, uint32_t* k0, uint32_t* k1) {
+    const Philox4 k = philox4x32_10(
+        Philox4{{static_cast<uint32_t>(layer), static_cast<uint32_t>(layer >> 32),
+                 0x44524F50u /* "DROP" */, 0u}},
+        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    *k0 = k.v[0];
+    *k1 = k.v[1];
+}
+
+FASTMLP_HOSTDEV uint32_t dropout_bits(uint64_t e, uint64_t step, uint32_t k0, uint32_t k1) {
+    const uint64_t block = e >> 2;
+    const Philox4 r = philox4x32_10(
+        Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                 static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}},
+        k0, k1);
+    return r.v[e & 3u];
+}
+
+// The multiplier of element e: 0 (dropped) or scale (kept). Applied as t * m,
+// forward and backward, as torch's `x * mask * scale` (a NaN stays NaN even
+// where the element is dropped).
+FASTMLP_HOSTDEV float dropout_multiplier(uint64_t e, uint64_t step, uint32_t threshold,
+                                         float scale, uint32_t k0, uint32_t k1) {
+    return dropout_bits(e, step, k0, k1) < threshold ? 0.0f : scale;
+}
+
 }  // namespace fastmlp
