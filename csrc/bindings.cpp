@@ -259,6 +259,7 @@ void bind_engine(py::module_& mod) {
             d["nonfinite_step"] = st.nonfinite_step;
             d["bad_row"] = st.bad_row;
             d["nonfinite_param_step"] = st.nonfinite_param_step;
+            d["rng_step"] = st.rng_step;
             return d;
         })
         .def("run", &Engine::run, py::call_guard<py::gil_scoped_release>())

@@ -35,17 +35,37 @@ namespace engine {
 //             through `order` when given, copied to the batch buffers; an
 //             order entry outside the source rows is never read (the CPU
 //             throws, a GPU thread skips the row).
-// dense_fwd   buf: x, w, b-, y          dim: in, out, relu, precision
-//             y = relu?(x @ w + b)                          gemm_ex
+// Dropout, where an op has one (dims 4..6: threshold, scale as float bits,
+// key0 | key1 << 32; threshold 0 = none), draws its mask for the optimizer
+// step state.rng_step (kernel_math.h DropoutSpec): the op's state buffer.
+// dense_fwd   buf: x, w, b-, y, preact-, state-
+//             dim: in, out, act, precision, drop_threshold, drop_scale, drop_key
+//             y = dropout(act(x @ w + b)); preact = x @ w + b when given
+//             gemm_ex
 // xent        buf: logits, labels, out, row_loss, row_hits, scalars
 //             dim: classes, label kind, backward
 //             softmax-cross-entropy, fused: out = dlogits (backward) or
 //             probs; scalars.loss = mean loss, scalars.hits = arg-max hits
-// relu_bwd    buf: dz, y                dim: cols           dz = y <= 0 ? 0 : dz
+// act_fwd     buf: x, y, state-         dim: cols, act, -, -, drop_*
+//             y = dropout(act(x))                           activation_fwd
+// act_bwd     buf: dy, saved-, dx, state-
+//             dim: cols, act, saved_is_input, -, drop_*
+//             dx = act_grad(dropout(dy), saved); dx may be dy  activation_bwd
 // dense_bwd_w buf: x, dz, gw, gb-       dim: in, out, -, precision
 //             gw = x^T dz, gb = colsum(dz)                  gemm_ex
-// dense_bwd_x buf: dz, w, mask-, dx     dim: in, out, -, precision
-//             dx = mask <= 0 ? 0 : dz w^T                   gemm_ex
+// dense_bwd_x buf: dz, w, saved-, dx, state-
+//             dim: in, out, act, precision, drop_*, saved_is_input
+//             dx = act_grad(dropout(dz w^T), saved): the previous Dense
+//             layer's activation (and its dropout) in the epilogue  gemm_ex
+// bn_fwd      buf: x, gamma-, beta-, y, mean-, invstd-, moving_mean, moving_var
+//             dim: cols, training, eps (float bits), momentum (float bits)
+//                                                           batchnorm_fwd
+// bn_bwd      buf: dy, x, gamma-, mean, invstd, dx, dgamma-, dbeta-
+//             dim: cols                                     batchnorm_bwd
+// ln_fwd      buf: x, gamma-, beta-, y, mean, invstd  dim: cols, eps (float bits)
+//                                                           layernorm_fwd
+// ln_bwd      buf: dy, x, gamma-, mean, invstd, dx, dgamma-, dbeta-
+//             dim: cols                                     layernorm_bwd
 // optimizer   buf: params, grads, s0-, s1-, hyper, state
 //             dim: size, kind (0 SGD: s0 = momentum buffer; 1 Adam/AdamW:
 //             s0 = m, s1 = v)
@@ -57,14 +77,19 @@ namespace engine {
 //             rows 0..n of src to rows b*s.. of dst (predict's output)
 // step_end    buf: state, scalars-
 //             loss_sum += loss * n, correct += hits, records the first
-//             non-finite loss, then state.step += 1
+//             non-finite loss, then state.step += 1, state.rng_step += 1
 #define FASTMLP_OPCODES(X) \
     X(gather)              \
     X(dense_fwd)           \
     X(xent)                \
-    X(relu_bwd)            \
+    X(act_fwd)             \
+    X(act_bwd)             \
     X(dense_bwd_w)         \
     X(dense_bwd_x)         \
+    X(bn_fwd)              \
+    X(bn_bwd)              \
+    X(ln_fwd)              \
+    X(ln_bwd)              \
     X(optimizer)           \
     X(store)               \
     X(step_end)
@@ -82,8 +107,8 @@ constexpr int kNumOpCodes = 0
 
 const char* opcode_name(OpCode code);
 
-constexpr int kMaxBufs = 6;
-constexpr int kMaxDims = 4;
+constexpr int kMaxBufs = 8;
+constexpr int kMaxDims = 8;
 
 struct PlanOp {
     OpCode code;
@@ -102,7 +127,8 @@ struct EngineState {
     int64_t nonfinite_step;  // the first step whose loss was not finite, or -1
     int64_t bad_row;         // the last xent's first out-of-range label row, or -1
     int64_t nonfinite_param_step;  // the first step whose update left a parameter non-finite, or -1
-    int64_t reserved[2];
+    int64_t rng_step;        // the optimizer step number of this step: dropout's counter
+    int64_t reserved;
 };
 static_assert(sizeof(EngineState) == 64, "plan.py allocates 64 bytes");
 
@@ -145,7 +171,8 @@ public:
     void set_schedule(int hyper_buf, int64_t kind, const std::vector<double>& lrs,
                       int64_t step0, double momentum, double beta1, double beta2, double eps,
                       double weight_decay, bool nesterov, bool decoupled);
-    // EngineState at `state_buf` reset for a new pass (step 0, sums 0, flags -1).
+    // EngineState at `state_buf` reset for a new pass (step 0, sums 0, flags -1,
+    // rng_step = the step0 of the last set_schedule, else 1).
     void begin_pass(int state_buf);
     // A copy of the EngineState at `state_buf` (waits for the engine's work).
     EngineState state(int state_buf);
@@ -180,6 +207,7 @@ protected:
     std::vector<PlanOp> ops_[kNumLists];
     std::vector<void*> bufs_;
     int64_t schedule_steps_ = 0;  // entries of the optimizer table (set_schedule)
+    int64_t schedule_step0_ = 1;  // its first optimizer step number
 };
 
 // The engines (cpu/engine.cpp, cuda/engine.cu).

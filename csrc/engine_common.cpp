@@ -32,9 +32,15 @@ namespace {
 unsigned optional_buffers(OpCode code) {
     switch (code) {
         case OpCode::gather: return (1u << 1) | (1u << 2) | (1u << 4);
-        case OpCode::dense_fwd: return 1u << 2;
+        case OpCode::dense_fwd: return (1u << 2) | (1u << 4) | (1u << 5);
+        case OpCode::act_fwd: return 1u << 2;
+        case OpCode::act_bwd: return (1u << 1) | (1u << 3);
         case OpCode::dense_bwd_w: return 1u << 3;
-        case OpCode::dense_bwd_x: return 1u << 2;
+        case OpCode::dense_bwd_x: return (1u << 2) | (1u << 4);
+        case OpCode::bn_fwd: return (1u << 1) | (1u << 2) | (1u << 4) | (1u << 5);
+        case OpCode::bn_bwd: return (1u << 2) | (1u << 6) | (1u << 7);
+        case OpCode::ln_fwd: return (1u << 1) | (1u << 2);
+        case OpCode::ln_bwd: return (1u << 2) | (1u << 6) | (1u << 7);
         case OpCode::optimizer: return (1u << 2) | (1u << 3);
         case OpCode::step_end: return 1u << 1;
         default: return 0u;
@@ -109,6 +115,7 @@ void Engine::set_schedule(int hyper_buf, int64_t kind, const std::vector<double>
     }
     if (!table.empty()) write(buffer(hyper_buf), table.data(), table.size() * sizeof(StepHyper));
     schedule_steps_ = static_cast<int64_t>(table.size());
+    schedule_step0_ = step0;
 }
 
 void Engine::begin_pass(int state_buf) {
@@ -117,6 +124,7 @@ void Engine::begin_pass(int state_buf) {
     st.nonfinite_step = -1;
     st.bad_row = -1;
     st.nonfinite_param_step = -1;
+    st.rng_step = schedule_step0_;
     write(buffer(state_buf), &st, sizeof(st));
 }
 

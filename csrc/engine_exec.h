@@ -5,7 +5,8 @@
 //
 // Dev provides `using Stream = ...;` and, as static functions:
 //   gemm_ex(...)                  fastmlp.h's gemm_ex, + stream
-//   relu_backward(dy, y, dx, size, stream)
+//   activation_fwd / activation_bwd / batchnorm_fwd / batchnorm_bwd /
+//   layernorm_fwd / layernorm_bwd  fastmlp.h's ops, + stream
 //   xent(logits, labels, kind, out, row_loss, row_hits, scalars, rows, cols,
 //        backward, stream)        softmax_xent_fused into *scalars
 //   gather(x_src, y_src, order, x_dst, y_dst, state, rows, features,
@@ -18,12 +19,34 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "engine.h"
 #include "fastmlp.h"
 
 namespace fastmlp {
 namespace engine {
+
+// A float passed through an int64 dim (plan.py: float32 bits).
+inline float dim_float(int64_t bits) {
+    const uint32_t u = static_cast<uint32_t>(bits);
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+// The dropout of dims 4..6 (threshold, scale bits, key0 | key1 << 32), its
+// counter the pass state's rng_step.
+inline DropoutSpec dim_dropout(const int64_t* d, EngineState* state) {
+    DropoutSpec s;
+    s.threshold = static_cast<uint32_t>(d[4]);
+    if (s.threshold == 0) return s;
+    s.scale = dim_float(d[5]);
+    s.key0 = static_cast<uint32_t>(static_cast<uint64_t>(d[6]));
+    s.key1 = static_cast<uint32_t>(static_cast<uint64_t>(d[6]) >> 32);
+    s.step = state ? &state->rng_step : nullptr;
+    return s;
+}
 
 template <class Dev>
 void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Stream stream) {
@@ -40,7 +63,15 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
             // y(n, out) = x(n, in) @ w(in, out), row-major: lda = in, ldb = ldc = out.
             GemmEpilogue ep;
             ep.bias = f32(2);
-            ep.relu = d[2] != 0;
+            const DropoutSpec drop = dim_dropout(d, state(5));
+            if (d[2] == kActRelu && drop.threshold == 0 && buf(4) == nullptr) {
+                ep.relu = true;  // the fast path every backend fuses
+            } else {
+                ep.act = static_cast<int32_t>(d[2]);
+                ep.preact = f32(4);
+                ep.ld_preact = d[1];
+                ep.dropout = drop;
+            }
             Dev::gemm_ex(false, false, n, d[1], d[0], 1.0f, f32(0), d[0], f32(1), d[1], 0.0f,
                          f32(3), d[1], ep, static_cast<Precision>(d[3]), stream);
             break;
@@ -50,8 +81,13 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
                       static_cast<int32_t*>(buf(4)), static_cast<StepScalars*>(buf(5)), n, d[0],
                       d[2] != 0, stream);
             break;
-        case OpCode::relu_bwd:
-            Dev::relu_backward(f32(0), f32(1), f32(0), n * d[0], stream);
+        case OpCode::act_fwd:
+            Dev::activation_fwd(f32(0), f32(1), n, d[0], static_cast<int>(d[1]),
+                                dim_dropout(d, state(2)), stream);
+            break;
+        case OpCode::act_bwd:
+            Dev::activation_bwd(f32(0), f32(1), f32(2), n, d[0], static_cast<int>(d[1]), d[2] != 0,
+                                dim_dropout(d, state(3)), stream);
             break;
         case OpCode::dense_bwd_w: {
             // gw(in, out) = x^T dz: x is (n, in) read transposed (lda = in).
@@ -63,14 +99,40 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
         }
         case OpCode::dense_bwd_x: {
             // dx(n, in) = dz(n, out) @ w(in, out)^T: w read transposed (ldb = out);
-            // mask (n, in) is the previous layer's ReLU output.
+            // saved (n, in) is what the previous Dense layer kept for its
+            // activation's derivative (its output, or its pre-activation).
             GemmEpilogue ep;
-            ep.relu_mask = f32(2);
-            ep.ld_mask = d[0];
+            const DropoutSpec drop = dim_dropout(d, state(4));
+            if (d[2] == kActRelu && drop.threshold == 0 && d[7] == 0) {
+                ep.relu_mask = f32(2);  // the fast path every backend fuses
+                ep.ld_mask = d[0];
+            } else if (d[2] != kActLinear || drop.threshold != 0) {
+                ep.grad_act = static_cast<int32_t>(d[2]);
+                ep.saved = f32(2);
+                ep.ld_saved = d[0];
+                ep.saved_is_input = d[7] != 0;
+                ep.grad_dropout = drop;
+            }
             Dev::gemm_ex(false, true, n, d[0], d[1], 1.0f, f32(0), d[1], f32(1), d[1], 0.0f,
                          f32(3), d[0], ep, static_cast<Precision>(d[3]), stream);
             break;
         }
+        case OpCode::bn_fwd:
+            Dev::batchnorm_fwd(f32(0), f32(1), f32(2), f32(3), f32(4), f32(5), f32(6), f32(7), n,
+                               d[0], dim_float(d[2]), dim_float(d[3]), d[1] != 0, stream);
+            break;
+        case OpCode::bn_bwd:
+            Dev::batchnorm_bwd(f32(0), f32(1), f32(2), f32(3), f32(4), f32(5), f32(6), f32(7), n,
+                               d[0], stream);
+            break;
+        case OpCode::ln_fwd:
+            Dev::layernorm_fwd(f32(0), f32(1), f32(2), f32(3), f32(4), f32(5), n, d[0],
+                               dim_float(d[1]), stream);
+            break;
+        case OpCode::ln_bwd:
+            Dev::layernorm_bwd(f32(0), f32(1), f32(2), f32(3), f32(4), f32(5), f32(6), f32(7), n,
+                               d[0], stream);
+            break;
         case OpCode::optimizer:
             Dev::optimizer(d[1], f32(0), f32(1), f32(2), f32(3), d[0],
                            static_cast<const StepHyper*>(buf(4)), state(5), stream);

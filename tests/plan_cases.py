@@ -14,7 +14,7 @@ import fastmlp as fm
 @dataclass
 class Case:
     id: str
-    layers: object            # () -> [fm.Dense, ...]
+    layers: object            # () -> [fm.Dense, fm.Dropout, ...]
     optimizer: object         # () -> fm.optim.Optimizer
     n: int = 203              # rows
     d: int = 37               # features
@@ -73,5 +73,36 @@ CASES += [
     Case("prime-sizes", lambda: [fm.Dense(13, activation="relu", input_dim=31),
                                  fm.Dense(5)], OPTIMIZERS["adam"], n=97, d=31, classes=5,
          fit=dict(epochs=2, batch_size=17, validation_data=None)),
+]
+# Issue 15's layers: every activation fused in a Dense (forward epilogue, and the
+# derivative in the next Dense's backward epilogue), from the output or from the saved
+# pre-activation, with and without a fused Dropout; the standalone layers.
+for _act in ("sigmoid", "tanh", "gelu", "silu", "elu", "softplus", "leaky_relu"):
+    CASES.append(Case(f"act-{_act}", lambda a=_act: [fm.Dense(19, activation=a, input_dim=37),
+                                                     fm.Dense(7)],
+                      OPTIMIZERS["adam"], n=120, fit=dict(epochs=2, batch_size=32)))
+    CASES.append(Case(f"act-{_act}-dropout",
+                      lambda a=_act: [fm.Dense(19, activation=a, input_dim=37),
+                                      fm.Dropout(0.3), fm.Dense(13, activation=a),
+                                      fm.Dropout(0.2), fm.Dense(7, activation=a)],
+                      OPTIMIZERS["sgd-nesterov"], n=120, fit=dict(epochs=2, batch_size=32)))
+CASES += [
+    Case("relu-dropout", lambda: [fm.Dense(23, activation="relu", input_dim=37),
+                                  fm.Dropout(0.5), fm.Dense(7)],
+         OPTIMIZERS["adam"], n=150, fit=dict(epochs=2, batch_size=32, validation_split=0.2)),
+    Case("standalone-layers",
+         lambda: [fm.Dropout(0.1, input_dim=37), fm.Dense(21), fm.BatchNormalization(),
+                  fm.Activation("gelu"), fm.Dropout(0.25), fm.Dense(15, activation="tanh"),
+                  fm.LayerNormalization(), fm.Activation("swish"), fm.Dense(7),
+                  fm.Activation("softmax")],
+         OPTIMIZERS["adamw"], n=130, fit=dict(epochs=2, batch_size=29, validation_split=0.2)),
+    Case("batchnorm-first-no-affine",
+         lambda: [fm.BatchNormalization(center=False, scale=False, input_dim=37),
+                  fm.Dense(16, activation="relu"), fm.BatchNormalization(momentum=0.9),
+                  fm.Dense(7)], OPTIMIZERS["sgd"], n=100, fit=dict(epochs=2, batch_size=16)),
+    Case("layernorm-last-onehot",
+         lambda: [fm.Dense(16, activation="elu", input_dim=37), fm.LayerNormalization(),
+                  fm.Dense(7), fm.LayerNormalization(center=False)],
+         OPTIMIZERS["adam-wd"], n=90, onehot=True, fit=dict(epochs=2, batch_size=20)),
 ]
 BY_ID = {c.id: c for c in CASES}

@@ -27,8 +27,41 @@ struct CpuDev {
         cpu::gemm_ex(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep, p);
     }
 
-    static void relu_backward(const float* dy, const float* y, float* dx, int64_t size, Stream) {
-        cpu::relu_backward(dy, y, dx, size);
+    static void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int act,
+                               const DropoutSpec& drop, Stream) {
+        cpu::activation_fwd(x, y, rows, cols, act, drop);
+    }
+
+    static void activation_bwd(const float* dy, const float* saved, float* dx, int64_t rows,
+                               int64_t cols, int act, bool saved_is_input,
+                               const DropoutSpec& drop, Stream) {
+        cpu::activation_bwd(dy, saved, dx, rows, cols, act, saved_is_input, drop);
+    }
+
+    static void batchnorm_fwd(const float* x, const float* gamma, const float* beta, float* y,
+                              float* mean, float* invstd, float* moving_mean, float* moving_var,
+                              int64_t rows, int64_t cols, float eps, float momentum,
+                              bool training, Stream) {
+        cpu::batchnorm_fwd(x, gamma, beta, y, mean, invstd, moving_mean, moving_var, rows, cols,
+                           eps, momentum, training);
+    }
+
+    static void batchnorm_bwd(const float* dy, const float* x, const float* gamma,
+                              const float* mean, const float* invstd, float* dx, float* dgamma,
+                              float* dbeta, int64_t rows, int64_t cols, Stream) {
+        cpu::batchnorm_bwd(dy, x, gamma, mean, invstd, dx, dgamma, dbeta, rows, cols);
+    }
+
+    static void layernorm_fwd(const float* x, const float* gamma, const float* beta, float* y,
+                              float* mean, float* invstd, int64_t rows, int64_t cols, float eps,
+                              Stream) {
+        cpu::layernorm_fwd(x, gamma, beta, y, mean, invstd, rows, cols, eps);
+    }
+
+    static void layernorm_bwd(const float* dy, const float* x, const float* gamma,
+                              const float* mean, const float* invstd, float* dx, float* dgamma,
+                              float* dbeta, int64_t rows, int64_t cols, Stream) {
+        cpu::layernorm_bwd(dy, x, gamma, mean, invstd, dx, dgamma, dbeta, rows, cols);
     }
 
     static void xent(const float* logits, const void* labels, LabelKind kind, float* out,
@@ -83,6 +116,7 @@ struct CpuDev {
             if (sc->bad_row >= 0 && st->bad_row < 0) st->bad_row = sc->bad_row;
         }
         st->step += 1;
+        st->rng_step += 1;
     }
 };
 

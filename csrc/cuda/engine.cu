@@ -183,6 +183,7 @@ step_end_accumulate(EngineState* __restrict__ st, const StepScalars* __restrict_
         if (sc->bad_row >= 0 && st->bad_row < 0) st->bad_row = sc->bad_row;
     }
     st->step += 1;
+    st->rng_step += 1;
 }
 
 // The widest copy unit (16, 8, 4 or 1 bytes) that divides the row length and
@@ -209,9 +210,41 @@ struct CudaDev {
                       precision, stream);
     }
 
-    static void relu_backward(const float* dy, const float* y, float* dx, int64_t size,
+    static void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int act,
+                               const DropoutSpec& drop, Stream stream) {
+        cuda::activation_fwd(x, y, rows, cols, act, drop, stream);
+    }
+
+    static void activation_bwd(const float* dy, const float* saved, float* dx, int64_t rows,
+                               int64_t cols, int act, bool saved_is_input,
+                               const DropoutSpec& drop, Stream stream) {
+        cuda::activation_bwd(dy, saved, dx, rows, cols, act, saved_is_input, drop, stream);
+    }
+
+    static void batchnorm_fwd(const float* x, const float* gamma, const float* beta, float* y,
+                              float* mean, float* invstd, float* moving_mean, float* moving_var,
+                              int64_t rows, int64_t cols, float eps, float momentum,
+                              bool training, Stream stream) {
+        cuda::batchnorm_fwd(x, gamma, beta, y, mean, invstd, moving_mean, moving_var, rows, cols,
+                           eps, momentum, training, stream);
+    }
+
+    static void batchnorm_bwd(const float* dy, const float* x, const float* gamma,
+                              const float* mean, const float* invstd, float* dx, float* dgamma,
+                              float* dbeta, int64_t rows, int64_t cols, Stream stream) {
+        cuda::batchnorm_bwd(dy, x, gamma, mean, invstd, dx, dgamma, dbeta, rows, cols, stream);
+    }
+
+    static void layernorm_fwd(const float* x, const float* gamma, const float* beta, float* y,
+                              float* mean, float* invstd, int64_t rows, int64_t cols, float eps,
                               Stream stream) {
-        cuda::relu_backward(dy, y, dx, size, stream);
+        cuda::layernorm_fwd(x, gamma, beta, y, mean, invstd, rows, cols, eps, stream);
+    }
+
+    static void layernorm_bwd(const float* dy, const float* x, const float* gamma,
+                              const float* mean, const float* invstd, float* dx, float* dgamma,
+                              float* dbeta, int64_t rows, int64_t cols, Stream stream) {
+        cuda::layernorm_bwd(dy, x, gamma, mean, invstd, dx, dgamma, dbeta, rows, cols, stream);
     }
 
     static void xent(const float* logits, const void* labels, LabelKind kind, float* out,

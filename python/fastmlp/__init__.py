@@ -4,14 +4,15 @@ from __future__ import annotations
 from . import _C, _nvtx, callbacks, datasets, layers, losses, ops, optim, reference
 from ._interop import cuda_status, cupy_module
 from ._random import set_seed
-from .layers import Dense
+from .layers import Activation, BatchNormalization, Dense, Dropout, LayerNormalization
 from .model import Sequential, load_model
 from .ops import get_matmul_precision, set_matmul_precision
 
 __version__ = "0.1.0"
 __all__ = ["backends", "ops", "reference", "set_seed", "set_matmul_precision",
            "get_matmul_precision", "set_num_threads", "get_num_threads", "set_flush_denormal",
-           "get_flush_denormal", "Dense", "Sequential", "load_model",
+           "get_flush_denormal", "Dense", "Activation", "Dropout", "BatchNormalization",
+           "LayerNormalization", "Sequential", "load_model",
            "callbacks", "datasets", "layers", "losses", "optim", "__version__"]
 
 

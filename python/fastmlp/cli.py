@@ -49,8 +49,15 @@ def _parser():
     _add_data_args(t)
     t.add_argument("--hidden", type=int, nargs="*", default=[128], metavar="UNITS",
                    help="hidden layer sizes (none for a linear classifier)")
-    t.add_argument("--activation", choices=("relu", "linear"), default="relu",
-                   help="hidden-layer activation")
+    from .layers import ACTIVATIONS
+
+    t.add_argument("--activation", choices=[a for a in ACTIVATIONS if a != "softmax"],
+                   default="relu", help="hidden-layer activation")
+    t.add_argument("--dropout", type=float, default=0.0, metavar="RATE",
+                   help="a Dropout layer of this rate after each hidden layer (0: none)")
+    t.add_argument("--batchnorm", action="store_true",
+                   help="BatchNormalization after each hidden Dense layer, before its "
+                        "activation")
     t.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
@@ -92,11 +99,17 @@ def _train(args) -> int:
     if args.limit is not None:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
     classes = 10
-    act = None if args.activation == "linear" else "relu"
     widths = [x_train.shape[1], *args.hidden]
-    model = fm.Sequential([fm.Dense(u, activation=act, input_dim=d)
-                           for d, u in zip(widths, args.hidden)]
-                          + [fm.Dense(classes, input_dim=widths[-1])])
+    layers = []
+    for d, u in zip(widths, args.hidden):
+        if args.batchnorm:
+            layers += [fm.Dense(u, input_dim=d), fm.BatchNormalization(),
+                       fm.Activation(args.activation)]
+        else:
+            layers.append(fm.Dense(u, activation=args.activation, input_dim=d))
+        if args.dropout:
+            layers.append(fm.Dropout(args.dropout))
+    model = fm.Sequential(layers + [fm.Dense(classes, input_dim=widths[-1])])
     kw = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
     if args.optimizer == "sgd":
         opt = fm.optim.SGD(lr=args.lr, momentum=args.momentum, **kw)

@@ -24,7 +24,7 @@ from . import trainer as _trainer
 from ._interop import cuda_status, cupy_module, is_cupy, require_cuda
 from ._random import generator
 from .callbacks import Callback, History
-from .layers import Dense
+from .layers import Activation, Dense, Layer
 
 __all__ = ["Sequential", "load_model"]
 
@@ -125,6 +125,12 @@ def _fits_on_device(nbytes: int) -> bool:
     return nbytes <= 0.5 * (free + pool.free_bytes())
 
 
+def _snake(name: str) -> str:
+    """BatchNormalization -> batch_normalization (Keras' default layer names)."""
+    return "".join("_" + c.lower() if c.isupper() and i else c.lower()
+                   for i, c in enumerate(name))
+
+
 # ------------------------------------------------------------------------- model
 
 
@@ -158,16 +164,22 @@ class Sequential:
 
     # -- structure ----------------------------------------------------------------------
     def add(self, layer) -> None:
-        if not isinstance(layer, Dense):
-            raise TypeError(f"Sequential.add: expected an fm.Dense layer, got "
+        if not isinstance(layer, Layer):
+            raise TypeError(f"Sequential.add: expected an fm layer (Dense, Activation, Dropout, "
+                            f"BatchNormalization, LayerNormalization), got "
                             f"{type(layer).__name__}")
-        if self.layers and self.layers[-1].activation == "softmax":
+        if any(l is layer for l in self.layers):
+            raise ValueError(f"Sequential.add: {layer!r} is already in the model (a layer "
+                             "holds its own weights: add a new instance)")
+        if self.layers and isinstance(self.layers[-1], (Dense, Activation)) \
+                and self.layers[-1].activation == "softmax":
             raise ValueError("Sequential: activation='softmax' is only supported on the last "
                              "layer (it is fused with the cross-entropy loss)")
         if self.layers and layer.input_dim is not None \
-                and layer.input_dim != self.layers[-1].units:
+                and self.layers[-1].output_dim is not None \
+                and layer.input_dim != self.layers[-1].output_dim:
             raise ValueError(f"Sequential: {layer!r} has input_dim={layer.input_dim} but the "
-                             f"previous layer has {self.layers[-1].units} units")
+                             f"previous layer has {self.layers[-1].output_dim} outputs")
         self.layers.append(layer)
         self._bound = None
         if self.layers[0].input_dim is not None:
@@ -181,6 +193,11 @@ class Sequential:
     def input_dim(self):
         return self.layers[0].input_dim if self.layers else None
 
+    @property
+    def output_dim(self):
+        """Features per sample of the model's output (None until built)."""
+        return self.layers[-1].output_dim if self.layers else None
+
     def build(self, input_dim: int) -> None:
         """Create the weights for inputs of ``input_dim`` features (``fit`` does this when
         the first layer has no ``input_dim``). Layers already built keep their weights."""
@@ -193,8 +210,11 @@ class Sequential:
         for layer in self.layers:
             if not layer.built:
                 layer.build(dim)  # drawn on the host from fastmlp's generator
-                layer.set_params([_to_device(p, self.device) for p in layer.params()])
-            dim = layer.units
+                layer.set_weight_arrays([_to_device(w, self.device) for w in layer.weights()])
+            elif layer.input_dim != dim:
+                raise ValueError(f"Sequential: {layer!r} is built for {layer.input_dim} inputs "
+                                 f"but the previous layer gives {dim}")
+            dim = layer.output_dim
 
     def _require_built(self, what: str):
         if not self.built:
@@ -202,7 +222,13 @@ class Sequential:
                              "input_dim, call model.build(input_dim), or fit it first")
 
     def params(self) -> list:
+        """The trainable weights (what the optimizer updates), in Keras order."""
         return [p for layer in self.layers for p in layer.params()]
+
+    def weights(self) -> list:
+        """Every weight, trainable or not (BatchNormalization's moving statistics), in
+        Keras order: what get_weights returns."""
+        return [w for layer in self.layers for w in layer.weights()]
 
     def count_params(self) -> int:
         return sum(layer.count_params() for layer in self.layers)
@@ -240,7 +266,7 @@ class Sequential:
         if device != self.device:
             for layer in self.layers:
                 if layer.built:
-                    layer.set_params([_to_device(p, device) for p in layer.params()])
+                    layer.set_weight_arrays([_to_device(w, device) for w in layer.weights()])
             if self.optimizer is not None:
                 self.optimizer.to(lambda a: _to_device(a, device))
             self.device = device
@@ -279,7 +305,7 @@ class Sequential:
         if len(y) != len(x):
             raise ValueError(f"'{wx}' has {len(x)} samples but '{wy}' has {len(y)}")
         # Checked once, on the whole set, before any step (no per-step label check).
-        y = self.loss.labels(y, len(x), self.layers[-1].units, where=wy)
+        y = self.loss.labels(y, len(x), self.output_dim, where=wy)
         x_float = x.dtype.kind == "f"
         if self.device == "cuda" and not is_cupy(x) \
                 and not _fits_on_device(len(x) * (x.shape[1] * 4 + y.nbytes // max(1, len(y)))):
@@ -401,35 +427,39 @@ class Sequential:
 
     # -- weights ------------------------------------------------------------------------
     def get_weights(self) -> list:
-        """[W0 (in, out), b0, W1, b1, ...] as NumPy copies (Keras order and shapes)."""
+        """Every layer's weights as NumPy copies, in Keras order and shapes: Dense
+        [kernel (in, out), bias], BatchNormalization [gamma, beta, moving_mean,
+        moving_variance], LayerNormalization [gamma, beta]."""
         self._require_built("get_weights")
-        return [_host(p).copy() for p in self.params()]
+        return [_host(w).copy() for w in self.weights()]
 
     def set_weights(self, weights) -> None:
-        """Copy ``weights`` (Keras order and shapes) into the model's parameters."""
+        """Copy ``weights`` (get_weights' order and shapes) into the model's weights."""
         weights = list(weights)
         if not self.built and weights:
             self.build(np.shape(weights[0])[0])
-        params = self.params()
-        if len(weights) != len(params):
-            raise ValueError(f"set_weights: the model has {len(params)} weight arrays "
+        mine = self.weights()
+        if len(weights) != len(mine):
+            raise ValueError(f"set_weights: the model has {len(mine)} weight arrays "
                              f"({self._weight_shapes()}), got {len(weights)}")
-        for i, (p, w) in enumerate(zip(params, weights)):
+        for i, (p, w) in enumerate(zip(mine, weights)):
             if tuple(np.shape(w)) != tuple(p.shape):
                 raise ValueError(f"set_weights: weight {i} must have shape {tuple(p.shape)}, "
                                  f"got {tuple(np.shape(w))}")
-        for p, w in zip(params, weights):
+        for p, w in zip(mine, weights):
             p[...] = _to_device(np.asarray(_host(w), dtype=np.float32), self.device)
 
     def _weight_shapes(self) -> str:
-        return ", ".join(str(tuple(p.shape)) for p in self.params())
+        return ", ".join(str(tuple(p.shape)) for p in self.weights())
 
     def summary(self, print_fn=print) -> None:
         """Print the layers, their output shapes and parameter counts."""
         rows = [("Layer", "Output shape", "Activation", "Params")]
         for i, layer in enumerate(self.layers):
-            rows.append((layer.name or f"dense_{i} (Dense)", f"(None, {layer.units})",
-                         layer.activation or "linear", f"{layer.count_params():,}"))
+            cls = type(layer).__name__
+            act = getattr(layer, "activation", "-") or "linear"
+            rows.append((layer.name or f"{_snake(cls)}_{i} ({cls})",
+                         f"(None, {layer.output_dim})", act, f"{layer.count_params():,}"))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         line = "  ".join("-" * w for w in widths)
         text = [f'Model: "{self.name or "sequential"}"', line]
@@ -438,8 +468,14 @@ class Sequential:
                                   for c, (cell, w) in enumerate(zip(r, widths))))
             if j == 0:
                 text.append(line)
+        fixed = sum(int(np.prod(layer.weight_shapes()[n])) for layer in self.layers
+                    if layer.input_dim is not None
+                    for n in layer.weight_names() if n not in layer.trainable_names())
         text += [line, f"Total params: {self.count_params():,}"
                  + ("" if self.built else " (not built: no input_dim yet)")]
+        if fixed:
+            text.append(f"Trainable params: {self.count_params() - fixed:,}; non-trainable "
+                        f"params: {fixed:,}")
         if self.optimizer is not None:
             text.append(f"Optimizer: {self.optimizer!r}; loss: {self.loss.name}; "
                         f"device: {self.device}")

@@ -9,7 +9,13 @@ a table of buffers (:class:`Buf`) and three op lists (:class:`Op`) over them --
 * ``EVALUATE``: gather, forward, loss + hits, ``step_end``;
 * ``PREDICT``: gather, forward (+ softmax), store the rows of the output.
 
-The forward ops are emitted once and shared by the three lists. Nothing here
+Each layer class has one place below (``_stages``, then its branch in ``forward``
+and ``backward``): Dense is one GEMM with bias, activation and a following Dropout
+in its epilogue, and its backward GEMM applies the previous Dense layer's activation
+derivative (and dropout mask) in its epilogue; Activation and Dropout are one
+elementwise kernel each way; BatchNormalization and LayerNormalization one kernel
+each way. The training forward (dropout on, batch statistics) and the inference
+forward (dropout off, moving statistics) are emitted separately. Nothing here
 allocates or runs anything: :mod:`fastmlp.engine` binds the plan to memory
 (:class:`fastmlp.engine.Arena`) and runs it -- op by op in Python (the reference)
 or in C++ (``csrc/engine.h``: the CPU loop, CUDA Graph replay), through the one op
@@ -43,8 +49,9 @@ _LABEL_KINDS = {np.dtype(np.int32): 0, np.dtype(np.int64): 1, np.dtype(np.float3
 
 @dataclass(frozen=True)
 class Buf:
-    """A buffer of the plan. ``role``: param | grad | state (optimizer) | act |
-    scratch | input (bound per pass) | hyper | metric | const (zeros). A buffer with ``base`` is a
+    """A buffer of the plan. ``role``: param | stat (weights the optimizer does not
+    train) | grad | state (optimizer) | act | scratch | input (bound per pass) | hyper |
+    metric | const (zeros). A buffer with ``base`` is a
     view ``offset`` elements into another (a layer's kernel in the flat parameters)."""
     id: int
     name: str
@@ -67,6 +74,9 @@ class Op:
     name: str
     bufs: tuple
     dims: tuple = ()
+    # what the Python executor needs beyond the dims (a Dropout's rate, seed and
+    # position: the public ops take those, the kernels their constants)
+    extra: dict | None = field(default=None, compare=False)
 
     def native(self) -> tuple:
         return (OPCODES.index(self.code), [-1 if b is None else b for b in self.bufs],
@@ -88,6 +98,8 @@ class StepPlan:
     param_sizes: tuple = ()      # elements of each parameter, in Keras order
     precision: int = 0
     softmax_output: bool = False
+    param_names: tuple = ()      # the trainable weights' buffers, in Keras order ("layer0.kernel")
+    stat_names: tuple = ()       # the other weights' buffers (views of "stats")
 
     def buf(self, name: str) -> Buf:
         for b in self.bufs:
@@ -119,49 +131,119 @@ class _Builder:
         return len(self.bufs) - 1
 
 
-def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, precision: int
-               ) -> StepPlan:
-    """The plan of a Dense stack with softmax-cross-entropy on its logits.
+def _f32_bits(value: float) -> int:
+    """A float as the int64 dim the C++ side reads back (engine_exec.h dim_float)."""
+    return int(np.array(value, np.float32).view(np.uint32))
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One kernel-level step of the forward pass: a layer, or a layer with the Dropout
+    that follows it fused in (``dropout``: that Dropout's position, or None)."""
+    kind: str          # dense | act | dropout | bn | ln
+    index: int         # the layer's position
+    layer: object
+    dropout: int | None = None
+
+
+def _stages(layers):
+    """The layers as stages: a Dropout right after a Dense or an Activation runs in that
+    layer's kernels (its epilogue); the output softmax is not a stage (the loss and
+    predict's softmax handle it)."""
+    from .layers import (Activation, BatchNormalization, Dense, Dropout,
+                         LayerNormalization)
+
+    out, i = [], 0
+    while i < len(layers):
+        layer = layers[i]
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        fuse = isinstance(nxt, Dropout) and nxt.rate > 0.0
+        if isinstance(layer, Dense):
+            fuse = fuse and layer.activation != "softmax"
+            out.append(_Stage("dense", i, layer, i + 1 if fuse else None))
+        elif isinstance(layer, Activation):
+            if layer.activation != "softmax":  # only ever last (Sequential.add checks)
+                out.append(_Stage("act", i, layer, i + 1 if fuse else None))
+            else:
+                fuse = False
+        elif isinstance(layer, Dropout):
+            fuse = False
+            if layer.rate > 0.0:
+                out.append(_Stage("dropout", i, layer, i))
+        elif isinstance(layer, BatchNormalization):
+            fuse = False
+            out.append(_Stage("bn", i, layer))
+        elif isinstance(layer, LayerNormalization):
+            fuse = False
+            out.append(_Stage("ln", i, layer))
+        else:
+            raise ValueError(f"plan: no kernels for layer {layer!r}")
+        i += 2 if fuse else 1
+    return out
+
+
+def _act_code(name) -> int:
+    from .ops import ACTIVATIONS
+
+    return ACTIVATIONS["linear" if name in (None, "softmax") else name]
+
+
+# Codes whose derivative reads the pre-activation once a dropout has scaled the output
+# (sigmoid, tanh and elu read their own output otherwise; relu and leaky_relu only its
+# sign, which the scaling keeps).
+_OUTPUT_RULE_NEEDS_UNSCALED = ("sigmoid", "tanh", "elu")
+
+
+def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, precision: int,
+               seed: int = 0) -> StepPlan:
+    """The plan of a layer stack with softmax-cross-entropy on its output.
 
     ``optimizer_kind``: 0 SGD, 1 Adam/AdamW; ``optimizer_buffers``: the names of its
     per-parameter state buffers (e.g. ("exp_avg", "exp_avg_sq")); ``label_dtype``:
     int32 (class indices) or float32 (one-hot / distribution rows);
-    ``precision``: the GEMM precision (0 fp32, 1 tf32).
+    ``precision``: the GEMM precision (0 fp32, 1 tf32); ``seed``: the model's seed
+    (Dropout layers without their own draw their masks from it).
     """
+    from . import _C
+    from .layers import Activation, Dense
+    from .ops import dropout_constants
+
     label_dtype = np.dtype(label_dtype)
     if label_dtype not in _LABEL_KINDS:
         raise ValueError(f"plan: labels must be int32, int64 or float32, got {label_dtype}")
     b = _Builder()
     features = layers[0].input_dim
-    classes = layers[-1].units
-    sizes = []
-    for layer in layers:
-        sizes.append(layer.input_dim * layer.units)
-        if layer.use_bias:
-            sizes.append(layer.units)
-    total = sum(sizes)
+    classes = layers[-1].output_dim
+    last = layers[-1]
+    softmax = isinstance(last, (Dense, Activation)) and last.activation == "softmax"
 
-    # Flat parameters, gradients and optimizer state, at the same offsets.
+    # Flat parameters, gradients and optimizer state, at the same offsets; the weights
+    # the optimizer does not train (BatchNormalization's moving statistics) in "stats".
+    trainable, fixed = [], []
+    for i, layer in enumerate(layers):
+        shapes = layer.weight_shapes()
+        for name in layer.weight_names():
+            (trainable if name in layer.trainable_names() else fixed).append(
+                (i, name, tuple(shapes[name])))
+    sizes = [int(np.prod(shape)) for _, _, shape in trainable]
+    total = sum(sizes)
     params = b.add("params", "param", (total,))
     grads = b.add("grads", "grad", (total,))
     opt_bufs = tuple(optimizer_buffers)
     opt_ids = [b.add(f"opt.{name}", "state", (total,)) for name in opt_bufs]
-    w, bias, gw, gb = [], [], [], []
+    weight, grad = {}, {}
     off = 0
-    for i, layer in enumerate(layers):
-        shape = (layer.input_dim, layer.units)
-        w.append(b.add(f"layer{i}.kernel", "param", shape, base="params", offset=off))
-        gw.append(b.add(f"layer{i}.grad.kernel", "grad", shape, base="grads", offset=off))
-        off += shape[0] * shape[1]
-        if layer.use_bias:
-            bias.append(b.add(f"layer{i}.bias", "param", (layer.units,), base="params",
-                              offset=off))
-            gb.append(b.add(f"layer{i}.grad.bias", "grad", (layer.units,), base="grads",
-                            offset=off))
-            off += layer.units
-        else:
-            bias.append(None)
-            gb.append(None)
+    for (i, name, shape), size in zip(trainable, sizes):
+        weight[i, name] = b.add(f"layer{i}.{name}", "param", shape, base="params", offset=off)
+        grad[i, name] = b.add(f"layer{i}.grad.{name}", "grad", shape, base="grads", offset=off)
+        off += size
+    n_fixed = sum(int(np.prod(shape)) for _, _, shape in fixed)
+    if fixed:
+        b.add("stats", "stat", (n_fixed,))
+    off = 0
+    for i, name, shape in fixed:
+        weight[i, name] = b.add(f"layer{i}.{name}", "stat", shape, base="stats", offset=off)
+        off += int(np.prod(shape))
 
     # Engine memory: the pass state, the step's loss scalars, the optimizer table.
     state = b.add("state", "metric", (SIZES["state"],), np.uint8)
@@ -183,8 +265,25 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     # Per-batch buffers.
     xb = b.add("batch.x", "act", (ROWS, features))
     yb = b.add("batch.y", "act", lshape, label_dtype)
-    acts = [b.add(f"layer{i}.out", "act", (ROWS, l.units)) for i, l in enumerate(layers)]
-    dacts = [b.add(f"layer{i}.dout", "act", (ROWS, l.units)) for i, l in enumerate(layers[:-1])]
+    stages = _stages(layers)
+    # the forward buffers of each stage: input, output, what its backward reads
+    a = xb
+    fwd_in, fwd_out, preact, stats = {}, {}, {}, {}
+    for st in stages:
+        i, layer = st.index, st.layer
+        fwd_in[i] = a
+        fwd_out[i] = b.add(f"layer{i}.out", "act", (ROWS, layer.output_dim))
+        if st.kind == "dense":
+            act = layer.activation if layer.activation != "softmax" else None
+            if act is not None and (_act_code(act) in (4, 5, 7) or (
+                    st.dropout is not None and act in _OUTPUT_RULE_NEEDS_UNSCALED)):
+                preact[i] = b.add(f"layer{i}.preact", "act", (ROWS, layer.units))
+        elif st.kind in ("bn", "ln"):
+            shape = (layer.input_dim,) if st.kind == "bn" else (ROWS,)
+            stats[i] = (b.add(f"layer{i}.mean", "scratch", shape),
+                        b.add(f"layer{i}.invstd", "scratch", shape))
+        a = fwd_out[i]
+    logits = a
     dlogits = b.add("loss.dlogits", "act", (ROWS, classes))  # probs in evaluate / predict
     row_loss = b.add("loss.row_loss", "scratch", (ROWS,))
     row_hits = b.add("loss.row_hits", "scratch", (ROWS,), np.int32)
@@ -192,54 +291,146 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
 
     kind = _LABEL_KINDS[label_dtype]
 
+    def dropout_dims(j):
+        """dims 4..6 of the Dropout at position j (zeros: none) and its Python view."""
+        if j is None:
+            return (0, 0, 0), None
+        layer = layers[j]
+        threshold, scale = dropout_constants(layer.rate)
+        dseed = seed if layer.seed is None else layer.seed
+        k0, k1 = _C.dropout_key(dseed, j)
+        key = int(np.array(k0 | (k1 << 32), np.uint64).view(np.int64))
+        return (threshold, _f32_bits(scale), key), {"rate": layer.rate, "seed": dseed,
+                                                     "layer": j}
+
     def gather(name, x, y, order_id, batch_x, batch_y, lb):
         return Op("gather", name, (x, y, order_id, batch_x, batch_y, state),
                   (features, lb, 0, 0))  # the batch and the source rows: set per pass
 
-    def forward():
-        ops, a = [], xb
-        for i, layer in enumerate(layers):
-            ops.append(Op("dense_fwd", f"layer{i}.forward", (a, w[i], bias[i], acts[i]),
-                          (layer.input_dim, layer.units, int(layer.activation == "relu"),
-                           precision)))
-            a = acts[i]
+    def forward(training):
+        """(ops, output buffer). In inference a Dropout stage is no op: the next stage
+        reads its input (``alias``)."""
+        ops, alias = [], {}
+        for st in stages:
+            i, layer = st.index, st.layer
+            x, y = alias.get(fwd_in[i], fwd_in[i]), fwd_out[i]
+            if st.kind == "dropout" and not training:
+                alias[y] = x
+                continue
+            drop, extra = dropout_dims(st.dropout if training else None)
+            st_buf = state if extra else None
+            if st.kind == "dense":
+                code = _act_code(layer.activation)
+                ops.append(Op("dense_fwd", f"layer{i}.forward",
+                              (x, weight[i, "kernel"], weight.get((i, "bias")), y,
+                               preact.get(i) if training else None, st_buf),
+                              (layer.input_dim, layer.units, code, precision) + drop,
+                              extra))
+            elif st.kind in ("act", "dropout"):
+                code = _act_code(layer.activation) if st.kind == "act" else 0
+                ops.append(Op("act_fwd", f"layer{i}.forward", (x, y, st_buf),
+                              (layer.input_dim, code, 0, 0) + drop, extra))
+            elif st.kind == "bn":
+                mean, invstd = stats[i] if training else (None, None)
+                ops.append(Op("bn_fwd", f"layer{i}.forward",
+                              (x, weight.get((i, "gamma")), weight.get((i, "beta")), y, mean,
+                               invstd, weight[i, "moving_mean"], weight[i, "moving_variance"]),
+                              (layer.input_dim, int(training), _f32_bits(layer.epsilon),
+                               _f32_bits(layer.momentum))))
+            else:  # ln
+                ops.append(Op("ln_fwd", f"layer{i}.forward",
+                              (x, weight.get((i, "gamma")), weight.get((i, "beta")), y,
+                               *stats[i]), (layer.input_dim, _f32_bits(layer.epsilon))))
+        return ops, alias.get(logits, logits)
+
+    def backward():
+        """The gradient from dlogits back through the stages. ``done``: whether g is
+        already the gradient of the stage's pre-activation (the next Dense's backward
+        GEMM applied this stage's activation and dropout in its epilogue)."""
+        ops, g, done = [], dlogits, False
+        has_params = [any(layer.trainable_names()) for layer in
+                      (st.layer for st in stages)]
+        for k in range(len(stages) - 1, -1, -1):
+            st = stages[k]
+            i, layer = st.index, st.layer
+            need_dx = any(has_params[:k])  # a trained weight lies before this stage
+            drop, extra = dropout_dims(st.dropout)
+            st_buf = state if extra else None
+            x = fwd_in[i]
+            if st.kind == "dense":
+                code = _act_code(layer.activation)
+                if not done and (code or extra):
+                    saved = preact.get(i, fwd_out[i] if code else None)
+                    ops.append(Op("act_bwd", f"layer{i}.backward.act",
+                                  (g, saved, g, st_buf),
+                                  (layer.units, code, int(i in preact), 0) + drop, extra))
+                ops.append(Op("dense_bwd_w", f"layer{i}.backward.dW",
+                              (x, g, grad[i, "kernel"], grad.get((i, "bias"))),
+                              (layer.input_dim, layer.units, 0, precision)))
+                if not need_dx:
+                    break
+                dx = b.add(f"layer{i}.dinput", "act", (ROWS, layer.input_dim))
+                prev = stages[k - 1]
+                if prev.kind == "dense":  # its activation and dropout in this GEMM's epilogue
+                    p = prev.index
+                    pcode = _act_code(prev.layer.activation)
+                    pdrop, pextra = dropout_dims(prev.dropout)
+                    saved = preact.get(p, fwd_out[p] if pcode else None)
+                    ops.append(Op("dense_bwd_x", f"layer{i}.backward.dX",
+                                  (g, weight[i, "kernel"], saved, dx,
+                                   state if pextra else None),
+                                  (layer.input_dim, layer.units, pcode, precision) + pdrop
+                                  + (int(p in preact),), pextra))
+                    done = True
+                else:
+                    ops.append(Op("dense_bwd_x", f"layer{i}.backward.dX",
+                                  (g, weight[i, "kernel"], None, dx, None),
+                                  (layer.input_dim, layer.units, 0, precision, 0, 0, 0, 0)))
+                    done = False
+                g = dx
+            elif st.kind in ("act", "dropout"):
+                if not need_dx:
+                    break
+                code = _act_code(layer.activation) if st.kind == "act" else 0
+                ops.append(Op("act_bwd", f"layer{i}.backward",
+                              (g, x if code else None, g, st_buf),
+                              (layer.input_dim, code, 1, 0) + drop, extra))
+                done = False
+            else:  # bn, ln: the weights' gradients, and dx when something before trains
+                if not (layer.trainable_names() or need_dx):
+                    break
+                dx = b.add(f"layer{i}.dinput", "act", (ROWS, layer.input_dim))
+                ops.append(Op(f"{st.kind}_bwd", f"layer{i}.backward",
+                              (g, x, weight.get((i, "gamma")), *stats[i], dx,
+                               grad.get((i, "gamma")), grad.get((i, "beta"))),
+                              (layer.input_dim,)))
+                if not need_dx:
+                    break
+                g, done = dx, False
         return ops
 
-    fwd = forward()
-    train = [gather("gather", x_train, y_train, order, xb, yb, label_bytes)] + fwd
-    train.append(Op("xent", "loss", (acts[-1], yb, dlogits, row_loss, row_hits, scalars),
+    fwd_train, _ = forward(True)
+    train = [gather("gather", x_train, y_train, order, xb, yb, label_bytes)] + fwd_train
+    train.append(Op("xent", "loss", (logits, yb, dlogits, row_loss, row_hits, scalars),
                     (classes, kind, 1)))
-    if layers[-1].activation == "relu":
-        train.append(Op("relu_bwd", f"layer{len(layers) - 1}.backward.relu",
-                        (dlogits, acts[-1]), (classes,)))
-    dz = dlogits
-    for i in range(len(layers) - 1, -1, -1):
-        layer = layers[i]
-        a_prev = xb if i == 0 else acts[i - 1]
-        train.append(Op("dense_bwd_w", f"layer{i}.backward.dW", (a_prev, dz, gw[i], gb[i]),
-                        (layer.input_dim, layer.units, 0, precision)))
-        if i > 0:
-            mask = acts[i - 1] if layers[i - 1].activation == "relu" else None
-            train.append(Op("dense_bwd_x", f"layer{i}.backward.dX",
-                            (dz, w[i], mask, dacts[i - 1]),
-                            (layer.input_dim, layer.units, 0, precision)))
-            dz = dacts[i - 1]
+    train += backward()
     s = opt_ids + [None] * (2 - len(opt_ids))
-    train.append(Op("optimizer", "optimizer", (params, grads, s[0], s[1], hyper, state),
-                    (total, optimizer_kind)))
+    if total:
+        train.append(Op("optimizer", "optimizer", (params, grads, s[0], s[1], hyper, state),
+                        (total, optimizer_kind)))
     train.append(Op("step_end", "step_end", (state, scalars)))
 
-    evaluate = [gather("gather", x_eval, y_eval, None, xb, yb, label_bytes)] + fwd
-    evaluate.append(Op("xent", "loss", (acts[-1], yb, dlogits, row_loss, row_hits, scalars),
+    inference, out = forward(False)
+    evaluate = [gather("gather", x_eval, y_eval, None, xb, yb, label_bytes)] + inference
+    evaluate.append(Op("xent", "loss", (out, yb, dlogits, row_loss, row_hits, scalars),
                        (classes, kind, 0)))
     evaluate.append(Op("step_end", "step_end", (state, scalars)))
 
-    softmax = layers[-1].activation == "softmax"
-    predict = [gather("gather", x_pred, None, None, xb, None, 0)] + fwd
+    predict = [gather("gather", x_pred, None, None, xb, None, 0)] + inference
     if softmax:
-        predict.append(Op("xent", "softmax", (acts[-1], zeros, dlogits, row_loss, row_hits,
+        predict.append(Op("xent", "softmax", (out, zeros, dlogits, row_loss, row_hits,
                                              scalars), (classes, 0, 0)))
-    predict.append(Op("store", "store", (dlogits if softmax else acts[-1], out_pred, state),
+    predict.append(Op("store", "store", (dlogits if softmax else out, out_pred, state),
                       (classes, 0)))
     predict.append(Op("step_end", "step_end", (state, None)))
 
@@ -247,7 +438,9 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                     layers=tuple(layers), features=features, classes=classes,
                     label_dtype=label_dtype, label_cols=label_cols, opt_kind=optimizer_kind,
                     opt_buffers=opt_bufs, param_sizes=tuple(sizes), precision=precision,
-                    softmax_output=softmax)
+                    softmax_output=softmax,
+                    param_names=tuple(f"layer{i}.{n}" for i, n, _ in trainable),
+                    stat_names=tuple(f"layer{i}.{n}" for i, n, _ in fixed))
     validate(plan)
     return plan
 
@@ -267,21 +460,28 @@ def with_batch(ops, batch: int, rows: int):
 
 
 # What each opcode reads and writes, by buffer position (csrc/engine.h).
-_READS = {"gather": (0, 1, 2, 5), "dense_fwd": (0, 1, 2), "xent": (0, 1),
-          "relu_bwd": (0, 1), "dense_bwd_w": (0, 1), "dense_bwd_x": (0, 1, 2),
+_READS = {"gather": (0, 1, 2, 5), "dense_fwd": (0, 1, 2, 5), "xent": (0, 1),
+          "act_fwd": (0, 2), "act_bwd": (0, 1, 3), "dense_bwd_w": (0, 1),
+          "dense_bwd_x": (0, 1, 2, 4), "bn_fwd": (0, 1, 2, 6, 7), "bn_bwd": (0, 1, 2, 3, 4),
+          "ln_fwd": (0, 1, 2), "ln_bwd": (0, 1, 2, 3, 4),
           "optimizer": (0, 1, 2, 3, 4, 5), "store": (0, 2), "step_end": (0, 1)}
-_WRITES = {"gather": (3, 4), "dense_fwd": (3,), "xent": (2, 3, 4, 5), "relu_bwd": (0,),
-           "dense_bwd_w": (2, 3), "dense_bwd_x": (3,), "optimizer": (0, 2, 3),
-           "store": (1,), "step_end": (0,)}
-# Written before any list runs: parameters, optimizer state, inputs, engine memory.
-_PRESET = ("param", "state", "input", "hyper", "metric", "const")
+_WRITES = {"gather": (3, 4), "dense_fwd": (3, 4), "xent": (2, 3, 4, 5), "act_fwd": (1,),
+           "act_bwd": (2,), "dense_bwd_w": (2, 3), "dense_bwd_x": (3,),
+           "bn_fwd": (3, 4, 5, 6, 7), "bn_bwd": (5, 6, 7), "ln_fwd": (3, 4, 5),
+           "ln_bwd": (5, 6, 7), "optimizer": (0, 2, 3), "store": (1,), "step_end": (0,)}
+# Ops that update a buffer in place by design (the others' outputs never overlap
+# their inputs: the kernels' __restrict__ contract).
+_IN_PLACE = ("act_bwd", "bn_fwd", "optimizer", "step_end")
+# Written before any list runs: parameters, statistics, optimizer state, inputs,
+# engine memory.
+_PRESET = ("param", "stat", "state", "input", "hyper", "metric", "const")
 
 
 def validate(plan: StepPlan) -> None:
     """Check the plan at build time: known opcodes, buffer ids in range, every buffer
     written before it is read within a list, and an op's output never overlapping
     its own inputs (the kernels' __restrict__ contract) except where an op works in
-    place by design (relu_bwd, optimizer, step_end)."""
+    place by design (_IN_PLACE)."""
     n = len(plan.bufs)
     for lst, ops in plan.lists.items():
         written = {b.id for b in plan.bufs if b.role in _PRESET}
@@ -300,7 +500,7 @@ def validate(plan: StepPlan) -> None:
                     raise ValueError(f"{where} reads {plan.bufs[bid].name!r} before any op "
                                      "writes it")
             outs = {op.bufs[p] for p in _WRITES[op.code] if p < len(op.bufs)} - {None}
-            if op.code not in ("relu_bwd", "optimizer", "step_end"):
+            if op.code not in _IN_PLACE:
                 ins = {op.bufs[p] for p in _READS[op.code] if p < len(op.bufs)} - {None}
                 if outs & ins:
                     raise ValueError(f"{where}: writes its own input "

@@ -1,7 +1,8 @@
 """Saving and loading models: the file format, in one place.
 
-A model file is safetensors: the weights as tensors ``layers.<i>.kernel`` /
-``layers.<i>.bias``; the configuration (layers, optimizer, loss, metrics) as JSON in
+A model file is safetensors: the weights as tensors ``layers.<i>.<weight name>``
+(``kernel``, ``bias``; ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``); the
+configuration (layers, optimizer, loss, metrics) as JSON in
 the metadata key ``fastmlp``; and, when the optimizer is included, its state as
 ``optimizer.<param index>.<buffer>`` tensors plus the step count and the shuffling
 position (seed, epochs shuffled) in the metadata, so a resumed ``fit`` continues
@@ -16,7 +17,10 @@ model; a process killed mid-write may leave its temporary behind (harmless, and 
 to delete).
 
 Format versions: 1 (fastmlp 0.1 before the step plan: NumPy shuffling state) still
-loads, but its shuffling position does not carry over; 2 is written.
+loads, but its shuffling position does not carry over; 2 is written for models of
+Dense layers only (older fastmlp reads them), 3 for models with the layers of issue 15
+(Activation, Dropout, BatchNormalization, LayerNormalization), which an older fastmlp
+refuses as "newer" instead of misreading.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import stat
 import numpy as np
 
 from . import optim as _optim
+from . import layers as _layers
 from .layers import Dense
 from .model import Sequential, _host, _to_device
 
@@ -36,7 +41,7 @@ __all__ = ["save_model", "load_model", "write_atomic", "save_backup", "restore_b
            "FORMAT_VERSION"]
 
 FORMAT = "fastmlp.sequential"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 TEMP_PREFIX, TEMP_SUFFIX = ".fastmlp-", ".tmp"  # the temporaries write_atomic leaves on a kill
 
 
@@ -52,10 +57,11 @@ def _model_bytes(model, include_optimizer: bool, backup: dict | None = None) -> 
 
     tensors = {}
     for i, layer in enumerate(model.layers):
-        tensors[f"layers.{i}.kernel"] = _host(layer.kernel)
-        if layer.use_bias:
-            tensors[f"layers.{i}.bias"] = _host(layer.bias)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.get_config()}
+        for name, arr in zip(layer.weight_names(), layer.weights()):
+            tensors[f"layers.{i}.{name}"] = _host(arr)
+    only_dense = all(type(layer) is Dense for layer in model.layers)
+    meta = {"format": FORMAT, "format_version": 2 if only_dense else FORMAT_VERSION,
+            "model": model.get_config()}
     if model.loss is not None:
         meta["compile"] = {"optimizer": type(model.optimizer).__name__,
                            "optimizer_config": model.optimizer.get_config(),
@@ -201,9 +207,11 @@ def _check_layers(path, config, tensors: dict) -> None:
         where = f"{path}: layer {i}"
         if not isinstance(layer, dict):
             raise ValueError(f"{where}: the configuration is {_brief(layer)}, not an object")
-        units, input_dim = layer.get("units"), layer.get("input_dim")
-        if not _is_int(units) or units < 1:
-            raise ValueError(f"{where}: 'units' must be a positive integer, got {_brief(units)}")
+        cls = layer.get("class", "Dense")
+        if not isinstance(cls, str) or cls not in _layers.CLASSES:
+            raise ValueError(f"{where}: unknown layer class {_brief(cls)}; fastmlp has "
+                             f"{sorted(_layers.CLASSES)}")
+        input_dim = layer.get("input_dim")
         if input_dim is not None and (not _is_int(input_dim) or input_dim < 1):
             raise ValueError(f"{where}: 'input_dim' must be a positive integer, got "
                              f"{_brief(input_dim)}")
@@ -213,20 +221,30 @@ def _check_layers(path, config, tensors: dict) -> None:
             dim = input_dim
         elif input_dim is not None and input_dim != dim:
             raise ValueError(f"{where}: 'input_dim' is {input_dim} but the previous layer has "
-                             f"{dim} units")
-        if not isinstance(layer.get("use_bias", True), bool):
-            raise ValueError(f"{where}: 'use_bias' must be true or false, got "
-                             f"{_brief(layer['use_bias'])}")
-        for key in ("class", "activation", "name", "kernel_initializer", "bias_initializer"):
+                             f"{dim} outputs")
+        if cls == "Dense":
+            units = layer.get("units")
+            if not _is_int(units) or units < 1:
+                raise ValueError(f"{where}: 'units' must be a positive integer, got "
+                                 f"{_brief(units)}")
+            if not isinstance(layer.get("use_bias", True), bool):
+                raise ValueError(f"{where}: 'use_bias' must be true or false, got "
+                                 f"{_brief(layer['use_bias'])}")
+        for key in ("activation", "name", "kernel_initializer", "bias_initializer"):
             if not isinstance(layer.get(key), (str, type(None))):
                 raise ValueError(f"{where}: {key!r} must be a string, got "
                                  f"{_brief(layer[key])}")
-        _check_tensor(path, tensors, f"layers.{i}.kernel", (dim, units), index)
-        index += 1
-        if layer.get("use_bias", True):
-            _check_tensor(path, tensors, f"layers.{i}.bias", (units,), index)
+        # The other values are checked by the layer's constructor, which allocates
+        # nothing: the shapes below come from the configuration, before any build.
+        try:
+            obj = _layers.from_config(layer)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bad configuration ({e})") from None
+        obj.input_dim = dim
+        for name, shape in obj.weight_shapes().items():
+            _check_tensor(path, tensors, f"layers.{i}.{name}", tuple(shape), index)
             index += 1
-        dim = units
+        dim = obj.output_dim
 
 
 def _check_compile(path, meta: dict) -> None:
@@ -300,14 +318,13 @@ def _load(path, compile: bool):
                          f"({FORMAT_VERSION}); upgrade fastmlp")
     _check_layers(path, meta.get("model"), tensors)
     try:
-        layers = [Dense.from_config(c) for c in meta["model"]["layers"]]
+        layers = [_layers.from_config(c) for c in meta["model"]["layers"]]
         model = Sequential(layers, name=meta["model"].get("name"))
         model.build(layers[0].input_dim)
         weights = []
         for i, layer in enumerate(layers):
-            weights.append(tensors.pop(f"layers.{i}.kernel"))
-            if layer.use_bias:
-                weights.append(tensors.pop(f"layers.{i}.bias"))
+            for name in layer.weight_names():
+                weights.append(tensors.pop(f"layers.{i}.{name}"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: the model configuration does not match the tensors "
                          f"({type(e).__name__}: {e})") from None
@@ -360,7 +377,7 @@ def restore_backup(model, path) -> int:
     state = _optimizer_state(path, tensors)
 
     def layers(m):  # what the weights' meaning depends on (not names, not initialisers)
-        return [(l.input_dim, l.units, l.activation, l.use_bias) for l in m.layers]
+        return [(type(l).__name__,) + l.signature() for l in m.layers]
 
     def settings(name, config):
         return name, {k: v for k, v in config.items() if k != "lr"}
@@ -372,8 +389,8 @@ def restore_backup(model, path) -> int:
     c = meta.get("compile") or {}
     try:
         if layers(saved) != layers(model):
-            raise ValueError(f"it holds layers (input_dim, units, activation, use_bias) "
-                             f"{layers(saved)}, the model has {layers(model)}")
+            raise ValueError(f"it holds layers {layers(saved)}, the model has "
+                             f"{layers(model)}")
         if c.get("loss") != model.loss.name:
             raise ValueError(f"it was trained with loss {c.get('loss')!r}, the model has "
                              f"{model.loss.name!r}")

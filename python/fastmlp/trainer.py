@@ -53,7 +53,7 @@ class _Bound:
 def _plan_key(model):
     opt, loss = model.optimizer, model.loss
     return (model.device,
-            tuple((id(l), l.input_dim, l.units, l.activation, l.use_bias) for l in model.layers),
+            tuple((id(l),) + l.signature() for l in model.layers), model._shuffle_seed,
             id(opt), type(opt).__name__, tuple(getattr(opt, "_buffers", ())),
             None if loss is None else loss.sparse,
             ops._PRECISIONS[ops.get_matmul_precision()])
@@ -73,7 +73,8 @@ def bind(model, capacity: int, max_steps: int = 1) -> _Bound:
             max_steps = max(max_steps, b.arena.max_steps)
         plan = build_plan(model.layers, 1 if isinstance(opt, _optim.Adam) else 0,
                           getattr(opt, "_buffers", ()) if opt is not None else (),
-                          np.int32 if loss is None or loss.sparse else np.float32, key[-1])
+                          np.int32 if loss is None or loss.sparse else np.float32, key[-1],
+                          seed=model._shuffle_seed)
         arena = _engine.Arena(plan, model.device, capacity, max_steps)
         arena.adopt(model.layers, opt)
         b = model._bound = _Bound(key, plan, arena)
@@ -250,7 +251,7 @@ def predict(model, x, batch_size):
     """The last layer's output for the rows of ``x`` (on the model's device)."""
     n = len(x)
     xp = cupy_module() if model.device == "cuda" else np
-    out = xp.empty((n, model.layers[-1].units), np.float32)
+    out = xp.empty((n, model.output_dim), np.float32)
     if n == 0:
         return out
     bound = bind(model, min(batch_size, n))

@@ -2,7 +2,8 @@
 
 An :class:`Arena` allocates every buffer of a :class:`~fastmlp.plan.StepPlan` on one
 device, once, sized for ``capacity`` batch rows and ``max_steps`` steps per pass: the
-flat parameters, gradients and optimizer state (same offsets), the activations, the
+flat parameters, gradients and optimizer state (same offsets), the weights the
+optimizer does not train (BatchNormalization's moving statistics), the activations, the
 loss scratch and the engine memory (pass state, step scalars, the optimizer's per-step
 table). Layers and the optimizer then hold *views* into it (``adopt``), so the
 engines update the very arrays ``get_weights``/``save`` read, and one optimizer launch
@@ -66,18 +67,15 @@ class Arena:
 
     # -- the model's arrays as views ---------------------------------------------------------
     def param_views(self) -> list:
-        return [self.named(n) for n in self._param_names("")]
+        """The trainable weights' views of "params", in Keras order."""
+        return [self.named(n) for n in self.plan.param_names]
 
     def grad_views(self) -> list:
-        return [self.named(n) for n in self._param_names("grad.")]
+        return [self.named(n.replace(".", ".grad.", 1)) for n in self.plan.param_names]
 
-    def _param_names(self, prefix):
-        names = []
-        for i, layer in enumerate(self.plan.layers):
-            names.append(f"layer{i}.{prefix}kernel")
-            if layer.use_bias:
-                names.append(f"layer{i}.{prefix}bias")
-        return names
+    def _weight_views(self, i, layer) -> list:
+        """Layer i's weights (trainable or not) as views, in its weight_names order."""
+        return [self.named(f"layer{i}.{n}") for n in layer.weight_names()]
 
     def state_views(self) -> list:
         """Per parameter, {buffer name: view of opt.<name>} (the optimizer's state)."""
@@ -92,15 +90,12 @@ class Arena:
         """Copy the layers' weights (and the optimizer's state, when it has some for
         these parameters) into the arena, then point them at the arena's views."""
         views = self.param_views()
-        k = 0
-        for layer in layers:
-            n = 2 if layer.use_bias else 1
-            mine = views[k:k + n]
-            for dst, src in zip(mine, layer.params()):
+        for i, layer in enumerate(layers):
+            mine = self._weight_views(i, layer)
+            for dst, src in zip(mine, layer.weights()):
                 if dst is not src:
                     dst[...] = self.xp.asarray(src)
-            layer.set_params(mine)
-            k += n
+            layer.set_weight_arrays(mine)
         if optimizer is None:
             return
         state = self.state_views()
@@ -118,9 +113,9 @@ class Arena:
     def owns(self, layers, optimizer) -> bool:
         """Whether the layers (and optimizer) already hold this arena's views."""
         views = self.param_views()
-        params = [p for layer in layers for p in layer.params()]
-        if len(params) != len(views) or any(p is not v for p, v in zip(params, views)):
-            return False
+        for i, layer in enumerate(layers):
+            if any(w is not v for w, v in zip(layer.weights(), self._weight_views(i, layer))):
+                return False
         if optimizer is not None and self.plan.opt_buffers:
             state = optimizer.state
             if len(state) != len(views):

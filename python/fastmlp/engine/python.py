@@ -18,6 +18,12 @@ from ..plan import TRAIN
 from .base import Engine
 
 _PRECISION = {0: "fp32", 1: "tf32"}
+_ACTS = {code: name for name, code in reversed(list(ops.ACTIVATIONS.items()))}  # canonical names
+
+
+def _float(bits: int) -> float:
+    """A float32 passed as its bits in an int64 dim (plan._f32_bits)."""
+    return float(np.array(bits, np.uint32).view(np.float32))
 
 
 class PythonExecutor(Engine):
@@ -33,13 +39,14 @@ class PythonExecutor(Engine):
     @staticmethod
     def _fresh_state():
         return {"step": 0, "correct": 0, "loss_sum": 0.0, "nonfinite_step": -1, "bad_row": -1,
-                "nonfinite_param_step": -1}
+                "nonfinite_param_step": -1, "rng_step": 1}
 
     def set_schedule(self, lrs, step0, optimizer):
         self._lrs, self._step0 = list(lrs), int(step0)
 
     def begin_pass(self):
         self._state = self._fresh_state()
+        self._state["rng_step"] = self._step0  # as the C++ engines: the last schedule's
 
     def state(self):
         return dict(self._state)
@@ -81,20 +88,43 @@ class PythonExecutor(Engine):
                 if y is not None:
                     yb[:n] = y[idx]
         elif code == "dense_fwd":
-            ops.dense_forward(b[0][:n], b[1], b[2], activation="relu" if d[2] else None,
-                              out=b[3][:n], precision=_PRECISION[d[3]])
+            ops.dense_forward(b[0][:n], b[1], b[2], activation=_ACTS[d[2]],
+                              dropout=self._dropout(op), out=b[3][:n],
+                              preact_out=None if b[4] is None else b[4][:n],
+                              precision=_PRECISION[d[3]])
         elif code == "xent":
             loss, _, hits, bad = ops.softmax_cross_entropy_fused(
                 b[0][:n], b[1][:n], backward=bool(d[2]), out=b[2][:n], check_labels=False)
             self._scalars = (float(loss), int(hits), int(bad[0]))
-        elif code == "relu_bwd":
-            ops.relu_backward(b[0][:n], b[1][:n], out=b[0][:n])
+        elif code == "act_fwd":
+            ops.activation(b[0][:n], _ACTS[d[1]], dropout=self._dropout(op), out=b[1][:n])
+        elif code == "act_bwd":
+            ops.activation_backward(b[0][:n], None if b[1] is None else b[1][:n], _ACTS[d[1]],
+                                    saved_is_input=bool(d[2]), dropout=self._dropout(op),
+                                    out=b[2][:n])
         elif code == "dense_bwd_w":
             ops.dense_backward_weight(b[0][:n], b[1][:n], out=b[2], bias_out=b[3],
                                       bias=b[3] is not None, precision=_PRECISION[d[3]])
         elif code == "dense_bwd_x":
-            ops.dense_backward_input(b[0][:n], b[1], relu_output=None if b[2] is None
-                                     else b[2][:n], out=b[3][:n], precision=_PRECISION[d[3]])
+            ops.dense_backward_input(b[0][:n], b[1], activation=_ACTS[d[2]],
+                                     saved=None if b[2] is None else b[2][:n],
+                                     saved_is_input=bool(d[7]), dropout=self._dropout(op),
+                                     out=b[3][:n], precision=_PRECISION[d[3]])
+        elif code == "bn_fwd":
+            training = bool(d[1])
+            ops.batch_norm_forward(b[0][:n], b[1], b[2], b[6], b[7], training=training,
+                                   momentum=_float(d[3]), epsilon=_float(d[2]), out=b[3][:n],
+                                   save_mean=b[4] if training else None,
+                                   save_invstd=b[5] if training else None)
+        elif code == "bn_bwd":
+            ops.batch_norm_backward(b[0][:n], b[1][:n], b[2], b[3], b[4], out=b[5][:n],
+                                    dgamma_out=b[6], dbeta_out=b[7])
+        elif code == "ln_fwd":
+            ops.layer_norm_forward(b[0][:n], b[1], b[2], epsilon=_float(d[1]), out=b[3][:n],
+                                   save_mean=b[4][:n], save_invstd=b[5][:n])
+        elif code == "ln_bwd":
+            ops.layer_norm_backward(b[0][:n], b[1][:n], b[2], b[3][:n], b[4][:n], out=b[5][:n],
+                                    dgamma_out=b[6], dbeta_out=b[7])
         elif code == "optimizer":
             self._optimizer_step()
             # The C++ engines find a non-finite parameter inside their update loop; here
@@ -116,8 +146,16 @@ class PythonExecutor(Engine):
                 if bad >= 0 and st["bad_row"] < 0:
                     st["bad_row"] = bad
             st["step"] += 1
+            st["rng_step"] += 1
         else:
             raise ValueError(f"python executor: no rule for opcode {code!r}")
+
+    def _dropout(self, op):
+        """The op's Dropout as the public ops take it, for this step (None: none)."""
+        if not op.extra or op.dims[4] == 0:
+            return None
+        e = op.extra
+        return ops.Dropout(e["rate"], e["seed"], self._state["rng_step"], e["layer"])
 
     def _optimizer_step(self):
         """The optimizer's own per-parameter rule, with the step number the engines'
