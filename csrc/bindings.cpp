@@ -106,6 +106,39 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
                                ptr<int64_t>(hits), ptr<int64_t>(bad_row), rows, cols,        \
                                backward EXTRA_ARG);                                          \
     }, py::call_guard<py::gil_scoped_release>());                                            \
+    /* [issue 15] batch / layer normalisation; gamma, beta, save_*, dgamma, dbeta: 0 = null */ \
+    M.def("batchnorm_fwd", [](uintptr_t x, uintptr_t gamma, uintptr_t beta, uintptr_t y,       \
+                              uintptr_t save_mean, uintptr_t save_invstd, uintptr_t moving_mean, \
+                              uintptr_t moving_var, int64_t rows, int64_t cols, float eps,      \
+                              float momentum, bool training EXTRA_PARAM) {                      \
+        NS::batchnorm_fwd(ptr<const float>(x), ptr<const float>(gamma), ptr<const float>(beta), \
+                          ptr<float>(y), ptr<float>(save_mean), ptr<float>(save_invstd),       \
+                          ptr<float>(moving_mean), ptr<float>(moving_var), rows, cols, eps,    \
+                          momentum, training EXTRA_ARG);                                       \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("batchnorm_bwd", [](uintptr_t dy, uintptr_t x, uintptr_t gamma, uintptr_t save_mean, \
+                              uintptr_t save_invstd, uintptr_t dx, uintptr_t dgamma,           \
+                              uintptr_t dbeta, int64_t rows, int64_t cols EXTRA_PARAM) {       \
+        NS::batchnorm_bwd(ptr<const float>(dy), ptr<const float>(x), ptr<const float>(gamma),  \
+                          ptr<const float>(save_mean), ptr<const float>(save_invstd),          \
+                          ptr<float>(dx), ptr<float>(dgamma), ptr<float>(dbeta), rows,         \
+                          cols EXTRA_ARG);                                                     \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("layernorm_fwd", [](uintptr_t x, uintptr_t gamma, uintptr_t beta, uintptr_t y,       \
+                              uintptr_t save_mean, uintptr_t save_invstd, int64_t rows,        \
+                              int64_t cols, float eps EXTRA_PARAM) {                           \
+        NS::layernorm_fwd(ptr<const float>(x), ptr<const float>(gamma), ptr<const float>(beta), \
+                          ptr<float>(y), ptr<float>(save_mean), ptr<float>(save_invstd), rows, \
+                          cols, eps EXTRA_ARG);                                                \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("layernorm_bwd", [](uintptr_t dy, uintptr_t x, uintptr_t gamma, uintptr_t save_mean, \
+                              uintptr_t save_invstd, uintptr_t dx, uintptr_t dgamma,           \
+                              uintptr_t dbeta, int64_t rows, int64_t cols EXTRA_PARAM) {       \
+        NS::layernorm_bwd(ptr<const float>(dy), ptr<const float>(x), ptr<const float>(gamma),  \
+                          ptr<const float>(save_mean), ptr<const float>(save_invstd),          \
+                          ptr<float>(dx), ptr<float>(dgamma), ptr<float>(dbeta), rows,         \
+                          cols EXTRA_ARG);                                                     \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
     M.def("random_permutation", [](uintptr_t out, int64_t n, uint64_t seed,                  \
                                    uint64_t counter EXTRA_PARAM) {                           \
         NS::random_permutation(ptr<int64_t>(out), n, seed, counter EXTRA_ARG);               \

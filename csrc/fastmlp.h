@@ -128,18 +128,25 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //     save_mean(c) = mean, save_invstd(c) = 1 / sqrt(var + eps);
 //     moving_mean = moving_mean * momentum + mean * (1 - momentum), the same
 //     for moving_var with var (in place, in the same kernel);
-//   inference: mean, var = moving_mean, moving_var (save_* may be null).
+//   inference: mean, var = moving_mean, moving_var (save_* are not written
+//     and may be null).
 //   y = (x - mean) * invstd * gamma + beta; gamma / beta null: 1 / 0.
 //   rows == 0 in training leaves everything but y untouched.
+//   The statistics are sums of x - (the column's row-0 value) in double, the
+//   shared rule in kernel_math.h (norm_stats, moving_update).
 // batchnorm_bwd (training statistics): xhat = (x - save_mean) * save_invstd,
 //   dbeta(c) = sum_r dy, dgamma(c) = sum_r dy * xhat (null: not wanted),
 //   dx = gamma * invstd / rows * (rows * dy - dbeta - xhat * dgamma).
 // layernorm_fwd: per row r over the cols: save_mean(r), save_invstd(r) =
 //   1 / sqrt(biased var + eps); y = (x - mean) * invstd * gamma + beta.
+//   cols == 0 leaves save_* untouched (no statistics of an empty row, as BN
+//   with rows == 0).
 // layernorm_bwd: xhat as above per row, g = dy * gamma;
 //   dx = invstd / cols * (cols * g - sum_c g - xhat * sum_c g * xhat);
 //   dgamma(c) = sum_r dy * xhat, dbeta(c) = sum_r dy (null: not wanted).
-// The normalisation reductions are deterministic (fixed order, no atomics).
+// The normalisation reductions are deterministic (fixed order, no atomics;
+//   on the CPU independent of the thread count). dgamma / dbeta are written,
+//   not accumulated (zeros when rows == 0). No output may alias an input.
 // sgd_step / adam_step: in place, torch.optim semantics (see kernel_math.h). buf may be
 //   null when momentum == 0. step counts from 1.
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \

@@ -223,6 +223,36 @@ FASTMLP_HOSTDEV float log_softmax_entry(float z, float row_max, float log_sum) {
     return (z - row_max) - log_sum;
 }
 
+// ---- Batch / layer normalisation (issue 15) ----------------------------------
+// The statistics of n > 0 values x_i from the sums of d_i = x_i - shift in
+// double: s1 = sum d_i, s2 = sum d_i^2. The shift is one of the values (the
+// first row / column), so d is small where the data sit far from zero
+// (x = 1000 + N(0, 1)) and sum d^2 / n - mean(d)^2 does not cancel away the
+// variance; double sums keep the rounding of n terms far below float32's ulp.
+// The biased variance (divide by n), as Keras and torch's normalisation.
+struct NormStats {
+    float mean, var, invstd;
+};
+FASTMLP_HOSTDEV NormStats norm_stats(double s1, double s2, float shift, int64_t n, float eps) {
+    const double dn = static_cast<double>(n);
+    const double md = s1 / dn;
+    double var = s2 / dn - md * md;
+    var = var < 0.0 ? 0.0 : var;  // rounding can leave -tiny; a NaN passes (false compare)
+    NormStats s;
+    s.mean = static_cast<float>(static_cast<double>(shift) + md);
+    s.var = static_cast<float>(var);
+    // 1 / sqrt, each correctly rounded (not rsqrt, whose rounding differs between
+    // the CPU and the GPU's approximation): both backends get the same invstd.
+    s.invstd = 1.0f / sqrtf(s.var + eps);
+    return s;
+}
+
+// Keras' moving statistics: moving * momentum + batch * (1 - momentum), the two
+// products rounded before the add on both backends (no FMA contraction on the GPU).
+FASTMLP_HOSTDEV float moving_update(float moving, float batch, float momentum) {
+    return mul_rn(moving, momentum) + mul_rn(batch, 1.0f - momentum);
+}
+
 // ---- Counter-based random numbers: Philox4x32-10 ---------------------------
 // Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC'11), the
 // generator cuRAND and JAX use. A pure function of (counter, key): any element

@@ -23,6 +23,7 @@ __all__ = [
     "set_matmul_precision", "get_matmul_precision", "bias_add", "bias_grad", "relu", "relu_backward",
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "softmax_cross_entropy_fused",
     "random_permutation", "sgd_step", "adam_step", "first_nonfinite",
+    "batch_norm_forward", "batch_norm_backward", "layer_norm_forward", "layer_norm_backward",
 ]
 
 _LABEL_INT32, _LABEL_INT64, _LABEL_ONEHOT = 0, 1, 2
@@ -502,3 +503,155 @@ def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                       bool(decoupled), int(step), *extra)
     return param
+
+
+# --------------------------------------------------------------------------- normalisation
+# [issue 15] BatchNormalization / LayerNormalization, Keras semantics (csrc/fastmlp.h).
+
+
+def _check_epsilon(op, epsilon):
+    if not epsilon > 0:  # NaN fails too
+        raise ValueError(f"{op}: 'epsilon' must be > 0, got {epsilon!r}")
+
+
+def _norm_params(ck, gamma, beta, n):
+    """gamma / beta validated as (n,) float32, or None (scale / center off)."""
+    if gamma is not None:
+        gamma = ck.f32(gamma, "gamma", shape=(n,))
+    if beta is not None:
+        beta = ck.f32(beta, "beta", shape=(n,))
+    return gamma, beta
+
+
+def _stat_out(ck, arr, name, n, like, fresh_nan):
+    """A (n,) float32 statistics output; a new one is NaN-filled when ``fresh_nan`` (the
+    kernel leaves statistics of an empty reduction unwritten: the mean of nothing)."""
+    if arr is not None:
+        return ck.out(arr, name, (n,), like=like)
+    out = ck.out(None, name, (n,), like=like)
+    if fresh_nan:
+        out.fill(np.nan)
+    return out
+
+
+def _addr(a):
+    return 0 if a is None else address(a)
+
+
+def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, *, training, momentum=0.99,
+                       epsilon=1e-3, out=None, save_mean=None, save_invstd=None):
+    """Keras ``BatchNormalization`` on x (rows, cols): per column over the rows.
+
+    ``y = (x - mean) * invstd * gamma + beta`` with ``invstd = 1 / sqrt(var + epsilon)``;
+    gamma / beta (cols,) or None (scale / center off: 1 / 0).
+    ``training=True``: mean and var are the batch's (biased variance); ``moving_mean`` and
+    ``moving_var`` are updated in place, ``moving = moving * momentum + batch * (1 -
+    momentum)``; returns ``(y, save_mean, save_invstd)`` (the batch mean and invstd, for
+    :func:`batch_norm_backward`). With 0 rows the moving statistics stay as they are (and
+    new save_* arrays are NaN). ``training=False``: the moving statistics normalise;
+    returns ``(y, None, None)``.
+    """
+    op = "batch_norm_forward"
+    ck = Checker(op)
+    x = ck.f32(x, "x", ndim=2)
+    rows, cols = x.shape
+    gamma, beta = _norm_params(ck, gamma, beta, cols)
+    moving_mean = ck.f32(moving_mean, "moving_mean", shape=(cols,), writable=bool(training))
+    moving_var = ck.f32(moving_var, "moving_var", shape=(cols,), writable=bool(training))
+    _check_epsilon(op, epsilon)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{op}: 'momentum' must be in [0, 1], got {momentum!r}")
+    y = ck.out(out, "out", (rows, cols), like=x)
+    if training:
+        save_mean = _stat_out(ck, save_mean, "save_mean", cols, x, rows == 0)
+        save_invstd = _stat_out(ck, save_invstd, "save_invstd", cols, x, rows == 0)
+        ck.disjoint((y, "out"), (save_mean, "save_mean"), (save_invstd, "save_invstd"),
+                    (moving_mean, "moving_mean"), (moving_var, "moving_var"))
+        for arr, name in ((save_mean, "save_mean"), (save_invstd, "save_invstd"),
+                          (moving_mean, "moving_mean"), (moving_var, "moving_var")):
+            ck.no_overlap(arr, name, (x, "x"), (gamma, "gamma"), (beta, "beta"))
+    elif save_mean is not None or save_invstd is not None:
+        raise ValueError(f"{op}: save_mean / save_invstd are outputs of training=True only")
+    ck.no_overlap(y, "out", (x, "x"), (gamma, "gamma"), (beta, "beta"),
+                  (moving_mean, "moving_mean"), (moving_var, "moving_var"))
+    mod, extra, ctx = ck.backend(x)
+    with ctx, _nvtx.annotate(op):
+        mod.batchnorm_fwd(address(x), _addr(gamma), _addr(beta), address(y),
+                          _addr(save_mean if training else None),
+                          _addr(save_invstd if training else None), address(moving_mean),
+                          address(moving_var), rows, cols, float(epsilon), float(momentum),
+                          bool(training), *extra)
+    if training:
+        return y, save_mean, save_invstd
+    return y, None, None
+
+
+def _norm_backward(op, kernel, dy, x, gamma, save_mean, save_invstd, stats, out, dgamma_out,
+                   dbeta_out):
+    ck = Checker(op)
+    dy = ck.f32(dy, "dy", ndim=2)
+    x = ck.f32(x, "x", shape=dy.shape)
+    rows, cols = dy.shape
+    if gamma is not None:
+        gamma = ck.f32(gamma, "gamma", shape=(cols,))
+    n = cols if stats == "cols" else rows
+    save_mean = ck.f32(save_mean, "save_mean", shape=(n,))
+    save_invstd = ck.f32(save_invstd, "save_invstd", shape=(n,))
+    dx = ck.out(out, "out", (rows, cols), like=dy)
+    dgamma = ck.out(dgamma_out, "dgamma_out", (cols,), like=dy)
+    dbeta = ck.out(dbeta_out, "dbeta_out", (cols,), like=dy)
+    ck.disjoint((dx, "out"), (dgamma, "dgamma_out"), (dbeta, "dbeta_out"))
+    for arr, name in ((dx, "out"), (dgamma, "dgamma_out"), (dbeta, "dbeta_out")):
+        ck.no_overlap(arr, name, (dy, "dy"), (x, "x"), (gamma, "gamma"),
+                      (save_mean, "save_mean"), (save_invstd, "save_invstd"))
+    mod, extra, ctx = ck.backend(dy)
+    with ctx, _nvtx.annotate(op):
+        getattr(mod, kernel)(address(dy), address(x), _addr(gamma), address(save_mean),
+                             address(save_invstd), address(dx), address(dgamma),
+                             address(dbeta), rows, cols, *extra)
+    return dx, dgamma, dbeta
+
+
+def batch_norm_backward(dy, x, gamma, save_mean, save_invstd, *, out=None, dgamma_out=None,
+                        dbeta_out=None):
+    """Gradients of :func:`batch_norm_forward` in training: ``(dx, dgamma, dbeta)``.
+
+    ``save_mean`` / ``save_invstd`` (cols,) come from the forward; gamma (cols,) or None.
+    ``dgamma = sum_r dy * xhat`` and ``dbeta = sum_r dy`` are written (not accumulated).
+    """
+    return _norm_backward("batch_norm_backward", "batchnorm_bwd", dy, x, gamma, save_mean,
+                          save_invstd, "cols", out, dgamma_out, dbeta_out)
+
+
+def layer_norm_forward(x, gamma, beta, *, epsilon=1e-3, out=None, save_mean=None,
+                       save_invstd=None):
+    """Keras ``LayerNormalization`` over the last axis of x (rows, cols):
+    ``(y, save_mean, save_invstd)`` with the per-row mean and ``1 / sqrt(var + epsilon)``
+    (biased variance) as (rows,) arrays. gamma / beta (cols,) or None. With 0 columns new
+    save_* arrays are NaN (the kernel writes no statistics of an empty row)."""
+    op = "layer_norm_forward"
+    ck = Checker(op)
+    x = ck.f32(x, "x", ndim=2)
+    rows, cols = x.shape
+    gamma, beta = _norm_params(ck, gamma, beta, cols)
+    _check_epsilon(op, epsilon)
+    y = ck.out(out, "out", (rows, cols), like=x)
+    save_mean = _stat_out(ck, save_mean, "save_mean", rows, x, cols == 0)
+    save_invstd = _stat_out(ck, save_invstd, "save_invstd", rows, x, cols == 0)
+    ck.disjoint((y, "out"), (save_mean, "save_mean"), (save_invstd, "save_invstd"))
+    for arr, name in ((y, "out"), (save_mean, "save_mean"), (save_invstd, "save_invstd")):
+        ck.no_overlap(arr, name, (x, "x"), (gamma, "gamma"), (beta, "beta"))
+    mod, extra, ctx = ck.backend(x)
+    with ctx, _nvtx.annotate(op):
+        mod.layernorm_fwd(address(x), _addr(gamma), _addr(beta), address(y),
+                          address(save_mean), address(save_invstd), rows, cols,
+                          float(epsilon), *extra)
+    return y, save_mean, save_invstd
+
+
+def layer_norm_backward(dy, x, gamma, save_mean, save_invstd, *, out=None, dgamma_out=None,
+                        dbeta_out=None):
+    """Gradients of :func:`layer_norm_forward`: ``(dx, dgamma, dbeta)``; save_* (rows,)
+    from the forward. dgamma / dbeta are written (not accumulated)."""
+    return _norm_backward("layer_norm_backward", "layernorm_bwd", dy, x, gamma, save_mean,
+                          save_invstd, "rows", out, dgamma_out, dbeta_out)

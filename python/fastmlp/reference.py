@@ -44,6 +44,10 @@ __all__ = [
     "philox4x32_10",
     "sgd_step",
     "adam_step",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "layer_norm_forward",
+    "layer_norm_backward",
 ]
 
 _cupy = None  # the cupy module once imported; False when it cannot be imported
@@ -404,3 +408,97 @@ def adam_step(
     denom = xp.sqrt(v) / math.sqrt(bias_correction2) + eps
     param[...] = param - step_size * (m / denom)
     return param
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def _affine(xhat, gamma, beta):
+    """xhat * gamma + beta, either of them None (Keras' scale / center off)."""
+    y = xhat if gamma is None else xhat * gamma[None, :]
+    return y if beta is None else y + beta[None, :]
+
+
+def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, *, training, momentum=0.99,
+                       epsilon=1e-3, out=None, save_mean=None, save_invstd=None):
+    """Keras BatchNormalization per column of x (n, f): ``(y, save_mean, save_invstd)`` in
+    training (batch mean and biased variance; the moving statistics updated in place as
+    ``moving * momentum + batch * (1 - momentum)``), ``(y, None, None)`` in inference (the
+    moving statistics normalise). n == 0 in training: nothing is updated, save_* are NaN."""
+    xp = _xp(x, gamma, beta, moving_mean, moving_var)
+    if x.ndim != 2:
+        raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
+    if not epsilon > 0:
+        raise ValueError(f"'epsilon' must be > 0, got {epsilon!r}")
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"'momentum' must be in [0, 1], got {momentum!r}")
+    n, f = x.shape
+    if not training:
+        invstd = 1 / xp.sqrt(moving_var + epsilon)
+        y = _affine((x - moving_mean[None, :]) * invstd[None, :], gamma, beta)
+        return _store(y.astype(x.dtype, copy=False), out), None, None
+    if n == 0:
+        mean = xp.full((f,), xp.nan, dtype=x.dtype)
+        invstd = mean.copy()
+        y = xp.empty((0, f), dtype=x.dtype)
+    else:
+        mean = xp.mean(x, axis=0)
+        var = xp.mean((x - mean[None, :]) ** 2, axis=0)  # biased, as Keras and torch's forward
+        invstd = 1 / xp.sqrt(var + epsilon)
+        y = _affine((x - mean[None, :]) * invstd[None, :], gamma, beta)
+        moving_mean[...] = moving_mean * momentum + mean * (1 - momentum)
+        moving_var[...] = moving_var * momentum + var * (1 - momentum)
+    return (_store(y, out), _store(mean, save_mean), _store(invstd, save_invstd))
+
+
+def batch_norm_backward(dy, x, gamma, save_mean, save_invstd, *, out=None, dgamma_out=None,
+                        dbeta_out=None):
+    """Gradients of the training forward: ``(dx, dgamma, dbeta)`` with xhat = (x - mean) *
+    invstd, dbeta = sum_r dy, dgamma = sum_r dy * xhat and
+    dx = gamma * invstd / n * (n * dy - dbeta - xhat * dgamma)."""
+    xp = _xp(dy, x, gamma, save_mean, save_invstd)
+    n = dy.shape[0]
+    xhat = (x - save_mean[None, :]) * save_invstd[None, :]
+    dbeta = xp.sum(dy, axis=0)
+    dgamma = xp.sum(dy * xhat, axis=0)
+    scale = save_invstd if gamma is None else gamma * save_invstd
+    dx = scale[None, :] / max(n, 1) * (n * dy - dbeta[None, :] - xhat * dgamma[None, :])
+    return _store(dx, out), _store(dgamma, dgamma_out), _store(dbeta, dbeta_out)
+
+
+def layer_norm_forward(x, gamma, beta, *, epsilon=1e-3, out=None, save_mean=None,
+                       save_invstd=None):
+    """Keras LayerNormalization over the last axis of x (n, f): ``(y, save_mean,
+    save_invstd)`` with the per-row mean and 1 / sqrt(biased var + epsilon), (n,) each.
+    f == 0: save_* are NaN."""
+    xp = _xp(x, gamma, beta)
+    if x.ndim != 2:
+        raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
+    if not epsilon > 0:
+        raise ValueError(f"'epsilon' must be > 0, got {epsilon!r}")
+    n, f = x.shape
+    if f == 0:
+        mean = xp.full((n,), xp.nan, dtype=x.dtype)
+        return _store(xp.empty((n, 0), dtype=x.dtype), out), _store(mean, save_mean), \
+            _store(mean.copy(), save_invstd)
+    mean = xp.mean(x, axis=1)
+    var = xp.mean((x - mean[:, None]) ** 2, axis=1)
+    invstd = 1 / xp.sqrt(var + epsilon)
+    y = _affine((x - mean[:, None]) * invstd[:, None], gamma, beta)
+    return _store(y, out), _store(mean, save_mean), _store(invstd, save_invstd)
+
+
+def layer_norm_backward(dy, x, gamma, save_mean, save_invstd, *, out=None, dgamma_out=None,
+                        dbeta_out=None):
+    """Gradients of layer_norm_forward: ``(dx, dgamma, dbeta)`` with g = dy * gamma,
+    dx = invstd / f * (f * g - sum_c g - xhat * sum_c g * xhat), dgamma = sum_r dy * xhat,
+    dbeta = sum_r dy."""
+    xp = _xp(dy, x, gamma, save_mean, save_invstd)
+    f = dy.shape[1]
+    xhat = (x - save_mean[:, None]) * save_invstd[:, None]
+    g = dy if gamma is None else dy * gamma[None, :]
+    sg = xp.sum(g, axis=1, keepdims=True)
+    sgx = xp.sum(g * xhat, axis=1, keepdims=True)
+    dx = save_invstd[:, None] / max(f, 1) * (f * g - sg - xhat * sgx)
+    return (_store(dx, out), _store(xp.sum(dy * xhat, axis=0), dgamma_out),
+            _store(xp.sum(dy, axis=0), dbeta_out))
