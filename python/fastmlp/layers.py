@@ -222,9 +222,11 @@ class Layer:
         if x.ndim != 2:
             raise ValueError(f"{self!r}: the input must be 2-D (samples, features), got shape "
                              f"{tuple(x.shape)}")
-        if not self.built:
+        if not self.weight_names():
+            pass  # Activation, Dropout: any width, as in Keras
+        elif not self.built:
             self.build(x.shape[1])
-        if x.shape[1] != self.input_dim:
+        if self.weight_names() and x.shape[1] != self.input_dim:
             raise ValueError(f"{self!r}: the input has {x.shape[1]} features, the layer takes "
                              f"{self.input_dim}")
         weights = {n: xp.ascontiguousarray(xp.asarray(getattr(self, n)))
