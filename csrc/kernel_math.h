@@ -332,13 +332,96 @@ FASTMLP_HOSTDEV bool act_needs_input(int act) {
 }
 
 // The transcendental building blocks. On the device: CUDA's libdevice
-// functions (<= 2 ulp). On the host: libm (the CPU kernels may substitute
-// vectorisable versions of the same accuracy).
+// functions (<= 2 ulp). On the host: branch-free versions built on exp_vec /
+// log_vec (plain arithmetic and selects, so the CPU loops over them become
+// SIMD code; libm's calls would keep every activation loop scalar). Their
+// accuracy, measured against double-precision libm over the float range
+// (tests/test_activations.py holds the kernels to it through the reference):
+//   act_expf   exp_vec                          <= 2 ulp
+//   act_expm1f Kahan's expm1 from exp_vec/log_vec   <= 3 ulp (relative, also near 0)
+//   act_log1pf Kahan's log1p from log_vec        <= 3 ulp
+//   act_tanhf  Cephes tanhf: odd polynomial for |x| < 0.625, else 1 - 2 / (e^2|x| + 1)
+//                                                 <= 2 ulp
+//   act_erff   |x| < 1: x P(x^2) (degree 5, fitted here); else 1 - erfc(|x|),
+//              erfc = e^(-x^2) / x R(1/x^2) (Cephes' erfcf coefficients)
+//                                                 <= 3 ulp of erf (absolute ~1e-7 near +-1)
+#if defined(__CUDA_ARCH__)
 FASTMLP_HOSTDEV float act_expf(float x) { return expf(x); }
 FASTMLP_HOSTDEV float act_expm1f(float x) { return expm1f(x); }
 FASTMLP_HOSTDEV float act_log1pf(float x) { return log1pf(x); }
 FASTMLP_HOSTDEV float act_tanhf(float x) { return tanhf(x); }
 FASTMLP_HOSTDEV float act_erff(float x) { return erff(x); }
+#else
+inline float act_expf(float x) { return exp_vec(x); }
+
+// expm1(x) = (u - 1) x / log u with u = e^x rounded (Kahan): the rounding
+// error of u cancels, so the result is accurate near 0 where u - 1 is not.
+inline float act_expm1f(float x) {
+    const float u = exp_vec(x);
+    const float um1 = u - 1.0f;
+    const float l = log_vec(u);
+    float r = um1 * (x / l);  // not (um1 * x) / l: that overflows for x > 84
+    r = um1 == 0.0f ? x : r;          // |x| below half an ulp of 1 (and x = +-0)
+    r = um1 == -1.0f ? -1.0f : r;     // x < -17: e^x is below half an ulp of 1
+    return u == INFINITY ? INFINITY : r;  // x > 88.7 (log(inf) would give inf / inf)
+}
+
+// log1p(x) = log(u) x / (u - 1) with u = 1 + x rounded (Kahan), x > -1.
+inline float act_log1pf(float x) {
+    const float u = 1.0f + x;
+    const float um1 = u - 1.0f;
+    const float r = log_vec(u) * x / um1;
+    return um1 == 0.0f ? x : (u == INFINITY ? INFINITY : r);
+}
+
+inline float act_tanhf(float x) {
+    const float a = fabsf(x);  // tanh is odd: computed on |x|, the sign put back (-0 -> -0)
+    const float s = a * a;
+    float p = -5.70498872745e-3f;
+    p = p * s + 2.06390887954e-2f;
+    p = p * s - 5.37397155531e-2f;
+    p = p * s + 1.33314422036e-1f;
+    p = p * s - 3.33332819422e-1f;
+    const float small = p * s * a + a;
+    const float e = exp_vec(a + a);  // +inf for |x| > 44: then 1 - 0 = 1
+    const float big = 1.0f - 2.0f / (e + 1.0f);
+    return copysignf(a < 0.625f ? small : big, x);  // NaN takes `small` (NaN)
+}
+
+inline float act_erff(float x) {
+    const float a = fabsf(x);
+    const float z = x * x;
+    float p = -5.6541059e-4f;  // erf(x) / x on [0, 1] in z = x^2, least squares on
+    p = p * z + 4.9232775e-3f; // Chebyshev nodes: <= 2.4 ulp in float32 Horner
+    p = p * z - 2.6716385e-2f;
+    p = p * z + 1.1280365e-1f;
+    p = p * z - 3.7612349e-1f;
+    p = p * z + 1.1283791e+0f;
+    const float small = x * p;
+    const float q = 1.0f / a;
+    const float y = q * q;
+    float r1 = 2.326819970068386e-2f;  // erfc on [1, 2)
+    r1 = r1 * y - 1.387039388740657e-1f;
+    r1 = r1 * y + 3.687424674597105e-1f;
+    r1 = r1 * y - 5.824733027278666e-1f;
+    r1 = r1 * y + 6.210004621745983e-1f;
+    r1 = r1 * y - 4.944515323274145e-1f;
+    r1 = r1 * y + 3.404879937665872e-1f;
+    r1 = r1 * y - 2.741127028184656e-1f;
+    r1 = r1 * y + 5.638259427386472e-1f;
+    float r2 = -1.047766399936249e1f;  // erfc on [2, inf)
+    r2 = r2 * y + 1.297719955372516e1f;
+    r2 = r2 * y - 7.495518717768503e0f;
+    r2 = r2 * y + 2.921019019210786e0f;
+    r2 = r2 * y - 1.015265279202700e0f;
+    r2 = r2 * y + 4.218463358204948e-1f;
+    r2 = r2 * y - 2.820767439740514e-1f;
+    r2 = r2 * y + 5.641895067754075e-1f;
+    const float erfc = exp_vec(-z) * q * (a < 2.0f ? r1 : r2);
+    const float big = copysignf(1.0f - erfc, x);
+    return a < 1.0f ? small : big;  // NaN takes `big` (NaN)
+}
+#endif
 
 FASTMLP_HOSTDEV float sigmoidf(float x) { return 1.0f / (1.0f + act_expf(-x)); }
 

@@ -1,0 +1,223 @@
+// CPU activation_fwd / activation_bwd (issue 15) and the general activation
+// epilogue of the CPU GEMM (act_epilogue_rows, called by cpu/gemm_driver.h on
+// each finished tile row and by the scalar paths of cpu/gemm.cpp).
+//
+// One loop per activation code (a template, dispatched on the code outside the
+// loop), over the kernel_math.h rules, so each loop is straight-line
+// arithmetic the compiler turns into SIMD code (the host act_* building blocks
+// are branch-free, see kernel_math.h). FASTMLP_SIMD_CLONES builds an AVX-512,
+// an AVX2 and a baseline copy of each span function; everything they call is
+// inlined into them.
+//
+// Dropout: the mask of element e is Philox4x32-10 of block e / 4, lane e % 4
+// (kernel_math.h dropout_bits). A span is cut into pieces of kPiece elements;
+// per piece one Philox call per 4 elements fills a small buffer of
+// multipliers (0 or scale), then the activation loop multiplies by it. The
+// mask bits are the same whatever the piece or thread boundaries, so the
+// result does not depend on the thread count.
+#include <cstdint>
+
+#include "check.h"
+#include "cpu/activation.h"
+#include "cpu/fpenv.h"
+#include "cpu/parallel.h"
+#include "fastmlp.h"
+#include "kernel_math.h"
+
+namespace fastmlp {
+namespace cpu {
+namespace {
+
+constexpr int64_t kPiece = 256;  // multipliers per piece: 1 KiB on the stack, in L1
+
+#define FASTMLP_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// m[i] = the multiplier of element e0 + i, i < len <= kPiece.
+FASTMLP_ALWAYS_INLINE void dropout_piece(float* __restrict m, uint64_t e0, int64_t len,
+                                         uint64_t step, const DropoutSpec& d) {
+    uint32_t bits[kPiece + 8];
+    const uint64_t b0 = e0 >> 2, b1 = (e0 + static_cast<uint64_t>(len) + 3) >> 2;
+    for (uint64_t b = b0; b < b1; ++b) {
+        const Philox4 r = philox4x32_10(
+            Philox4{{static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32),
+                     static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}},
+            d.key0, d.key1);
+        uint32_t* o = bits + (b - b0) * 4;
+        o[0] = r.v[0];
+        o[1] = r.v[1];
+        o[2] = r.v[2];
+        o[3] = r.v[3];
+    }
+    const uint32_t* __restrict src = bits + (e0 & 3u);
+    for (int64_t i = 0; i < len; ++i) m[i] = src[i] < d.threshold ? 0.0f : d.scale;
+}
+
+// y[i] = act(x[i]) (* m[i]); preact[i] = x[i] first when given. x may be y.
+template <int A>
+FASTMLP_ALWAYS_INLINE void fwd_loop(const float* x, float* y, float* __restrict preact,
+                                    const float* __restrict m, int64_t len) {
+    if (preact)
+        for (int64_t i = 0; i < len; ++i) preact[i] = x[i];
+    if (m) {
+        for (int64_t i = 0; i < len; ++i) y[i] = act_forward<A>(x[i]) * m[i];
+    } else {
+        for (int64_t i = 0; i < len; ++i) y[i] = act_forward<A>(x[i]);
+    }
+}
+
+// dx[i] = act_grad(dy[i] (* m[i]), saved[i]). dy may be dx.
+template <int A, bool kFromInput>
+FASTMLP_ALWAYS_INLINE void bwd_loop(const float* dy, const float* s, float* dx,
+                                    const float* __restrict m, int64_t len) {
+    if (m) {
+        for (int64_t i = 0; i < len; ++i) {
+            const float g = dy[i] * m[i];
+            dx[i] = kFromInput ? act_grad_from_input<A>(g, s[i]) : act_grad_from_output<A>(g, s[i]);
+        }
+    } else {
+        for (int64_t i = 0; i < len; ++i)
+            dx[i] = kFromInput ? act_grad_from_input<A>(dy[i], s[i])
+                               : act_grad_from_output<A>(dy[i], s[i]);
+    }
+}
+
+template <int A>
+FASTMLP_ALWAYS_INLINE void fwd_span_t(const float* x, float* y, float* preact, int64_t len,
+                                      uint64_t e0, uint64_t step, const DropoutSpec& d) {
+    if (d.threshold == 0) return fwd_loop<A>(x, y, preact, nullptr, len);
+    float m[kPiece];
+    for (int64_t o = 0; o < len; o += kPiece) {
+        const int64_t l = len - o < kPiece ? len - o : kPiece;
+        dropout_piece(m, e0 + static_cast<uint64_t>(o), l, step, d);
+        fwd_loop<A>(x + o, y + o, preact ? preact + o : nullptr, m, l);
+    }
+}
+
+template <int A, bool kFromInput>
+FASTMLP_ALWAYS_INLINE void bwd_span_t(const float* dy, const float* s, float* dx, int64_t len,
+                                      uint64_t e0, uint64_t step, const DropoutSpec& d) {
+    if (d.threshold == 0) return bwd_loop<A, kFromInput>(dy, s, dx, nullptr, len);
+    float m[kPiece];
+    for (int64_t o = 0; o < len; o += kPiece) {
+        const int64_t l = len - o < kPiece ? len - o : kPiece;
+        dropout_piece(m, e0 + static_cast<uint64_t>(o), l, step, d);
+        bwd_loop<A, kFromInput>(dy + o, s ? s + o : nullptr, dx + o, m, l);
+    }
+}
+
+}  // namespace
+
+// The activation forward of `len` contiguous elements whose first is element
+// e0 of the dropout mask (act checked by the caller).
+FASTMLP_SIMD_CLONES
+void act_fwd_span(int act, const float* x, float* y, float* preact, int64_t len, uint64_t e0,
+                  uint64_t step, const DropoutSpec& d) {
+    switch (act) {
+        case kActRelu: return fwd_span_t<kActRelu>(x, y, preact, len, e0, step, d);
+        case kActSigmoid: return fwd_span_t<kActSigmoid>(x, y, preact, len, e0, step, d);
+        case kActTanh: return fwd_span_t<kActTanh>(x, y, preact, len, e0, step, d);
+        case kActGelu: return fwd_span_t<kActGelu>(x, y, preact, len, e0, step, d);
+        case kActSilu: return fwd_span_t<kActSilu>(x, y, preact, len, e0, step, d);
+        case kActElu: return fwd_span_t<kActElu>(x, y, preact, len, e0, step, d);
+        case kActSoftplus: return fwd_span_t<kActSoftplus>(x, y, preact, len, e0, step, d);
+        case kActLeakyRelu: return fwd_span_t<kActLeakyRelu>(x, y, preact, len, e0, step, d);
+        default: return fwd_span_t<kActLinear>(x, y, preact, len, e0, step, d);
+    }
+}
+
+FASTMLP_SIMD_CLONES
+void act_bwd_span(int act, bool from_input, const float* dy, const float* s, float* dx,
+                  int64_t len, uint64_t e0, uint64_t step, const DropoutSpec& d) {
+#define FASTMLP_BWD_CASE(A)                                                       \
+    case A:                                                                       \
+        return from_input ? bwd_span_t<A, true>(dy, s, dx, len, e0, step, d)      \
+                          : bwd_span_t<A, false>(dy, s, dx, len, e0, step, d);
+    switch (act) {
+        FASTMLP_BWD_CASE(kActRelu)
+        FASTMLP_BWD_CASE(kActSigmoid)
+        FASTMLP_BWD_CASE(kActTanh)
+        FASTMLP_BWD_CASE(kActElu)
+        FASTMLP_BWD_CASE(kActLeakyRelu)
+        // gelu, silu, softplus: only from the input (checked by the callers)
+        case kActGelu: return bwd_span_t<kActGelu, true>(dy, s, dx, len, e0, step, d);
+        case kActSilu: return bwd_span_t<kActSilu, true>(dy, s, dx, len, e0, step, d);
+        case kActSoftplus: return bwd_span_t<kActSoftplus, true>(dy, s, dx, len, e0, step, d);
+        // linear reads no saved value: dy stands in for a null one (never dereferenced null)
+        default: return bwd_span_t<kActLinear, false>(dy, s ? s : dy, dx, len, e0, step, d);
+    }
+#undef FASTMLP_BWD_CASE
+}
+
+namespace {
+
+uint64_t read_step(const DropoutSpec& d) {
+    return d.threshold != 0 && d.step != nullptr ? static_cast<uint64_t>(*d.step) : 0u;
+}
+
+void check_call(const char* op, int64_t rows, int64_t cols, int act, const DropoutSpec& d) {
+    FASTMLP_CHECK(rows >= 0 && cols >= 0,
+                  op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
+    FASTMLP_CHECK(act >= 0 && act < kNumActs,
+                  op << ": activation code must be in [0, " << int(kNumActs) << "), got " << act);
+    FASTMLP_CHECK(d.threshold == 0 || d.step != nullptr, op << ": dropout needs a step pointer");
+}
+
+}  // namespace
+
+void act_epilogue_rows(const GemmEpilogue& ep, float* c, int64_t ldc, int64_t i0,
+                       int64_t rows, int64_t j0, int64_t cols, int64_t n) {
+    if (ep.has_act()) {
+        const uint64_t step = read_step(ep.dropout);
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            float* ci = c + r * ldc;
+            act_fwd_span(ep.act, ci, ci, ep.preact ? ep.preact + i * ep.ld_preact + j0 : nullptr,
+                         cols, static_cast<uint64_t>(i * n + j0), step, ep.dropout);
+        }
+    }
+    if (ep.has_grad_act()) {
+        const uint64_t step = read_step(ep.grad_dropout);
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            float* ci = c + r * ldc;
+            act_bwd_span(ep.grad_act, ep.saved_is_input, ci,
+                         ep.saved ? ep.saved + i * ep.ld_saved + j0 : nullptr, ci, cols,
+                         static_cast<uint64_t>(i * n + j0), step, ep.grad_dropout);
+        }
+    }
+}
+
+void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int act,
+                    const DropoutSpec& dropout) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
+    check_call("activation_fwd", rows, cols, act, dropout);
+    const int64_t size = rows * cols;
+    if (size == 0) return;
+    FASTMLP_CHECK(x && y, "activation_fwd: null pointer");
+    const uint64_t step = read_step(dropout);
+    // The flat index is the mask's element index e = row * cols + col.
+    parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
+        act_fwd_span(act, x + i0, y + i0, nullptr, i1 - i0, static_cast<uint64_t>(i0), step,
+                     dropout);
+    });
+}
+
+void activation_bwd(const float* dy, const float* saved, float* dx, int64_t rows, int64_t cols,
+                    int act, bool saved_is_input, const DropoutSpec& dropout) {
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
+    check_call("activation_bwd", rows, cols, act, dropout);
+    FASTMLP_CHECK(saved_is_input || !act_needs_input(act),
+                  "activation_bwd: the derivative of activation " << act
+                      << " needs the input (saved_is_input)");
+    const int64_t size = rows * cols;
+    if (size == 0) return;
+    FASTMLP_CHECK(dy && dx && (saved || act == kActLinear), "activation_bwd: null pointer");
+    const uint64_t step = read_step(dropout);
+    parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
+        act_bwd_span(act, saved_is_input, dy + i0, saved ? saved + i0 : nullptr, dx + i0, i1 - i0,
+                     static_cast<uint64_t>(i0), step, dropout);
+    });
+}
+
+}  // namespace cpu
+}  // namespace fastmlp
