@@ -447,7 +447,8 @@ FASTMLP_HOSTDEV float act_grad_from_output(float dy, float y) {
     if (A == kActRelu) return relu_grad(dy, y);
     if (A == kActSigmoid) return dy * (1.0f - y) * y;
     if (A == kActTanh) return dy * (1.0f - y * y);
-    if (A == kActElu) return y > 0.0f ? dy : dy * (y + 1.0f);
+    // torch's elu_backward: y <= 0 ? dy (y + 1) : dy, so where y is NaN, dy passes
+    if (A == kActElu) return y <= 0.0f ? dy * (y + 1.0f) : dy;
     if (A == kActLeakyRelu) return y > 0.0f ? dy : dy * kLeakySlope;
     return dy;  // linear
 }

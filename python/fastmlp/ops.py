@@ -105,7 +105,8 @@ def _gemm_call(ck, op, a, b, c, *, trans_a, trans_b, alpha, beta, bias=None, rel
                 0 if mask is None else address(mask), max(n, 1),
                 0 if colsum is None else address(colsum), prec,
                 0 if ws is None else address(ws), 0 if ws is None else ws.size)
-        if act or grad_act or dropout is not None or grad_dropout is not None:
+        if act or grad_act or dropout is not None or grad_dropout is not None \
+                or preact is not None:
             args += (int(act), 0 if preact is None else address(preact), max(n, 1),
                      _NO_DROPOUT if dropout is None else dropout,
                      int(grad_act), 0 if saved is None else address(saved), max(n, 1),
