@@ -15,6 +15,17 @@
 #else
 #define FASTMLP_HOSTDEV inline
 #endif
+// The activation rules and the vectorisable math under them: always inlined on
+// the host, so that a CPU loop over them is one straight-line body the
+// compiler can vectorise (an out-of-line call leaves the loop scalar: GCC's
+// inliner gave up on elu's expm1 -> exp_vec + log_vec inside a large loop).
+#if defined(__CUDACC__)
+#define FASTMLP_ACT_INLINE FASTMLP_HOSTDEV
+#elif defined(__GNUC__)
+#define FASTMLP_ACT_INLINE inline __attribute__((always_inline))
+#else
+#define FASTMLP_ACT_INLINE inline
+#endif
 
 namespace fastmlp {
 
@@ -147,7 +158,7 @@ FASTMLP_HOSTDEV void adam_update(float& p, float g, float& m, float& v, const Ad
 // power-of-two factors so results below FLT_MIN come out as IEEE denormals
 // (flushed to zero in fastmlp's default CPU mode). exp(-inf) = 0,
 // exp(x > 88.72) = +inf, exp(NaN) = NaN. CPU only (the CUDA kernels use expf).
-inline float exp_vec(float x) {
+FASTMLP_ACT_INLINE float exp_vec(float x) {
     const float xc = x < -104.0f ? -104.0f : (x > 88.8f ? 88.8f : x);  // NaN passes through
     const float t = xc * 1.44269504088896341f;
     const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
@@ -175,7 +186,7 @@ inline float exp_vec(float x) {
 // degree-9 polynomial (relative error <= 2 ulp for normal x). log(0) = -inf,
 // log(x < 0) = NaN, log(+inf) = +inf, log(NaN) = NaN; a denormal x is read as
 // 0 (softmax sums are >= 1, the only use here). CPU only.
-inline float log_vec(float x) {
+FASTMLP_ACT_INLINE float log_vec(float x) {
     int32_t bits;
     std::memcpy(&bits, &x, 4);
     int32_t e = ((bits >> 23) & 0xff) - 126;                // x = 2^e * m, m in [0.5, 1)
@@ -352,11 +363,11 @@ FASTMLP_HOSTDEV float act_log1pf(float x) { return log1pf(x); }
 FASTMLP_HOSTDEV float act_tanhf(float x) { return tanhf(x); }
 FASTMLP_HOSTDEV float act_erff(float x) { return erff(x); }
 #else
-inline float act_expf(float x) { return exp_vec(x); }
+FASTMLP_ACT_INLINE float act_expf(float x) { return exp_vec(x); }
 
 // expm1(x) = (u - 1) x / log u with u = e^x rounded (Kahan): the rounding
 // error of u cancels, so the result is accurate near 0 where u - 1 is not.
-inline float act_expm1f(float x) {
+FASTMLP_ACT_INLINE float act_expm1f(float x) {
     const float u = exp_vec(x);
     const float um1 = u - 1.0f;
     const float l = log_vec(u);
@@ -367,14 +378,14 @@ inline float act_expm1f(float x) {
 }
 
 // log1p(x) = log(u) x / (u - 1) with u = 1 + x rounded (Kahan), x > -1.
-inline float act_log1pf(float x) {
+FASTMLP_ACT_INLINE float act_log1pf(float x) {
     const float u = 1.0f + x;
     const float um1 = u - 1.0f;
     const float r = log_vec(u) * x / um1;
     return um1 == 0.0f ? x : (u == INFINITY ? INFINITY : r);
 }
 
-inline float act_tanhf(float x) {
+FASTMLP_ACT_INLINE float act_tanhf(float x) {
     const float a = fabsf(x);  // tanh is odd: computed on |x|, the sign put back (-0 -> -0)
     const float s = a * a;
     float p = -5.70498872745e-3f;
@@ -388,7 +399,7 @@ inline float act_tanhf(float x) {
     return copysignf(a < 0.625f ? small : big, x);  // NaN takes `small` (NaN)
 }
 
-inline float act_erff(float x) {
+FASTMLP_ACT_INLINE float act_erff(float x) {
     const float a = fabsf(x);
     const float z = x * x;
     float p = -5.6541059e-4f;  // erf(x) / x on [0, 1] in z = x^2, least squares on
@@ -423,11 +434,11 @@ inline float act_erff(float x) {
 }
 #endif
 
-FASTMLP_HOSTDEV float sigmoidf(float x) { return 1.0f / (1.0f + act_expf(-x)); }
+FASTMLP_ACT_INLINE float sigmoidf(float x) { return 1.0f / (1.0f + act_expf(-x)); }
 
 // y = act(x). NaN propagates; +-Inf map to the function's limits.
 template <int A>
-FASTMLP_HOSTDEV float act_forward(float x) {
+FASTMLP_ACT_INLINE float act_forward(float x) {
     if (A == kActRelu) return relu(x);
     if (A == kActSigmoid) return sigmoidf(x);
     if (A == kActTanh) return act_tanhf(x);
@@ -443,7 +454,7 @@ FASTMLP_HOSTDEV float act_forward(float x) {
 // dx = dy * act'(z) from the output y = act(z) (the codes act_needs_input is
 // false for). The same expressions as torch's *_backward kernels.
 template <int A>
-FASTMLP_HOSTDEV float act_grad_from_output(float dy, float y) {
+FASTMLP_ACT_INLINE float act_grad_from_output(float dy, float y) {
     if (A == kActRelu) return relu_grad(dy, y);
     if (A == kActSigmoid) return dy * (1.0f - y) * y;
     if (A == kActTanh) return dy * (1.0f - y * y);
@@ -455,7 +466,7 @@ FASTMLP_HOSTDEV float act_grad_from_output(float dy, float y) {
 
 // dx = dy * act'(z) from the pre-activation z (every code).
 template <int A>
-FASTMLP_HOSTDEV float act_grad_from_input(float dy, float z) {
+FASTMLP_ACT_INLINE float act_grad_from_input(float dy, float z) {
     if (A == kActGelu) {
         const float cdf = 0.5f * (1.0f + act_erff(z * 0.70710678118654752f));
         const float pdf = act_expf(-0.5f * z * z) * 0.39894228040143268f;  // 1/sqrt(2 pi)

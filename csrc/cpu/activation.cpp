@@ -32,24 +32,51 @@ constexpr int64_t kPiece = 256;  // multipliers per piece: 1 KiB on the stack, i
 
 #define FASTMLP_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// m[i] = the multiplier of element e0 + i, i < len <= kPiece.
+// m[i] = the multiplier of element e0 + i, i < len <= kPiece. The Philox
+// rounds are written out lane-parallel over the piece's blocks (structure of
+// arrays), so the loop becomes SIMD code (32 x 32 -> 64-bit multiplies are
+// vpmuludq); kernel_math.h's philox4x32_10 is the same function, one block at
+// a time (tests/test_dropout.py holds the two to the same bits).
 FASTMLP_ALWAYS_INLINE void dropout_piece(float* __restrict m, uint64_t e0, int64_t len,
                                          uint64_t step, const DropoutSpec& d) {
-    uint32_t bits[kPiece + 8];
-    const uint64_t b0 = e0 >> 2, b1 = (e0 + static_cast<uint64_t>(len) + 3) >> 2;
-    for (uint64_t b = b0; b < b1; ++b) {
-        const Philox4 r = philox4x32_10(
-            Philox4{{static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32),
-                     static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}},
-            d.key0, d.key1);
-        uint32_t* o = bits + (b - b0) * 4;
-        o[0] = r.v[0];
-        o[1] = r.v[1];
-        o[2] = r.v[2];
-        o[3] = r.v[3];
+    constexpr int64_t kBlocks = kPiece / 4 + 2;
+    uint32_t v0[kBlocks], v1[kBlocks], v2[kBlocks], v3[kBlocks];
+    const uint64_t b0 = e0 >> 2;
+    const int64_t nb = static_cast<int64_t>(((e0 + static_cast<uint64_t>(len) + 3) >> 2) - b0);
+    const uint32_t s0 = static_cast<uint32_t>(step), s1 = static_cast<uint32_t>(step >> 32);
+    for (int64_t q = 0; q < nb; ++q) {
+        const uint64_t b = b0 + static_cast<uint64_t>(q);
+        uint32_t c0 = static_cast<uint32_t>(b), c1 = static_cast<uint32_t>(b >> 32), c2 = s0,
+                 c3 = s1;
+        uint32_t k0 = d.key0, k1 = d.key1;
+        for (int round = 0; round < 10; ++round) {  // kernel_math.h philox4x32_10
+            const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+            const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+            const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+            const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+            c1 = static_cast<uint32_t>(p1);
+            c3 = static_cast<uint32_t>(p0);
+            c0 = n0;
+            c2 = n2;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        v0[q] = c0;
+        v1[q] = c1;
+        v2[q] = c2;
+        v3[q] = c3;
+    }
+    uint32_t bits[4 * kBlocks];
+    for (int64_t q = 0; q < nb; ++q) {
+        bits[4 * q] = v0[q];
+        bits[4 * q + 1] = v1[q];
+        bits[4 * q + 2] = v2[q];
+        bits[4 * q + 3] = v3[q];
     }
     const uint32_t* __restrict src = bits + (e0 & 3u);
-    for (int64_t i = 0; i < len; ++i) m[i] = src[i] < d.threshold ? 0.0f : d.scale;
+    const uint32_t threshold = d.threshold;  // locals: a select of two values, not a load
+    const float scale = d.scale;             // under a condition (which stays scalar)
+    for (int64_t i = 0; i < len; ++i) m[i] = src[i] < threshold ? 0.0f : scale;
 }
 
 // y[i] = act(x[i]) (* m[i]); preact[i] = x[i] first when given. x may be y.
