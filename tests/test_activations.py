@@ -337,3 +337,20 @@ def test_cpu_result_independent_of_threads(rng, name):
     for y, dx in got[1:]:
         np.testing.assert_array_equal(y, got[0][0])
         np.testing.assert_array_equal(dx, got[0][1])
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "elu"])
+def test_numpy_fast_path_equals_checked_path(rng, name):
+    """NumPy arrays take the C++ fast path (bindings.cpp gemm_fast); DLPack arrays (here
+    torch's) the checked Python path. Both run the same kernel: the same bits."""
+    x, w, b = normal(rng, (45, 29)), normal(rng, (29, 51), 0.2), normal(rng, (51,))
+    y_fast = ops.dense_forward(x, w, b, activation=name)
+    y_checked = ops.dense_forward(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b),
+                                  activation=name)
+    np.testing.assert_array_equal(np.asarray(y_checked), y_fast)
+    dy, w2, z = normal(rng, (45, 51)), normal(rng, (29, 51), 0.2), normal(rng, (45, 29))
+    d_fast = ops.dense_backward_input(dy, w2, activation=name, saved=z, saved_is_input=True)
+    d_checked = ops.dense_backward_input(torch.from_numpy(dy), torch.from_numpy(w2),
+                                         activation=name, saved=torch.from_numpy(z),
+                                         saved_is_input=True)
+    np.testing.assert_array_equal(np.asarray(d_checked), d_fast)

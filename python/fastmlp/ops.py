@@ -369,11 +369,17 @@ def dense_backward_input(dy, w, *, relu_output=None, activation=None, saved=None
         activation, saved = "relu", relu_output
     plain_relu = activation in _ACTIVATIONS and not saved_is_input and dropout is None \
         and (activation == "relu" or saved is None)
-    if plain_relu and _plain(precision) and (out is not None or _nd2(dy, w)):
+    if _plain(precision) and dropout is None and (out is not None or _nd2(dy, w)):
         dx = out if out is not None else np.empty((dy.shape[0], w.shape[0]), _F32)
-        if _gemm_fast(dy, w, dx, False, True, 1.0, 0.0, None, False,
-                      saved if activation == "relu" else None, None):
-            return dx
+        if plain_relu:
+            if _gemm_fast(dy, w, dx, False, True, 1.0, 0.0, None, False,
+                          saved if activation == "relu" else None, None):
+                return dx
+        elif type(activation) is str and activation in ACTIVATIONS and saved is not None:
+            # the NumPy fast path declines what the checks below would refuse
+            if _gemm_fast(dy, w, dx, False, True, 1.0, 0.0, None, False, None, None, 0, None,
+                          None, ACTIVATIONS[activation], saved, bool(saved_is_input)):
+                return dx
     ck = Checker(op)
     dy = ck.f32(dy, "dy", ndim=2)
     w = ck.f32(w, "w", ndim=2)
