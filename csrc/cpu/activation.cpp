@@ -191,27 +191,87 @@ void check_call(const char* op, int64_t rows, int64_t cols, int act, const Dropo
 
 }  // namespace
 
+namespace {
+
+// The epilogue of one finished GEMM tile, row by row, with the activation
+// fixed: the switch on the code runs once per tile, not once per row, and the
+// row loops are inlined into one SIMD clone (a tile row is only NR = 16..32
+// floats, so per-row calls cost as much as the arithmetic).
+template <int A>
+FASTMLP_ALWAYS_INLINE void fwd_rows_t(const GemmEpilogue& ep, float* c, int64_t ldc, int64_t i0,
+                                      int64_t rows, int64_t j0, int64_t cols, int64_t n,
+                                      uint64_t step) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        float* ci = c + r * ldc;
+        fwd_span_t<A>(ci, ci, ep.preact ? ep.preact + i * ep.ld_preact + j0 : nullptr, cols,
+                      static_cast<uint64_t>(i * n + j0), step, ep.dropout);
+    }
+}
+
+template <int A, bool kFromInput>
+FASTMLP_ALWAYS_INLINE void bwd_rows_t(const GemmEpilogue& ep, float* c, int64_t ldc, int64_t i0,
+                                      int64_t rows, int64_t j0, int64_t cols, int64_t n,
+                                      uint64_t step) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        float* ci = c + r * ldc;
+        // linear reads no saved value: ci stands in for a null one
+        const float* s = ep.saved ? ep.saved + i * ep.ld_saved + j0 : ci;
+        bwd_span_t<A, kFromInput>(ci, s, ci, cols, static_cast<uint64_t>(i * n + j0), step,
+                                  ep.grad_dropout);
+    }
+}
+
+FASTMLP_SIMD_CLONES
+void fwd_rows(const GemmEpilogue& ep, float* c, int64_t ldc, int64_t i0, int64_t rows,
+              int64_t j0, int64_t cols, int64_t n, uint64_t step) {
+#define FASTMLP_ROWS(A) return fwd_rows_t<A>(ep, c, ldc, i0, rows, j0, cols, n, step);
+    switch (ep.act) {
+        case kActRelu: FASTMLP_ROWS(kActRelu)
+        case kActSigmoid: FASTMLP_ROWS(kActSigmoid)
+        case kActTanh: FASTMLP_ROWS(kActTanh)
+        case kActGelu: FASTMLP_ROWS(kActGelu)
+        case kActSilu: FASTMLP_ROWS(kActSilu)
+        case kActElu: FASTMLP_ROWS(kActElu)
+        case kActSoftplus: FASTMLP_ROWS(kActSoftplus)
+        case kActLeakyRelu: FASTMLP_ROWS(kActLeakyRelu)
+        default: FASTMLP_ROWS(kActLinear)
+    }
+#undef FASTMLP_ROWS
+}
+
+FASTMLP_SIMD_CLONES
+void bwd_rows(const GemmEpilogue& ep, float* c, int64_t ldc, int64_t i0, int64_t rows,
+              int64_t j0, int64_t cols, int64_t n, uint64_t step) {
+#define FASTMLP_ROWS(A, IN) return bwd_rows_t<A, IN>(ep, c, ldc, i0, rows, j0, cols, n, step);
+#define FASTMLP_ROWS2(A)             \
+    if (ep.saved_is_input) {         \
+        FASTMLP_ROWS(A, true)        \
+    } else {                         \
+        FASTMLP_ROWS(A, false)       \
+    }
+    switch (ep.grad_act) {
+        case kActRelu: FASTMLP_ROWS2(kActRelu)
+        case kActSigmoid: FASTMLP_ROWS2(kActSigmoid)
+        case kActTanh: FASTMLP_ROWS2(kActTanh)
+        case kActElu: FASTMLP_ROWS2(kActElu)
+        case kActLeakyRelu: FASTMLP_ROWS2(kActLeakyRelu)
+        case kActGelu: FASTMLP_ROWS(kActGelu, true)
+        case kActSilu: FASTMLP_ROWS(kActSilu, true)
+        case kActSoftplus: FASTMLP_ROWS(kActSoftplus, true)
+        default: FASTMLP_ROWS(kActLinear, false)
+    }
+#undef FASTMLP_ROWS2
+#undef FASTMLP_ROWS
+}
+
+}  // namespace
+
 void act_epilogue_rows(const GemmEpilogue& ep, float* c, int64_t ldc, int64_t i0,
                        int64_t rows, int64_t j0, int64_t cols, int64_t n) {
-    if (ep.has_act()) {
-        const uint64_t step = read_step(ep.dropout);
-        for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r;
-            float* ci = c + r * ldc;
-            act_fwd_span(ep.act, ci, ci, ep.preact ? ep.preact + i * ep.ld_preact + j0 : nullptr,
-                         cols, static_cast<uint64_t>(i * n + j0), step, ep.dropout);
-        }
-    }
-    if (ep.has_grad_act()) {
-        const uint64_t step = read_step(ep.grad_dropout);
-        for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r;
-            float* ci = c + r * ldc;
-            act_bwd_span(ep.grad_act, ep.saved_is_input, ci,
-                         ep.saved ? ep.saved + i * ep.ld_saved + j0 : nullptr, ci, cols,
-                         static_cast<uint64_t>(i * n + j0), step, ep.grad_dropout);
-        }
-    }
+    if (ep.has_act()) fwd_rows(ep, c, ldc, i0, rows, j0, cols, n, read_step(ep.dropout));
+    if (ep.has_grad_act()) bwd_rows(ep, c, ldc, i0, rows, j0, cols, n, read_step(ep.grad_dropout));
 }
 
 void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int act,
