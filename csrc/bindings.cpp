@@ -254,7 +254,8 @@ bool bind_gemm_fast(py::handle a, py::handle b, py::handle c, bool ta, bool tb, 
         ep.colsum_b = Col.data;
     }
     ep.relu = relu;
-    if (act != 0 || !dropout.is_none() || grad_act != 0 || !grad_dropout.is_none()) {
+    if (act != 0 || !dropout.is_none() || !preact.is_none() || grad_act != 0 ||
+        !grad_dropout.is_none() || !saved.is_none()) {
         using fastmlp::kNumActs;
         if (act < 0 || act >= kNumActs || grad_act < 0 || grad_act >= kNumActs) return false;
         if (relu || !mask.is_none()) return false;

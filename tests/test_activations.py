@@ -354,3 +354,17 @@ def test_numpy_fast_path_equals_checked_path(rng, name):
                                          activation=name, saved=torch.from_numpy(z),
                                          saved_is_input=True)
     np.testing.assert_array_equal(np.asarray(d_checked), d_fast)
+
+
+def test_preact_out_fast_path_equals_checked_path(rng):
+    x, w, b = normal(rng, (37, 23), 2.0), normal(rng, (23, 41), 0.3), normal(rng, (41,))
+    for name in (None, "relu", "silu"):
+        pre_fast = np.full((37, 41), np.nan, np.float32)
+        y_fast = ops.dense_forward(x, w, b, activation=name, preact_out=pre_fast)
+        pre_checked = torch.full((37, 41), float("nan"))
+        y_checked = ops.dense_forward(torch.from_numpy(x), torch.from_numpy(w),
+                                      torch.from_numpy(b), activation=name,
+                                      preact_out=pre_checked)
+        np.testing.assert_array_equal(pre_checked.numpy(), pre_fast)
+        np.testing.assert_array_equal(np.asarray(y_checked), y_fast)
+        np.testing.assert_array_equal(y_fast, ops.activation(pre_fast, name or "linear"))

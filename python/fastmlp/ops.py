@@ -313,15 +313,14 @@ def dense_forward(x, w, b=None, *, activation=None, dropout=None, preact_out=Non
     backward of gelu / silu / softplus needs).
     """
     op = "dense_forward"
-    if dropout is None and preact_out is None and _plain(precision) \
-            and (out is not None or _nd2(x, w)):
+    if dropout is None and _plain(precision) and (out is not None or _nd2(x, w)):
         y = out if out is not None else np.empty((x.shape[0], w.shape[1]), _F32)
-        if activation in _ACTIVATIONS:
+        if preact_out is None and activation in _ACTIVATIONS:
             if _gemm_fast(x, w, y, False, False, 1.0, 0.0, b, activation == "relu", None, None):
                 return y
-        elif type(activation) is str and activation in ACTIVATIONS:
+        elif activation is None or (type(activation) is str and activation in ACTIVATIONS):
             if _gemm_fast(x, w, y, False, False, 1.0, 0.0, b, False, None, None,
-                          ACTIVATIONS[activation]):
+                          ACTIVATIONS[activation or "linear"], preact_out):
                 return y
     ck = Checker(op)
     x = ck.f32(x, "x", ndim=2)
