@@ -36,6 +36,20 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 #define FASTMLP_CUDA_WHY "unknown"
 #endif
 
+// [issue 15] A dropout as Python passes it: (threshold, scale, key0, key1,
+// address of the int64 step) -- threshold 0 means none (kernel_math.h DropoutSpec).
+using DropoutTuple = std::tuple<uint32_t, float, uint32_t, uint32_t, uintptr_t>;
+
+fastmlp::DropoutSpec dropout_spec(const DropoutTuple& t) {
+    fastmlp::DropoutSpec d;
+    d.threshold = std::get<0>(t);
+    d.scale = std::get<1>(t);
+    d.key0 = std::get<2>(t);
+    d.key1 = std::get<3>(t);
+    d.step = ptr<const int64_t>(std::get<4>(t));
+    return d;
+}
+
 // Binds the ops of namespace NS into module M. EXTRA_PARAM / EXTRA_ARG add the
 // stream argument on CUDA and are empty on the CPU.
 #define FASTMLP_BIND_OPS(M, NS, EXTRA_PARAM, EXTRA_ARG)                         \
@@ -64,6 +78,38 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
                     ldb, beta, ptr<float>(c), ldc, ep,                                        \
                     static_cast<fastmlp::Precision>(precision) EXTRA_ARG);                    \
     }, py::call_guard<py::gil_scoped_release>());                                            \
+    /* [issue 15] gemm_ex with the activation epilogue: the same arguments, then  */      \
+    /* act, preact, ld_preact, dropout, grad_act, saved, ld_saved, saved_is_input, */      \
+    /* grad_dropout (a dropout is (threshold, scale, key0, key1, step address)).  */      \
+    M.def("gemm_ex", [](bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,      \
+                        uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, float beta,       \
+                        uintptr_t c, int64_t ldc, uintptr_t bias, bool relu,                  \
+                        uintptr_t relu_mask, int64_t ld_mask, uintptr_t colsum_b,             \
+                        int precision, uintptr_t workspace, int64_t workspace_floats,         \
+                        int act, uintptr_t preact, int64_t ld_preact, DropoutTuple dropout,   \
+                        int grad_act, uintptr_t saved, int64_t ld_saved, bool saved_is_input, \
+                        DropoutTuple grad_dropout EXTRA_PARAM) {                              \
+        fastmlp::GemmEpilogue ep;                                                             \
+        ep.bias = ptr<const float>(bias);                                                     \
+        ep.relu = relu;                                                                       \
+        ep.relu_mask = ptr<const float>(relu_mask);                                           \
+        ep.ld_mask = ld_mask;                                                                 \
+        ep.colsum_b = ptr<float>(colsum_b);                                                   \
+        ep.workspace = ptr<float>(workspace);                                                 \
+        ep.workspace_floats = workspace_floats;                                               \
+        ep.act = act;                                                                         \
+        ep.preact = ptr<float>(preact);                                                       \
+        ep.ld_preact = ld_preact;                                                             \
+        ep.dropout = dropout_spec(dropout);                                                   \
+        ep.grad_act = grad_act;                                                               \
+        ep.saved = ptr<const float>(saved);                                                   \
+        ep.ld_saved = ld_saved;                                                               \
+        ep.saved_is_input = saved_is_input;                                                   \
+        ep.grad_dropout = dropout_spec(grad_dropout);                                         \
+        NS::gemm_ex(ta, tb, m, n, k, alpha, ptr<const float>(a), lda, ptr<const float>(b),   \
+                    ldb, beta, ptr<float>(c), ldc, ep,                                        \
+                    static_cast<fastmlp::Precision>(precision) EXTRA_ARG);                    \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
     M.def("bias_add", [](uintptr_t x, uintptr_t bias, uintptr_t y, int64_t rows,            \
                          int64_t cols EXTRA_PARAM) {                                         \
         NS::bias_add(ptr<const float>(x), ptr<const float>(bias), ptr<float>(y), rows,       \
@@ -78,6 +124,17 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
     M.def("relu_backward", [](uintptr_t dy, uintptr_t y, uintptr_t dx, int64_t size EXTRA_PARAM) { \
         NS::relu_backward(ptr<const float>(dy), ptr<const float>(y), ptr<float>(dx),         \
                           size EXTRA_ARG);                                                   \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("activation_fwd", [](uintptr_t x, uintptr_t y, int64_t rows, int64_t cols, int act, \
+                               DropoutTuple dropout EXTRA_PARAM) {                           \
+        NS::activation_fwd(ptr<const float>(x), ptr<float>(y), rows, cols, act,              \
+                           dropout_spec(dropout) EXTRA_ARG);                                  \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("activation_bwd", [](uintptr_t dy, uintptr_t saved, uintptr_t dx, int64_t rows,    \
+                               int64_t cols, int act, bool saved_is_input,                   \
+                               DropoutTuple dropout EXTRA_PARAM) {                           \
+        NS::activation_bwd(ptr<const float>(dy), ptr<const float>(saved), ptr<float>(dx),    \
+                           rows, cols, act, saved_is_input, dropout_spec(dropout) EXTRA_ARG); \
     }, py::call_guard<py::gil_scoped_release>());                                            \
     M.def("first_nonfinite", [](uintptr_t x, int64_t size, uintptr_t out EXTRA_PARAM) {      \
         NS::first_nonfinite(ptr<const float>(x), size, ptr<int64_t>(out) EXTRA_ARG);         \
@@ -199,8 +256,13 @@ bool overlaps(const NpView& x, const NpView& y) {
     return xl < yl + static_cast<uintptr_t>(y.bytes) && yl < xl + static_cast<uintptr_t>(x.bytes);
 }
 
+// [issue 15] act / preact / dropout (a DropoutTuple or None) and grad_act /
+// saved / saved_is_input / grad_dropout: the activation epilogue (fastmlp.h),
+// taken only when plainly valid (else false: ops.py's general path reports it).
 bool bind_gemm_fast(py::handle a, py::handle b, py::handle c, bool ta, bool tb, float alpha,
-                    float beta, py::handle bias, bool relu, py::handle mask, py::handle colsum) {
+                    float beta, py::handle bias, bool relu, py::handle mask, py::handle colsum,
+                    int act, py::handle preact, py::handle dropout, int grad_act,
+                    py::handle saved, bool saved_is_input, py::handle grad_dropout) {
     NpView A, B, C, Bias, Mask, Col;
     if (!np_view(a, 2, A) || !np_view(b, 2, B) || !np_view(c, 2, C) || !C.writeable) return false;
     const int64_t m = ta ? A.cols : A.rows, k = ta ? A.rows : A.cols;
@@ -225,6 +287,43 @@ bool bind_gemm_fast(py::handle a, py::handle b, py::handle c, bool ta, bool tb, 
         ep.colsum_b = Col.data;
     }
     ep.relu = relu;
+    if (act != 0 || !dropout.is_none() || !preact.is_none() || grad_act != 0 ||
+        !grad_dropout.is_none() || !saved.is_none()) {
+        using fastmlp::kNumActs;
+        if (act < 0 || act >= kNumActs || grad_act < 0 || grad_act >= kNumActs) return false;
+        if (relu || !mask.is_none()) return false;
+        if (grad_act != 0 && (saved.is_none() ||
+                              (!saved_is_input && fastmlp::act_needs_input(grad_act))))
+            return false;
+        ep.act = act;
+        ep.grad_act = grad_act;
+        ep.saved_is_input = saved_is_input;
+        NpView Pre, Sav;
+        if (!preact.is_none()) {
+            if (!np_view(preact, 2, Pre) || !Pre.writeable || Pre.rows != m || Pre.cols != n ||
+                overlaps(Pre, A) || overlaps(Pre, B) || overlaps(Pre, C) ||
+                (ep.bias && overlaps(Pre, Bias)))
+                return false;
+            ep.preact = Pre.data;
+            ep.ld_preact = n > 0 ? n : 1;
+        }
+        if (!saved.is_none()) {
+            if (!np_view(saved, 2, Sav) || Sav.rows != m || Sav.cols != n || overlaps(C, Sav))
+                return false;
+            ep.saved = Sav.data;
+            ep.ld_saved = n > 0 ? n : 1;
+        }
+        try {
+            if (!dropout.is_none()) ep.dropout = dropout_spec(dropout.cast<DropoutTuple>());
+            if (!grad_dropout.is_none())
+                ep.grad_dropout = dropout_spec(grad_dropout.cast<DropoutTuple>());
+        } catch (const py::cast_error&) {
+            return false;
+        }
+        if ((ep.dropout.threshold && !ep.dropout.step) ||
+            (ep.grad_dropout.threshold && !ep.grad_dropout.step))
+            return false;
+    }
     const int64_t lda = A.cols > 0 ? A.cols : 1, ldb = B.cols > 0 ? B.cols : 1;
     py::gil_scoped_release release;
     fastmlp::cpu::gemm_ex(ta, tb, m, n, k, alpha, A.data, lda, B.data, ldb, beta, C.data,
@@ -306,6 +405,13 @@ void bind_engine(py::module_& mod) {
         return std::array<uint32_t, 4>{r.v[0], r.v[1], r.v[2], r.v[3]};
     });
 
+    // [issue 15] The dropout key of layer `layer` under seed `seed` (kernel_math.h).
+    mod.def("dropout_key", [](uint64_t seed, uint64_t layer) {
+        uint32_t k0 = 0, k1 = 0;
+        fastmlp::dropout_key(seed, layer, &k0, &k1);
+        return std::make_tuple(k0, k1);
+    }, py::arg("seed"), py::arg("layer"));
+
     mod.def("new_engine", [](const std::string& device, int ordinal) -> Engine* {
         if (device == "cpu") return fastmlp::engine::new_cpu_engine();
 #ifdef FASTMLP_WITH_CUDA
@@ -344,7 +450,12 @@ PYBIND11_MODULE(_C, mod) {
     cpu.def("set_flush_denormal", &fastmlp::cpu::set_flush_denormal);
     cpu.def("flush_denormal_supported", &fastmlp::cpu::flush_denormal_supported);
     cpu.def("gemm_isa", &fastmlp::cpu::gemm_isa);
-    cpu.def("gemm_fast", &bind_gemm_fast);
+    cpu.def("gemm_fast", &bind_gemm_fast, py::arg("a"), py::arg("b"), py::arg("c"),
+            py::arg("trans_a"), py::arg("trans_b"), py::arg("alpha"), py::arg("beta"),
+            py::arg("bias"), py::arg("relu"), py::arg("mask"), py::arg("colsum"),
+            py::arg("act") = 0, py::arg("preact") = py::none(), py::arg("dropout") = py::none(),
+            py::arg("grad_act") = 0, py::arg("saved") = py::none(),
+            py::arg("saved_is_input") = false, py::arg("grad_dropout") = py::none());
     cpu.def("gemm_isas_supported", &fastmlp::cpu::gemm_isas_supported);
     cpu.def("set_gemm_isa", &fastmlp::cpu::set_gemm_isa);
 

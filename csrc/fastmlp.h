@@ -56,7 +56,7 @@ struct GemmEpilogue {
     // [issue 15] The general activation epilogue (kernel_math.h ActCode,
     // DropoutSpec), for what the relu / relu_mask fast paths above do not
     // cover. Element (i, j) of C is element e = i * n + j of the dropout mask.
-    //   forward (act != linear or dropout.threshold != 0), after the bias:
+    //   forward (act != linear, dropout.threshold != 0 or preact set), after the bias:
     //     preact[i*ld_preact + j] = t        when preact != nullptr
     //     t = act(t) * dropout_multiplier(e)
     //   backward (grad_act != linear or grad_dropout.threshold != 0):
@@ -74,7 +74,8 @@ struct GemmEpilogue {
     bool saved_is_input = false;
     DropoutSpec grad_dropout;
 
-    bool has_act() const { return act != 0 || dropout.threshold != 0; }
+    // (preact alone also counts: it asks for t to be stored, even for linear.)
+    bool has_act() const { return act != 0 || dropout.threshold != 0 || preact != nullptr; }
     bool has_grad_act() const { return grad_act != 0 || grad_dropout.threshold != 0; }
 };
 

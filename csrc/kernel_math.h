@@ -15,6 +15,17 @@
 #else
 #define FASTMLP_HOSTDEV inline
 #endif
+// The activation rules and the vectorisable math under them: always inlined on
+// the host, so that a CPU loop over them is one straight-line body the
+// compiler can vectorise (an out-of-line call leaves the loop scalar: GCC's
+// inliner gave up on elu's expm1 -> exp_vec + log_vec inside a large loop).
+#if defined(__CUDACC__)
+#define FASTMLP_ACT_INLINE FASTMLP_HOSTDEV
+#elif defined(__GNUC__)
+#define FASTMLP_ACT_INLINE inline __attribute__((always_inline))
+#else
+#define FASTMLP_ACT_INLINE inline
+#endif
 
 namespace fastmlp {
 
@@ -147,7 +158,7 @@ FASTMLP_HOSTDEV void adam_update(float& p, float g, float& m, float& v, const Ad
 // power-of-two factors so results below FLT_MIN come out as IEEE denormals
 // (flushed to zero in fastmlp's default CPU mode). exp(-inf) = 0,
 // exp(x > 88.72) = +inf, exp(NaN) = NaN. CPU only (the CUDA kernels use expf).
-inline float exp_vec(float x) {
+FASTMLP_ACT_INLINE float exp_vec(float x) {
     const float xc = x < -104.0f ? -104.0f : (x > 88.8f ? 88.8f : x);  // NaN passes through
     const float t = xc * 1.44269504088896341f;
     const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
@@ -175,7 +186,7 @@ inline float exp_vec(float x) {
 // degree-9 polynomial (relative error <= 2 ulp for normal x). log(0) = -inf,
 // log(x < 0) = NaN, log(+inf) = +inf, log(NaN) = NaN; a denormal x is read as
 // 0 (softmax sums are >= 1, the only use here). CPU only.
-inline float log_vec(float x) {
+FASTMLP_ACT_INLINE float log_vec(float x) {
     int32_t bits;
     std::memcpy(&bits, &x, 4);
     int32_t e = ((bits >> 23) & 0xff) - 126;                // x = 2^e * m, m in [0.5, 1)
@@ -362,19 +373,102 @@ FASTMLP_HOSTDEV bool act_needs_input(int act) {
 }
 
 // The transcendental building blocks. On the device: CUDA's libdevice
-// functions (<= 2 ulp). On the host: libm (the CPU kernels may substitute
-// vectorisable versions of the same accuracy).
+// functions (<= 2 ulp). On the host: branch-free versions built on exp_vec /
+// log_vec (plain arithmetic and selects, so the CPU loops over them become
+// SIMD code; libm's calls would keep every activation loop scalar). Their
+// accuracy, measured against double-precision libm over the float range
+// (tests/test_activations.py holds the kernels to it through the reference):
+//   act_expf   exp_vec                          <= 2 ulp
+//   act_expm1f Kahan's expm1 from exp_vec/log_vec   <= 3 ulp (relative, also near 0)
+//   act_log1pf Kahan's log1p from log_vec        <= 3 ulp
+//   act_tanhf  Cephes tanhf: odd polynomial for |x| < 0.625, else 1 - 2 / (e^2|x| + 1)
+//                                                 <= 2 ulp
+//   act_erff   |x| < 1: x P(x^2) (degree 5, fitted here); else 1 - erfc(|x|),
+//              erfc = e^(-x^2) / x R(1/x^2) (Cephes' erfcf coefficients)
+//                                                 <= 3 ulp of erf (absolute ~1e-7 near +-1)
+#if defined(__CUDA_ARCH__)
 FASTMLP_HOSTDEV float act_expf(float x) { return expf(x); }
 FASTMLP_HOSTDEV float act_expm1f(float x) { return expm1f(x); }
 FASTMLP_HOSTDEV float act_log1pf(float x) { return log1pf(x); }
 FASTMLP_HOSTDEV float act_tanhf(float x) { return tanhf(x); }
 FASTMLP_HOSTDEV float act_erff(float x) { return erff(x); }
+#else
+FASTMLP_ACT_INLINE float act_expf(float x) { return exp_vec(x); }
 
-FASTMLP_HOSTDEV float sigmoidf(float x) { return 1.0f / (1.0f + act_expf(-x)); }
+// expm1(x) = (u - 1) x / log u with u = e^x rounded (Kahan): the rounding
+// error of u cancels, so the result is accurate near 0 where u - 1 is not.
+FASTMLP_ACT_INLINE float act_expm1f(float x) {
+    const float u = exp_vec(x);
+    const float um1 = u - 1.0f;
+    const float l = log_vec(u);
+    float r = um1 * (x / l);  // not (um1 * x) / l: that overflows for x > 84
+    r = um1 == 0.0f ? x : r;          // |x| below half an ulp of 1 (and x = +-0)
+    r = um1 == -1.0f ? -1.0f : r;     // x < -17: e^x is below half an ulp of 1
+    return u == INFINITY ? INFINITY : r;  // x > 88.7 (log(inf) would give inf / inf)
+}
+
+// log1p(x) = log(u) x / (u - 1) with u = 1 + x rounded (Kahan), x > -1.
+FASTMLP_ACT_INLINE float act_log1pf(float x) {
+    const float u = 1.0f + x;
+    const float um1 = u - 1.0f;
+    const float r = log_vec(u) * x / um1;
+    return um1 == 0.0f ? x : (u == INFINITY ? INFINITY : r);
+}
+
+FASTMLP_ACT_INLINE float act_tanhf(float x) {
+    const float a = fabsf(x);  // tanh is odd: computed on |x|, the sign put back (-0 -> -0)
+    const float s = a * a;
+    float p = -5.70498872745e-3f;
+    p = p * s + 2.06390887954e-2f;
+    p = p * s - 5.37397155531e-2f;
+    p = p * s + 1.33314422036e-1f;
+    p = p * s - 3.33332819422e-1f;
+    const float small = p * s * a + a;
+    const float e = exp_vec(a + a);  // +inf for |x| > 44: then 1 - 0 = 1
+    const float big = 1.0f - 2.0f / (e + 1.0f);
+    return copysignf(a < 0.625f ? small : big, x);  // NaN takes `small` (NaN)
+}
+
+FASTMLP_ACT_INLINE float act_erff(float x) {
+    const float a = fabsf(x);
+    const float z = x * x;
+    float p = -5.6541059e-4f;  // erf(x) / x on [0, 1] in z = x^2, least squares on
+    p = p * z + 4.9232775e-3f; // Chebyshev nodes: <= 2.4 ulp in float32 Horner
+    p = p * z - 2.6716385e-2f;
+    p = p * z + 1.1280365e-1f;
+    p = p * z - 3.7612349e-1f;
+    p = p * z + 1.1283791e+0f;
+    const float small = x * p;
+    const float q = 1.0f / a;
+    const float y = q * q;
+    float r1 = 2.326819970068386e-2f;  // erfc on [1, 2)
+    r1 = r1 * y - 1.387039388740657e-1f;
+    r1 = r1 * y + 3.687424674597105e-1f;
+    r1 = r1 * y - 5.824733027278666e-1f;
+    r1 = r1 * y + 6.210004621745983e-1f;
+    r1 = r1 * y - 4.944515323274145e-1f;
+    r1 = r1 * y + 3.404879937665872e-1f;
+    r1 = r1 * y - 2.741127028184656e-1f;
+    r1 = r1 * y + 5.638259427386472e-1f;
+    float r2 = -1.047766399936249e1f;  // erfc on [2, inf)
+    r2 = r2 * y + 1.297719955372516e1f;
+    r2 = r2 * y - 7.495518717768503e0f;
+    r2 = r2 * y + 2.921019019210786e0f;
+    r2 = r2 * y - 1.015265279202700e0f;
+    r2 = r2 * y + 4.218463358204948e-1f;
+    r2 = r2 * y - 2.820767439740514e-1f;
+    r2 = r2 * y + 5.641895067754075e-1f;
+    const float erfc = exp_vec(-z) * q * (a < 2.0f ? r1 : r2);
+    const float big = copysignf(1.0f - erfc, x);
+    return a < 1.0f ? small : big;  // NaN takes `big` (NaN)
+}
+#endif
+
+FASTMLP_ACT_INLINE float sigmoidf(float x) { return 1.0f / (1.0f + act_expf(-x)); }
 
 // y = act(x). NaN propagates; +-Inf map to the function's limits.
 template <int A>
-FASTMLP_HOSTDEV float act_forward(float x) {
+FASTMLP_ACT_INLINE float act_forward(float x) {
     if (A == kActRelu) return relu(x);
     if (A == kActSigmoid) return sigmoidf(x);
     if (A == kActTanh) return act_tanhf(x);
@@ -390,18 +484,19 @@ FASTMLP_HOSTDEV float act_forward(float x) {
 // dx = dy * act'(z) from the output y = act(z) (the codes act_needs_input is
 // false for). The same expressions as torch's *_backward kernels.
 template <int A>
-FASTMLP_HOSTDEV float act_grad_from_output(float dy, float y) {
+FASTMLP_ACT_INLINE float act_grad_from_output(float dy, float y) {
     if (A == kActRelu) return relu_grad(dy, y);
     if (A == kActSigmoid) return dy * (1.0f - y) * y;
     if (A == kActTanh) return dy * (1.0f - y * y);
-    if (A == kActElu) return y > 0.0f ? dy : dy * (y + 1.0f);
+    // torch's elu_backward: y <= 0 ? dy (y + 1) : dy, so where y is NaN, dy passes
+    if (A == kActElu) return y <= 0.0f ? dy * (y + 1.0f) : dy;
     if (A == kActLeakyRelu) return y > 0.0f ? dy : dy * kLeakySlope;
     return dy;  // linear
 }
 
 // dx = dy * act'(z) from the pre-activation z (every code).
 template <int A>
-FASTMLP_HOSTDEV float act_grad_from_input(float dy, float z) {
+FASTMLP_ACT_INLINE float act_grad_from_input(float dy, float z) {
     if (A == kActGelu) {
         const float cdf = 0.5f * (1.0f + act_erff(z * 0.70710678118654752f));
         const float pdf = act_expf(-0.5f * z * z) * 0.39894228040143268f;  // 1/sqrt(2 pi)

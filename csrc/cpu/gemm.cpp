@@ -12,7 +12,9 @@
 
 #include "cpu/fpenv.h"
 #include "check.h"
+#include "cpu/activation.h"
 #include "cpu/gemm_impl.h"
+#include "gemm_epilogue.h"
 #include "cpu/parallel.h"
 #include "fastmlp.h"
 
@@ -83,6 +85,7 @@ void gemm_k0(const GemmArgs& g) {
             float& cij = g.c[i * g.ldc + j];
             cij = epilogue_at(g.beta == 0.0f ? 0.0f : g.beta * cij, g.ep, i, j);
         }
+    act_epilogue_rows(g.ep, g.c, g.ldc, 0, g.m, 0, g.n, g.n);  // [issue 15] cpu/activation.h
     if (g.ep.colsum_b)
         for (int64_t j = 0; j < g.n; ++j) g.ep.colsum_b[j] = 0.0f;
 }
@@ -110,13 +113,16 @@ std::string gemm_isas_supported() {
 
 void gemm_ex(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
              const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-             int64_t ldc, const GemmEpilogue& ep, Precision) {
+             int64_t ldc, const GemmEpilogue& ep_in, Precision) {
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
     FASTMLP_CHECK(m >= 0 && n >= 0 && k >= 0,
                   "gemm: sizes must be >= 0, got m=" << m << " n=" << n << " k=" << k);
     FASTMLP_CHECK(lda >= (trans_a ? m : k) && lda >= 1, "gemm: lda too small: " << lda);
     FASTMLP_CHECK(ldb >= (trans_b ? k : n) && ldb >= 1, "gemm: ldb too small: " << ldb);
     FASTMLP_CHECK(ldc >= n && ldc >= 1, "gemm: ldc too small: " << ldc);
+    // [issue 15] the activation fields checked, and moved onto the relu fast
+    // paths where those compute the same (gemm_epilogue.h).
+    const GemmEpilogue ep = normalize_act_epilogue(ep_in, n);
     FASTMLP_CHECK(ep.colsum_b == nullptr || !trans_b, "gemm_ex: colsum_b needs trans_b == false");
     FASTMLP_CHECK(ep.relu_mask == nullptr || ep.ld_mask >= n,
                   "gemm_ex: ld_mask must be >= n=" << n << ", got " << ep.ld_mask);

@@ -52,6 +52,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "cpu/activation.h"
 #include "cpu/gemm_impl.h"
 #include "cpu/parallel.h"
 
@@ -100,6 +101,10 @@ struct Gemm {
         bool relu;
         const float* mask;     // at the tile's origin, or null
         int64_t ld_mask;
+        // [issue 15] the general activation epilogue (act, dropout, grad_act),
+        // or null; applied to the stored tile, whose origin is C(i0, j0).
+        const GemmEpilogue* gen;
+        int64_t i0, j0, n;
     };
 
     static FASTMLP_INLINE V finish(V t, int i, int v, int cnt, const Update& u) {
@@ -190,6 +195,10 @@ struct Gemm {
                 }
             }
         }
+        // [issue 15] The general activation epilogue on the tile just stored
+        // (still in L1): a call into cpu/activation.cpp, whose loops are
+        // vectorised per activation and compiled once for every driver.
+        if (u.gen) act_epilogue_rows(*u.gen, c, ldc, u.i0, mr, u.j0, nr, u.n);
     }
 
     // op(A)[i0:i0+mc, p0:p0+kc] -> MR-tall k-major panels, zero-padded.
@@ -287,8 +296,12 @@ struct Gemm {
                         u.bias = (last && g.ep.bias) ? g.ep.bias + jc + jr : nullptr;
                         u.relu = last && g.ep.relu;
                         u.ld_mask = g.ep.ld_mask;
+                        u.gen = last && (g.ep.has_act() || g.ep.has_grad_act()) ? &g.ep : nullptr;
+                        u.j0 = jc + jr;
+                        u.n = g.n;
                         for (int64_t ir = 0; ir < mc; ir += MR) {
                             const int mr = static_cast<int>(imin(MR, mc - ir));
+                            u.i0 = ic + ir;
                             float* ct = g.c + (ic + ir) * g.ldc + jc + jr;
                             u.mask = (last && g.ep.relu_mask)
                                          ? g.ep.relu_mask + (ic + ir) * g.ep.ld_mask + jc + jr
@@ -373,6 +386,10 @@ struct Gemm {
                 u.relu = g.ep.relu;
                 u.ld_mask = g.ep.ld_mask;
                 u.mask = g.ep.relu_mask ? g.ep.relu_mask + i0 * g.ep.ld_mask : nullptr;
+                u.gen = g.ep.has_act() || g.ep.has_grad_act() ? &g.ep : nullptr;
+                u.i0 = i0;
+                u.j0 = 0;
+                u.n = g.n;
                 float* ct = g.c + i0 * g.ldc;
                 if (!g.trans_a) {
                     tile<false, true, RN, 1>(g.k, g.a + i0 * g.lda, g.lda, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
@@ -442,6 +459,7 @@ struct Gemm {
                     continue;
                 }
                 for (int64_t j = 0; j < g.n; ++j) cr[j] = epilogue_at(pr[j] + cr[j], ep, r, j);
+                act_epilogue_rows(ep, cr, g.ldc, r, 1, 0, g.n, g.n);  // [issue 15]
             }
         }
         if (ep.colsum_b) colsum(g, 0, g.n);

@@ -15,6 +15,9 @@ namespace cpu {
 // The Dense epilogue on one element C(i, j) = v, for the scalar paths (k == 0,
 // the sum of k-slices); the same operations, in the same order, as the
 // micro-kernel's vector epilogue. static: each instruction-set copy keeps its own.
+// The general activation epilogue (ep.has_act / has_grad_act, issue 15) is not
+// here: every path applies it to whole finished rows right after this, with
+// cpu/activation.h's act_epilogue_rows (one loop per activation, vectorised).
 static inline float epilogue_at(float v, const GemmEpilogue& ep, int64_t i, int64_t j) {
     if (ep.bias) v = v + ep.bias[j];
     if (ep.relu) v = fastmlp::relu(v);                                  // kernel_math.h

@@ -293,6 +293,9 @@ bool try_dispatch(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, f
                   const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                   int64_t ldc, const GemmEpilogue& ep, Precision precision, cudaStream_t stream) {
     if (m <= 0 || n <= 0 || k <= 0 || k >= kMaxK) return false;
+    // [issue 15] The family's finish knows bias / relu / relu_mask only: an
+    // activation or dropout epilogue runs on the composed path (gemm_ex.cu).
+    if (ep.has_act() || ep.has_grad_act()) return false;
     if (!tables().nonempty.load(std::memory_order_acquire)) return false;   // the common case
     int device = 0;
     CUDA_CHECK(cudaGetDevice(&device));

@@ -11,6 +11,9 @@ The same ops, written once against the array module, are in
 """
 from __future__ import annotations
 
+import numbers
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from . import _C, _gemm_tuning, _nvtx
@@ -24,6 +27,8 @@ __all__ = [
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "softmax_cross_entropy_fused",
     "random_permutation", "sgd_step", "adam_step", "first_nonfinite",
     "batch_norm_forward", "batch_norm_backward", "layer_norm_forward", "layer_norm_backward",
+    "ACTIVATIONS", "Dropout", "dropout_constants", "activation", "activation_backward",
+    "dropout", "dropout_backward",
 ]
 
 _LABEL_INT32, _LABEL_INT64, _LABEL_ONEHOT = 0, 1, 2
@@ -78,8 +83,14 @@ def _nd2(*arrays) -> bool:
 
 
 def _gemm_call(ck, op, a, b, c, *, trans_a, trans_b, alpha, beta, bias=None, relu=False,
-               mask=None, colsum=None, precision=None):
-    """Run gemm_ex on validated arrays; C, bias, mask, colsum already checked."""
+               mask=None, colsum=None, precision=None, act=0, preact=None, dropout=None,
+               grad_act=0, saved=None, saved_is_input=False, grad_dropout=None):
+    """Run gemm_ex on validated arrays; C, bias, mask, colsum already checked.
+
+    [issue 15] act / preact / dropout and grad_act / saved / saved_is_input /
+    grad_dropout (dropouts as :func:`_dropout_args` tuples) are the activation
+    epilogue; without them the call is the plain gemm_ex of before.
+    """
     m, n = c.shape
     k = a.shape[1] if not trans_a else a.shape[0]
     prec = _PRECISIONS[_canonical_precision(precision, op)]
@@ -88,13 +99,20 @@ def _gemm_call(ck, op, a, b, c, *, trans_a, trans_b, alpha, beta, bias=None, rel
         # [issue 6] CUDA only: the tuned kernel family's split-K scratch (0 floats
         # unless the GPU's tuning table picks a split-K kernel for this shape).
         ws = _gemm_tuning.workspace(ctx, prec, trans_a, trans_b, m, n, k) if extra else None
-        mod.gemm_ex(bool(trans_a), bool(trans_b), m, n, k, float(alpha),
-                    address(a), max(a.shape[1], 1), address(b), max(b.shape[1], 1),
-                    float(beta), address(c), max(n, 1),
-                    0 if bias is None else address(bias), bool(relu),
-                    0 if mask is None else address(mask), max(n, 1),
-                    0 if colsum is None else address(colsum), prec,
-                    0 if ws is None else address(ws), 0 if ws is None else ws.size, *extra)
+        args = (bool(trans_a), bool(trans_b), m, n, k, float(alpha),
+                address(a), max(a.shape[1], 1), address(b), max(b.shape[1], 1),
+                float(beta), address(c), max(n, 1),
+                0 if bias is None else address(bias), bool(relu),
+                0 if mask is None else address(mask), max(n, 1),
+                0 if colsum is None else address(colsum), prec,
+                0 if ws is None else address(ws), 0 if ws is None else ws.size)
+        if act or grad_act or dropout is not None or grad_dropout is not None \
+                or preact is not None:
+            args += (int(act), 0 if preact is None else address(preact), max(n, 1),
+                     _NO_DROPOUT if dropout is None else dropout,
+                     int(grad_act), 0 if saved is None else address(saved), max(n, 1),
+                     bool(saved_is_input), _NO_DROPOUT if grad_dropout is None else grad_dropout)
+        mod.gemm_ex(*args, *extra)
     return c
 
 
@@ -131,62 +149,265 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
 
 _ACTIVATIONS = (None, "linear", "relu")
 
+# [issue 15] The elementwise activations by name -> kernel code (kernel_math.h
+# ActCode; None means "linear"). gelu is the exact (erf) one, elu has alpha 1,
+# leaky_relu slope 0.2 (Keras' default). "softmax" is not elementwise: the
+# softmax-cross-entropy ops handle it.
+ACTIVATIONS = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3, "gelu": 4, "silu": 5,
+               "swish": 5, "elu": 6, "softplus": 7, "leaky_relu": 8}
+# Codes whose derivative needs the pre-activation (kernel_math.h act_needs_input).
+_NEEDS_INPUT = frozenset((4, 5, 7))
+_NO_DROPOUT = (0, 1.0, 0, 0, 0)
 
-def dense_forward(x, w, b=None, *, activation=None, out=None, precision=None):
-    """``act(x @ w + b)`` in one fused kernel: a Dense layer's forward pass.
 
-    x (n, in), w (in, out), b (out,) or None; ``activation`` is None /
-    ``"linear"`` or ``"relu"``.
+class Dropout(NamedTuple):
+    """Inverted dropout of one layer: drop with probability ``rate``, scale the rest by
+    ``1 / (1 - rate)``. The mask is a pure function of (seed, layer, step, element
+    index), the same on the CPU and the GPU, so the backward pass regenerates it.
+    ``step`` is a Python int or a 1-element int64 array on the data's device (read by
+    the kernel, so a training engine can pass a view of its step counter)."""
+    rate: float
+    seed: int
+    step: Any
+    layer: int = 0
+
+
+def dropout_constants(rate):
+    """``(threshold, scale)`` of a dropout rate: element e is dropped when its 32 random
+    bits are below ``threshold = min(round(rate * 2**32), 2**32 - 1)``; the kept ones are
+    multiplied by ``scale = float32(1 / (1 - rate))`` (rounded once, from double).
+    ``rate`` must be a number with 0 <= rate < 1."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+        raise ValueError(f"dropout rate must be a number in [0, 1), got {rate!r}")
+    r = float(rate)
+    if not (0.0 <= r < 1.0):  # also refuses NaN
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate!r}")
+    return min(round(r * 2.0**32), 2**32 - 1), float(np.float32(1.0 / (1.0 - r)))
+
+
+def _act_code(op, name):
+    if name is None:
+        return 0
+    code = ACTIVATIONS.get(name) if isinstance(name, str) else None
+    if code is None:
+        raise ValueError(f"{op}: unknown activation {name!r}; expected None or one of "
+                         + ", ".join(repr(k) for k in ACTIVATIONS))
+    return code
+
+
+def _int(op, value, what):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{op}: {what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _dropout_args(ck, dropout, like):
+    """``(tuple for the kernels, keep-alive)`` of a :class:`Dropout` (or None): the
+    tuple is (threshold, scale, key0, key1, address of the int64 step)."""
+    op = ck.op
+    if dropout is None:
+        return None, None
+    if not isinstance(dropout, tuple) or len(dropout) not in (3, 4):
+        raise ValueError(f"{op}: dropout must be fm.ops.Dropout(rate, seed, step, layer=0), "
+                         f"got {dropout!r}")
+    d = Dropout(*dropout)
+    threshold, scale = dropout_constants(d.rate)
+    seed = _int(op, d.seed, "dropout seed") & (2**64 - 1)
+    layer = _int(op, d.layer, "dropout layer")
+    if layer < 0:
+        raise ValueError(f"{op}: dropout layer must be >= 0, got {layer}")
+    if isinstance(d.step, numbers.Integral) and not isinstance(d.step, bool):
+        step = ck.empty((1,), np.int64, like)
+        step[...] = int(d.step)
+    else:
+        step = ck.array(d.step, "dropout.step", dtypes=(np.int64,), shape=(1,))
+    if threshold == 0:
+        return None, None
+    k0, k1 = _C.dropout_key(seed, layer)
+    return (threshold, scale, k0, k1, address(step)), step
+
+
+def _rows_cols(x):
+    """(rows, cols) of x seen as a matrix: rows = x.shape[0] (1 for a scalar)."""
+    if x.ndim == 0:
+        return 1, 1
+    rows = x.shape[0]
+    cols = 1
+    for s in x.shape[1:]:
+        cols *= s
+    return rows, cols
+
+
+def activation(x, name, *, dropout=None, out=None):
+    """``act(x) * mask``: an elementwise activation of :data:`ACTIVATIONS` and, with
+    ``dropout=Dropout(rate, seed, step, layer)``, inverted dropout, in one pass.
+
+    The dropout element index is the flat C-order index (row * cols + col of x seen as
+    (x.shape[0], rest)). ``out`` may be ``x``.
+    """
+    ck = Checker("activation")
+    x = ck.f32(x, "x")
+    code = _act_code("activation", name)
+    d, keep = _dropout_args(ck, dropout, x)
+    y = ck.out(out, "out", x.shape, like=x)
+    ck.no_overlap(y, "out", (x, "x"), allow_same=True)
+    rows, cols = _rows_cols(x)
+    mod, extra, ctx = ck.backend(x)
+    with ctx, _nvtx.annotate("activation"):
+        mod.activation_fwd(address(x), address(y), rows, cols, code,
+                           _NO_DROPOUT if d is None else d, *extra)
+    del keep
+    return y
+
+
+def activation_backward(dy, saved, name, *, saved_is_input=False, dropout=None, out=None):
+    """``dx = act'(z) * (dy * mask)``: the gradient through :func:`activation`.
+
+    ``saved`` is the activation's output y (default) or, with ``saved_is_input``, its
+    input z; gelu, silu and softplus need the input. ``saved`` may be None for
+    "linear". ``dropout`` is the forward's. ``out`` may be ``dy``.
+    """
+    op = "activation_backward"
+    ck = Checker(op)
+    dy = ck.f32(dy, "dy")
+    code = _act_code(op, name)
+    if code in _NEEDS_INPUT and not saved_is_input:
+        raise ValueError(f"{op}: the derivative of {name!r} needs its input: pass the "
+                         "pre-activation as 'saved' with saved_is_input=True")
+    if saved is None:
+        if code != 0:
+            raise ValueError(f"{op}: 'saved' is required for activation {name!r}")
+    else:
+        saved = ck.f32(saved, "saved", shape=dy.shape)
+    d, keep = _dropout_args(ck, dropout, dy)
+    dx = ck.out(out, "out", dy.shape, like=dy)
+    ck.no_overlap(dx, "out", (dy, "dy"), (saved, "saved"), allow_same=True)
+    rows, cols = _rows_cols(dy)
+    mod, extra, ctx = ck.backend(dy)
+    with ctx, _nvtx.annotate(op):
+        mod.activation_bwd(address(dy), 0 if saved is None else address(saved), address(dx),
+                           rows, cols, code, bool(saved_is_input),
+                           _NO_DROPOUT if d is None else d, *extra)
+    del keep
+    return dx
+
+
+def dropout(x, rate, *, seed, step, layer=0, out=None):
+    """Inverted dropout: ``x * mask``, mask 0 with probability ``rate`` else
+    ``1 / (1 - rate)`` (see :class:`Dropout`). ``out`` may be ``x``."""
+    return activation(x, "linear", dropout=Dropout(rate, seed, step, layer), out=out)
+
+
+def dropout_backward(dy, rate, *, seed, step, layer=0, out=None):
+    """``dy * mask`` with the forward's mask (same rate, seed, step, layer)."""
+    return activation_backward(dy, None, "linear", dropout=Dropout(rate, seed, step, layer),
+                               out=out)
+
+
+def dense_forward(x, w, b=None, *, activation=None, dropout=None, preact_out=None, out=None,
+                  precision=None):
+    """``act(x @ w + b) * mask`` in one fused kernel: a Dense layer's forward pass.
+
+    x (n, in), w (in, out), b (out,) or None; ``activation`` is None or a name of
+    :data:`ACTIVATIONS`; ``dropout`` a :class:`Dropout` (element index row * out +
+    col). ``preact_out`` (n, out), when given, receives ``x @ w + b`` (what the
+    backward of gelu / silu / softplus needs).
     """
     op = "dense_forward"
-    if activation in _ACTIVATIONS and _plain(precision) \
-            and (out is not None or _nd2(x, w)):
+    if dropout is None and _plain(precision) and (out is not None or _nd2(x, w)):
         y = out if out is not None else np.empty((x.shape[0], w.shape[1]), _F32)
-        if _gemm_fast(x, w, y, False, False, 1.0, 0.0, b, activation == "relu", None, None):
-            return y
+        if preact_out is None and activation in _ACTIVATIONS:
+            if _gemm_fast(x, w, y, False, False, 1.0, 0.0, b, activation == "relu", None, None):
+                return y
+        elif activation is None or (type(activation) is str and activation in ACTIVATIONS):
+            if _gemm_fast(x, w, y, False, False, 1.0, 0.0, b, False, None, None,
+                          ACTIVATIONS[activation or "linear"], preact_out):
+                return y
     ck = Checker(op)
     x = ck.f32(x, "x", ndim=2)
     w = ck.f32(w, "w", ndim=2)
     if w.shape[0] != x.shape[1]:
         raise ValueError(f"{op}: 'w' must have {x.shape[1]} rows (the features of 'x' of shape "
                          f"{tuple(x.shape)}), got shape {tuple(w.shape)}")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be None, 'linear' or 'relu', got {activation!r}")
+    code = _act_code(op, activation)
     n_out = w.shape[1]
     if b is not None:
         b = ck.f32(b, "b", shape=(n_out,))
-    y = ck.out(out, "out", (x.shape[0], n_out), like=x)
+    d, keep = _dropout_args(ck, dropout, x)
+    shape = (x.shape[0], n_out)
+    y = ck.out(out, "out", shape, like=x)
     ck.no_overlap(y, "out", (x, "x"), (w, "w"), (b, "b"))
-    return _gemm_call(ck, op, x, w, y, trans_a=False, trans_b=False, alpha=1.0, beta=0.0,
-                      bias=b, relu=activation == "relu", precision=precision)
+    if preact_out is not None:
+        preact_out = ck.out(preact_out, "preact_out", shape, like=x)
+        ck.no_overlap(preact_out, "preact_out", (y, "out"), (x, "x"), (w, "w"), (b, "b"))
+    if code == 1 and d is None and preact_out is None:  # the relu fast path
+        return _gemm_call(ck, op, x, w, y, trans_a=False, trans_b=False, alpha=1.0, beta=0.0,
+                          bias=b, relu=True, precision=precision)
+    _gemm_call(ck, op, x, w, y, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=b,
+               precision=precision, act=code, preact=preact_out, dropout=d)
+    del keep
+    return y
 
 
-def dense_backward_input(dy, w, *, relu_output=None, out=None, precision=None):
-    """``dx = dy @ w.T``, zeroed where ``relu_output <= 0`` when given (relu_backward): one
+def dense_backward_input(dy, w, *, relu_output=None, activation=None, saved=None,
+                         saved_is_input=False, dropout=None, out=None, precision=None):
+    """``dx = act'(z) * ((dy @ w.T) * mask)``: the gradient with respect to the
+    pre-activation z of the activation that produced this layer's input, in one
     fused kernel.
 
-    dy (n, out), w (in, out). ``relu_output`` (n, in) is the output of the
-    ReLU that produced this layer's input, so ``dx`` is the gradient with
-    respect to the ReLU's input (its pre-activation).
+    dy (n, out), w (in, out). ``activation`` (a name of :data:`ACTIVATIONS`) with
+    ``saved`` (n, in): that activation's output y, or with ``saved_is_input`` its
+    input z (gelu, silu and softplus need z). ``dropout`` is the forward's
+    :class:`Dropout` of that activation. ``relu_output=y`` is
+    ``activation="relu", saved=y``.
     """
     op = "dense_backward_input"
-    if _plain(precision) and (out is not None or _nd2(dy, w)):
+    if relu_output is not None:
+        if activation not in (None, "relu") or saved is not None or saved_is_input:
+            raise ValueError(f"{op}: relu_output= is activation='relu', saved=relu_output; "
+                             "do not combine it with another activation or saved=")
+        activation, saved = "relu", relu_output
+    plain_relu = activation in _ACTIVATIONS and not saved_is_input and dropout is None \
+        and (activation == "relu" or saved is None)
+    if _plain(precision) and dropout is None and (out is not None or _nd2(dy, w)):
         dx = out if out is not None else np.empty((dy.shape[0], w.shape[0]), _F32)
-        if _gemm_fast(dy, w, dx, False, True, 1.0, 0.0, None, False, relu_output, None):
-            return dx
+        if plain_relu:
+            if _gemm_fast(dy, w, dx, False, True, 1.0, 0.0, None, False,
+                          saved if activation == "relu" else None, None):
+                return dx
+        elif type(activation) is str and activation in ACTIVATIONS and saved is not None:
+            # the NumPy fast path declines what the checks below would refuse
+            if _gemm_fast(dy, w, dx, False, True, 1.0, 0.0, None, False, None, None, 0, None,
+                          None, ACTIVATIONS[activation], saved, bool(saved_is_input)):
+                return dx
     ck = Checker(op)
     dy = ck.f32(dy, "dy", ndim=2)
     w = ck.f32(w, "w", ndim=2)
     if w.shape[1] != dy.shape[1]:
         raise ValueError(f"{op}: 'w' must have {dy.shape[1]} columns (the features of 'dy' of "
                          f"shape {tuple(dy.shape)}), got shape {tuple(w.shape)}")
+    code = _act_code(op, activation)
+    saved_name = "relu_output" if relu_output is not None else "saved"
+    if code in _NEEDS_INPUT and not saved_is_input:
+        raise ValueError(f"{op}: the derivative of {activation!r} needs its input: pass the "
+                         "pre-activation as 'saved' with saved_is_input=True")
     shape = (dy.shape[0], w.shape[0])
-    if relu_output is not None:
-        relu_output = ck.f32(relu_output, "relu_output", shape=shape)
+    if saved is not None:
+        saved = ck.f32(saved, saved_name, shape=shape)
+    elif code != 0:
+        raise ValueError(f"{op}: activation {activation!r} needs 'saved' (its output, or its "
+                         "input with saved_is_input=True)")
+    d, keep = _dropout_args(ck, dropout, dy)
     dx = ck.out(out, "out", shape, like=dy)
-    ck.no_overlap(dx, "out", (dy, "dy"), (w, "w"), (relu_output, "relu_output"))
-    return _gemm_call(ck, op, dy, w, dx, trans_a=False, trans_b=True, alpha=1.0, beta=0.0,
-                      mask=relu_output, precision=precision)
+    ck.no_overlap(dx, "out", (dy, "dy"), (w, "w"), (saved, saved_name))
+    if code == 1 and not saved_is_input and d is None:  # the relu_mask fast path
+        return _gemm_call(ck, op, dy, w, dx, trans_a=False, trans_b=True, alpha=1.0, beta=0.0,
+                          mask=saved, precision=precision)
+    _gemm_call(ck, op, dy, w, dx, trans_a=False, trans_b=True, alpha=1.0, beta=0.0,
+               precision=precision, grad_act=code, saved=saved if code else None,
+               saved_is_input=saved_is_input, grad_dropout=d)
+    del keep
+    return dx
 
 
 def dense_backward_weight(x, dy, *, out=None, bias_out=None, bias=True, precision=None):

@@ -48,6 +48,13 @@ __all__ = [
     "batch_norm_backward",
     "layer_norm_forward",
     "layer_norm_backward",
+    "ACTIVATIONS",
+    "dropout_key",
+    "dropout_mask",
+    "activation",
+    "activation_backward",
+    "dropout",
+    "dropout_backward",
 ]
 
 _cupy = None  # the cupy module once imported; False when it cannot be imported
@@ -125,24 +132,26 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
     return out
 
 
-def dense_forward(x, w, b=None, *, activation=None, out=None, precision=None):
-    """act(x @ w + b): a Dense layer's forward pass (activation None/"linear"/"relu")."""
-    if activation not in (None, "linear", "relu"):
-        raise ValueError(f"activation must be None, 'linear' or 'relu', got {activation!r}")
+def dense_forward(x, w, b=None, *, activation=None, dropout=None, preact_out=None, out=None,
+                  precision=None):
+    """act(x @ w + b) * dropout mask; preact_out receives x @ w + b when given."""
     z = gemm(x, w)
     if b is not None:
         z = bias_add(z, b)
-    if activation == "relu":
-        z = relu(z)
-    return _store(z, out)
+    if preact_out is not None:
+        _store(z, preact_out)
+    if activation in (None, "linear", "relu") and dropout is None:
+        return _store(relu(z) if activation == "relu" else z, out)
+    return _store(_act_fwd(z, _code(activation), dropout), out)
 
 
-def dense_backward_input(dy, w, *, relu_output=None, out=None, precision=None):
-    """dy @ w.T, then relu_backward(., relu_output) when given (zero where relu_output <= 0)."""
-    dx = gemm(dy, w, trans_b=True)
+def dense_backward_input(dy, w, *, relu_output=None, activation=None, saved=None,
+                         saved_is_input=False, dropout=None, out=None, precision=None):
+    """act_grad((dy @ w.T) * mask, saved); relu_output=y is activation="relu", saved=y."""
     if relu_output is not None:
-        dx = relu_backward(dx, relu_output)
-    return _store(dx, out)
+        activation, saved = "relu", relu_output
+    dx = gemm(dy, w, trans_b=True)
+    return _store(_act_bwd(dx, saved, _code(activation), saved_is_input, dropout), out)
 
 
 def dense_backward_weight(x, dy, *, out=None, bias_out=None, bias=True, precision=None):
@@ -502,3 +511,184 @@ def layer_norm_backward(dy, x, gamma, save_mean, save_invstd, *, out=None, dgamm
     dx = save_invstd[:, None] / max(f, 1) * (f * g - sg - xhat * sgx)
     return (_store(dx, out), _store(xp.sum(dy * xhat, axis=0), dgamma_out),
             _store(xp.sum(dy, axis=0), dbeta_out))
+# --------------------------------------------------------------------------- activations
+# (issue 15) The elementwise activations of kernel_math.h, in the input's dtype
+# (the tests use float64), and inverted dropout with the kernels' Philox mask.
+
+ACTIVATIONS = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3, "gelu": 4, "silu": 5,
+               "swish": 5, "elu": 6, "softplus": 7, "leaky_relu": 8}
+_NEEDS_INPUT = (4, 5, 7)
+_LEAKY_SLOPE = 0.2
+
+
+def _code(name):
+    if name is None:
+        return 0
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected None or one of "
+                         + ", ".join(repr(k) for k in ACTIVATIONS))
+    return ACTIVATIONS[name]
+
+
+def _erf(xp, x):
+    """erf elementwise: SciPy / cupyx when present, else math.erf per element (float64)."""
+    if xp is not np:
+        from cupyx.scipy.special import erf  # noqa: PLC0415
+
+        return erf(x)
+    try:
+        from scipy.special import erf  # noqa: PLC0415
+
+        return erf(x)
+    except ImportError:
+        return np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype, copy=False)
+
+
+def _sigmoid(xp, x):
+    # exp(-x) overflows to inf for x < -709 (float64): 1 / inf = 0 is the right limit.
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + xp.exp(-x))
+
+
+def _act(xp, x, code):
+    zero = xp.zeros((), dtype=x.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if code == 1:
+            return xp.where(x < 0, zero, x)
+        if code == 2:
+            return _sigmoid(xp, x)
+        if code == 3:
+            return xp.tanh(x)
+        if code == 4:
+            return 0.5 * x * (1.0 + _erf(xp, x / math.sqrt(2.0)))
+        if code == 5:
+            return x * _sigmoid(xp, x)
+        if code == 6:
+            return xp.where(x > 0, x, xp.expm1(xp.minimum(x, zero)))
+        if code == 7:
+            return xp.maximum(x, zero) + xp.log1p(xp.exp(-xp.abs(x)))
+        if code == 8:
+            return xp.where(x > 0, x, x * _LEAKY_SLOPE)
+    return x
+
+
+def _grad_from_output(xp, dy, y, code):
+    zero = xp.zeros((), dtype=dy.dtype)
+    if code == 1:
+        return xp.where(y <= 0, zero, dy)
+    if code == 2:
+        return dy * (1.0 - y) * y
+    if code == 3:
+        return dy * (1.0 - y * y)
+    if code == 6:
+        return xp.where(y <= 0, dy * (y + 1.0), dy)  # torch: where y is NaN, dy passes
+    if code == 8:
+        return xp.where(y > 0, dy, dy * _LEAKY_SLOPE)
+    return dy
+
+
+def _grad_from_input(xp, dy, z, code):
+    with np.errstate(over="ignore", invalid="ignore"):
+        if code == 4:
+            cdf = 0.5 * (1.0 + _erf(xp, z / math.sqrt(2.0)))
+            pdf = xp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+            return dy * (cdf + z * pdf)
+        if code == 5:
+            s = _sigmoid(xp, z)
+            return dy * (s * (1.0 + z * (1.0 - s)))
+        if code == 7:
+            return dy * _sigmoid(xp, z)
+        return _grad_from_output(xp, dy, _act(xp, z, code), code)
+
+
+def _xp_philox(xp, counter, key):
+    """Philox4x32-10 (as :func:`philox4x32_10`) on arrays of the module xp (uint64 lanes)."""
+    m32 = xp.uint64(_M32)
+    c = [xp.asarray(v, dtype=xp.uint64) & m32 for v in counter]
+    k0, k1 = (xp.asarray(v, dtype=xp.uint64) & m32 for v in key)
+    for _ in range(10):
+        p0 = xp.uint64(0xD2511F53) * c[0]
+        p1 = xp.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> xp.uint64(32)) ^ c[1] ^ k0, p1 & m32,
+             (p0 >> xp.uint64(32)) ^ c[3] ^ k1, p0 & m32]
+        k0 = (k0 + xp.uint64(0x9E3779B9)) & m32
+        k1 = (k1 + xp.uint64(0xBB67AE85)) & m32
+    return c
+
+
+def dropout_key(seed, layer):
+    """The dropout key (k0, k1) of layer ``layer`` under ``seed`` (kernel_math.h)."""
+    seed, layer = int(seed) & (2**64 - 1), int(layer) & (2**64 - 1)
+    k = philox4x32_10((layer & _M32, layer >> 32, 0x44524F50, 0), (seed & _M32, seed >> 32))
+    return int(k[0]), int(k[1])
+
+
+def _dropout_constants(rate):
+    r = float(rate)
+    if isinstance(rate, bool) or not (0.0 <= r < 1.0):
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate!r}")
+    return min(round(r * 2.0**32), 2**32 - 1), float(np.float32(1.0 / (1.0 - r)))
+
+
+def dropout_mask(size, rate, seed, step, layer=0, *, xp=np, dtype=np.float64):
+    """The multipliers (0 or scale) of elements 0..size-1: element e is dropped when
+    Philox4x32-10 of counter (e // 4 as two words, step as two words) under
+    dropout_key(seed, layer), lane e % 4, is below the threshold."""
+    threshold, scale = _dropout_constants(rate)
+    if threshold == 0:
+        return xp.ones((size,), dtype=dtype)
+    step = int(step[0]) if hasattr(step, "shape") else int(step)
+    step &= 2**64 - 1
+    k0, k1 = dropout_key(seed, layer)
+    nb = (size + 3) // 4
+    b = xp.arange(nb, dtype=xp.uint64)
+    r = _xp_philox(xp, (b, b >> xp.uint64(32), step & _M32, step >> 32), (k0, k1))
+    bits = xp.stack([xp.broadcast_to(v, (nb,)) for v in r], axis=1).reshape(-1)[:size]
+    return xp.where(bits < xp.uint64(threshold), xp.zeros((), dtype), xp.asarray(scale, dtype))
+
+
+def _mask_like(xp, t, d):
+    rate, seed, step = d[0], d[1], d[2]
+    layer = d[3] if len(d) > 3 else 0
+    return dropout_mask(t.size, rate, seed, step, layer, xp=xp, dtype=t.dtype).reshape(t.shape)
+
+
+def _act_fwd(z, code, dropout):
+    xp = _xp(z)
+    y = _act(xp, z, code)
+    if dropout is not None:
+        y = y * _mask_like(xp, y, dropout)  # t * m, as the kernels: NaN stays NaN
+    return y
+
+
+def _act_bwd(dy, saved, code, saved_is_input, dropout):
+    xp = _xp(dy, saved)
+    g = dy
+    if dropout is not None:
+        g = g * _mask_like(xp, g, dropout)
+    if code == 0:
+        return g
+    if code in _NEEDS_INPUT and not saved_is_input:
+        raise ValueError("the derivative of this activation needs its input (saved_is_input)")
+    return _grad_from_input(xp, g, saved, code) if saved_is_input \
+        else _grad_from_output(xp, g, saved, code)
+
+
+def activation(x, name, *, dropout=None, out=None):
+    """act(x) * dropout mask (element index: the flat C-order index)."""
+    return _store(_act_fwd(x, _code(name), dropout), out)
+
+
+def activation_backward(dy, saved, name, *, saved_is_input=False, dropout=None, out=None):
+    """act_grad(dy * mask, saved), saved the output (default) or the input."""
+    return _store(_act_bwd(dy, saved, _code(name), saved_is_input, dropout), out)
+
+
+def dropout(x, rate, *, seed, step, layer=0, out=None):
+    """x * mask, mask 0 (probability rate) or float32(1 / (1 - rate))."""
+    return activation(x, "linear", dropout=(rate, seed, step, layer), out=out)
+
+
+def dropout_backward(dy, rate, *, seed, step, layer=0, out=None):
+    """dy * the forward's mask."""
+    return activation_backward(dy, None, "linear", dropout=(rate, seed, step, layer), out=out)

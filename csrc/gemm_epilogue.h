@@ -1,0 +1,60 @@
+// The checks and the normal form of a GemmEpilogue's activation part (issue
+// 15), shared by cpu/gemm.cpp and cuda/gemm_ex.cu so that both backends accept
+// and refuse the same calls.
+#pragma once
+
+#include <cstdint>
+
+#include "check.h"
+#include "fastmlp.h"
+#include "kernel_math.h"
+
+namespace fastmlp {
+
+// Checks the activation fields of `ep` for a C with n columns and returns the
+// epilogue in normal form: the cases the relu / relu_mask fast paths cover
+// exactly are moved onto them (those paths are bit-identical to the general
+// one: both are kernel_math.h's relu / relu_grad).
+//   act == relu, no dropout, no preact          -> relu = true
+//   grad_act == relu from the output, no dropout -> relu_mask = saved
+inline GemmEpilogue normalize_act_epilogue(const GemmEpilogue& in, int64_t n) {
+    GemmEpilogue ep = in;
+    FASTMLP_CHECK(ep.act >= 0 && ep.act < kNumActs,
+                  "gemm_ex: act must be an activation code in [0, " << int(kNumActs) << "), got "
+                                                                    << ep.act);
+    FASTMLP_CHECK(ep.grad_act >= 0 && ep.grad_act < kNumActs,
+                  "gemm_ex: grad_act must be an activation code in [0, " << int(kNumActs)
+                                                                         << "), got " << ep.grad_act);
+    FASTMLP_CHECK(!(ep.relu && ep.has_act()),
+                  "gemm_ex: relu and act/dropout are both set; use act = relu (1) alone");
+    FASTMLP_CHECK(!(ep.relu_mask && ep.has_grad_act()),
+                  "gemm_ex: relu_mask and grad_act/grad_dropout are both set; use grad_act = "
+                  "relu (1) with saved = the mask");
+    FASTMLP_CHECK(ep.preact == nullptr || ep.ld_preact >= n,
+                  "gemm_ex: ld_preact must be >= n=" << n << ", got " << ep.ld_preact);
+    FASTMLP_CHECK(ep.saved == nullptr || ep.ld_saved >= n,
+                  "gemm_ex: ld_saved must be >= n=" << n << ", got " << ep.ld_saved);
+    FASTMLP_CHECK(ep.grad_act == kActLinear || ep.saved != nullptr,
+                  "gemm_ex: grad_act " << ep.grad_act << " needs saved (the activation's "
+                                          "input or output)");
+    FASTMLP_CHECK(ep.grad_act == kActLinear || ep.saved_is_input || !act_needs_input(ep.grad_act),
+                  "gemm_ex: the derivative of activation " << ep.grad_act
+                      << " needs its input: set saved_is_input");
+    FASTMLP_CHECK(ep.dropout.threshold == 0 || ep.dropout.step != nullptr,
+                  "gemm_ex: dropout needs a step pointer");
+    FASTMLP_CHECK(ep.grad_dropout.threshold == 0 || ep.grad_dropout.step != nullptr,
+                  "gemm_ex: grad_dropout needs a step pointer");
+    if (ep.act == kActRelu && ep.dropout.threshold == 0 && ep.preact == nullptr) {
+        ep.act = kActLinear;
+        ep.relu = true;
+    }
+    if (ep.grad_act == kActRelu && !ep.saved_is_input && ep.grad_dropout.threshold == 0) {
+        ep.grad_act = kActLinear;
+        ep.relu_mask = ep.saved;
+        ep.ld_mask = ep.ld_saved;
+        ep.saved = nullptr;
+    }
+    return ep;
+}
+
+}  // namespace fastmlp
