@@ -396,9 +396,10 @@ class Dropout(Layer):
             raise ValueError(f"Dropout: 'seed' must be None or an integer in [0, 2**64), got "
                              f"{seed!r}")
         self.seed = None if seed is None else int(seed)
-        # Standalone calls (layer(x, training=True)) draw from their own counter.
-        self._call_seed = self.seed if self.seed is not None \
-            else int(generator().integers(2**63))
+        # Standalone calls (layer(x, training=True)) draw from their own counter, under
+        # a seed drawn at the first such call (so merely making a Dropout does not move
+        # fastmlp's generator, hence the other layers' initial weights).
+        self._call_seed = self.seed
         self._calls = 0
 
     @property
@@ -413,6 +414,8 @@ class Dropout(Layer):
             return x
         from . import ops
 
+        if self._call_seed is None:
+            self._call_seed = int(generator().integers(2**63))
         self._calls += 1
         return ops.dropout(x, self.rate, seed=self._call_seed, step=self._calls)
 
