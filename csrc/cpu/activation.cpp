@@ -139,40 +139,16 @@ FASTMLP_ALWAYS_INLINE void bwd_span_t(const float* dy, const float* s, float* dx
 FASTMLP_SIMD_CLONES
 void act_fwd_span(int act, const float* x, float* y, float* preact, int64_t len, uint64_t e0,
                   uint64_t step, const DropoutSpec& d) {
-    switch (act) {
-        case kActRelu: return fwd_span_t<kActRelu>(x, y, preact, len, e0, step, d);
-        case kActSigmoid: return fwd_span_t<kActSigmoid>(x, y, preact, len, e0, step, d);
-        case kActTanh: return fwd_span_t<kActTanh>(x, y, preact, len, e0, step, d);
-        case kActGelu: return fwd_span_t<kActGelu>(x, y, preact, len, e0, step, d);
-        case kActSilu: return fwd_span_t<kActSilu>(x, y, preact, len, e0, step, d);
-        case kActElu: return fwd_span_t<kActElu>(x, y, preact, len, e0, step, d);
-        case kActSoftplus: return fwd_span_t<kActSoftplus>(x, y, preact, len, e0, step, d);
-        case kActLeakyRelu: return fwd_span_t<kActLeakyRelu>(x, y, preact, len, e0, step, d);
-        default: return fwd_span_t<kActLinear>(x, y, preact, len, e0, step, d);
-    }
+    with_act(act, [&](auto a) FASTMLP_ALWAYS_INLINE_LAMBDA { fwd_span_t<decltype(a)::value>(x, y, preact, len, e0, step, d); });
 }
 
 FASTMLP_SIMD_CLONES
 void act_bwd_span(int act, bool from_input, const float* dy, const float* s, float* dx,
                   int64_t len, uint64_t e0, uint64_t step, const DropoutSpec& d) {
-#define FASTMLP_BWD_CASE(A)                                                       \
-    case A:                                                                       \
-        return from_input ? bwd_span_t<A, true>(dy, s, dx, len, e0, step, d)      \
-                          : bwd_span_t<A, false>(dy, s, dx, len, e0, step, d);
-    switch (act) {
-        FASTMLP_BWD_CASE(kActRelu)
-        FASTMLP_BWD_CASE(kActSigmoid)
-        FASTMLP_BWD_CASE(kActTanh)
-        FASTMLP_BWD_CASE(kActElu)
-        FASTMLP_BWD_CASE(kActLeakyRelu)
-        // gelu, silu, softplus: only from the input (checked by the callers)
-        case kActGelu: return bwd_span_t<kActGelu, true>(dy, s, dx, len, e0, step, d);
-        case kActSilu: return bwd_span_t<kActSilu, true>(dy, s, dx, len, e0, step, d);
-        case kActSoftplus: return bwd_span_t<kActSoftplus, true>(dy, s, dx, len, e0, step, d);
-        // linear reads no saved value: dy stands in for a null one (never dereferenced null)
-        default: return bwd_span_t<kActLinear, false>(dy, s ? s : dy, dx, len, e0, step, d);
-    }
-#undef FASTMLP_BWD_CASE
+    // linear reads no saved value: dy stands in for a null one (never dereferenced)
+    with_act_grad(act, from_input, [&](auto a, auto in) FASTMLP_ALWAYS_INLINE_LAMBDA {
+        bwd_span_t<decltype(a)::value, decltype(in)::value>(dy, s ? s : dy, dx, len, e0, step, d);
+    });
 }
 
 namespace {
@@ -226,44 +202,18 @@ FASTMLP_ALWAYS_INLINE void bwd_rows_t(const GemmEpilogue& ep, float* c, int64_t 
 FASTMLP_SIMD_CLONES
 void fwd_rows(const GemmEpilogue& ep, float* c, int64_t ldc, int64_t i0, int64_t rows,
               int64_t j0, int64_t cols, int64_t n, uint64_t step) {
-#define FASTMLP_ROWS(A) return fwd_rows_t<A>(ep, c, ldc, i0, rows, j0, cols, n, step);
-    switch (ep.act) {
-        case kActRelu: FASTMLP_ROWS(kActRelu)
-        case kActSigmoid: FASTMLP_ROWS(kActSigmoid)
-        case kActTanh: FASTMLP_ROWS(kActTanh)
-        case kActGelu: FASTMLP_ROWS(kActGelu)
-        case kActSilu: FASTMLP_ROWS(kActSilu)
-        case kActElu: FASTMLP_ROWS(kActElu)
-        case kActSoftplus: FASTMLP_ROWS(kActSoftplus)
-        case kActLeakyRelu: FASTMLP_ROWS(kActLeakyRelu)
-        default: FASTMLP_ROWS(kActLinear)
-    }
-#undef FASTMLP_ROWS
+    with_act(ep.act, [&](auto a) FASTMLP_ALWAYS_INLINE_LAMBDA {
+        fwd_rows_t<decltype(a)::value>(ep, c, ldc, i0, rows, j0, cols, n, step);
+    });
 }
 
 FASTMLP_SIMD_CLONES
 void bwd_rows(const GemmEpilogue& ep, float* c, int64_t ldc, int64_t i0, int64_t rows,
               int64_t j0, int64_t cols, int64_t n, uint64_t step) {
-#define FASTMLP_ROWS(A, IN) return bwd_rows_t<A, IN>(ep, c, ldc, i0, rows, j0, cols, n, step);
-#define FASTMLP_ROWS2(A)             \
-    if (ep.saved_is_input) {         \
-        FASTMLP_ROWS(A, true)        \
-    } else {                         \
-        FASTMLP_ROWS(A, false)       \
-    }
-    switch (ep.grad_act) {
-        case kActRelu: FASTMLP_ROWS2(kActRelu)
-        case kActSigmoid: FASTMLP_ROWS2(kActSigmoid)
-        case kActTanh: FASTMLP_ROWS2(kActTanh)
-        case kActElu: FASTMLP_ROWS2(kActElu)
-        case kActLeakyRelu: FASTMLP_ROWS2(kActLeakyRelu)
-        case kActGelu: FASTMLP_ROWS(kActGelu, true)
-        case kActSilu: FASTMLP_ROWS(kActSilu, true)
-        case kActSoftplus: FASTMLP_ROWS(kActSoftplus, true)
-        default: FASTMLP_ROWS(kActLinear, false)
-    }
-#undef FASTMLP_ROWS2
-#undef FASTMLP_ROWS
+    with_act_grad(ep.grad_act, ep.saved_is_input, [&](auto a, auto in) FASTMLP_ALWAYS_INLINE_LAMBDA {
+        bwd_rows_t<decltype(a)::value, decltype(in)::value>(ep, c, ldc, i0, rows, j0, cols, n,
+                                                            step);
+    });
 }
 
 }  // namespace

@@ -105,20 +105,9 @@ void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int ac
     if (size == 0) return;
     FASTMLP_CHECK(x && y, "activation_fwd: null pointer");
     const unsigned int grid = detail::grid_stride_blocks((size + 3) / 4, kBlock);
-#define FASTMLP_FWD(A) \
-    activation_fwd_f32<A><<<grid, kBlock, 0, stream>>>(x, y, size, dropout); break;
-    switch (act) {
-        case kActRelu: FASTMLP_FWD(kActRelu)
-        case kActSigmoid: FASTMLP_FWD(kActSigmoid)
-        case kActTanh: FASTMLP_FWD(kActTanh)
-        case kActGelu: FASTMLP_FWD(kActGelu)
-        case kActSilu: FASTMLP_FWD(kActSilu)
-        case kActElu: FASTMLP_FWD(kActElu)
-        case kActSoftplus: FASTMLP_FWD(kActSoftplus)
-        case kActLeakyRelu: FASTMLP_FWD(kActLeakyRelu)
-        default: FASTMLP_FWD(kActLinear)
-    }
-#undef FASTMLP_FWD
+    with_act(act, [&](auto a) {
+        activation_fwd_f32<decltype(a)::value><<<grid, kBlock, 0, stream>>>(x, y, size, dropout);
+    });
     detail::check_launch();
 }
 
@@ -133,27 +122,10 @@ void activation_bwd(const float* dy, const float* saved, float* dx, int64_t rows
     if (size == 0) return;
     FASTMLP_CHECK(dy && dx && (saved || act == kActLinear), "activation_bwd: null pointer");
     const unsigned int grid = detail::grid_stride_blocks((size + 3) / 4, kBlock);
-#define FASTMLP_BWD(A, IN) \
-    activation_bwd_f32<A, IN><<<grid, kBlock, 0, stream>>>(dy, saved, dx, size, dropout); break;
-#define FASTMLP_BWD2(A)                    \
-    if (saved_is_input) {                  \
-        FASTMLP_BWD(A, true)               \
-    } else {                               \
-        FASTMLP_BWD(A, false)              \
-    }
-    switch (act) {
-        case kActRelu: FASTMLP_BWD2(kActRelu)
-        case kActSigmoid: FASTMLP_BWD2(kActSigmoid)
-        case kActTanh: FASTMLP_BWD2(kActTanh)
-        case kActElu: FASTMLP_BWD2(kActElu)
-        case kActLeakyRelu: FASTMLP_BWD2(kActLeakyRelu)
-        case kActGelu: FASTMLP_BWD(kActGelu, true)
-        case kActSilu: FASTMLP_BWD(kActSilu, true)
-        case kActSoftplus: FASTMLP_BWD(kActSoftplus, true)
-        default: FASTMLP_BWD(kActLinear, false)
-    }
-#undef FASTMLP_BWD2
-#undef FASTMLP_BWD
+    with_act_grad(act, saved_is_input, [&](auto a, auto in) {
+        activation_bwd_f32<decltype(a)::value, decltype(in)::value>
+            <<<grid, kBlock, 0, stream>>>(dy, saved, dx, size, dropout);
+    });
     detail::check_launch();
 }
 

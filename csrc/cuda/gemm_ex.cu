@@ -98,47 +98,19 @@ gemm_act_epilogue_f32(float* c, int64_t ldc, int64_t m, int64_t n, const float* 
 void launch_act_epilogue(float* c, int64_t ldc, int64_t m, int64_t n, const float* bias,
                          const GemmEpilogue& ep, bool backward, cudaStream_t stream) {
     const unsigned int grid = detail::grid_stride_blocks((m * n + 3) / 4, kBlock);
-    const int code = backward ? ep.grad_act : ep.act;
-    const int mode = !backward ? 0 : (ep.saved_is_input ? 2 : 1);
     const DropoutSpec& d = backward ? ep.grad_dropout : ep.dropout;
-#define FASTMLP_EPI(A, MODE)                                                               \
-    gemm_act_epilogue_f32<A, MODE><<<grid, kBlock, 0, stream>>>(c, ldc, m, n, bias, ep.preact, \
-                                                                ep.ld_preact, ep.saved,      \
-                                                                ep.ld_saved, d);             \
-    break;
-#define FASTMLP_EPI3(A)                                        \
-    if (mode == 0) {                                           \
-        FASTMLP_EPI(A, 0)                                      \
-    } else if (mode == 1) {                                    \
-        FASTMLP_EPI(A, 1)                                      \
-    } else {                                                   \
-        FASTMLP_EPI(A, 2)                                      \
-    }
-#define FASTMLP_EPI_IN(A)                                      \
-    if (mode == 0) {                                           \
-        FASTMLP_EPI(A, 0)                                      \
-    } else {                                                   \
-        FASTMLP_EPI(A, 2)                                      \
-    }
-    switch (code) {
-        case kActRelu: FASTMLP_EPI3(kActRelu)
-        case kActSigmoid: FASTMLP_EPI3(kActSigmoid)
-        case kActTanh: FASTMLP_EPI3(kActTanh)
-        case kActElu: FASTMLP_EPI3(kActElu)
-        case kActLeakyRelu: FASTMLP_EPI3(kActLeakyRelu)
-        case kActGelu: FASTMLP_EPI_IN(kActGelu)
-        case kActSilu: FASTMLP_EPI_IN(kActSilu)
-        case kActSoftplus: FASTMLP_EPI_IN(kActSoftplus)
-        default:
-            if (mode == 0) {
-                FASTMLP_EPI(kActLinear, 0)
-            } else {
-                FASTMLP_EPI(kActLinear, 1)
-            }
-    }
-#undef FASTMLP_EPI_IN
-#undef FASTMLP_EPI3
-#undef FASTMLP_EPI
+    // kMode: 0 forward, 1 backward from the output, 2 backward from the input
+    auto launch = [&](auto a, auto mode) {
+        gemm_act_epilogue_f32<decltype(a)::value, decltype(mode)::value>
+            <<<grid, kBlock, 0, stream>>>(c, ldc, m, n, bias, ep.preact, ep.ld_preact, ep.saved,
+                                          ep.ld_saved, d);
+    };
+    if (!backward)
+        with_act(ep.act, [&](auto a) { launch(a, std::integral_constant<int, 0>{}); });
+    else
+        with_act_grad(ep.grad_act, ep.saved_is_input, [&](auto a, auto in) {
+            launch(a, std::integral_constant<int, decltype(in)::value ? 2 : 1>{});
+        });
     detail::check_launch();
 }
 
