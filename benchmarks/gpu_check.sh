@@ -57,13 +57,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 BUDGET=${CHECK_BUDGET_S:-540}
 TUNE_BUDGET_S=${TUNE_BUDGET_S:-100}
-SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_ops.py tests/test_gemm_cuda.py tests/test_engine_gpu.py}
+SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_ops.py tests/test_gemm_cuda.py tests/test_engine_gpu.py tests/test_layers.py}
 SANITIZE_K=${SANITIZE_K:-small or sanitize}
 # racecheck/synccheck/initcheck are slower; they get the kernels with shared
 # memory, barriers or reductions (GEMM edge tiles, bias_grad, softmax-CE, one
 # run of every GEMM family kernel: cp.async pipelines, split-K; a small run of the
-# CUDA Graph engine: gather, fused softmax-CE, optimizer table, captured graphs).
-SANITIZE_K_SHARED=${SANITIZE_K_SHARED:-(small and (63x65x64 or 65x63x65 or bias_grad or softmax_cross_entropy)) or sanitize_family or sanitize_engine}
+# CUDA Graph engine: gather, fused softmax-CE, optimizer table, captured graphs; every
+# issue-15 kernel once: activations, dropout, the activation GEMM epilogue, the
+# BatchNorm / LayerNorm strip and warp reductions).
+SANITIZE_K_SHARED=${SANITIZE_K_SHARED:-(small and (63x65x64 or 65x63x65 or bias_grad or softmax_cross_entropy)) or sanitize_family or sanitize_engine or sanitize_layers}
 LOG=$OUT/check.log
 
 declare -a SUMMARY=()
@@ -153,7 +155,14 @@ run_step "fastmlp.backends()" 60 "$LOG" \
 # ---- 3. the GPU tests ------------------------------------------------------------
 # The tuning and the benchmark keep their share of the budget.
 RESERVE=$((TUNE_BUDGET_S + 30 + 150))
-run_step "pytest -m gpu" 170 "$LOG" python3 -m pytest -m gpu -q
+# The core first (ops, engines, training), then the rest: if the step runs out of
+# time, what it cut is the long tail of op-shape twins, not the training path.
+GPU_TESTS=(tests/test_ops.py tests/test_engine_gpu.py tests/test_train_gpu.py tests/test_gpu.py
+           tests/test_fused.py tests/test_layers.py tests/test_gemm_cuda.py)
+for f in tests/test_*.py; do
+    [[ " ${GPU_TESTS[*]} " == *" $f "* ]] || GPU_TESTS+=("$f")
+done
+run_step "pytest -m gpu" 170 "$LOG" python3 -m pytest -m gpu -q "${GPU_TESTS[@]}"
 
 # ---- 4. compute-sanitizer over a small GPU subset -----------------------------------
 # CuPy's memory pool carves many arrays out of one cudaMalloc, which hides

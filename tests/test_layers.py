@@ -384,3 +384,66 @@ def test_layers_are_callable_cupy_in_cupy_out(gpu):
         assert isinstance(out, cp.ndarray) and out.shape[0] == 9
     drop = fm.Dropout(0.5, seed=1)
     assert isinstance(drop(x, training=True), cp.ndarray)
+
+
+def _small_run_of_every_new_kernel(xp):
+    """Every kernel of issue 15 once on a small odd shape against the reference, on
+    xp's device. Tolerances as the op tests' loosest (1e-4 of the output's scale)."""
+    rng = np.random.default_rng(0)
+
+    def arr(*shape, scale=1.0):
+        return xp.asarray((scale * rng.standard_normal(shape)).astype(np.float32))
+
+    def close(got, want):
+        got, want = fm.model._host(got), fm.model._host(want)
+        np.testing.assert_allclose(got, want, rtol=1e-4,
+                                   atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+    x, w, b = arr(37, 45), arr(45, 29, scale=0.2), arr(29)
+    dy_out, dy_in = arr(37, 29), arr(37, 45)
+    drop = fm.ops.Dropout(0.3, 7, 2, 1)
+    for act in ("sigmoid", "gelu", "elu"):
+        z = xp.empty((37, 29), np.float32)
+        y = fm.ops.dense_forward(x, w, b, activation=act, dropout=drop, preact_out=z)
+        close(y, fm.reference.dense_forward(x, w, b, activation=act, dropout=drop))
+        close(z, fm.reference.dense_forward(x, w, b))
+        close(fm.ops.dense_backward_input(dy_out, w, activation=act, saved=x,
+                                          saved_is_input=True, dropout=drop),
+              fm.reference.dense_backward_input(dy_out, w, activation=act, saved=x,
+                                                saved_is_input=True, dropout=drop))
+        close(fm.ops.activation(x, act, dropout=drop),
+              fm.reference.activation(x, act, dropout=drop))
+        close(fm.ops.activation_backward(dy_in, x, act, saved_is_input=True, dropout=drop),
+              fm.reference.activation_backward(dy_in, x, act, saved_is_input=True,
+                                               dropout=drop))
+    gamma = xp.asarray(rng.uniform(0.5, 1.5, 45).astype(np.float32))
+    beta = arr(45)
+    for training in (True, False):
+        mm, mv = xp.full(45, 0.5, np.float32), xp.full(45, 2.0, np.float32)
+        rm, rv = mm.copy(), mv.copy()
+        got = fm.ops.batch_norm_forward(x, gamma, beta, mm, mv, training=training)
+        want = fm.reference.batch_norm_forward(x, gamma, beta, rm, rv, training=training)
+        close(got[0], want[0])
+        close(mm, rm)
+        close(mv, rv)
+    _, mean, invstd = fm.ops.batch_norm_forward(x, gamma, beta, xp.zeros(45, np.float32),
+                                                xp.ones(45, np.float32), training=True)
+    for g, r in zip(fm.ops.batch_norm_backward(dy_in, x, gamma, mean, invstd),
+                    fm.reference.batch_norm_backward(dy_in, x, gamma, mean, invstd)):
+        close(g, r)
+    y, mean, invstd = fm.ops.layer_norm_forward(x, gamma, beta)
+    close(y, fm.reference.layer_norm_forward(x, gamma, beta)[0])
+    for g, r in zip(fm.ops.layer_norm_backward(dy_in, x, gamma, mean, invstd),
+                    fm.reference.layer_norm_backward(dy_in, x, gamma, mean, invstd)):
+        close(g, r)
+
+
+def test_small_run_of_every_new_kernel_cpu():
+    _small_run_of_every_new_kernel(np)
+
+
+@pytest.mark.gpu
+def test_sanitize_layers_small_run(gpu):
+    """The subset benchmarks/gpu_check.sh runs under compute-sanitizer (memcheck,
+    racecheck, synccheck, initcheck select it with -k sanitize_layers)."""
+    _small_run_of_every_new_kernel(gpu.xp)
