@@ -11,7 +11,9 @@
 #   every GEMM family kernel on every benchmark shape, write the GPU's tuning
 #   table   6 benchmarks/run.py --quick --device cuda with that table (GEMM vs
 #   cuBLAS and PyTorch, TF32 vs cuBLAS TF32, fused Dense ops, memory-bound
-#   kernels, training vs PyTorch; Fashion-MNIST epochs at batch 32/128/1024 and
+#   kernels, issue 15's layers (activations, dropout, batch/layer norm vs
+#   PyTorch CUDA; fused Dense + activation vs unfused; last, so --budget-s
+#   skips it first), training vs PyTorch; Fashion-MNIST epochs at batch 32/128/1024 and
 #   10 epochs to test accuracy from host arrays, vs PyTorch eager and PyTorch
 #   CUDA Graphs, with the training-engine issue's H200 targets: --quick keeps
 #   that section to 3 epochs / 2 jobs each, estimated 30-60 s; its PyTorch
@@ -212,7 +214,7 @@ BENCH_LEFT=$((BUDGET - SECONDS))
 BENCH_CAP=$((BENCH_LEFT < 240 ? BENCH_LEFT : 240))
 run_step "benchmarks (run.py --quick)" 240 "$OUT/bench.log" \
     "${TABLE_ENV[@]}" python3 benchmarks/run.py --quick --device cuda --out "$OUT/bench" \
-    --sections epoch,training,gemm,memory --budget-s $((BENCH_CAP > 90 ? BENCH_CAP - 45 : 45))
+    --sections epoch,training,gemm,memory,layers --budget-s $((BENCH_CAP > 90 ? BENCH_CAP - 45 : 45))
 cat "$OUT/bench/results.md" 2>/dev/null
 
 # ---- 7. summary -------------------------------------------------------------------------

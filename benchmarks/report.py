@@ -93,10 +93,12 @@ def summary(res) -> list:
     return lines
 
 
-def _peer_row(rows, ours, impl):
-    """The row of peer impl measured with fastmlp's row ours (same section, op and shape)."""
+def _peer_row(rows, ours, impl, **match):
+    """The row of peer impl measured with fastmlp's row ours (same section, op and shape,
+    and the fields of match)."""
     return next(r for r in rows if r["impl"] == impl and r["section"] == ours["section"]
-                and r["op"] == ours["op"] and r["shape"] == ours["shape"])
+                and r["op"] == ours["op"] and r["shape"] == ours["shape"]
+                and all(r.get(k) == v for k, v in match.items()))
 
 
 def _times(ratio, peer):
@@ -197,6 +199,47 @@ def markdown(res) -> str:
             for p in peers:
                 v = r["vs"].get(p)
                 cells += [_num(v and v["gbps"]), _pct(v and v["ratio"])]
+            out.append("| " + " | ".join(cells + [_check(r)]) + " |")
+
+    lay = [r for r in rows if r["section"] == "layers" and r["impl"] == "fastmlp" and not r.get("fused")]
+    if lay:
+        peers = peers_of(lay)
+        out += ["", "## Layers: activations, dropout, normalisation (issue 15)", "",
+                f"Bytes moved: the kernel's minimum traffic (column `traffic`: each input read once, "
+                f"each output written once). Copy bandwidth: {ceil.get('copy_gbps', float('nan')):.1f} GB/s. "
+                "Each peer's row is its fastest candidate in this run (`peer variant`; PyTorch's "
+                "allocating and preallocated-output overloads where both exist).", "",
+                "| op | shape | MB moved | fastmlp µs (min–max) | GB/s | % of copy | " +
+                " | ".join(f"{p} µs (min–max) | {p} GB/s | vs {p} | {p} variant" for p in peers) +
+                " | traffic | check |",
+                "|---|---|---|---|---|---|" + "---|---|---|---|" * len(peers) + "---|---|"]
+        for r in lay:
+            op = r["op"] + (f" ({r['variant']})" if r["variant"] else "")
+            cells = [op, r["shape"], f"{r['bytes'] / 1e6:.3g}", _ms(r, 1e6, 1), _num(r["gbps"]),
+                     _num(r.get("pct_of_roof"), 0) + "%"]
+            for p in peers:
+                v = r["vs"].get(p)
+                pr = _peer_row(rows, r, p, variant=r["variant"]) if v else None
+                cells += [_ms(pr, 1e6, 1) if pr else "–", _num(v and v["gbps"]), _pct(v and v["ratio"]),
+                          (pr or {}).get("peer_variant") or "–"]
+            out.append("| " + " | ".join(cells + [r.get("traffic", ""), _check(r)]) + " |")
+    fused = [r for r in rows if r["section"] == "layers" and r["impl"] == "fastmlp" and r.get("fused")]
+    if fused:
+        peers = peers_of(fused)
+        out += ["", "## Fused Dense + activation vs unfused (issue 15)", "",
+                "fastmlp: one call with the activation in the GEMM epilogue; `fastmlp unfused`: the "
+                "plain GEMM call, then the activation kernel in place; PyTorch: addmm / mm (F.linear's "
+                "kernels), then the activation's out= overload in place. `vs X` = X's time / the fused "
+                "time.", "",
+                "| problem | op | activation | m x n x k | fused ms (min–max) | GFLOP/s | " +
+                " | ".join(f"{p} ms (min–max) | vs {p}" for p in peers) + " | check |",
+                "|---|---|---|---|---|---|" + "---|---|" * len(peers) + "---|"]
+        for r in fused:
+            cells = [r.get("problem", ""), r["op"], r["variant"], r["shape"], _ms(r), _num(r["gflops"], 0)]
+            for p in peers:
+                v = r["vs"].get(p)
+                pr = _peer_row(rows, r, p, variant=r["variant"]) if v else None
+                cells += [_ms(pr) if pr else "–", _pct(v and v["ratio"])]
             out.append("| " + " | ".join(cells + [_check(r)]) + " |")
 
     den = [r for r in rows if r["section"] == "denormal" and "vs" in r]

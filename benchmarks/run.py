@@ -18,6 +18,19 @@ Sections (each device):
   memory    bias_add, bias_grad, relu, relu_backward, softmax-CE forward and
             backward, SGD and Adam steps, tiny to several times the cache,
             in GB/s vs the copy bandwidth and vs fastmlp.reference (NumPy/CuPy);
+  layers    (issue 15) every activation of fastmlp.ops.ACTIVATIONS forward and
+            backward, dropout forward/backward, batch_norm (training) and
+            layer_norm forward/backward at (rows, 128): in cache and 131072 rows
+            (CPU; GPU: 2^24 and 2^26 elements, --quick 2^24), in GB/s of the
+            kernel's minimum traffic (written per row) vs the copy bandwidth and
+            vs PyTorch's same op on the same device (aten kernels, each peer's
+            fastest overload); then Dense forward and input gradient with each
+            non-relu activation, 784->128 B=1024 (and 1024->1024 B=4096 without
+            --quick): fused (one call) vs fastmlp's GEMM then its activation
+            kernel vs PyTorch addmm/mm then the activation. A run of this section
+            alone is committed as results/<device>/layers.{md,json} (run with
+            --out elsewhere and copy results.md / results.json: a partial run
+            must not overwrite the full results.*);
   training  784-128-10 + Adam, time per step and per Fashion-MNIST epoch at
             batch 32, 128, 1024 vs a PyTorch eager loop on the same device;
   epoch     one real Fashion-MNIST epoch at batch 32, 128, 1024, fit() on device
@@ -76,8 +89,54 @@ import report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASHION_MNIST_TRAIN = 60000
-SECTIONS = ["ceilings", "gemm", "memory", "denormal", "training", "epoch"]
+SECTIONS = ["ceilings", "gemm", "memory", "layers", "denormal", "training", "epoch"]
 GEMM_TOL = 1e-4  # FP32 lands near 1e-6 for k <= 8192; TF32 (~3e-4) cannot pass
+
+# -- the layers section (issue 15) -------------------------------------------------------------
+LAYER_ACTS = ("relu", "sigmoid", "tanh", "gelu", "silu", "elu", "softplus", "leaky_relu")
+# Relative max-norm tolerances against fastmlp.reference in float64: the float32 kernels
+# land near 1e-7 (activations, 2048 and 131072 rows) and 1e-7 (normalisation; moving
+# statistics 1e-6); relu is exact.
+ACT_TOL, NORM_TOL = 1e-6, 1e-5
+EPS = 1e-3  # Keras' epsilon, fastmlp's default
+DROPOUT_RATE = 0.5
+# PyTorch's kernels of each activation (torch.nn.functional's, called through their
+# preallocated-output overloads: the allocating ones cost a page-faulting malloc per
+# call at 64 MiB, 2-3x slower here) and of their autograd-free backward formulas.
+TORCH_ACT_FWD = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "gelu": "gelu", "silu": "silu",
+                 "elu": "elu", "softplus": "softplus", "leaky_relu": "leaky_relu"}
+TORCH_ACT_BWD = {"relu": "threshold_backward", "sigmoid": "sigmoid_backward", "tanh": "tanh_backward",
+                 "gelu": "gelu_backward", "silu": "silu_backward", "elu": "elu_backward",
+                 "softplus": "softplus_backward", "leaky_relu": "leaky_relu_backward"}
+
+
+def torch_activation(torch, name):
+    """fn(x, out) -> out: PyTorch's forward of fastmlp's activation `name` (gelu exact,
+    elu alpha 1, softplus beta 1 (threshold 20: linear above, as PyTorch's default),
+    leaky_relu slope 0.2); out may be x."""
+    a = torch.ops.aten
+    return {"relu": lambda x, o: a.relu.out(x, out=o),
+            "sigmoid": lambda x, o: a.sigmoid.out(x, out=o),
+            "tanh": lambda x, o: a.tanh.out(x, out=o),
+            "gelu": lambda x, o: a.gelu.out(x, out=o),
+            "silu": lambda x, o: a.silu.out(x, out=o),
+            "elu": lambda x, o: a.elu.out(x, 1.0, 1.0, 1.0, out=o),
+            "softplus": lambda x, o: a.softplus.out(x, 1.0, 20.0, out=o),
+            "leaky_relu": lambda x, o: a.leaky_relu.out(x, 0.2, out=o)}[name]
+
+
+def torch_activation_backward(torch, name):
+    """fn(dy, saved, out) -> out: PyTorch's backward formula of `name` from what fastmlp
+    saves: the output y, or the input z for gelu, silu and softplus; out may be dy."""
+    a = torch.ops.aten
+    return {"relu": lambda g, s, o: a.threshold_backward.grad_input(g, s, 0.0, grad_input=o),
+            "sigmoid": lambda g, s, o: a.sigmoid_backward.grad_input(g, s, grad_input=o),
+            "tanh": lambda g, s, o: a.tanh_backward.grad_input(g, s, grad_input=o),
+            "gelu": lambda g, s, o: a.gelu_backward.grad_input(g, s, grad_input=o),
+            "silu": lambda g, s, o: a.silu_backward.grad_input(g, s, grad_input=o),
+            "elu": lambda g, s, o: a.elu_backward.grad_input(g, 1.0, 1.0, 1.0, True, s, grad_input=o),
+            "softplus": lambda g, s, o: a.softplus_backward.grad_input(g, s, 1.0, 20.0, grad_input=o),
+            "leaky_relu": lambda g, s, o: a.leaky_relu_backward.grad_input(g, s, 0.2, True, grad_input=o)}[name]
 
 
 class Skip(Exception):
@@ -545,6 +604,403 @@ class Bench:
                 log(f"  {op:32s} {shape_s:>12s} fastmlp {row['gbps']:7.1f} GB/s "
                     f"({row['pct_of_roof']:5.1f}% of copy)  {peer} {peer_row['gbps']:7.1f}"
                     + ("" if error is None else f"  FAIL {error}"))
+
+    # -- layers (issue 15): activations, dropout, normalisation; fused Dense epilogues ---------
+    def layer_sizes(self):
+        """(rows, 128) problems, 128 the MLP's hidden width: on the CPU one in cache and one
+        of 131072 rows (64 MiB an array, several times the L3), the memory section's largest
+        relu; on a GPU around and beyond the L2 (the L2 is flushed before every call anyway)."""
+        f = 128
+        if self.dev.kind == "cpu":
+            sizes = [1 << 18, 1 << 22] if self.quick else [1 << 18, 1 << 24]
+        else:
+            sizes = [1 << 24] if self.quick else [1 << 20, 1 << 24, 1 << 26]
+        return [(s // f, f) for s in sizes]
+
+    def fused_shapes(self):
+        """(d_in, d_out, batch) of the fused-vs-unfused Dense rows."""
+        return [(784, 128, 1024)] + ([] if self.quick else [(1024, 1024, 4096)])
+
+    def _host(self, a):
+        """float64 NumPy copy of a NumPy, CuPy or torch array."""
+        if hasattr(a, "detach"):
+            a = a.detach().cpu().numpy()
+        return np.asarray(self.dev.to_host(a), dtype=np.float64)
+
+    def _f64(self, a):
+        """a as float64 on its device: the references' input (float32 -> float64 is exact)."""
+        return self.dev.xp.asarray(a, dtype=np.float64)
+
+    def _checker(self, what, fn, wants, tol, poison=(), before=None):
+        """A check: poison the outputs with NaN (an unwritten element fails), run `before`
+        (state reset), call fn once and compare each output it returns (in order) with
+        wants = [(label, float64 host array)]; returns the largest relative max-norm error."""
+        def check():
+            for o in poison:
+                (o.fill_ if hasattr(o, "fill_") else o.fill)(float("nan"))
+            if before is not None:
+                before()
+            got = fn()
+            got = got if isinstance(got, (tuple, list)) else (got,)
+            errs = []
+            for g, (label, w) in zip(got, wants):
+                g = self._host(g)
+                if g.shape != w.shape and g.size == w.size:  # torch's (rows, 1) statistics
+                    g = g.reshape(w.shape)
+                errs.append(H.check(f"{what}: {label}", g, w, tol))
+            return max(errs)
+        return check
+
+    def _timed_layer_rows(self, op, shape, variant, ours, check, peers, *, flops=None, nbytes=None,
+                          roof=None, roof_key="gbps", **extra):
+        """Check fastmlp's output and every peer candidate's, time them all in one block set,
+        and record fastmlp's row with, per peer, its fastest candidate (all kept in the row).
+
+        peers: {impl: [(candidate variant, callable, check or None)]}; a peer check that
+        fails marks that peer's row FAIL (the run fails), as the GEMM rows do."""
+        err, error = None, None
+        try:
+            err = check()
+        except H.CheckFailed as e:
+            error = str(e)
+        fns, checked = {"fastmlp": ours}, {}
+        for impl, cands in peers.items():
+            for cvariant, fn, pcheck in cands:
+                key = f"{impl} [{cvariant}]"
+                try:
+                    checked[key] = (pcheck() if pcheck else None, None)
+                except H.CheckFailed as e:
+                    checked[key] = (None, str(e))
+                fns[key] = fn
+        t = self.time(fns)
+        row = H.make_row("layers", op, shape, variant, "fastmlp", t["fastmlp"], flops=flops,
+                         nbytes=nbytes, rel_err=err, checked=error is None, error=error, **extra)
+        peer_rows = {}
+        for impl, cands in peers.items():
+            keys = [f"{impl} [{c[0]}]" for c in cands]
+            best = min(keys, key=lambda k: t[k]["median_s"])
+            perr, perror = checked[best]
+            peer_rows[impl] = H.make_row(
+                "layers", op, shape, variant, impl, t[best], flops=flops, nbytes=nbytes,
+                peer_variant=best[len(impl) + 2:-1], rel_err=perr, checked=perror is None, error=perror,
+                candidates={k[len(impl) + 2:-1]: t[k]["median_s"] for k in keys}, **extra)
+        self._finish(row, peer_rows, roof=roof, roof_key=roof_key)
+        return row, peer_rows
+
+    def layer_cases(self, n, f):
+        """The elementwise and normalisation rows of one (n, f) problem, as dicts: op, variant,
+        nbytes (the kernel's minimum traffic: each input read once, each output written once),
+        traffic (that count in words), ours, check, peers (see _timed_layer_rows)."""
+        import fastmlp as fm
+        R, xp, dev, torch = fm.reference, self.dev.xp, self.dev, self.torch
+        N = n * f
+
+        def nans(*shape):
+            return xp.full(shape, np.nan, dtype=np.float32)
+
+        x, dy = self.rand(n, f), self.rand(n, f)
+        x64, dy64 = self._f64(x), self._f64(dy)
+        if torch is not None:
+            tx, tdy = torch.from_dlpack(x), torch.from_dlpack(dy)
+            tout = torch.empty_like(tx)
+            a = torch.ops.aten
+
+        for name in LAYER_ACTS:
+            tol = 0.0 if name == "relu" else ACT_TOL
+            y = nans(n, f)
+            want = self._host(R.activation(x64, name))
+            peers = {}
+            if torch is not None:
+                fwd = torch_activation(torch, name)
+                peers["PyTorch"] = [(f"aten.{TORCH_ACT_FWD[name]}.out", lambda fwd=fwd: fwd(tx, tout),
+                                     self._checker(f"PyTorch {name}", lambda fwd=fwd: fwd(tx, tout),
+                                                   [("y", want)], tol, poison=[tout]))]
+            ours = lambda name=name, y=y: fm.ops.activation(x, name, out=y)  # noqa: E731
+            yield dict(op="activation", variant=name, nbytes=8 * N, traffic="read x, write y: 8 B/element",
+                       ours=ours, check=self._checker(f"activation {name}", ours, [("y", want)], tol, poison=[y]),
+                       peers=peers)
+            del want
+            needs_input = name in ("gelu", "silu", "softplus")
+            saved = x if needs_input else fm.ops.activation(x, name)  # a separate, valid y
+            dx = nans(n, f)
+            want = self._host(R.activation_backward(dy64, self._f64(saved), name, saved_is_input=needs_input))
+            peers = {}
+            if torch is not None:
+                bwd, ts = torch_activation_backward(torch, name), torch.from_dlpack(saved)
+                peers["PyTorch"] = [(f"aten.{TORCH_ACT_BWD[name]}.grad_input",
+                                     lambda bwd=bwd, ts=ts: bwd(tdy, ts, tout),
+                                     self._checker(f"PyTorch {name} backward", lambda bwd=bwd, ts=ts: bwd(tdy, ts, tout),
+                                                   [("dx", want)], tol, poison=[tout]))]
+            ours = lambda name=name, saved=saved, dx=dx, ni=needs_input: fm.ops.activation_backward(  # noqa: E731
+                dy, saved, name, saved_is_input=ni, out=dx)
+            yield dict(op="activation_backward", variant=f"{name}, saved {'input z' if needs_input else 'output y'}",
+                       nbytes=12 * N, traffic=f"read dy and {'z' if needs_input else 'y'}, write dx: 12 B/element",
+                       ours=ours, check=self._checker(f"activation_backward {name}", ours, [("dx", want)], tol,
+                                                      poison=[dx]), peers=peers)
+            del want
+
+        # Dropout: fastmlp regenerates its Philox mask in the backward (no mask in memory);
+        # PyTorch's native_dropout writes a bool mask (1 B/element more) and reads it back.
+        rate, seed = DROPOUT_RATE, 1234
+        step = dev.asarray(np.array([7], np.int64))  # a device step counter, as the engine passes
+        y, dx = nans(n, f), nans(n, f)
+        scale = 1.0 / (1.0 - rate)
+        peers_f, peers_b = {}, {}
+        if torch is not None:
+            tmask = torch.empty(tx.shape, dtype=torch.bool, device=tx.device)
+            res = {}
+
+            def t_drop():
+                res["y"], res["mask"] = a.native_dropout(tx, rate, True)
+                return res["y"], res["mask"]
+
+            def t_drop_check():
+                t_drop()
+                got, mask = self._host(res["y"]), self._host(res["mask"]).astype(bool)
+                kept_frac = float(mask.mean())
+                slack = 5 * math.sqrt(rate * (1 - rate) / N) + 1e-3
+                if abs((1 - kept_frac) - rate) > slack:
+                    raise H.CheckFailed(f"PyTorch dropout: dropped fraction {1 - kept_frac:.4f}, rate {rate}")
+                want = np.where(mask, self._host(x) * scale, 0.0)
+                return H.check("PyTorch dropout: y", got, want, 1e-6)
+
+            peers_f["PyTorch"] = [("aten.native_dropout (writes a bool mask)", t_drop, t_drop_check)]
+            t_drop()
+            tmask.copy_(res["mask"])
+            want_tb = self._host(tdy) * self._host(tmask) * scale
+            peers_b["PyTorch"] = [
+                ("aten.native_dropout_backward (reads the mask)",
+                 lambda: a.native_dropout_backward(tdy, tmask, scale),
+                 self._checker("PyTorch dropout backward", lambda: a.native_dropout_backward(tdy, tmask, scale),
+                               [("dx", want_tb)], 1e-6)),
+                ("aten.native_dropout_backward.out (reads the mask)",
+                 lambda: a.native_dropout_backward.out(tdy, tmask, scale, out=tout),
+                 self._checker("PyTorch dropout backward .out",
+                               lambda: a.native_dropout_backward.out(tdy, tmask, scale, out=tout),
+                               [("dx", want_tb)], 1e-6, poison=[tout]))]
+        ours = lambda: fm.ops.dropout(x, rate, seed=seed, step=step, out=y)  # noqa: E731
+        want = self._host(R.dropout(x64, rate, seed=seed, step=7))
+        yield dict(op="dropout", variant=f"rate {rate}", nbytes=8 * N,
+                   traffic="read x, write y: 8 B/element (the mask is computed, not stored)",
+                   ours=ours, check=self._checker("dropout", ours, [("y", want)], 1e-6, poison=[y]), peers=peers_f)
+        ours = lambda: fm.ops.dropout_backward(dy, rate, seed=seed, step=step, out=dx)  # noqa: E731
+        want = self._host(R.dropout_backward(dy64, rate, seed=seed, step=7))
+        yield dict(op="dropout_backward", variant=f"rate {rate}", nbytes=8 * N,
+                   traffic="read dy, write dx: 8 B/element (the mask is regenerated, not read)",
+                   ours=ours, check=self._checker("dropout_backward", ours, [("dx", want)], 1e-6, poison=[dx]),
+                   peers=peers_b)
+        del want
+
+        # Batch normalisation (training: batch statistics per column, moving statistics updated).
+        gamma, beta = self.rand(f), self.rand(f)
+        g64, b64 = self._f64(gamma), self._f64(beta)
+        mm, mv = xp.zeros(f, np.float32), xp.ones(f, np.float32)
+        y, sm, si = nans(n, f), nans(f), nans(f)
+        mm64, mv64 = xp.zeros(f), xp.ones(f)
+        ry, rsm, rsi = R.batch_norm_forward(x64, g64, b64, mm64, mv64, training=True, momentum=0.99, epsilon=EPS)
+        wants = [("y", self._host(ry)), ("save_mean", self._host(rsm)), ("save_invstd", self._host(rsi))]
+        del ry
+
+        def reset_moving():
+            mm.fill(0.0)
+            mv.fill(1.0)
+
+        ours = lambda: fm.ops.batch_norm_forward(x, gamma, beta, mm, mv, training=True, momentum=0.99,  # noqa: E731
+                                                 epsilon=EPS, out=y, save_mean=sm, save_invstd=si)
+        check = self._checker("batch_norm_forward", lambda: (*ours(), mm, mv),
+                              wants + [("moving_mean", self._host(mm64)), ("moving_var", self._host(mv64))],
+                              NORM_TOL, poison=[y, sm, si], before=reset_moving)
+        peers = {}
+        if torch is not None:
+            tg, tb = torch.from_dlpack(gamma), torch.from_dlpack(beta)
+            trm, trv = torch.zeros_like(tg), torch.ones_like(tg)
+            tsm, tsi = torch.empty_like(tg), torch.empty_like(tg)
+            # torch's momentum is the new batch's weight: 1 - Keras' 0.99
+            tbn = lambda: a.native_batch_norm(tx, tg, tb, trm, trv, True, 0.01, EPS)  # noqa: E731
+            tbn_out = lambda: a.native_batch_norm.out(tx, tg, tb, trm, trv, True, 0.01, EPS,  # noqa: E731
+                                                      out=tout, save_mean=tsm, save_invstd=tsi)
+            peers["PyTorch"] = [("aten.native_batch_norm", tbn, self._checker("PyTorch batch_norm", tbn, wants, NORM_TOL)),
+                                ("aten.native_batch_norm.out", tbn_out,
+                                 self._checker("PyTorch batch_norm .out", tbn_out, wants, NORM_TOL,
+                                               poison=[tout, tsm, tsi]))]
+        yield dict(op="batch_norm_forward", variant="training", nbytes=8 * N + 32 * f,
+                   traffic="read x, write y: 8 B/element; per column read gamma, beta, moving mean/var, "
+                           "write moving mean/var, batch mean, invstd: 32 B",
+                   ours=ours, check=check, peers=peers)
+        reset_moving()
+        _, sm_f, si_f = fm.ops.batch_norm_forward(x, gamma, beta, mm, mv, training=True, epsilon=EPS)
+        dx, dg, db = nans(n, f), nans(f), nans(f)
+        rdx, rdg, rdb = R.batch_norm_backward(dy64, x64, g64, self._f64(sm_f), self._f64(si_f))
+        wants = [("dx", self._host(rdx)), ("dgamma", self._host(rdg)), ("dbeta", self._host(rdb))]
+        del rdx
+        ours = lambda: fm.ops.batch_norm_backward(dy, x, gamma, sm_f, si_f, out=dx,  # noqa: E731
+                                                  dgamma_out=dg, dbeta_out=db)
+        peers = {}
+        if torch is not None:
+            tsm_f, tsi_f = torch.from_dlpack(sm_f), torch.from_dlpack(si_f)
+            tdg, tdb = torch.empty_like(tg), torch.empty_like(tg)
+            tbb = lambda: a.native_batch_norm_backward(tdy, tx, tg, trm, trv, tsm_f, tsi_f, True, EPS,  # noqa: E731
+                                                       [True, True, True])
+            tbb_out = lambda: a.native_batch_norm_backward.out(  # noqa: E731
+                tdy, tx, tg, trm, trv, tsm_f, tsi_f, True, EPS, [True, True, True], out0=tout, out1=tdg, out2=tdb)
+            peers["PyTorch"] = [("aten.native_batch_norm_backward", tbb,
+                                 self._checker("PyTorch batch_norm backward", tbb, wants, NORM_TOL)),
+                                ("aten.native_batch_norm_backward.out", tbb_out,
+                                 self._checker("PyTorch batch_norm backward .out", tbb_out, wants, NORM_TOL,
+                                               poison=[tout, tdg, tdb]))]
+        yield dict(op="batch_norm_backward", variant="training statistics", nbytes=12 * N + 20 * f,
+                   traffic="read dy, x, write dx: 12 B/element; per column read gamma, mean, invstd, "
+                           "write dgamma, dbeta: 20 B",
+                   ours=ours, check=self._checker("batch_norm_backward", ours, wants, NORM_TOL,
+                                                  poison=[dx, dg, db]), peers=peers)
+
+        # Layer normalisation (over the 128 features of each row).
+        y, sm, si = nans(n, f), nans(n), nans(n)
+        ry, rsm, rsi = R.layer_norm_forward(x64, g64, b64, epsilon=EPS)
+        wants = [("y", self._host(ry)), ("save_mean", self._host(rsm)), ("save_invstd", self._host(rsi))]
+        del ry
+        ours = lambda: fm.ops.layer_norm_forward(x, gamma, beta, epsilon=EPS, out=y,  # noqa: E731
+                                                 save_mean=sm, save_invstd=si)
+        peers = {}
+        if torch is not None:
+            tlm, tls = torch.empty((n, 1), device=tx.device), torch.empty((n, 1), device=tx.device)
+            tln = lambda: a.native_layer_norm(tx, [f], tg, tb, EPS)  # noqa: E731
+            tln_out = lambda: a.native_layer_norm.out(tx, [f], tg, tb, EPS, out0=tout, out1=tlm, out2=tls)  # noqa: E731
+            peers["PyTorch"] = [("aten.native_layer_norm", tln, self._checker("PyTorch layer_norm", tln, wants, NORM_TOL)),
+                                ("aten.native_layer_norm.out", tln_out,
+                                 self._checker("PyTorch layer_norm .out", tln_out, wants, NORM_TOL,
+                                               poison=[tout, tlm, tls]))]
+        yield dict(op="layer_norm_forward", variant="", nbytes=8 * N + 8 * f + 8 * n,
+                   traffic="read x, write y: 8 B/element; read gamma, beta: 8 B/column; "
+                           "write mean, invstd: 8 B/row",
+                   ours=ours, check=self._checker("layer_norm_forward", ours, wants, NORM_TOL, poison=[y, sm, si]),
+                   peers=peers)
+        _, sm_f, si_f = fm.ops.layer_norm_forward(x, gamma, beta, epsilon=EPS)
+        dx, dg, db = nans(n, f), nans(f), nans(f)
+        rdx, rdg, rdb = R.layer_norm_backward(dy64, x64, g64, self._f64(sm_f), self._f64(si_f))
+        wants = [("dx", self._host(rdx)), ("dgamma", self._host(rdg)), ("dbeta", self._host(rdb))]
+        del rdx
+        ours = lambda: fm.ops.layer_norm_backward(dy, x, gamma, sm_f, si_f, out=dx,  # noqa: E731
+                                                  dgamma_out=dg, dbeta_out=db)
+        peers = {}
+        if torch is not None:
+            tsm_f, tsi_f = torch.from_dlpack(sm_f).reshape(n, 1), torch.from_dlpack(si_f).reshape(n, 1)
+            tlb = lambda: a.native_layer_norm_backward(tdy, tx, [f], tsm_f, tsi_f, tg, tb,  # noqa: E731
+                                                       [True, True, True])
+            tlb_out = lambda: a.native_layer_norm_backward.out(  # noqa: E731
+                tdy, tx, [f], tsm_f, tsi_f, tg, tb, [True, True, True], out0=tout, out1=tdg, out2=tdb)
+            peers["PyTorch"] = [("aten.native_layer_norm_backward", tlb,
+                                 self._checker("PyTorch layer_norm backward", tlb, wants, NORM_TOL)),
+                                ("aten.native_layer_norm_backward.out", tlb_out,
+                                 self._checker("PyTorch layer_norm backward .out", tlb_out, wants, NORM_TOL,
+                                               poison=[tout, tdg, tdb]))]
+        yield dict(op="layer_norm_backward", variant="", nbytes=12 * N + 12 * f + 8 * n,
+                   traffic="read dy, x, write dx: 12 B/element; read gamma, write dgamma, dbeta: "
+                           "12 B/column; read mean, invstd: 8 B/row",
+                   ours=ours, check=self._checker("layer_norm_backward", ours, wants, NORM_TOL,
+                                                  poison=[dx, dg, db]), peers=peers)
+
+    def fused_cases(self, d_in, d_out, batch):
+        """Dense forward act(x @ w + b) and the input gradient act'(z) * (dy @ w^T) for each
+        non-relu activation: one fused fastmlp call vs fastmlp's GEMM then its activation
+        kernel in place vs PyTorch (addmm / mm = F.linear's kernels, then the activation's
+        .out in place)."""
+        import fastmlp as fm
+        R, xp, torch = fm.reference, self.dev.xp, self.torch
+        x, w, b = self.rand(batch, d_in), self.rand(d_in, d_out), self.rand(d_out)
+        dy, z = self.rand(batch, d_out), self.rand(batch, d_in)  # z: the previous layer's pre-activation
+        x64, w64, b64, dy64 = self._f64(x), self._f64(w), self._f64(b), self._f64(dy)
+        y, y2 = xp.empty((batch, d_out), np.float32), xp.empty((batch, d_out), np.float32)
+        dx, dx2 = xp.empty((batch, d_in), np.float32), xp.empty((batch, d_in), np.float32)
+        if torch is not None:
+            a = torch.ops.aten
+            tx, tb, tdy = torch.from_dlpack(x), torch.from_dlpack(b), torch.from_dlpack(dy)
+            tw = torch.from_dlpack(w).t().contiguous()  # torch's Linear layout: (out, in)
+            ty = torch.empty((batch, d_out), device=tx.device)
+            tdx = torch.empty((batch, d_in), device=tx.device)
+        for name in LAYER_ACTS:
+            if name == "relu":
+                continue
+            want = [("y", self._host(R.dense_forward(x64, w64, b64, activation=name)))]
+            fused = lambda name=name: fm.ops.dense_forward(x, w, b, activation=name, out=y)  # noqa: E731
+
+            def unfused(name=name):
+                fm.ops.dense_forward(x, w, b, out=y2)
+                return fm.ops.activation(y2, name, out=y2)
+
+            peers = {"fastmlp unfused": [("dense_forward, then activation in place", unfused,
+                                          self._checker(f"unfused dense+{name}", unfused, want, GEMM_TOL,
+                                                        poison=[y2]))]}
+            if torch is not None:
+                fwd = torch_activation(torch, name)
+
+                def t_fwd(fwd=fwd):
+                    torch.addmm(tb, tx, tw.t(), out=ty)
+                    return fwd(ty, ty)
+
+                peers["PyTorch"] = [(f"addmm (F.linear), then aten.{TORCH_ACT_FWD[name]}.out in place", t_fwd,
+                                     self._checker(f"PyTorch linear+{name}", t_fwd, want, GEMM_TOL, poison=[ty]))]
+            yield dict(op="dense_forward", variant=name, m=batch, n=d_out, k=d_in, ours=fused,
+                       check=self._checker(f"dense_forward {name}", fused, want, GEMM_TOL, poison=[y]), peers=peers)
+
+            needs_input = name in ("gelu", "silu", "softplus")
+            saved = z if needs_input else fm.ops.activation(z, name)
+            want = [("dx", self._host(R.dense_backward_input(dy64, w64, activation=name, saved=self._f64(saved),
+                                                             saved_is_input=needs_input)))]
+            fused = lambda name=name, s=saved, ni=needs_input: fm.ops.dense_backward_input(  # noqa: E731
+                dy, w, activation=name, saved=s, saved_is_input=ni, out=dx)
+
+            def unfused_b(name=name, s=saved, ni=needs_input):
+                fm.ops.dense_backward_input(dy, w, out=dx2)
+                return fm.ops.activation_backward(dx2, s, name, saved_is_input=ni, out=dx2)
+
+            peers = {"fastmlp unfused": [("dense_backward_input, then activation_backward in place", unfused_b,
+                                          self._checker(f"unfused dX+{name}", unfused_b, want, GEMM_TOL,
+                                                        poison=[dx2]))]}
+            if torch is not None:
+                bwd, ts = torch_activation_backward(torch, name), torch.from_dlpack(saved)
+
+                def t_bwd(bwd=bwd, ts=ts):
+                    torch.mm(tdy, tw, out=tdx)
+                    return bwd(tdx, ts, tdx)
+
+                peers["PyTorch"] = [(f"mm (F.linear's dX), then aten.{TORCH_ACT_BWD[name]}.grad_input in place",
+                                     t_bwd, self._checker(f"PyTorch dX+{name}", t_bwd, want, GEMM_TOL,
+                                                          poison=[tdx]))]
+            yield dict(op="dense_backward_input", variant=f"{name}, saved {'input z' if needs_input else 'output y'}",
+                       m=batch, n=d_in, k=d_out, ours=fused,
+                       check=self._checker(f"dense_backward_input {name}", fused, want, GEMM_TOL, poison=[dx]),
+                       peers=peers)
+
+    def run_layers(self):
+        """Issue 15's layers: each activation forward and backward, dropout, batch and layer
+        normalisation in GB/s against the copy bandwidth and PyTorch's same op; then fused
+        Dense + activation vs the same work unfused, and vs PyTorch."""
+        copy = self.ceilings.get("copy_gbps")
+        if self.torch is None:
+            log(f"  layers: PyTorch rows missing: {self.torch_reason}")
+        for n, f in self.layer_sizes():
+            shape = f"{n}x{f}"
+            for case in self.layer_cases(n, f):
+                row, peers = self._timed_layer_rows(case["op"], shape, case["variant"], case["ours"], case["check"],
+                                                    case["peers"], nbytes=case["nbytes"], roof=copy,
+                                                    traffic=case["traffic"], problem="elementwise")
+                log(f"  {case['op']:22s} {case['variant']:28s} {shape:>10s} fastmlp {row['gbps']:7.1f} GB/s"
+                    + (f" ({row['pct_of_roof']:5.1f}% of copy)" if row.get("pct_of_roof") else "")
+                    + "".join(f"  {k} {v['gbps']:7.1f} (x{row['vs'][k]['ratio']:.2f})" for k, v in peers.items())
+                    + ("" if row["checked"] else f"  FAIL {row['error']}"))
+        for d_in, d_out, batch in self.fused_shapes():
+            problem = f"{d_in}->{d_out} B={batch}"
+            for case in self.fused_cases(d_in, d_out, batch):
+                m, n, k = case["m"], case["n"], case["k"]
+                row, peers = self._timed_layer_rows(
+                    case["op"], f"{m}x{n}x{k}", case["variant"], case["ours"], case["check"], case["peers"],
+                    flops=2.0 * m * n * k, nbytes=4.0 * (m * k + k * n + m * n), problem=problem,
+                    roof=self.ceilings.get("peak_gflops"), roof_key="gflops", fused=True)
+                log(f"  {case['op']:22s} {case['variant']:28s} {problem:>18s} fused {row['median_s'] * 1e3:8.3f} ms"
+                    + "".join(f"  {k_} {v['median_s'] * 1e3:8.3f} (x{row['vs'][k_]['ratio']:.2f})"
+                              for k_, v in peers.items())
+                    + ("" if row["checked"] else f"  FAIL {row['error']}"))
 
     # -- denormal data (CPU) ------------------------------------------------------------
     def run_denormal(self):

@@ -355,3 +355,70 @@ def test_denormal_section_rows_and_report(run):
                                    "versions": {}, "device_kind": "cpu", "env": {}},
                           "ceilings": {}, "rows": bench.rows, "skipped": {}, "failures": []})
     assert "## Denormal data" in md and "flush off (IEEE)" in md
+
+
+# -- the layers section (issue 15) ---------------------------------------------------------------
+
+def tiny_layers_bench(run, monkeypatch):
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    bench.repeats, bench.min_time = 3, 0.0
+    bench.ceilings = {"copy_gbps": 10.0, "copy_bytes": 1 << 20, "peak_gflops": 100.0, "peak_how": "assumed"}
+    monkeypatch.setattr(bench, "layer_sizes", lambda: [(33, 128)])
+    monkeypatch.setattr(bench, "fused_shapes", lambda: [(40, 24, 17)])
+    return bench
+
+
+def test_layers_section_rows_are_complete_checked_and_reported(monkeypatch, run):
+    """Every activation forward and backward, dropout, batch and layer norm, and the fused
+    Dense rows: checked against fastmlp.reference, with PyTorch (and the unfused fastmlp
+    calls) as peers, and both tables in the report."""
+    torch = pytest.importorskip("torch")
+    bench = tiny_layers_bench(run, monkeypatch)
+    bench.run_layers()
+    assert not bench.failures
+    ours = [r for r in bench.rows if r["section"] == "layers" and r["impl"] == "fastmlp"]
+    elementwise = [r for r in ours if not r.get("fused")]
+    assert [(r["op"], r["variant"].split(",")[0]) for r in elementwise if r["op"].startswith("activation")] == \
+        [(op, a) for a in run.LAYER_ACTS for op in ("activation", "activation_backward")]
+    assert [r["op"] for r in elementwise[-6:]] == ["dropout", "dropout_backward", "batch_norm_forward",
+                                                   "batch_norm_backward", "layer_norm_forward",
+                                                   "layer_norm_backward"]
+    for r in elementwise:
+        assert r["checked"] and r["rel_err"] is not None and r["shape"] == "33x128"
+        assert r["gbps"] > 0 and r["pct_of_roof"] > 0 and r["traffic"]
+        assert r["vs"]["PyTorch"]["ratio"] > 0
+    fused = [r for r in ours if r.get("fused")]
+    assert len(fused) == 2 * (len(run.LAYER_ACTS) - 1)
+    for r in fused:
+        assert r["checked"] and r["rel_err"] < run.GEMM_TOL and r["problem"] == "40->24 B=17"
+        assert set(r["vs"]) == {"fastmlp unfused", "PyTorch"}
+    # every peer row was checked too, and names the overload that ran
+    peers = [r for r in bench.rows if r["section"] == "layers" and r["impl"] != "fastmlp"]
+    assert peers and all(r["checked"] and r["peer_variant"] for r in peers)
+    bn = next(r for r in peers if r["op"] == "batch_norm_backward")
+    assert len(bn["candidates"]) == 2  # the allocating and the out= overload, the faster kept
+    md = epoch_report(bench)
+    assert "## Layers: activations, dropout, normalisation" in md
+    assert "| activation_backward (gelu, saved input z) | 33x128 |" in md
+    assert "## Fused Dense + activation vs unfused" in md and "| 40->24 B=17 | dense_forward | silu |" in md
+
+
+def test_layers_section_reports_a_wrong_activation(monkeypatch, run):
+    import fastmlp as fm
+    pytest.importorskip("torch")
+    bench = tiny_layers_bench(run, monkeypatch)
+    monkeypatch.setattr(run, "LAYER_ACTS", ("relu", "tanh"))
+    real = fm.ops.activation
+
+    def broken(x, name, **kw):
+        y = real(x, name, **kw)
+        if name == "tanh":
+            y[0, 0] += 0.5
+        return y
+
+    monkeypatch.setattr(fm.ops, "activation", broken)
+    bench.run_layers()
+    # the tanh forward and the unfused Dense + tanh both used it; nothing else did
+    assert len(bench.failures) == 2 and all("tanh" in f and "fastmlp" in f for f in bench.failures)
+    bad = [r for r in bench.rows if r["section"] == "layers" and not r["checked"]]
+    assert [(r["op"], r["impl"]) for r in bad] == [("activation", "fastmlp"), ("dense_forward", "fastmlp unfused")]
