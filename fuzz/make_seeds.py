@@ -2,7 +2,7 @@
 
 The seeds are small valid files, one per kind the readers accept: an IDX file of every
 type code (raw and gzip), a rank-1 and an empty one; a tiny trained model with and
-without its optimizer state, and one saved before compile. The IDX bytes are written
+without its optimizer state, one saved before compile, and one of every layer class. The IDX bytes are written
 with struct (independently of read_idx). Rerun after a format change:
 
     python fuzz/make_seeds.py
@@ -53,11 +53,19 @@ def model_seeds() -> dict:
     model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
     model.fit(x, y, epochs=1, batch_size=4, verbose=0, device="cpu")
     bare = fm.Sequential([fm.Dense(2, input_dim=3, use_bias=False)])
+    # every layer class (format version 3): BatchNormalization's moving statistics,
+    # the normalisation and dropout settings for the loader's checks
+    layers = fm.Sequential([fm.Dense(3, input_dim=4), fm.BatchNormalization(momentum=0.9),
+                            fm.Activation("gelu"), fm.Dropout(0.25, seed=5),
+                            fm.LayerNormalization(center=False), fm.Dense(2)])
+    layers.compile("sgd", "sparse_categorical_crossentropy")
+    layers.fit(x, y, epochs=1, batch_size=4, verbose=0, device="cpu")
     seeds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, m, opt in (("seed-adam.safetensors", model, True),
                              ("seed-no-optimizer.safetensors", model, False),
-                             ("seed-uncompiled.safetensors", bare, False)):
+                             ("seed-uncompiled.safetensors", bare, False),
+                             ("seed-layers.safetensors", layers, True)):
             path = Path(tmp) / name
             m.save(path, include_optimizer=opt)
             seeds[name] = path.read_bytes()

@@ -99,25 +99,39 @@ def _positive_int(value, name: str, where: str, optional: bool = False):
     if value is None and optional:
         return None
     if not _is_int(value) or value < 1:
-        raise ValueError(f"{where}: {name!r} must be a positive integer, got {value!r}")
+        raise ValueError(f"{where}: {name!r} must be a positive integer, got {_show(value)}")
     return int(value)
+
+
+def _show(value) -> str:
+    """repr for a message; a huge integer (a corrupt file's) by its size instead (its
+    repr may exceed Python's digit limit and raise)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def _number(value, name: str, where: str, lo: float, hi: float, lo_open=False, hi_open=True):
     """A real number in [lo, hi) (the bounds' openness as given) or ValueError."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) \
-        and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+        and not isinstance(value, (bool, np.bool_))
+    if ok:
+        try:
+            ok = math.isfinite(value)
+        except OverflowError:  # an int beyond float's range
+            ok = False
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{where}: {name!r} must be a number in {interval}, got {value!r}")
+        raise ValueError(f"{where}: {name!r} must be a number in {interval}, got "
+                         f"{_show(value)}")
     return float(value)
 
 
 def _bool(value, name: str, where: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{where}: {name!r} must be True or False, got {value!r}")
+        raise ValueError(f"{where}: {name!r} must be True or False, got {_show(value)}")
     return bool(value)
 
 
@@ -394,7 +408,7 @@ class Dropout(Layer):
         self.rate = _number(rate, "rate", "Dropout", 0.0, 1.0)
         if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
             raise ValueError(f"Dropout: 'seed' must be None or an integer in [0, 2**64), got "
-                             f"{seed!r}")
+                             f"{_show(seed)}")
         self.seed = None if seed is None else int(seed)
         # Standalone calls (layer(x, training=True)) draw from their own counter, under
         # a seed drawn at the first such call (so merely making a Dropout does not move
