@@ -99,6 +99,8 @@ CASES += [
     Case("batchnorm-first-no-affine",
          lambda: [fm.BatchNormalization(center=False, scale=False, input_dim=37),
                   fm.Dense(16, activation="relu"), fm.BatchNormalization(momentum=0.9),
+                  fm.Dense(12), fm.BatchNormalization(center=False, scale=False),
+                  fm.Activation("tanh"), fm.LayerNormalization(center=False, scale=False),
                   fm.Dense(7)], OPTIMIZERS["sgd"], n=100, fit=dict(epochs=2, batch_size=16)),
     Case("layernorm-last-onehot",
          lambda: [fm.Dense(16, activation="elu", input_dim=37), fm.LayerNormalization(),
