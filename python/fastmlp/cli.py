@@ -117,6 +117,11 @@ def _train(args) -> int:
         opt = (fm.optim.Adam if args.optimizer == "adam" else fm.optim.AdamW)(lr=args.lr, **kw)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     sizes = "-".join(str(s) for s in [x_train.shape[1], *args.hidden, classes])
+    extras = [args.activation] if args.hidden and args.activation != "relu" else []
+    extras += ["BatchNormalization"] if args.hidden and args.batchnorm else []
+    extras += [f"Dropout({args.dropout})"] if args.hidden and args.dropout else []
+    if extras:
+        sizes += f" ({', '.join(extras)})"
     print(f"fastmlp train: {args.dataset} {sizes} {opt!r} batch {args.batch_size}, "
           f"{args.epochs} epochs, {len(x_train)} samples"
           + (f" ({args.validation_split:g} held out for validation)"
