@@ -913,7 +913,6 @@ class Bench:
         y, y2 = xp.empty((batch, d_out), np.float32), xp.empty((batch, d_out), np.float32)
         dx, dx2 = xp.empty((batch, d_in), np.float32), xp.empty((batch, d_in), np.float32)
         if torch is not None:
-            a = torch.ops.aten
             tx, tb, tdy = torch.from_dlpack(x), torch.from_dlpack(b), torch.from_dlpack(dy)
             tw = torch.from_dlpack(w).t().contiguous()  # torch's Linear layout: (out, in)
             ty = torch.empty((batch, d_out), device=tx.device)

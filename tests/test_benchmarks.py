@@ -372,7 +372,7 @@ def test_layers_section_rows_are_complete_checked_and_reported(monkeypatch, run)
     """Every activation forward and backward, dropout, batch and layer norm, and the fused
     Dense rows: checked against fastmlp.reference, with PyTorch (and the unfused fastmlp
     calls) as peers, and both tables in the report."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     bench = tiny_layers_bench(run, monkeypatch)
     bench.run_layers()
     assert not bench.failures

@@ -247,12 +247,14 @@ def check_model(path: Path) -> None:
     if model is not None:  # what loads holds the file's weights, as float32
         from safetensors import safe_open
 
+        names = [f"layers.{i}.{name}" for i, layer in enumerate(model.layers)
+                 for name in layer.weight_names()]
+        weights = model.get_weights()
+        assert len(names) == len(weights)
         with safe_open(str(path), framework="numpy") as f:
-            for i, w in enumerate(model.get_weights()):
-                layer, kind = divmod(i, 2)
+            for name, w in zip(names, weights):
                 assert w.dtype == np.float32
-                np.testing.assert_array_equal(w, f.get_tensor(f"layers.{layer}."
-                                                              + ("kernel", "bias")[kind]))
+                np.testing.assert_array_equal(w, f.get_tensor(name))
 
 
 @PROPERTY
