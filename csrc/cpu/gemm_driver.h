@@ -101,10 +101,6 @@ struct Gemm {
         bool relu;
         const float* mask;     // at the tile's origin, or null
         int64_t ld_mask;
-        // [issue 15] the general activation epilogue (act, dropout, grad_act),
-        // or null; applied to the stored tile, whose origin is C(i0, j0).
-        const GemmEpilogue* gen;
-        int64_t i0, j0, n;
     };
 
     static FASTMLP_INLINE V finish(V t, int i, int v, int cnt, const Update& u) {
@@ -195,10 +191,6 @@ struct Gemm {
                 }
             }
         }
-        // [issue 15] The general activation epilogue on the tile just stored
-        // (still in L1): a call into cpu/activation.cpp, whose loops are
-        // vectorised per activation and compiled once for every driver.
-        if (u.gen) act_epilogue_rows(*u.gen, c, ldc, u.i0, mr, u.j0, nr, u.n);
     }
 
     // op(A)[i0:i0+mc, p0:p0+kc] -> MR-tall k-major panels, zero-padded.
@@ -296,12 +288,8 @@ struct Gemm {
                         u.bias = (last && g.ep.bias) ? g.ep.bias + jc + jr : nullptr;
                         u.relu = last && g.ep.relu;
                         u.ld_mask = g.ep.ld_mask;
-                        u.gen = nullptr;  // the activation epilogue: per block, below
-                        u.j0 = jc + jr;
-                        u.n = g.n;
                         for (int64_t ir = 0; ir < mc; ir += MR) {
                             const int mr = static_cast<int>(imin(MR, mc - ir));
-                            u.i0 = ic + ir;
                             float* ct = g.c + (ic + ir) * g.ldc + jc + jr;
                             u.mask = (last && g.ep.relu_mask)
                                          ? g.ep.relu_mask + (ic + ir) * g.ep.ld_mask + jc + jr
@@ -327,8 +315,10 @@ struct Gemm {
                             }
                         }
                     }
-                    // [issue 15] The activation epilogue once per finished MC x NC
-                    // block (<= 256 KB: still in L2) rather than per micro-tile: its
+                    // [issue 15] The activation epilogue (cpu/activation.cpp: its loops
+                    // vectorised per activation, compiled once for every driver) once
+                    // per finished MC x NC block (<= 256 KB: still in L2) rather than
+                    // per micro-tile inside tile(): its
                     // rows are then up to NC long, and the vector loops over them
                     // (erf, exp polynomials, the dropout Philox) run at the speed of
                     // the standalone kernel; per 8 x 32 tile they ran 2x slower
@@ -379,6 +369,7 @@ struct Gemm {
             b_rs = W;
         }
         const int64_t tiles = cdiv(g.m, RN);
+        const bool act = g.ep.has_act() || g.ep.has_grad_act();
         const int64_t want = g.threads > 1 ? int64_t(g.threads) * kChunksPerThread : 1;
         const int64_t parts = tiles < want ? tiles : want;
         bool ok = true;
@@ -395,10 +386,6 @@ struct Gemm {
                 u.relu = g.ep.relu;
                 u.ld_mask = g.ep.ld_mask;
                 u.mask = g.ep.relu_mask ? g.ep.relu_mask + i0 * g.ep.ld_mask : nullptr;
-                u.gen = g.ep.has_act() || g.ep.has_grad_act() ? &g.ep : nullptr;
-                u.i0 = i0;
-                u.j0 = 0;
-                u.n = g.n;
                 float* ct = g.c + i0 * g.ldc;
                 if (!g.trans_a) {
                     tile<false, true, RN, 1>(g.k, g.a + i0 * g.lda, g.lda, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
@@ -415,6 +402,8 @@ struct Gemm {
                             edge[p * RN + i] = i < mr ? g.a[p * g.lda + i0 + i] : 0.0f;
                     tile<true, true, RN, 1>(g.k, edge, RN, bp, b_rs, ct, g.ldc, mr, int(g.n), u);
                 }
+                if (act)  // [issue 15] the activation epilogue on these rows, while in L1
+                    act_epilogue_rows(g.ep, ct, g.ldc, i0, mr, 0, g.n, g.n);
             }
         };
         parallel_chunks(parts, g.threads, chunk);
@@ -468,7 +457,8 @@ struct Gemm {
                     continue;
                 }
                 for (int64_t j = 0; j < g.n; ++j) cr[j] = epilogue_at(pr[j] + cr[j], ep, r, j);
-                act_epilogue_rows(ep, cr, g.ldc, r, 1, 0, g.n, g.n);  // [issue 15]
+                if (ep.has_act() || ep.has_grad_act())  // [issue 15]
+                    act_epilogue_rows(ep, cr, g.ldc, r, 1, 0, g.n, g.n);
             }
         }
         if (ep.colsum_b) colsum(g, 0, g.n);
