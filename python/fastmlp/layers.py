@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from . import _act_codes
 from ._random import generator
 
 __all__ = ["Layer", "Dense", "Activation", "Dropout", "BatchNormalization",
@@ -28,8 +29,7 @@ __all__ = ["Layer", "Dense", "Activation", "Dropout", "BatchNormalization",
 # The activations of Dense(activation=...) and Activation(...): the elementwise ones
 # (codes of csrc/kernel_math.h ActCode, also fastmlp.ops.ACTIVATIONS) and softmax
 # (the model's output only: fused with the cross-entropy loss).
-ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "gelu", "silu", "swish", "elu",
-               "softplus", "leaky_relu", "softmax")
+ACTIVATIONS = tuple(_act_codes.ACTIVATIONS) + ("softmax",)
 
 
 def _activation_arg(activation, where: str):

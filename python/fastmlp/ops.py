@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _C, _gemm_tuning, _nvtx
+from . import _C, _act_codes, _gemm_tuning, _nvtx
 from ._interop import Checker, address
 
 _cpu = _C.cpu
@@ -149,14 +149,10 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
 
 _ACTIVATIONS = (None, "linear", "relu")
 
-# [issue 15] The elementwise activations by name -> kernel code (kernel_math.h
-# ActCode; None means "linear"). gelu is the exact (erf) one, elu has alpha 1,
-# leaky_relu slope 0.2 (Keras' default). "softmax" is not elementwise: the
-# softmax-cross-entropy ops handle it.
-ACTIVATIONS = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3, "gelu": 4, "silu": 5,
-               "swish": 5, "elu": 6, "softplus": 7, "leaky_relu": 8}
-# Codes whose derivative needs the pre-activation (kernel_math.h act_needs_input).
-_NEEDS_INPUT = frozenset((4, 5, 7))
+# [issue 15] The elementwise activations by name -> kernel code (None means
+# "linear"), and the codes whose derivative needs the pre-activation.
+ACTIVATIONS = _act_codes.ACTIVATIONS
+_NEEDS_INPUT = _act_codes.NEEDS_INPUT
 _NO_DROPOUT = (0, 1.0, 0, 0, 0)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _C
+from ._act_codes import ACTIVATIONS, NEEDS_INPUT
 
 __all__ = ["Buf", "Op", "StepPlan", "build_plan", "validate", "ROWS", "TRAIN", "EVALUATE",
            "PREDICT", "OPCODES"]
@@ -183,8 +184,6 @@ def _stages(layers):
 
 
 def _act_code(name) -> int:
-    from .ops import ACTIVATIONS
-
     return ACTIVATIONS["linear" if name in (None, "softmax") else name]
 
 
@@ -204,7 +203,6 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     ``precision``: the GEMM precision (0 fp32, 1 tf32); ``seed``: the model's seed
     (Dropout layers without their own draw their masks from it).
     """
-    from . import _C
     from .layers import Activation, Dense
     from .ops import dropout_constants
 
@@ -275,7 +273,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
         fwd_out[i] = b.add(f"layer{i}.out", "act", (ROWS, layer.output_dim))
         if st.kind == "dense":
             act = layer.activation if layer.activation != "softmax" else None
-            if act is not None and (_act_code(act) in (4, 5, 7) or (
+            if act is not None and (_act_code(act) in NEEDS_INPUT or (
                     st.dropout is not None and act in _OUTPUT_RULE_NEEDS_UNSCALED)):
                 preact[i] = b.add(f"layer{i}.preact", "act", (ROWS, layer.units))
         elif st.kind in ("bn", "ln"):

@@ -28,6 +28,8 @@ import math
 
 import numpy as np
 
+from . import _act_codes
+
 __all__ = [
     "gemm",
     "dense_forward",
@@ -515,9 +517,8 @@ def layer_norm_backward(dy, x, gamma, save_mean, save_invstd, *, out=None, dgamm
 # (issue 15) The elementwise activations of kernel_math.h, in the input's dtype
 # (the tests use float64), and inverted dropout with the kernels' Philox mask.
 
-ACTIVATIONS = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3, "gelu": 4, "silu": 5,
-               "swish": 5, "elu": 6, "softplus": 7, "leaky_relu": 8}
-_NEEDS_INPUT = (4, 5, 7)
+ACTIVATIONS = _act_codes.ACTIVATIONS
+_NEEDS_INPUT = _act_codes.NEEDS_INPUT
 _LEAKY_SLOPE = 0.2
 
 
