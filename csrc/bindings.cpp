@@ -392,6 +392,10 @@ void bind_engine(py::module_& mod) {
             d["bad_row"] = st.bad_row;
             d["nonfinite_param_step"] = st.nonfinite_param_step;
             d["rng_step"] = st.rng_step;
+            py::list metric;
+            for (int i = 0; i < fastmlp::kNumMetricSums; ++i) metric.append(st.metric[i]);
+            d["metric"] = metric;
+            d["penalty_sum"] = st.penalty_sum;
             return d;
         })
         .def("run", &Engine::run, py::call_guard<py::gil_scoped_release>())

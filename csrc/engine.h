@@ -42,6 +42,17 @@ namespace engine {
 //             dim: in, out, act, precision, drop_threshold, drop_scale, drop_key
 //             y = dropout(act(x @ w + b)); preact = x @ w + b when given
 //             gemm_ex
+// loss        buf: pred, labels, sample_weight-, dpred-, row_loss, scalars
+//             dim: cols, label kind, loss kind (LossKind), delta (float bits),
+//             label_smoothing (float bits), backward
+//             loss_fused: scalars.loss = sum_r w_r L_r / n, dpred (backward)
+// metrics     buf: pred, labels, probs_out-, row_scratch, scalars
+//             dim: cols, label kind, flags (MetricFlag), transform, k,
+//             threshold (float bits)
+//             metrics_fused: scalars.metric[] = the step's per-metric sums
+// clip        buf: params, grads, offsets, l1l2-, scale, work
+//             dim: segments, mode (0 per tensor, 1 global), max_norm (float bits)
+//             grad_clip_scale: scale[k] of each parameter segment
 // xent        buf: logits, labels, out, row_loss, row_hits, scalars
 //             dim: classes, label kind, backward
 //             softmax-cross-entropy, fused: out = dlogits (backward) or
@@ -66,22 +77,35 @@ namespace engine {
 //                                                           layernorm_fwd
 // ln_bwd      buf: dy, x, gamma-, mean, invstd, dx, dgamma-, dbeta-
 //             dim: cols                                     layernorm_bwd
-// optimizer   buf: params, grads, s0-, s1-, hyper, state
+// optimizer   buf: params, grads, s0-, s1-, hyper, state, s2-, scale-, penalty-
 //             dim: size, kind (0 SGD: s0 = momentum buffer; 1 Adam/AdamW:
-//             s0 = m, s1 = v)
-//             one launch over the flat parameters, with hyper[state.step];
+//             s0 = m, s1 = v; 2 RMSprop: s0 = square_avg, s1 = momentum
+//             buffer-, s2 = grad_avg-), offset (elements into the flat
+//             buffers), l1, l2, clipvalue (float bits), segment
+//             one launch over elements offset .. offset+size-1 of the flat
+//             parameters, with hyper[state.step]; the gradient transform
+//             (kernel_math.h GradTransform: l1/l2, scale[segment] when scale
+//             is given, clipvalue) before the update, and the regularization
+//             penalty of the segment's pre-update weights into
+//             penalty[segment] when penalty is given;
 //             records the first step that left a parameter NaN or +-Inf in
 //             state.nonfinite_param_step (checked in the same pass over the
 //             parameters: no extra read)
 // store       buf: src, dst, state      dim: cols, batch
 //             rows 0..n of src to rows b*s.. of dst (predict's output)
-// step_end    buf: state, scalars-
-//             loss_sum += loss * n, correct += hits, records the first
-//             non-finite loss, then state.step += 1, state.rng_step += 1
+// step_end    buf: state, scalars-, penalty-
+//             dim: penalty segments, metrics (1: add scalars.metric[])
+//             loss_sum += loss * n, correct += hits, penalty_sum +=
+//             sum_k penalty[k] * n, metric[i] += scalars.metric[i], records
+//             the first non-finite loss, then state.step += 1,
+//             state.rng_step += 1
 #define FASTMLP_OPCODES(X) \
     X(gather)              \
     X(dense_fwd)           \
     X(xent)                \
+    X(loss)                \
+    X(metrics)             \
+    X(clip)                \
     X(act_fwd)             \
     X(act_bwd)             \
     X(dense_bwd_w)         \
@@ -107,7 +131,7 @@ constexpr int kNumOpCodes = 0
 
 const char* opcode_name(OpCode code);
 
-constexpr int kMaxBufs = 8;
+constexpr int kMaxBufs = 10;
 constexpr int kMaxDims = 8;
 
 struct PlanOp {
@@ -129,8 +153,11 @@ struct EngineState {
     int64_t nonfinite_param_step;  // the first step whose update left a parameter non-finite, or -1
     int64_t rng_step;        // the optimizer step number of this step: dropout's counter
     int64_t reserved;
+    double metric[kNumMetricSums];  // the metrics op's sums (MetricFlag order), over the pass
+    double penalty_sum;      // sum over steps of (regularization penalty * rows)
+    double reserved2[2];
 };
-static_assert(sizeof(EngineState) == 64, "plan.py allocates 64 bytes");
+static_assert(sizeof(EngineState) == 128, "plan.py sizes it from engine_sizes");
 
 // What one xent op leaves for step_end (and for the Python executor).
 struct StepScalars {
@@ -139,8 +166,10 @@ struct StepScalars {
     int64_t hits;
     int64_t bad_row;
     int64_t reserved1;
+    double metric[kNumMetricSums];  // the step's metric sums (metrics op)
+    double reserved2[3];
 };
-static_assert(sizeof(StepScalars) == 32, "plan.py allocates 32 bytes");
+static_assert(sizeof(StepScalars) == 96, "plan.py sizes it from engine_sizes");
 
 // The optimizer's constants for one step, computed on the host (adam_hyper,
 // in double, exactly as the per-call ops do) so the engine's update is the
@@ -148,9 +177,10 @@ static_assert(sizeof(StepScalars) == 32, "plan.py allocates 32 bytes");
 struct StepHyper {
     SgdHyper sgd;
     AdamHyper adam;
+    RmspropHyper rmsprop;
 };
 
-enum OptKind : int64_t { kSgd = 0, kAdam = 1 };
+enum OptKind : int64_t { kSgd = 0, kAdam = 1, kRmsprop = 2 };
 
 // One bound plan on one device. Pointers are addresses in the engine's
 // memory (host for the CPU engine, device for CUDA); nothing is allocated
@@ -168,9 +198,11 @@ public:
     // The optimizer constants of steps 0..lrs.size() of the coming pass into
     // the hyper buffer `hyper_buf` (which holds >= lrs.size() StepHyper):
     // step s runs with learning rate lrs[s] and optimizer step number step0 + s.
+    // RMSprop reads momentum, eps, weight_decay, alpha and centered.
     void set_schedule(int hyper_buf, int64_t kind, const std::vector<double>& lrs,
                       int64_t step0, double momentum, double beta1, double beta2, double eps,
-                      double weight_decay, bool nesterov, bool decoupled);
+                      double weight_decay, bool nesterov, bool decoupled, double alpha,
+                      bool centered);
     // EngineState at `state_buf` reset for a new pass (step 0, sums 0, flags -1,
     // rng_step = the step0 of the last set_schedule, else 1).
     void begin_pass(int state_buf);

@@ -41,8 +41,12 @@ unsigned optional_buffers(OpCode code) {
         case OpCode::bn_bwd: return (1u << 2) | (1u << 6) | (1u << 7);
         case OpCode::ln_fwd: return (1u << 1) | (1u << 2);
         case OpCode::ln_bwd: return (1u << 2) | (1u << 6) | (1u << 7);
-        case OpCode::optimizer: return (1u << 2) | (1u << 3);
-        case OpCode::step_end: return 1u << 1;
+        case OpCode::loss: return (1u << 2) | (1u << 3);
+        case OpCode::metrics: return 1u << 2;
+        case OpCode::clip: return 1u << 3;
+        case OpCode::optimizer:
+            return (1u << 2) | (1u << 3) | (1u << 6) | (1u << 7) | (1u << 8) | (1u << 9);
+        case OpCode::step_end: return (1u << 1) | (1u << 2);
         default: return 0u;
     }
 }
@@ -98,8 +102,10 @@ void Engine::set_buffers(const std::vector<std::uintptr_t>& addresses) {
 
 void Engine::set_schedule(int hyper_buf, int64_t kind, const std::vector<double>& lrs,
                           int64_t step0, double momentum, double beta1, double beta2, double eps,
-                          double weight_decay, bool nesterov, bool decoupled) {
-    FASTMLP_CHECK(kind == kSgd || kind == kAdam, "engine: unknown optimizer kind " << kind);
+                          double weight_decay, bool nesterov, bool decoupled, double alpha,
+                          bool centered) {
+    FASTMLP_CHECK(kind == kSgd || kind == kAdam || kind == kRmsprop,
+                  "engine: unknown optimizer kind " << kind);
     FASTMLP_CHECK(step0 >= 1, "engine: optimizer steps count from 1, got " << step0);
     std::vector<StepHyper> table(lrs.size());
     for (size_t s = 0; s < lrs.size(); ++s) {
@@ -112,6 +118,8 @@ void Engine::set_schedule(int hyper_buf, int64_t kind, const std::vector<double>
         if (kind == kAdam)
             h.adam = adam_hyper(lrs[s], beta1, beta2, eps, weight_decay, decoupled,
                                 step0 + static_cast<int64_t>(s));
+        if (kind == kRmsprop)
+            h.rmsprop = rmsprop_hyper(lrs[s], alpha, eps, weight_decay, momentum, centered);
     }
     if (!table.empty()) write(buffer(hyper_buf), table.data(), table.size() * sizeof(StepHyper));
     schedule_steps_ = static_cast<int64_t>(table.size());

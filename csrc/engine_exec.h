@@ -11,9 +11,16 @@
 //        backward, stream)        softmax_xent_fused into *scalars
 //   gather(x_src, y_src, order, x_dst, y_dst, state, rows, features,
 //          label_bytes, batch, source_rows, stream)
-//   optimizer(kind, params, grads, s0, s1, size, hyper, state, stream)
+//   loss(pred, labels, kind, sample_weight, dpred, row_loss, scalars, rows,
+//        cols, spec, stream)     loss_fused into *scalars
+//   metrics(pred, labels, kind, probs_out, scratch, scalars, rows, cols,
+//           spec, stream)        metrics_fused into scalars->metric
+//   clip(params, grads, offsets, l1l2, segments, mode, max_norm, scale,
+//        work, stream)           grad_clip_scale
+//   optimizer(kind, params, grads, s0, s1, s2, size, hyper, state, transform,
+//             stream)            (pointers already offset to the segment)
 //   store(src, dst, state, rows, cols, batch, stream)
-//   step_end(state, scalars, rows, stream)
+//   step_end(state, scalars, penalty, segments, metrics, rows, stream)
 // where state / hyper / scalars point into engine memory (read on the device
 // on CUDA: the step index is never a launch argument).
 #pragma once
@@ -81,6 +88,31 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
                       static_cast<int32_t*>(buf(4)), static_cast<StepScalars*>(buf(5)), n, d[0],
                       d[2] != 0, stream);
             break;
+        case OpCode::loss: {
+            LossSpec spec;
+            spec.kind = static_cast<int32_t>(d[2]);
+            spec.delta = dim_float(d[3]);
+            spec.label_smoothing = dim_float(d[4]);
+            Dev::loss(f32(0), buf(1), static_cast<LabelKind>(d[1]), f32(2),
+                      d[5] != 0 ? f32(3) : nullptr, f32(4), static_cast<StepScalars*>(buf(5)), n,
+                      d[0], spec, stream);
+            break;
+        }
+        case OpCode::metrics: {
+            MetricSpec spec;
+            spec.flags = static_cast<int32_t>(d[2]);
+            spec.transform = static_cast<int32_t>(d[3]);
+            spec.k = static_cast<int32_t>(d[4]);
+            spec.threshold = dim_float(d[5]);
+            Dev::metrics(f32(0), buf(1), static_cast<LabelKind>(d[1]), f32(2), f32(3),
+                         static_cast<StepScalars*>(buf(4)), n, d[0], spec, stream);
+            break;
+        }
+        case OpCode::clip:
+            Dev::clip(f32(0), f32(1), static_cast<const int64_t*>(buf(2)), f32(3), d[0],
+                      static_cast<int>(d[1]), dim_float(d[2]), f32(4),
+                      static_cast<double*>(buf(5)), stream);
+            break;
         case OpCode::act_fwd:
             Dev::activation_fwd(f32(0), f32(1), n, d[0], static_cast<int>(d[1]),
                                 dim_dropout(d, state(2)), stream);
@@ -133,15 +165,28 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
             Dev::layernorm_bwd(f32(0), f32(1), f32(2), f32(3), f32(4), f32(5), f32(6), f32(7), n,
                                d[0], stream);
             break;
-        case OpCode::optimizer:
-            Dev::optimizer(d[1], f32(0), f32(1), f32(2), f32(3), d[0],
-                           static_cast<const StepHyper*>(buf(4)), state(5), stream);
+        case OpCode::optimizer: {
+            // A segment of the flat buffers (the whole of them without a
+            // gradient transform): every per-element buffer from d[2] on.
+            const int64_t off = d[2];
+            auto at = [&](int i) { return buf(i) ? f32(i) + off : nullptr; };
+            GradTransform t;
+            t.l1 = dim_float(d[3]);
+            t.l2 = dim_float(d[4]);
+            t.clipvalue = dim_float(d[5]);
+            t.scale = buf(7) ? f32(7) + d[6] : nullptr;
+            t.penalty = buf(8) ? static_cast<double*>(buf(8)) + d[6] : nullptr;
+            t.work = static_cast<double*>(buf(9));
+            Dev::optimizer(d[1], at(0), at(1), at(2), at(3), at(6), d[0],
+                           static_cast<const StepHyper*>(buf(4)), state(5), t, stream);
             break;
+        }
         case OpCode::store:
             Dev::store(f32(0), f32(1), state(2), n, d[0], d[1], stream);
             break;
         case OpCode::step_end:
-            Dev::step_end(state(0), static_cast<const StepScalars*>(buf(1)), n, stream);
+            Dev::step_end(state(0), static_cast<const StepScalars*>(buf(1)),
+                          static_cast<const double*>(buf(2)), d[0], d[1] != 0, n, stream);
             break;
     }
 }

@@ -21,20 +21,44 @@ class Case:
     classes: int = 7
     onehot: bool = False
     fit: dict = field(default_factory=dict)
+    # issue 16: the loss (None: sparse / categorical cross-entropy by `onehot`), the
+    # targets ("class": labels; "binary": 0/1 floats; "regression": floats), the
+    # metrics, and per-sample / per-class loss weights ("", "sample", "class", "both")
+    loss: object = None
+    target: str = "class"
+    metrics: tuple = ("accuracy",)
+    weighted: str = ""
 
     def data(self, seed=0):
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((self.n, self.d)).astype(np.float32)
+        if self.target == "binary":
+            return x, (rng.random((self.n, self.classes)) < 0.4).astype(np.float32)
+        if self.target == "regression":
+            return x, rng.standard_normal((self.n, self.classes)).astype(np.float32)
         y = rng.integers(0, self.classes, self.n).astype(np.int64)
         if self.onehot:
             y = np.eye(self.classes, dtype=np.float32)[y]
         return x, y
 
+    def fit_kwargs(self, seed=0):
+        """fit's arguments, with the case's sample / class weights."""
+        kw = dict(self.fit)
+        rng = np.random.default_rng(seed + 100)
+        if self.weighted in ("sample", "both"):
+            kw["sample_weight"] = rng.uniform(0.1, 2.0, self.n).astype(np.float32)
+        if self.weighted in ("class", "both"):
+            kw["class_weight"] = {c: 0.5 + c / 4 for c in range(0, max(self.classes, 2), 2)}
+        return kw
+
     def model(self, seed=3):
         fm.set_seed(seed)
         model = fm.Sequential(self.layers())
-        loss = "categorical_crossentropy" if self.onehot else "sparse_categorical_crossentropy"
-        model.compile(optimizer=self.optimizer(), loss=loss, metrics=["accuracy"])
+        loss = self.loss() if callable(self.loss) else self.loss
+        if loss is None:
+            loss = ("categorical_crossentropy" if self.onehot
+                    else "sparse_categorical_crossentropy")
+        model.compile(optimizer=self.optimizer(), loss=loss, metrics=list(self.metrics))
         return model
 
 
@@ -106,5 +130,81 @@ CASES += [
          lambda: [fm.Dense(16, activation="elu", input_dim=37), fm.LayerNormalization(),
                   fm.Dense(7), fm.LayerNormalization(center=False)],
          OPTIMIZERS["adam-wd"], n=90, onehot=True, fit=dict(epochs=2, batch_size=20)),
+]
+# Issue 16: losses, metrics, sample / class weights, RMSprop, clipping, regularizers,
+# learning-rate schedules.
+_OUT = lambda act=None, c=7: lambda: [fm.Dense(16, activation="relu", input_dim=37),  # noqa: E731
+                                       fm.Dense(c, activation=act)]
+OPTIMIZERS.update({
+    "rmsprop": lambda: fm.optim.RMSprop(lr=3e-3),
+    "rmsprop-all": lambda: fm.optim.RMSprop(lr=1e-3, alpha=0.9, momentum=0.5, centered=True,
+                                            weight_decay=1e-3),
+    "sgd-clipnorm": lambda: fm.optim.SGD(lr=0.1, momentum=0.9, clipnorm=0.05),
+    "adam-global-clipnorm": lambda: fm.optim.Adam(lr=3e-3, global_clipnorm=0.1),
+    "adamw-clipvalue": lambda: fm.optim.AdamW(lr=3e-3, clipvalue=0.002),
+    "rmsprop-clip-both": lambda: fm.optim.RMSprop(lr=1e-3, clipnorm=0.1, clipvalue=0.01),
+    "adam-exp-decay": lambda: fm.optim.Adam(
+        lr=fm.optim.schedules.ExponentialDecay(1e-2, decay_steps=3, decay_rate=0.8)),
+    "sgd-cosine-warmup": lambda: fm.optim.SGD(lr=fm.optim.schedules.CosineDecay(
+        0.0, decay_steps=10, warmup_target=0.1, warmup_steps=4, alpha=0.1), momentum=0.9),
+    "adam-piecewise": lambda: fm.optim.Adam(lr=fm.optim.schedules.PiecewiseConstantDecay(
+        [3, 8], [1e-2, 5e-3, 1e-3])),
+})
+for _name in ("rmsprop", "rmsprop-all", "sgd-clipnorm", "adam-global-clipnorm",
+              "adamw-clipvalue", "rmsprop-clip-both", "adam-exp-decay", "sgd-cosine-warmup",
+              "adam-piecewise"):
+    CASES.append(Case(f"opt-{_name}", _two(), OPTIMIZERS[_name], n=150,
+                      fit=dict(epochs=2, batch_size=32, validation_split=0.2)))
+_reg = fm.regularizers
+CASES += [
+    Case("mse-regression", _OUT(c=3), OPTIMIZERS["adam"], classes=3, loss="mse",
+         target="regression", metrics=("mae", "mse"),
+         fit=dict(epochs=2, batch_size=32, validation_split=0.2)),
+    Case("mae-regression-1out", _OUT(c=1), OPTIMIZERS["sgd"], classes=1, loss="mae",
+         target="regression", metrics=("mse",), fit=dict(epochs=2, batch_size=25)),
+    Case("huber-regression-weighted", _OUT(c=2), OPTIMIZERS["rmsprop"], classes=2,
+         loss=lambda: fm.losses.Huber(delta=0.5), target="regression", weighted="sample",
+         metrics=("mae",), fit=dict(epochs=2, batch_size=32, validation_split=0.2)),
+    Case("bce-sigmoid-1out", _OUT("sigmoid", 1), OPTIMIZERS["adam"], classes=1,
+         loss="binary_crossentropy", target="binary",
+         metrics=("accuracy", "binary_accuracy", "auc", "mse"),
+         fit=dict(epochs=2, batch_size=32, validation_split=0.2)),
+    Case("bce-sigmoid-multilabel-class-weight", _OUT("sigmoid", 4), OPTIMIZERS["sgd"],
+         classes=4, loss=lambda: fm.losses.BinaryCrossentropy(label_smoothing=0.1),
+         target="binary", metrics=("accuracy", "auc"), weighted="both",
+         fit=dict(epochs=2, batch_size=30)),
+    Case("bce-logits", _OUT(None, 3), OPTIMIZERS["adamw"], classes=3,
+         loss="binary_crossentropy", target="binary", metrics=("binary_accuracy",),
+         fit=dict(epochs=2, batch_size=32)),
+    Case("bce-probs-tanh", _OUT("tanh", 2), OPTIMIZERS["adam"], classes=2,
+         loss=lambda: fm.losses.BinaryCrossentropy(from_logits=False), target="binary",
+         metrics=("accuracy",), fit=dict(epochs=2, batch_size=32)),
+    Case("sparse-cce-smoothing-topk", _two(), OPTIMIZERS["adam"],
+         loss=lambda: fm.losses.SparseCategoricalCrossentropy(label_smoothing=0.1),
+         metrics=("accuracy", "sparse_top_k_categorical_accuracy"),
+         fit=dict(epochs=2, batch_size=32, validation_split=0.2)),
+    Case("cce-softmax-smoothing-weighted", _OUT("softmax"), OPTIMIZERS["sgd-nesterov"],
+         onehot=True, loss=lambda: fm.losses.CategoricalCrossentropy(label_smoothing=0.2),
+         weighted="both", metrics=("accuracy", "mse"), fit=dict(epochs=2, batch_size=32)),
+    Case("sparse-cce-class-weight", _two(), OPTIMIZERS["adam"], weighted="class",
+         fit=dict(epochs=2, batch_size=32, validation_split=0.2)),
+    Case("cce-probs-relu", _OUT("relu"), OPTIMIZERS["adam"], onehot=True,
+         loss=lambda: fm.losses.CategoricalCrossentropy(from_logits=False),
+         fit=dict(epochs=2, batch_size=32)),
+    Case("regularizers", lambda: [
+        fm.Dense(16, activation="relu", input_dim=37, kernel_regularizer=_reg.l2(1e-3)),
+        fm.Dense(12, activation="tanh", kernel_regularizer=_reg.l1(1e-4),
+                 bias_regularizer=_reg.l2(1e-2)),
+        fm.Dense(7, kernel_regularizer=_reg.l1_l2(l1=1e-4, l2=1e-3))],
+        OPTIMIZERS["sgd-nesterov"], fit=dict(epochs=2, batch_size=32, validation_split=0.2)),
+    Case("regularizers-clip-bn", lambda: [
+        fm.Dense(16, activation="relu", input_dim=37, kernel_regularizer=_reg.l2(1e-3)),
+        fm.BatchNormalization(), fm.Dense(7, kernel_regularizer=_reg.l1(1e-3))],
+        OPTIMIZERS["rmsprop-clip-both"], fit=dict(epochs=2, batch_size=32)),
+    Case("regularizers-global-clip-mse", lambda: [
+        fm.Dense(16, activation="gelu", input_dim=37, kernel_regularizer=_reg.l1_l2(1e-4, 1e-4)),
+        fm.Dense(3)], OPTIMIZERS["adam-global-clipnorm"], classes=3, loss="mse",
+        target="regression", weighted="sample", metrics=("mae",),
+        fit=dict(epochs=2, batch_size=32)),
 ]
 BY_ID = {c.id: c for c in CASES}

@@ -71,6 +71,25 @@ struct CpuDev {
                                 &sc->hits, &sc->bad_row, rows, cols, backward);
     }
 
+    static void loss(const float* pred, const void* labels, LabelKind kind, const float* weight,
+                     float* dpred, float* row_loss, StepScalars* sc, int64_t rows, int64_t cols,
+                     const LossSpec& spec, Stream) {
+        cpu::loss_fused(pred, labels, kind, weight, dpred, row_loss, &sc->loss, &sc->bad_row,
+                        rows, cols, spec);
+    }
+
+    static void metrics(const float* pred, const void* labels, LabelKind kind, float* probs_out,
+                        float* scratch, StepScalars* sc, int64_t rows, int64_t cols,
+                        const MetricSpec& spec, Stream) {
+        cpu::metrics_fused(pred, labels, kind, probs_out, scratch, sc->metric, rows, cols, spec);
+    }
+
+    static void clip(const float* params, const float* grads, const int64_t* offsets,
+                     const float* l1l2, int64_t segments, int mode, float max_norm, float* scale,
+                     double* work, Stream) {
+        cpu::grad_clip_scale(params, grads, offsets, l1l2, segments, mode, max_norm, scale, work);
+    }
+
     static void gather(const float* x, const void* y, const int64_t* order, float* x_dst,
                        void* y_dst, const EngineState* st, int64_t rows, int64_t features,
                        int64_t label_bytes, int64_t batch, int64_t source_rows, Stream) {
@@ -95,10 +114,16 @@ struct CpuDev {
     }
 
     static void optimizer(int64_t kind, float* params, const float* grads, float* s0, float* s1,
-                          int64_t size, const StepHyper* hyper, EngineState* st, Stream) {
+                          float* s2, int64_t size, const StepHyper* hyper, EngineState* st,
+                          const GradTransform& t, Stream) {
         const StepHyper& h = hyper[st->step];
-        const bool bad = kind == kSgd ? cpu::sgd_step_hyper(params, grads, s0, size, h.sgd)
-                                      : cpu::adam_step_hyper(params, grads, s0, s1, size, h.adam);
+        bool bad = false;
+        if (kind == kSgd)
+            bad = cpu::sgd_step_hyper(params, grads, s0, size, h.sgd, t);
+        else if (kind == kAdam)
+            bad = cpu::adam_step_hyper(params, grads, s0, s1, size, h.adam, t);
+        else
+            bad = cpu::rmsprop_step_hyper(params, grads, s0, s1, s2, size, h.rmsprop, t);
         if (bad && st->nonfinite_param_step < 0) st->nonfinite_param_step = st->step;
     }
 
@@ -107,7 +132,15 @@ struct CpuDev {
         std::memcpy(dst + st->step * batch * cols, src, rows * cols * sizeof(float));
     }
 
-    static void step_end(EngineState* st, const StepScalars* sc, int64_t rows, Stream) {
+    static void step_end(EngineState* st, const StepScalars* sc, const double* penalty,
+                         int64_t segments, bool metrics, int64_t rows, Stream) {
+        if (penalty) {
+            double p = 0.0;  // the segments in order
+            for (int64_t k = 0; k < segments; ++k) p += penalty[k];
+            st->penalty_sum += p * static_cast<double>(rows);
+        }
+        if (sc && metrics)
+            for (int i = 0; i < kNumMetricSums; ++i) st->metric[i] += sc->metric[i];
         if (sc) {
             // As fit always did in Python: float32 loss * rows, summed in double.
             st->loss_sum += static_cast<double>(sc->loss) * static_cast<double>(rows);

@@ -173,7 +173,15 @@ adam_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
 // the product of a float and an integer n < 2^29 is exact in double anyway.
 __global__ void __launch_bounds__(1)
 step_end_accumulate(EngineState* __restrict__ st, const StepScalars* __restrict__ sc,
+                    const double* __restrict__ penalty, int64_t segments, bool metrics,
                     int64_t n) {
+    if (penalty != nullptr) {
+        double p = 0.0;  // the segments in order, as the CPU
+        for (int64_t k = 0; k < segments; ++k) p = __dadd_rn(p, penalty[k]);
+        st->penalty_sum = __dadd_rn(st->penalty_sum, __dmul_rn(p, static_cast<double>(n)));
+    }
+    if (sc != nullptr && metrics)
+        for (int i = 0; i < kNumMetricSums; ++i) st->metric[i] = __dadd_rn(st->metric[i], sc->metric[i]);
     if (sc != nullptr) {
         const float loss = sc->loss;
         st->loss_sum = __dadd_rn(st->loss_sum,
@@ -255,6 +263,29 @@ struct CudaDev {
                                  &scalars->hits, &scalars->bad_row, rows, cols, backward, stream);
     }
 
+    static void loss(const float* pred, const void* labels, LabelKind kind, const float* weight,
+                     float* dpred, float* row_loss, StepScalars* scalars, int64_t rows,
+                     int64_t cols, const LossSpec& spec, Stream stream) {
+        FASTMLP_CHECK(scalars != nullptr, "engine loss: the scalars buffer is missing");
+        cuda::loss_fused(pred, labels, kind, weight, dpred, row_loss, &scalars->loss,
+                         &scalars->bad_row, rows, cols, spec, stream);
+    }
+
+    static void metrics(const float* pred, const void* labels, LabelKind kind, float* probs_out,
+                        float* scratch, StepScalars* scalars, int64_t rows, int64_t cols,
+                        const MetricSpec& spec, Stream stream) {
+        FASTMLP_CHECK(scalars != nullptr, "engine metrics: the scalars buffer is missing");
+        cuda::metrics_fused(pred, labels, kind, probs_out, scratch, scalars->metric, rows, cols,
+                            spec, stream);
+    }
+
+    static void clip(const float* params, const float* grads, const int64_t* offsets,
+                     const float* l1l2, int64_t segments, int mode, float max_norm, float* scale,
+                     double* work, Stream stream) {
+        cuda::grad_clip_scale(params, grads, offsets, l1l2, segments, mode, max_norm, scale, work,
+                              stream);
+    }
+
     static void gather(const float* x_src, const void* y_src, const int64_t* order, float* x_dst,
                        void* y_dst, const EngineState* state, int64_t n, int64_t features,
                        int64_t label_bytes, int64_t batch, int64_t source_rows, Stream stream) {
@@ -324,10 +355,10 @@ struct CudaDev {
         cuda::detail::check_launch();
     }
 
-    static void step_end(EngineState* state, const StepScalars* scalars, int64_t n,
-                         Stream stream) {
+    static void step_end(EngineState* state, const StepScalars* scalars, const double* penalty,
+                         int64_t segments, bool metrics, int64_t n, Stream stream) {
         FASTMLP_CHECK(state != nullptr, "engine step_end: the state buffer is missing");
-        step_end_accumulate<<<1, 1, 0, stream>>>(state, scalars, n);
+        step_end_accumulate<<<1, 1, 0, stream>>>(state, scalars, penalty, segments, metrics, n);
         cuda::detail::check_launch();
     }
 };

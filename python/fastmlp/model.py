@@ -28,7 +28,6 @@ from .layers import Activation, Dense, Layer
 
 __all__ = ["Sequential", "load_model"]
 
-_METRICS = ("accuracy", "acc")
 _EVAL_BATCH = _trainer.EVAL_BATCH
 
 
@@ -235,21 +234,32 @@ class Sequential:
 
     # -- compile ------------------------------------------------------------------------
     def compile(self, optimizer="adam", loss=None, metrics=None) -> None:
-        """Set the optimizer (an fm.optim instance or "sgd" / "adam" / "adamw"), the loss
-        ("sparse_categorical_crossentropy", "categorical_crossentropy" or an fm.losses
-        instance) and the metrics (["accuracy"] or none)."""
+        """Set the optimizer (an fm.optim instance or "sgd" / "adam" / "adamw" /
+        "rmsprop"), the loss (a name such as "sparse_categorical_crossentropy",
+        "categorical_crossentropy", "binary_crossentropy", "mse", "mae", "huber", or an
+        fm.losses instance) and the metrics (names: see :mod:`fastmlp.metrics`)."""
+        from .metrics import check_names, resolve
+
         if not self.layers:
             raise ValueError("compile: the model has no layers")
         if loss is None:
-            raise ValueError("compile: 'loss' is required: 'sparse_categorical_crossentropy' "
-                             "(integer labels) or 'categorical_crossentropy' (one-hot rows)")
-        self.optimizer = _optim.get(optimizer)
-        self.loss = _losses.get(loss)
-        metrics = list(metrics or [])
-        for m in metrics:
-            if m not in _METRICS:
-                raise ValueError(f"compile: unknown metric {m!r}; supported: 'accuracy'")
-        self.metrics = metrics
+            raise ValueError("compile: 'loss' is required: e.g. "
+                             "'sparse_categorical_crossentropy' (integer labels), "
+                             "'categorical_crossentropy' (one-hot rows), "
+                             "'binary_crossentropy' or 'mse'")
+        optimizer = _optim.get(optimizer)
+        loss = _losses.get(loss)
+        metrics = check_names(metrics)
+        if self.output_dim is not None:
+            resolve(metrics, loss, self.output_dim)  # a metric the targets cannot give
+            from .plan import output_activation
+
+            loss.kernel(output_activation(self.layers))  # from_logits against the output
+            if output_activation(self.layers) == "softmax" and loss.family != "categorical":
+                raise ValueError(f"compile: a softmax output layer needs a categorical "
+                                 f"cross-entropy loss (it is computed fused with it), got "
+                                 f"{loss.name!r}")
+        self.optimizer, self.loss, self.metrics = optimizer, loss, metrics
         self._bound = None  # a new plan on the next fit
 
     def _require_compiled(self, what: str):
@@ -324,7 +334,7 @@ class Sequential:
     def fit(self, x, y, epochs: int = 1, batch_size: int = 32, validation_data=None,
             validation_split: float = 0.0, shuffle: bool = True, verbose: int = 1,
             callbacks=None, device: str = "auto", initial_epoch: int = 0,
-            check_finite: bool = True) -> History:
+            check_finite: bool = True, sample_weight=None, class_weight=None) -> History:
         """Train for ``epochs`` epochs; returns a History (``history.history`` holds the
         per-epoch ``loss``, the metrics and their ``val_*`` twins).
 
@@ -333,7 +343,12 @@ class Sequential:
         0 silent, 1 a progress bar per epoch, 2 one line per epoch. ``initial_epoch``: the
         epoch to start from (to resume a run; ``epochs`` counts from 0, as Keras).
         ``check_finite``: the inputs are checked once for NaN / Inf (ValueError naming the
-        first bad row and column); False skips that pass.
+        first bad row and column); False skips that pass. ``sample_weight``: one weight
+        per sample of (x, y) multiplying its loss; ``class_weight``: ``{class index:
+        weight}`` (classes not named weigh 1), the weight of each sample's class (the
+        arg-max of a one-hot row, the rounded target of one binary output); with both,
+        their product. Keras semantics: the weighted losses are summed and divided by the
+        batch's samples. The validation loss and the metrics are unweighted.
         """
         self._require_compiled("fit")
         epochs = _int_arg(epochs, "epochs", "fit", 0)
@@ -355,6 +370,11 @@ class Sequential:
         check_finite = _bool_arg(check_finite, "check_finite", "fit")
         self.to(_resolve_device(device, x))
         x = self._prepare_x(x, "x")
+        if sample_weight is not None:
+            sample_weight = _as_input(sample_weight, "sample_weight")
+            if sample_weight.ndim != 1 or len(sample_weight) != len(x):
+                raise ValueError(f"fit: 'sample_weight' must hold one weight per sample "
+                                 f"({len(x)},), got shape {tuple(sample_weight.shape)}")
         val_names, val_row0 = ("x_val", "y_val"), 0
         if validation_split:
             n_val = int(len(x) * validation_split)
@@ -368,7 +388,10 @@ class Sequential:
             # the held-out rows are rows of x and y: errors name them so
             val_names, val_row0 = ("x", "y"), len(x) - n_val
             x, y = x[:len(x) - n_val], y[:len(x) - n_val]
+            if sample_weight is not None:
+                sample_weight = sample_weight[:len(x)]
         x, y = self._prepare_xy(x, y, "x", "y", "fit", check_finite)
+        sample_weight = self._sample_weights(sample_weight, class_weight, y, check_finite)
         if len(x) == 0:
             raise ValueError("fit: 'x' has no samples")
         val = None
@@ -386,7 +409,47 @@ class Sequential:
             cb.set_model(self)
         return _trainer.fit(self, x, y, epochs=epochs, batch_size=batch_size, val=val,
                             shuffle=shuffle, verbose=verbose, callbacks=cbs,
-                            initial_epoch=initial_epoch, history=history)
+                            initial_epoch=initial_epoch, history=history,
+                            sample_weight=sample_weight)
+
+    def _sample_weights(self, sample_weight, class_weight, y, check_finite):
+        """fit's per-sample loss weights on y's device (None: unweighted): sample_weight
+        times the class weight of each sample's class."""
+        if sample_weight is None and class_weight is None:
+            return None
+        xp = cupy_module() if is_cupy(y) else np
+        w = None
+        if sample_weight is not None:
+            w = xp.asarray(_host(sample_weight) if xp is np else sample_weight,
+                           dtype=np.float32)
+            if check_finite:
+                _check_finite(w, "sample_weight", "fit")
+            if bool((w < 0).any()):
+                raise ValueError("fit: 'sample_weight' holds a negative weight")
+        if class_weight is not None:
+            if not isinstance(class_weight, dict) or not class_weight:
+                raise ValueError("fit: 'class_weight' must be a non-empty dict {class index: "
+                                 "weight}")
+            classes = max(self.output_dim, 2)
+            table = np.ones(classes, np.float32)
+            for c, cw in class_weight.items():
+                if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) \
+                        or not 0 <= c < classes:
+                    raise ValueError(f"fit: class_weight key {c!r} is not a class index in "
+                                     f"[0, {classes})")
+                if not np.isfinite(cw) or cw < 0:
+                    raise ValueError(f"fit: class_weight[{c}] = {cw!r} must be a finite "
+                                     "number >= 0")
+                table[int(c)] = cw
+            if y.ndim == 1:
+                cls = y.astype(np.int64)
+            elif y.shape[1] == 1:
+                cls = xp.rint(y[:, 0]).astype(np.int64).clip(0, classes - 1)
+            else:
+                cls = xp.argmax(y, axis=1)
+            cw_rows = xp.asarray(table)[cls]
+            w = cw_rows if w is None else w * cw_rows
+        return xp.ascontiguousarray(w, dtype=np.float32)
 
     # -- evaluate / predict -------------------------------------------------------------
     def evaluate(self, x, y, batch_size: int | None = None, verbose: int = 0,

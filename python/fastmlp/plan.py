@@ -3,10 +3,13 @@
 ``build_plan`` turns the layers, the loss and the optimizer into a :class:`StepPlan`:
 a table of buffers (:class:`Buf`) and three op lists (:class:`Op`) over them --
 
-* ``TRAIN``: one optimizer step: gather the batch, forward per layer, the fused
-  softmax-cross-entropy (loss partials + dlogits + hits), backward per layer, one
-  optimizer update over all parameters, ``step_end`` (metrics, next step);
-* ``EVALUATE``: gather, forward, loss + hits, ``step_end``;
+* ``TRAIN``: one optimizer step: gather the batch (and its sample weights), forward
+  per layer, the fused loss (loss + dlogits: the softmax-cross-entropy op with its
+  arg-max hits, or the loss op of any other loss), the metrics op when metrics need
+  it, backward per layer, the optimizer (one update over all parameters; with
+  regularizers or clipping the clip op, then one update per parameter tensor),
+  ``step_end`` (the pass's sums, next step);
+* ``EVALUATE``: gather, forward, loss, metrics, ``step_end``;
 * ``PREDICT``: gather, forward (+ softmax), store the rows of the output.
 
 Each layer class has one place below (``_stages``, then its branch in ``forward``
@@ -52,7 +55,7 @@ _LABEL_KINDS = {np.dtype(np.int32): 0, np.dtype(np.int64): 1, np.dtype(np.float3
 class Buf:
     """A buffer of the plan. ``role``: param | stat (weights the optimizer does not
     train) | grad | state (optimizer) | act | scratch | input (bound per pass) | hyper |
-    metric | const (zeros). A buffer with ``base`` is a
+    metric | const (zeros) | table (constant contents, ``data``). A buffer with ``base`` is a
     view ``offset`` elements into another (a layer's kernel in the flat parameters)."""
     id: int
     name: str
@@ -61,6 +64,7 @@ class Buf:
     dtype: np.dtype
     base: str | None = None
     offset: int = 0
+    data: tuple | None = field(default=None, compare=False)  # a "table" buffer's contents
 
     def concrete_shape(self, rows: int) -> tuple:
         return tuple(rows if d == ROWS else d for d in self.shape)
@@ -99,6 +103,11 @@ class StepPlan:
     param_sizes: tuple = ()      # elements of each parameter, in Keras order
     precision: int = 0
     softmax_output: bool = False
+    output_transform: str | None = None  # the output activation the loss fuses (predict applies it)
+    loss_kind: str = "xent"      # "xent" (the softmax-cross-entropy op) or an ops.LOSS_KINDS key
+    metrics: tuple = ()          # fastmlp.metrics.Metric, in the logs' order
+    sample_weight: bool = False  # the training list reads "train.sw"
+    reg_segments: int = 0        # parameter segments with a penalty slot (0: no regularizer)
     param_names: tuple = ()      # the trainable weights' buffers, in Keras order ("layer0.kernel")
     stat_names: tuple = ()       # the other weights' buffers (views of "stats")
 
@@ -126,9 +135,9 @@ class _Builder:
     def __init__(self):
         self.bufs: list[Buf] = []
 
-    def add(self, name, role, shape, dtype=np.float32, base=None, offset=0) -> int:
+    def add(self, name, role, shape, dtype=np.float32, base=None, offset=0, data=None) -> int:
         self.bufs.append(Buf(len(self.bufs), name, role, tuple(shape), np.dtype(dtype), base,
-                             offset))
+                             offset, None if data is None else tuple(data)))
         return len(self.bufs) - 1
 
 
@@ -140,31 +149,48 @@ def _f32_bits(value: float) -> int:
 @dataclass(frozen=True)
 class _Stage:
     """One kernel-level step of the forward pass: a layer, or a layer with the Dropout
-    that follows it fused in (``dropout``: that Dropout's position, or None)."""
+    that follows it fused in (``dropout``: that Dropout's position, or None). ``act``:
+    the activation the stage applies (the layer's, except an output activation the loss
+    fuses)."""
     kind: str          # dense | act | dropout | bn | ln
     index: int         # the layer's position
     layer: object
     dropout: int | None = None
+    act: str | None = None
 
 
-def _stages(layers):
+def output_activation(layers):
+    """The last layer's activation when it is a Dense or Activation layer, else None."""
+    from .layers import Activation, Dense
+
+    last = layers[-1]
+    if isinstance(last, (Dense, Activation)) and last.activation not in (None, "linear"):
+        return last.activation
+    return None
+
+
+def _stages(layers, fused=None):
     """The layers as stages: a Dropout right after a Dense or an Activation runs in that
-    layer's kernels (its epilogue); the output softmax is not a stage (the loss and
-    predict's softmax handle it)."""
+    layer's kernels (its epilogue); the output activation the loss fuses (``fused``:
+    softmax, or sigmoid with binary cross-entropy) is not applied (the loss and
+    predict's last op apply it)."""
     from .layers import (Activation, BatchNormalization, Dense, Dropout,
                          LayerNormalization)
 
     out, i = [], 0
+    last = len(layers) - 1
     while i < len(layers):
         layer = layers[i]
         nxt = layers[i + 1] if i + 1 < len(layers) else None
         fuse = isinstance(nxt, Dropout) and nxt.rate > 0.0
+        act = getattr(layer, "activation", None)
+        if i == last and fused is not None and act == fused:
+            act = None
         if isinstance(layer, Dense):
-            fuse = fuse and layer.activation != "softmax"
-            out.append(_Stage("dense", i, layer, i + 1 if fuse else None))
+            out.append(_Stage("dense", i, layer, i + 1 if fuse else None, act))
         elif isinstance(layer, Activation):
-            if layer.activation != "softmax":  # only ever last (Sequential.add checks)
-                out.append(_Stage("act", i, layer, i + 1 if fuse else None))
+            if act is not None:
+                out.append(_Stage("act", i, layer, i + 1 if fuse else None, act))
             else:
                 fuse = False
         elif isinstance(layer, Dropout):
@@ -184,7 +210,7 @@ def _stages(layers):
 
 
 def _act_code(name) -> int:
-    return ACTIVATIONS["linear" if name in (None, "softmax") else name]
+    return ACTIVATIONS["linear" if name is None else name]
 
 
 # Codes whose derivative reads the pre-activation once a dropout has scaled the output
@@ -193,27 +219,55 @@ def _act_code(name) -> int:
 _OUTPUT_RULE_NEEDS_UNSCALED = ("sigmoid", "tanh", "elu")
 
 
-def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, precision: int,
-               seed: int = 0) -> StepPlan:
-    """The plan of a layer stack with softmax-cross-entropy on its output.
+def _regularizer_coefficients(layer, name):
+    """(l1, l2) of the regularizer on weight ``name`` of ``layer`` ((0, 0): none)."""
+    reg = getattr(layer, f"{name}_regularizer", None) if name in ("kernel", "bias") else None
+    if reg is None:
+        return 0.0, 0.0
+    return float(reg.l1), float(reg.l2)
 
-    ``optimizer_kind``: 0 SGD, 1 Adam/AdamW; ``optimizer_buffers``: the names of its
-    per-parameter state buffers (e.g. ("exp_avg", "exp_avg_sq")); ``label_dtype``:
-    int32 (class indices) or float32 (one-hot / distribution rows);
+
+def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, precision: int,
+               seed: int = 0, *, loss=None, metrics=(), sample_weight: bool = False,
+               clipnorm=None, global_clipnorm=None, clipvalue=None,
+               work_doubles=(0, 0)) -> StepPlan:
+    """The plan of a layer stack with ``loss`` on its output.
+
+    ``optimizer_kind``: 0 SGD, 1 Adam/AdamW, 2 RMSprop; ``optimizer_buffers``: the
+    names of its per-parameter state buffers (e.g. ("exp_avg", "exp_avg_sq"));
+    ``label_dtype``: int32 (class indices) or float32 (rows shaped like the output);
     ``precision``: the GEMM precision (0 fp32, 1 tf32); ``seed``: the model's seed
-    (Dropout layers without their own draw their masks from it).
+    (Dropout layers without their own draw their masks from it); ``loss``: an
+    :class:`fastmlp.losses.Loss` (None: sparse or categorical cross-entropy by the label
+    dtype); ``metrics``: :class:`fastmlp.metrics.Metric` s; ``sample_weight``: the
+    training step weights each sample's loss by "train.sw"; ``clipnorm`` /
+    ``global_clipnorm`` / ``clipvalue``: the optimizer's gradient clipping;
+    ``work_doubles``: (clip, optimizer) scratch sizes in doubles for the clip op and a
+    regularized optimizer op (the device's needs: the kernels' work functions).
     """
-    from .layers import Activation, Dense
-    from .ops import dropout_constants
+    from . import losses as _losses
+    from .metrics import FLAGS, SLOTS, TOP_K
+    from .ops import LOSS_KINDS, dropout_constants
 
     label_dtype = np.dtype(label_dtype)
     if label_dtype not in _LABEL_KINDS:
         raise ValueError(f"plan: labels must be int32, int64 or float32, got {label_dtype}")
+    if loss is None:
+        loss = (_losses.SparseCategoricalCrossentropy() if label_dtype != np.float32
+                else _losses.CategoricalCrossentropy())
     b = _Builder()
     features = layers[0].input_dim
     classes = layers[-1].output_dim
-    last = layers[-1]
-    softmax = isinstance(last, (Dense, Activation)) and last.activation == "softmax"
+    out_act = output_activation(layers)
+    loss_kind, fused = loss.kernel(out_act)
+    if out_act == "softmax" and fused != "softmax":
+        raise ValueError(f"plan: a softmax output layer needs a categorical cross-entropy loss "
+                         f"(it is computed fused with it), got {loss.name!r}; remove the "
+                         "softmax or change the loss")
+    softmax = fused == "softmax"
+    use_xent = (loss_kind == "cce_logits" and loss.label_smoothing == 0.0 and not sample_weight)
+    metrics = tuple(metrics)
+    transform = {"softmax": 2, "sigmoid": 1}.get(fused, 0)
 
     # Flat parameters, gradients and optimizer state, at the same offsets; the weights
     # the optimizer does not train (BatchNormalization's moving statistics) in "stats".
@@ -259,11 +313,13 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     y_eval = b.add("eval.y", "input", ("data",) + lshape[1:], label_dtype)
     x_pred = b.add("predict.x", "input", ("data", features))
     out_pred = b.add("predict.out", "input", ("data", classes))
+    sw_train = b.add("train.sw", "input", ("data",)) if sample_weight else None
 
     # Per-batch buffers.
     xb = b.add("batch.x", "act", (ROWS, features))
     yb = b.add("batch.y", "act", lshape, label_dtype)
-    stages = _stages(layers)
+    swb = b.add("batch.sw", "act", (ROWS,)) if sample_weight else None
+    stages = _stages(layers, fused)
     # the forward buffers of each stage: input, output, what its backward reads
     a = xb
     fwd_in, fwd_out, preact, stats = {}, {}, {}, {}
@@ -272,9 +328,8 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
         fwd_in[i] = a
         fwd_out[i] = b.add(f"layer{i}.out", "act", (ROWS, layer.output_dim))
         if st.kind == "dense":
-            act = layer.activation if layer.activation != "softmax" else None
-            if act is not None and (_act_code(act) in NEEDS_INPUT or (
-                    st.dropout is not None and act in _OUTPUT_RULE_NEEDS_UNSCALED)):
+            if st.act is not None and (_act_code(st.act) in NEEDS_INPUT or (
+                    st.dropout is not None and st.act in _OUTPUT_RULE_NEEDS_UNSCALED)):
                 preact[i] = b.add(f"layer{i}.preact", "act", (ROWS, layer.units))
         elif st.kind in ("bn", "ln"):
             shape = (layer.input_dim,) if st.kind == "bn" else (ROWS,)
@@ -286,6 +341,17 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     row_loss = b.add("loss.row_loss", "scratch", (ROWS,))
     row_hits = b.add("loss.row_hits", "scratch", (ROWS,), np.int32)
     zeros = b.add("predict.labels", "const", (ROWS,), np.int32)  # zeros: softmax needs labels
+    want_metrics = [m for m in metrics if not (use_xent and m.kind == "argmax")]
+    flags = 0
+    for m in want_metrics:
+        flags |= FLAGS.get(m.kind, 0)
+    auc = any(m.kind == "auc" for m in metrics)
+    metric_scratch = (b.add("metric.scratch", "scratch", (ROWS, len(SLOTS)))
+                      if want_metrics else None)
+    metric_probs = b.add("metric.probs", "scratch", (ROWS, classes)) if auc else None
+    auc_bufs = {lst: (b.add(f"{lst}.auc_scores", "input", ("data", classes)),
+                      b.add(f"{lst}.auc_labels", "input", ("data", classes)))
+                for lst in ("train", "eval")} if auc else {}
 
     kind = _LABEL_KINDS[label_dtype]
 
@@ -318,14 +384,14 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
             drop, extra = dropout_dims(st.dropout if training else None)
             st_buf = state if extra else None
             if st.kind == "dense":
-                code = _act_code(layer.activation)
+                code = _act_code(st.act)
                 ops.append(Op("dense_fwd", f"layer{i}.forward",
                               (x, weight[i, "kernel"], weight.get((i, "bias")), y,
                                preact.get(i) if training else None, st_buf),
                               (layer.input_dim, layer.units, code, precision) + drop,
                               extra))
             elif st.kind in ("act", "dropout"):
-                code = _act_code(layer.activation) if st.kind == "act" else 0
+                code = _act_code(st.act) if st.kind == "act" else 0
                 ops.append(Op("act_fwd", f"layer{i}.forward", (x, y, st_buf),
                               (layer.input_dim, code, 0, 0) + drop, extra))
             elif st.kind == "bn":
@@ -356,7 +422,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
             st_buf = state if extra else None
             x = fwd_in[i]
             if st.kind == "dense":
-                code = _act_code(layer.activation)
+                code = _act_code(st.act)
                 if not done and (code or extra):
                     saved = preact.get(i, fwd_out[i] if code else None)
                     ops.append(Op("act_bwd", f"layer{i}.backward.act",
@@ -371,7 +437,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                 prev = stages[k - 1]
                 if prev.kind == "dense":  # its activation and dropout in this GEMM's epilogue
                     p = prev.index
-                    pcode = _act_code(prev.layer.activation)
+                    pcode = _act_code(prev.act)
                     pdrop, pextra = dropout_dims(prev.dropout)
                     saved = preact.get(p, fwd_out[p] if pcode else None)
                     ops.append(Op("dense_bwd_x", f"layer{i}.backward.dX",
@@ -389,7 +455,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
             elif st.kind in ("act", "dropout"):
                 if not need_dx:
                     break
-                code = _act_code(layer.activation) if st.kind == "act" else 0
+                code = _act_code(st.act) if st.kind == "act" else 0
                 ops.append(Op("act_bwd", f"layer{i}.backward",
                               (g, x if code else None, g, st_buf),
                               (layer.input_dim, code, 1, 0) + drop, extra))
@@ -407,36 +473,118 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                 g, done = dx, False
         return ops
 
+    def loss_ops(out, y, training, lst):
+        """The loss (and dlogits when training), then the metrics of the step."""
+        ops = []
+        if use_xent:
+            ops.append(Op("xent", "loss", (out, y, dlogits, row_loss, row_hits, scalars),
+                          (classes, kind, int(training))))
+        else:
+            ops.append(Op("loss", "loss",
+                          (out, y, swb if training else None, dlogits if training else None,
+                           row_loss, scalars),
+                          (classes, kind, LOSS_KINDS[loss_kind], _f32_bits(loss.delta),
+                           _f32_bits(loss.label_smoothing), int(training)),
+                          {"kind": loss_kind, "delta": loss.delta,
+                           "label_smoothing": loss.label_smoothing}))
+        if want_metrics:
+            ops.append(Op("metrics", "metrics", (out, y, metric_probs, metric_scratch, scalars),
+                          (classes, kind, flags, transform, TOP_K, _f32_bits(0.5)),
+                          {"metrics": tuple(m for m in SLOTS if FLAGS[m] & flags),
+                           "transform": ("none", "sigmoid", "softmax")[transform]}))
+        if auc:
+            scores, targets = auc_bufs[lst]
+            ops.append(Op("store", "auc.scores", (metric_probs, scores, state), (classes, 0)))
+            ops.append(Op("store", "auc.labels", (y, targets, state), (classes, 0)))
+        return ops
+
+    # The optimizer: one update over the flat parameters, or, with a gradient transform
+    # (regularizers, clipping), one per parameter tensor (segment) with its own l1 / l2,
+    # after the clip op that computes each segment's scale.
+    coeffs = [_regularizer_coefficients(layers[i], name) for i, name, _ in trainable]
+    any_reg = any(l1 or l2 for l1, l2 in coeffs)
+    if clipnorm is not None and global_clipnorm is not None:
+        raise ValueError("plan: clipnorm and global_clipnorm are exclusive")
+    max_norm = clipnorm if clipnorm is not None else global_clipnorm
+    transformed = any_reg or max_norm is not None or clipvalue is not None
+    nseg = len(sizes)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) if sizes else [0]
+    opt_ops = []
+    s = opt_ids + [None] * (3 - len(opt_ids))
+    if total and not transformed:
+        opt_ops.append(Op("optimizer", "optimizer",
+                          (params, grads, s[0], s[1], hyper, state, s[2]),
+                          (total, optimizer_kind, 0, 0, 0, 0, 0)))
+    penalty = None
+    if total and transformed:
+        scale = None
+        l1l2 = None
+        if any_reg:
+            l1l2 = b.add("reg.l1l2", "table", (2 * nseg,), np.float32,
+                         data=[c for pair in coeffs for c in pair])
+        if max_norm is not None:
+            table = b.add("clip.offsets", "table", (nseg + 1,), np.int64, data=offsets)
+            scale = b.add("clip.scale", "scratch", (nseg,))
+            work = b.add("clip.work", "scratch", (max(1, work_doubles[0]),), np.float64)
+            opt_ops.append(Op("clip", "optimizer.clip",
+                              (params, grads, table, l1l2, scale, work),
+                              (nseg, 0 if clipnorm is not None else 1, _f32_bits(max_norm)),
+                              {"offsets": tuple(int(v) for v in offsets),
+                               "l1l2": tuple(coeffs)}))
+        penalty = b.add("reg.penalty", "scratch", (nseg,), np.float64) if any_reg else None
+        opt_work = (b.add("opt.work", "scratch", (max(1, work_doubles[1]),), np.float64)
+                    if any_reg else None)
+        for k, ((i, name, _), size) in enumerate(zip(trainable, sizes)):
+            l1, l2 = coeffs[k]
+            opt_ops.append(Op("optimizer", f"optimizer.layer{i}.{name}",
+                              (params, grads, s[0], s[1], hyper, state, s[2], scale, penalty,
+                               opt_work),
+                              (size, optimizer_kind, int(offsets[k]), _f32_bits(l1),
+                               _f32_bits(l2), _f32_bits(clipvalue or 0.0), k),
+                              {"segment": k, "l1": l1, "l2": l2,
+                               "clipvalue": float(clipvalue or 0.0)}))
+    penalty_id = penalty if total and transformed and any_reg else None
+
     fwd_train, _ = forward(True)
-    train = [gather("gather", x_train, y_train, order, xb, yb, label_bytes)] + fwd_train
-    train.append(Op("xent", "loss", (logits, yb, dlogits, row_loss, row_hits, scalars),
-                    (classes, kind, 1)))
+    train = [gather("gather", x_train, y_train, order, xb, yb, label_bytes)]
+    if sample_weight:
+        # the sample weights: a gather of one-float "rows" in the same order
+        train.append(Op("gather", "gather.sw", (sw_train, None, order, swb, None, state),
+                        (1, 0, 0, 0)))
+    train += fwd_train
+    train += loss_ops(logits, yb, True, "train")
     train += backward()
-    s = opt_ids + [None] * (2 - len(opt_ids))
-    if total:
-        train.append(Op("optimizer", "optimizer", (params, grads, s[0], s[1], hyper, state),
-                        (total, optimizer_kind)))
-    train.append(Op("step_end", "step_end", (state, scalars)))
+    train += opt_ops
+    train.append(Op("step_end", "step_end", (state, scalars, penalty_id),
+                    (nseg if penalty_id is not None else 0, int(bool(want_metrics)))))
 
     inference, out = forward(False)
     evaluate = [gather("gather", x_eval, y_eval, None, xb, yb, label_bytes)] + inference
-    evaluate.append(Op("xent", "loss", (out, yb, dlogits, row_loss, row_hits, scalars),
-                       (classes, kind, 0)))
-    evaluate.append(Op("step_end", "step_end", (state, scalars)))
+    evaluate += loss_ops(out, yb, False, "eval")
+    evaluate.append(Op("step_end", "step_end", (state, scalars, None),
+                       (0, int(bool(want_metrics)))))
 
     predict = [gather("gather", x_pred, None, None, xb, None, 0)] + inference
+    result = out
     if softmax:
         predict.append(Op("xent", "softmax", (out, zeros, dlogits, row_loss, row_hits,
                                              scalars), (classes, 0, 0)))
-    predict.append(Op("store", "store", (dlogits if softmax else out, out_pred, state),
-                      (classes, 0)))
-    predict.append(Op("step_end", "step_end", (state, None)))
+        result = dlogits
+    elif fused == "sigmoid":
+        predict.append(Op("act_fwd", "sigmoid", (out, dlogits, None),
+                          (classes, ACTIVATIONS["sigmoid"], 0, 0, 0, 0, 0)))
+        result = dlogits
+    predict.append(Op("store", "store", (result, out_pred, state), (classes, 0)))
+    predict.append(Op("step_end", "step_end", (state, None, None), (0, 0)))
 
     plan = StepPlan(bufs=b.bufs, lists={TRAIN: train, EVALUATE: evaluate, PREDICT: predict},
                     layers=tuple(layers), features=features, classes=classes,
                     label_dtype=label_dtype, label_cols=label_cols, opt_kind=optimizer_kind,
                     opt_buffers=opt_bufs, param_sizes=tuple(sizes), precision=precision,
-                    softmax_output=softmax,
+                    softmax_output=softmax, output_transform=fused,
+                    loss_kind="xent" if use_xent else loss_kind, metrics=metrics,
+                    sample_weight=bool(sample_weight),
+                    reg_segments=nseg if any_reg else 0,
                     param_names=tuple(f"layer{i}.{n}" for i, n, _ in trainable),
                     stat_names=tuple(f"layer{i}.{n}" for i, n, _ in fixed))
     validate(plan)
@@ -459,20 +607,22 @@ def with_batch(ops, batch: int, rows: int):
 
 # What each opcode reads and writes, by buffer position (csrc/engine.h).
 _READS = {"gather": (0, 1, 2, 5), "dense_fwd": (0, 1, 2, 5), "xent": (0, 1),
+          "loss": (0, 1, 2), "metrics": (0, 1), "clip": (0, 1, 2, 3),
           "act_fwd": (0, 2), "act_bwd": (0, 1, 3), "dense_bwd_w": (0, 1),
           "dense_bwd_x": (0, 1, 2, 4), "bn_fwd": (0, 1, 2, 6, 7), "bn_bwd": (0, 1, 2, 3, 4),
           "ln_fwd": (0, 1, 2), "ln_bwd": (0, 1, 2, 3, 4),
-          "optimizer": (0, 1, 2, 3, 4, 5), "store": (0, 2), "step_end": (0, 1)}
+          "optimizer": (0, 1, 2, 3, 4, 5, 6, 7), "store": (0, 2), "step_end": (0, 1, 2)}
 _WRITES = {"gather": (3, 4), "dense_fwd": (3, 4), "xent": (2, 3, 4, 5), "act_fwd": (1,),
+           "loss": (3, 4, 5), "metrics": (2, 3, 4), "clip": (4, 5),
            "act_bwd": (2,), "dense_bwd_w": (2, 3), "dense_bwd_x": (3,),
            "bn_fwd": (3, 4, 5, 6, 7), "bn_bwd": (5, 6, 7), "ln_fwd": (3, 4, 5),
-           "ln_bwd": (5, 6, 7), "optimizer": (0, 2, 3), "store": (1,), "step_end": (0,)}
+           "ln_bwd": (5, 6, 7), "optimizer": (0, 2, 3, 6, 8, 9), "store": (1,), "step_end": (0,)}
 # Ops that update a buffer in place by design (the others' outputs never overlap
 # their inputs: the kernels' __restrict__ contract).
 _IN_PLACE = ("act_bwd", "bn_fwd", "optimizer", "step_end")
 # Written before any list runs: parameters, statistics, optimizer state, inputs,
 # engine memory.
-_PRESET = ("param", "stat", "state", "input", "hyper", "metric", "const")
+_PRESET = ("param", "stat", "state", "input", "hyper", "metric", "const", "table")
 
 
 def validate(plan: StepPlan) -> None:

@@ -32,6 +32,7 @@ import stat
 
 import numpy as np
 
+from . import losses as _losses
 from . import optim as _optim
 from . import layers as _layers
 from .layers import Dense
@@ -65,7 +66,8 @@ def _model_bytes(model, include_optimizer: bool, backup: dict | None = None) -> 
     if model.loss is not None:
         meta["compile"] = {"optimizer": type(model.optimizer).__name__,
                            "optimizer_config": model.optimizer.get_config(),
-                           "loss": model.loss.name, "metrics": model.metrics}
+                           "loss": model.loss.name, "loss_config": model.loss.get_config(),
+                           "metrics": model.metrics}
     if include_optimizer and model.optimizer is not None:
         # before the first step the state is not built yet: its zeros are saved
         for key, arr in model.optimizer.state_arrays(model.params()).items():
@@ -255,7 +257,8 @@ def _check_compile(path, meta: dict) -> None:
             or not isinstance(c.get("optimizer_config"), dict):
         raise ValueError(f"{path}: bad compile settings (expected an optimizer name and an "
                          "optimizer_config object)")
-    if not isinstance(c.get("loss"), str) or not isinstance(c.get("metrics", []), list):
+    if not isinstance(c.get("loss"), str) or not isinstance(c.get("metrics", []), list) \
+            or not isinstance(c.get("loss_config") or {}, dict):
         raise ValueError(f"{path}: bad compile settings (expected a loss name and a list of "
                          "metrics)")
     # The kernels take the step (iterations + 1) as int64: 2^62 leaves room to train on.
@@ -337,7 +340,8 @@ def _load(path, compile: bool):
         c = meta["compile"]
         try:
             model.compile(_optim.from_config(c["optimizer"], c["optimizer_config"]),
-                          c["loss"], c.get("metrics"))
+                          _losses.from_config(c["loss"], c.get("loss_config")),
+                          c.get("metrics"))
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"{path}: bad compile settings ({e})") from None
         opt_state = _optimizer_state(path, tensors)

@@ -21,6 +21,7 @@ import numpy as np
 from . import _nvtx, engine as _engine, ops
 from . import optim as _optim
 from ._interop import cupy_module, is_cupy
+from .metrics import SLOTS
 from .plan import EVALUATE, PREDICT, TRAIN, build_plan
 
 # evaluate / predict / validation batch when none is given: large enough to keep the
@@ -50,31 +51,52 @@ class _Bound:
         return eng
 
 
-def _plan_key(model):
+def _plan_key(model, sample_weight=False):
     opt, loss = model.optimizer, model.loss
+    clip = tuple(getattr(opt, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
     return (model.device,
             tuple((id(l),) + l.signature() for l in model.layers), model._shuffle_seed,
-            id(opt), type(opt).__name__, tuple(getattr(opt, "_buffers", ())),
-            None if loss is None else loss.sparse,
-            ops._PRECISIONS[ops.get_matmul_precision()])
+            id(opt), type(opt).__name__, tuple(getattr(opt, "_buffers", ())), clip,
+            None if loss is None else loss.signature(), tuple(model.metrics),
+            bool(sample_weight), ops._PRECISIONS[ops.get_matmul_precision()])
 
 
-def bind(model, capacity: int, max_steps: int = 1) -> _Bound:
+def _work_doubles(device, total, segments):
+    """(clip op, regularized optimizer op) scratch in doubles on ``device``."""
+    from . import _C
+
+    mod = _C.cuda if device == "cuda" else _C.cpu
+    return (int(mod.grad_clip_work_doubles(total, segments)),
+            int(mod.optimizer_work_doubles()))
+
+
+def bind(model, capacity: int, max_steps: int = 1, sample_weight: bool = False) -> _Bound:
     """The model's bound plan for batches of up to ``capacity`` rows and passes of up
     to ``max_steps`` steps: rebuilt when the model changed (layers, optimizer, loss,
-    device, matmul precision) or needs more room; the layers and the optimizer then
-    hold views into its arena."""
+    metrics, device, matmul precision, sample weights) or needs more room; the layers
+    and the optimizer then hold views into its arena."""
+    from .metrics import resolve
+
     opt, loss = model.optimizer, model.loss
-    key = _plan_key(model)
+    key = _plan_key(model, sample_weight)
     b = model._bound
     if b is None or b.key != key or not b.arena.fits(capacity, max_steps):
         if b is not None and b.key == key:  # grow, never shrink: no thrashing
             capacity = max(capacity, b.arena.capacity)
             max_steps = max(max_steps, b.arena.max_steps)
-        plan = build_plan(model.layers, 1 if isinstance(opt, _optim.Adam) else 0,
+        total = sum(p.size for p in model.params())
+        plan = build_plan(model.layers, _engine.optimizer_kind(opt),
                           getattr(opt, "_buffers", ()) if opt is not None else (),
                           np.int32 if loss is None or loss.sparse else np.float32, key[-1],
-                          seed=model._shuffle_seed)
+                          seed=model._shuffle_seed, loss=loss,
+                          metrics=resolve(model.metrics, loss, model.output_dim)
+                          if loss is not None else (),
+                          sample_weight=sample_weight,
+                          clipnorm=getattr(opt, "clipnorm", None),
+                          global_clipnorm=getattr(opt, "global_clipnorm", None),
+                          clipvalue=getattr(opt, "clipvalue", None),
+                          work_doubles=_work_doubles(model.device, total,
+                                                     len(model.params())))
         arena = _engine.Arena(plan, model.device, capacity, max_steps)
         arena.adopt(model.layers, opt)
         b = model._bound = _Bound(key, plan, arena)
@@ -91,16 +113,18 @@ def _labels_host(y):
 
 
 def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, initial_epoch,
-        history, desc_fmt="Epoch {}/{}"):
+        history, desc_fmt="Epoch {}/{}", sample_weight=None):
     """Train ``model`` on prepared (x, y) (on the model's device, or on the host when
-    too large for the GPU); ``val`` is prepared (x_val, y_val) or None."""
+    too large for the GPU); ``val`` is prepared (x_val, y_val) or None;
+    ``sample_weight``: prepared (n,) float32 weights of the samples' losses, or None."""
     n = len(x)
     steps = math.ceil(n / batch_size)
     opt = model.optimizer
     host_data = model.device == "cuda" and not is_cupy(x)
     name, why = _engine.choose(model.device, opt, host_data)
     eval_batch = min(EVAL_BATCH, max(1, len(val[0]))) if val is not None else 0
-    bound = bind(model, max(min(batch_size, n), eval_batch), steps)
+    bound = bind(model, max(min(batch_size, n), eval_batch), steps,
+                 sample_weight=sample_weight is not None)
     eng = bound.engine(name, opt)
     xp = np if host_data or model.device == "cpu" else cupy_module()
     order = None
@@ -109,10 +133,14 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
         if order is None:
             order = bound.orders[(xp.__name__, n)] = xp.empty((n,), np.int64)
     eng.bind(train_x=x, train_y=y, train_order=order)
+    if sample_weight is not None:
+        eng.bind(train_sw=sample_weight)
+    _bind_auc(bound, eng, "train", n, xp)
     eng.prepare(TRAIN, batch_size, n)
     if val is not None:
         val_eng = _evaluation_engine(model, bound, val[0])
         val_eng.bind(eval_x=val[0], eval_y=val[1])
+        _bind_auc(bound, val_eng, "eval", len(val[0]), xp)
         val_eng.prepare(EVALUATE, eval_batch, len(val[0]))
     history.params.update({"epochs": epochs, "steps": steps, "batch_size": batch_size,
                            "samples": n, "device": model.device, "engine": eng.name,
@@ -147,9 +175,29 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
     return history
 
 
+def _bind_auc(bound, eng, lst, rows, xp):
+    """The pass's prediction and target buffers of the ``auc`` metric (rows x outputs on
+    the device), kept with the bound plan while the size stays."""
+    plan = bound.plan
+    if not plan.has(f"{lst}.auc_scores"):
+        return
+    key = ("auc", lst, xp.__name__, rows)
+    if key not in bound.orders:
+        bound.orders[key] = tuple(xp.empty((rows, plan.classes), np.float32) for _ in range(2))
+    scores, labels = bound.orders[key]
+    eng.bind(**{f"{lst}_auc_scores": scores, f"{lst}_auc_labels": labels})
+
+
+def learning_rates(opt, steps: int) -> list:
+    """The learning rate of each of the next ``steps`` steps: the optimizer's float, or
+    its schedule at the step's 0-based number (one per batch, as Keras)."""
+    first = opt.iterations
+    return [float(opt.lr_at(first + s)) for s in range(steps)]
+
+
 def _train_epoch(model, eng, n, batch, steps, verbose, desc) -> dict:
     opt = model.optimizer
-    eng.set_schedule([opt.lr] * steps, opt.iterations + 1, opt)
+    eng.set_schedule(learning_rates(opt, steps), opt.iterations + 1, opt)
     eng.begin_pass()
     chunk = _CHUNK.get(eng.name, 64)
     cheap_state = eng.name != "cuda"  # reading the CUDA engine's sums waits for the GPU
@@ -171,10 +219,11 @@ def _train_epoch(model, eng, n, batch, steps, verbose, desc) -> dict:
                 if show:
                     last_shown = now
                     bar.update(first - bar.n)
-                    bar.set_postfix(_logs(model, st, min(n, first * batch)), refresh=False)
+                    bar.set_postfix(_logs(model, eng, st, min(n, first * batch), "train",
+                                          auc=False), refresh=False)
         st = eng.state()
         _check_finite_state(model, st, desc)
-        logs = _logs(model, st, n)
+        logs = _logs(model, eng, st, n, "train")
         if bar is not None:
             bar.update(steps - bar.n)
             bar.set_postfix(logs, refresh=True)
@@ -184,11 +233,41 @@ def _train_epoch(model, eng, n, batch, steps, verbose, desc) -> dict:
             bar.close()
 
 
-def _logs(model, st, seen) -> dict:
-    logs = {"loss": st["loss_sum"] / seen}
-    for m in model.metrics:
-        logs[m] = st["correct"] / seen
+def _logs(model, eng, st, seen, lst, auc=True, penalty=None) -> dict:
+    """The pass's logs from the engine state: the mean loss (with the regularization
+    penalty), then the metrics in compile's order (``auc`` over the stored predictions,
+    only at the end of a pass)."""
+    loss = (st["loss_sum"] + st.get("penalty_sum", 0.0)) / seen
+    if penalty is not None:
+        loss += penalty
+    logs = {"loss": loss}
+    plan = eng.plan
+    for m in plan.metrics or _default_metrics(model, plan):
+        if m.kind == "auc":
+            if auc:
+                scores = eng.arena.named(f"{lst}.auc_scores")
+                labels = eng.arena.named(f"{lst}.auc_labels")
+                logs[m.name] = _auc(scores[:seen], labels[:seen])
+        elif m.kind == "argmax" and plan.loss_kind == "xent":
+            logs[m.name] = st["correct"] / seen
+        else:
+            logs[m.name] = st["metric"][SLOTS[m.kind]] / seen
     return logs
+
+
+def _auc(scores, labels) -> float:
+    try:
+        return float(ops.roc_auc(scores, labels))
+    except ValueError:  # one class only in the pass: undefined (sklearn raises, Keras gives 0)
+        return float("nan")
+
+
+def _default_metrics(model, plan):
+    """evaluate() reports accuracy when compile named no metric, where the loss gives it
+    for free (the softmax-cross-entropy op's hits)."""
+    from .metrics import Metric
+
+    return (Metric("accuracy", "argmax"),) if plan.loss_kind == "xent" else ()
 
 
 def _check_finite_state(model, st, desc):
@@ -229,10 +308,30 @@ def evaluate(model, x, y, batch_size) -> dict:
     n = len(x)
     if n == 0:
         raise ValueError("evaluate: no samples")
-    bound = bind(model, min(batch_size, n))
+    bound = bind(model, min(batch_size, n), sample_weight=_bound_sample_weight(model))
     eng = _evaluation_engine(model, bound, x)
     eng.bind(eval_x=x, eval_y=y)
+    _bind_auc(bound, eng, "eval", n, cupy_module() if is_cupy(x) else np)
     return _evaluate_pass(model, eng, x, y, batch_size)
+
+
+def _bound_sample_weight(model) -> bool:
+    """Whether the bound plan trains with sample weights (evaluate and predict reuse it
+    rather than building another plan)."""
+    b = model._bound
+    return b is not None and b.plan.sample_weight
+
+
+def penalty(model) -> float:
+    """The regularization penalty of the current weights (what the training loss adds),
+    for evaluation passes."""
+    total = 0.0
+    for layer in model.layers:
+        for name in ("kernel", "bias"):
+            reg = getattr(layer, f"{name}_regularizer", None)
+            if reg is not None and name in layer.weight_names():
+                total += float(reg(layer.weights()[layer.weight_names().index(name)]))
+    return total
 
 
 def _evaluate_pass(model, eng, x, y, batch_size) -> dict:
@@ -241,10 +340,7 @@ def _evaluate_pass(model, eng, x, y, batch_size) -> dict:
     eng.begin_pass()
     eng.run(EVALUATE, n, batch_size, 0, math.ceil(n / batch_size))
     st = eng.state()
-    logs = {"loss": st["loss_sum"] / n}
-    for m in model.metrics or ["accuracy"]:
-        logs[m] = st["correct"] / n
-    return logs
+    return _logs(model, eng, st, n, "eval", penalty=penalty(model))
 
 
 def predict(model, x, batch_size):
@@ -254,7 +350,7 @@ def predict(model, x, batch_size):
     out = xp.empty((n, model.output_dim), np.float32)
     if n == 0:
         return out
-    bound = bind(model, min(batch_size, n))
+    bound = bind(model, min(batch_size, n), sample_weight=_bound_sample_weight(model))
     eng = bound.engine(_engine.choose(model.device)[0], model.optimizer)
     eng.bind(predict_x=x, predict_out=out)
     eng.prepare(PREDICT, batch_size, n)

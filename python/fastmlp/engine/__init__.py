@@ -15,17 +15,19 @@ import os
 
 from .arena import Arena
 from .base import Engine
-from .native import NativeEngine
+from .native import NativeEngine, optimizer_kind
 from .python import PythonExecutor
 
-__all__ = ["Arena", "Engine", "NativeEngine", "PythonExecutor", "choose", "make"]
+__all__ = ["Arena", "Engine", "NativeEngine", "PythonExecutor", "choose", "make",
+           "optimizer_kind"]
 
-_NATIVE_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+_NATIVE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 
 
 def choose(device: str, optimizer=None, host_data: bool = False) -> tuple[str, str]:
     """(engine name, reason). The C++ engine of the device, except:
-    ``FASTMLP_ENGINE=python``; an optimizer that is not exactly SGD / Adam / AdamW (a
+    ``FASTMLP_ENGINE=python``; an optimizer that is not exactly SGD / Adam / AdamW /
+    RMSprop (a
     subclass may override ``_update``, which only the Python executor calls); data
     left on the host while the model is on the GPU (too large for the device)."""
     forced = os.environ.get("FASTMLP_ENGINE", "").strip().lower()
@@ -36,9 +38,9 @@ def choose(device: str, optimizer=None, host_data: bool = False) -> tuple[str, s
     if optimizer is not None:
         from .. import optim
 
-        if type(optimizer) not in (optim.SGD, optim.Adam, optim.AdamW):
+        if type(optimizer) not in (optim.SGD, optim.Adam, optim.AdamW, optim.RMSprop):
             return "python", (f"{type(optimizer).__name__} is not one of the built-in "
-                              "optimizers the C++ engines run (SGD, Adam, AdamW)")
+                              "optimizers the C++ engines run (SGD, Adam, AdamW, RMSprop)")
     if host_data:
         return "python", "the data stays on the host (too large for the GPU)"
     return device, "default"

@@ -32,7 +32,11 @@ class Arena:
             shape = tuple(self.capacity if d == ROWS else self.max_steps if d == "steps" else d
                           for d in buf.shape)
             # zeros: predict's dummy labels must be 0; everything else is written first
-            self.arrays[buf.id] = self.xp.zeros(shape, buf.dtype)
+            if buf.role == "table":
+                self.arrays[buf.id] = self.xp.asarray(np.array(buf.data, buf.dtype)
+                                                      .reshape(shape))
+            else:
+                self.arrays[buf.id] = self.xp.zeros(shape, buf.dtype)
         for buf in plan.bufs:
             if buf.base is not None:
                 base = self.arrays[plan.buf(buf.base).id]

@@ -16,6 +16,17 @@ from ..plan import with_batch
 from .base import Engine
 
 
+def optimizer_kind(optimizer) -> int:
+    """csrc/engine.h OptKind of an optimizer: 0 SGD, 1 Adam / AdamW, 2 RMSprop."""
+    from .. import optim
+
+    if isinstance(optimizer, optim.Adam):
+        return 1
+    if isinstance(optimizer, optim.RMSprop):
+        return 2
+    return 0
+
+
 class NativeEngine(Engine):
     def __init__(self, plan, arena):
         super().__init__(plan, arena)
@@ -46,25 +57,28 @@ class NativeEngine(Engine):
         if len(lrs) > self.arena.max_steps:
             raise ValueError(f"engine: a schedule of {len(lrs)} steps does not fit the "
                              f"arena's optimizer table ({self.arena.max_steps} steps)")
-        if (self.plan.opt_kind == 1) != isinstance(optimizer, optim.Adam):
+        if self.plan.opt_kind != optimizer_kind(optimizer):
             raise ValueError(f"engine: the plan was built for another optimizer than "
                              f"{type(optimizer).__name__}; compile again")
-        if not isinstance(optimizer, optim.Adam) and optimizer.momentum != 0.0 \
+        if isinstance(optimizer, optim.SGD) and optimizer.momentum != 0.0 \
                 and not self.plan.opt_buffers:
             raise ValueError("engine: SGD momentum was set after the optimizer was created "
                              "(it has no momentum buffer); create fm.optim.SGD(momentum=...) "
                              "instead")
+        kw = dict(momentum=0.0, beta1=0.0, beta2=0.0, eps=0.0, nesterov=False, decoupled=False,
+                  alpha=0.0, centered=False)
         if isinstance(optimizer, optim.Adam):
-            kw = dict(momentum=0.0, beta1=optimizer.betas[0], beta2=optimizer.betas[1],
-                      eps=optimizer.eps, weight_decay=optimizer.weight_decay, nesterov=False,
+            kw.update(beta1=optimizer.betas[0], beta2=optimizer.betas[1], eps=optimizer.eps,
                       decoupled=optimizer._decoupled)
+        elif isinstance(optimizer, optim.RMSprop):
+            kw.update(momentum=optimizer.momentum, eps=optimizer.eps, alpha=optimizer.alpha,
+                      centered=optimizer.centered)
         else:
-            kw = dict(momentum=optimizer.momentum, beta1=0.0, beta2=0.0, eps=0.0,
-                      weight_decay=optimizer.weight_decay, nesterov=optimizer.nesterov,
-                      decoupled=False)
+            kw.update(momentum=optimizer.momentum, nesterov=optimizer.nesterov)
         self._e.set_schedule(self._hyper_id, self.plan.opt_kind, [float(v) for v in lrs],
                              int(step0), kw["momentum"], kw["beta1"], kw["beta2"], kw["eps"],
-                             kw["weight_decay"], kw["nesterov"], kw["decoupled"])
+                             optimizer.weight_decay, kw["nesterov"], kw["decoupled"],
+                             kw["alpha"], kw["centered"])
 
     def begin_pass(self):
         self._e.begin_pass(self._state_id)

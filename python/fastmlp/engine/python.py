@@ -18,6 +18,7 @@ from ..plan import TRAIN
 from .base import Engine
 
 _PRECISION = {0: "fp32", 1: "tf32"}
+_SLOTS = ("argmax", "binary", "top_k", "abs", "sq")  # fastmlp.h MetricFlag order
 _ACTS = {code: name for name, code in reversed(list(ops.ACTIVATIONS.items()))}  # canonical names
 
 
@@ -34,12 +35,14 @@ class PythonExecutor(Engine):
         self.optimizer = optimizer
         self._state = self._fresh_state()
         self._scalars = None
+        self._metric = [0.0] * len(_SLOTS)
         self._lrs, self._step0 = [], 1
 
     @staticmethod
     def _fresh_state():
         return {"step": 0, "correct": 0, "loss_sum": 0.0, "nonfinite_step": -1, "bad_row": -1,
-                "nonfinite_param_step": -1, "rng_step": 1}
+                "nonfinite_param_step": -1, "rng_step": 1, "metric": [0.0] * len(_SLOTS),
+                "penalty_sum": 0.0}
 
     def set_schedule(self, lrs, step0, optimizer):
         self._lrs, self._step0 = list(lrs), int(step0)
@@ -96,6 +99,27 @@ class PythonExecutor(Engine):
             loss, _, hits, bad = ops.softmax_cross_entropy_fused(
                 b[0][:n], b[1][:n], backward=bool(d[2]), out=b[2][:n], check_labels=False)
             self._scalars = (float(loss), int(hits), int(bad[0]))
+        elif code == "loss":
+            e = op.extra
+            loss, _ = ops.loss_forward_backward(
+                e["kind"], b[0][:n], b[1][:n],
+                sample_weight=None if b[2] is None else b[2][:n], delta=e["delta"],
+                label_smoothing=e["label_smoothing"], backward=bool(d[5]),
+                out=None if b[3] is None else b[3][:n], check_labels=False)
+            self._scalars = (float(loss), 0, -1)
+        elif code == "metrics":
+            e = op.extra
+            sums = ops.metric_sums(b[0][:n], b[1][:n], e["metrics"], transform=e["transform"],
+                                   k=int(d[4]), threshold=_float(d[5]),
+                                   probs_out=None if b[2] is None else b[2][:n])
+            self._metric = [float(sums.get(m, 0.0)) for m in _SLOTS]
+        elif code == "clip":
+            e = op.extra
+            xp = cupy_module() if is_cupy(b[0]) else np
+            offsets = xp.asarray(np.array(e["offsets"], np.int64))
+            l1l2 = None if b[3] is None else b[3]
+            ops.grad_clip_scale(b[0], b[1], offsets, l1l2, mode=int(d[1]),
+                                max_norm=_float(d[2]), out=b[4])
         elif code == "act_fwd":
             ops.activation(b[0][:n], _ACTS[d[1]], dropout=self._dropout(op), out=b[1][:n])
         elif code == "act_bwd":
@@ -126,7 +150,10 @@ class PythonExecutor(Engine):
             ops.layer_norm_backward(b[0][:n], b[1][:n], b[2], b[3][:n], b[4][:n], out=b[5][:n],
                                     dgamma_out=b[6], dbeta_out=b[7])
         elif code == "optimizer":
-            self._optimizer_step()
+            if op.extra is None:
+                self._optimizer_step()
+            else:
+                self._optimizer_step(op.extra, b)
             # The C++ engines find a non-finite parameter inside their update loop; here
             # the flat parameters (buffer 0) are checked afterwards: one pass, one read.
             st = self._state
@@ -137,6 +164,10 @@ class PythonExecutor(Engine):
             b[1][lo:lo + n] = b[0][:n]
         elif code == "step_end":
             st = self._state
+            if op.bufs[2] is not None:  # the regularization penalty of this step's weights
+                st["penalty_sum"] += float(sum(float(v) for v in b[2][:d[0]])) * n
+            if op.bufs[1] is not None and d[1]:
+                st["metric"] = [a + v for a, v in zip(st["metric"], self._metric)]
             if op.bufs[1] is not None:
                 loss, hits, bad = self._scalars
                 st["loss_sum"] += loss * n  # a float32 value times n, in double
@@ -157,14 +188,27 @@ class PythonExecutor(Engine):
         e = op.extra
         return ops.Dropout(e["rate"], e["seed"], self._state["rng_step"], e["layer"])
 
-    def _optimizer_step(self):
-        """The optimizer's own per-parameter rule, with the step number the engines'
-        table holds for this step (Adam's bias correction counts from 1)."""
+    def _optimizer_step(self, segment=None, b=None):
+        """The optimizer's own per-parameter rule, with the step number and learning rate
+        the engines' table holds for this step (Adam's bias correction counts from 1):
+        every parameter, or one (``segment``: the op's extra) with its gradient
+        transform (regularizer, clip scale, clipvalue) and penalty slot."""
         opt = self.optimizer
-        counted = opt.iterations  # the trainer counts the steps a run did
+        counted, lr = opt.iterations, opt.lr  # the trainer counts the steps a run did
         opt.iterations = self._step0 + self._state["step"]
+        if self._lrs:
+            opt.lr = self._lrs[self._state["step"]]
         try:
-            for p, g, st in zip(self.arena.param_views(), self.arena.grad_views(), opt.state):
-                opt._update(p, g, st)
+            views = list(zip(self.arena.param_views(), self.arena.grad_views(), opt.state))
+            if segment is None:
+                for p, g, st in views:
+                    opt._update(p, g, st)
+            else:
+                k = segment["segment"]
+                p, g, st = views[k]
+                opt._update(p, g, st, l1=segment["l1"], l2=segment["l2"],
+                            clip_scale=None if b[7] is None else b[7][k:k + 1],
+                            clipvalue=segment["clipvalue"],
+                            penalty_out=None if b[8] is None else b[8][k:k + 1])
         finally:
-            opt.iterations = counted
+            opt.iterations, opt.lr = counted, lr
