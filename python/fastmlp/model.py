@@ -557,6 +557,16 @@ class Sequential:
         self._require_built("save")
         save_model(self, path, include_optimizer=include_optimizer)
 
+    def export(self, path, format="onnx", opset=None) -> None:
+        """Write the model for inference elsewhere: ``format="onnx"`` (the only one) writes
+        an ONNX graph (default opset 17; ``opset`` >= 17) with input ``"input"`` float32
+        (batch, features) and output ``"output"``, computing what :meth:`predict` does
+        (see :mod:`fastmlp.export`). Needs the ``onnx`` package (``pip install
+        fastmlp[onnx]``)."""
+        from .export import export
+
+        export(self, path, format=format, opset=opset)
+
     def __repr__(self):
         return f"Sequential({self.layers!r})"
 
