@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from . import _act_codes
+from . import _act_codes, regularizers
 from ._random import generator
 
 __all__ = ["Layer", "Dense", "Activation", "Dropout", "BatchNormalization",
@@ -274,6 +274,14 @@ def _softmax(x):
 # ------------------------------------------------------------------------- Dense
 
 
+def _regularizer(identifier, what):
+    """``regularizers.get(identifier)``, its ValueError naming the Dense argument."""
+    try:
+        return regularizers.get(identifier)
+    except ValueError as e:
+        raise ValueError(f"Dense: {what!r}: {e}") from None
+
+
 class Dense(Layer):
     """A fully connected layer: ``y = activation(x @ kernel + bias)``.
 
@@ -284,12 +292,15 @@ class Dense(Layer):
     next layer's backward GEMM. ``kernel_initializer``: "glorot_uniform" (default, as
     Keras), "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal",
     "zeros", "ones", or a callable ``f(shape, rng) -> array`` drawing from the NumPy
-    Generator it is given.
+    Generator it is given. ``kernel_regularizer`` / ``bias_regularizer``: None, an
+    :mod:`fastmlp.regularizers` object, "l1", "l2", "l1_l2" or a serialized one -- adds
+    ``l1 * sum(|w|) + l2 * sum(w ** 2)`` of that weight to the training loss.
     """
 
     def __init__(self, units: int, activation=None, input_dim: int | None = None,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
-                 use_bias: bool = True, name: str | None = None):
+                 use_bias: bool = True, name: str | None = None,
+                 kernel_regularizer=None, bias_regularizer=None):
         if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units < 1:
             raise ValueError(f"Dense: 'units' must be a positive integer, got {units!r}")
         if input_dim is not None and (isinstance(input_dim, bool) or input_dim < 1):
@@ -302,6 +313,8 @@ class Dense(Layer):
         self._kernel_init = _initializer(kernel_initializer, "kernel_initializer")
         self._bias_init = _initializer(bias_initializer, "bias_initializer")
         self.use_bias = bool(use_bias)
+        self.kernel_regularizer = _regularizer(kernel_regularizer, "kernel_regularizer")
+        self.bias_regularizer = _regularizer(bias_regularizer, "bias_regularizer")
         self.kernel = None
         self.bias = None
 
@@ -343,7 +356,17 @@ class Dense(Layer):
         binit = self.bias_initializer if isinstance(self.bias_initializer, str) else "zeros"
         return {"class": "Dense", "units": self.units, "activation": self.activation,
                 "input_dim": self.input_dim, "use_bias": self.use_bias, "name": self.name,
-                "kernel_initializer": kinit, "bias_initializer": binit}
+                "kernel_initializer": kinit, "bias_initializer": binit,
+                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+                "bias_regularizer": regularizers.serialize(self.bias_regularizer)}
+
+    def signature(self) -> tuple:
+        # The regularizers by their (l1, l2) coefficients (the plan's penalty terms).
+        sig = dict(super().signature())
+        for key in ("kernel_regularizer", "bias_regularizer"):
+            reg = getattr(self, key)
+            sig[key] = None if reg is None else (reg.l1, reg.l2)
+        return tuple(sorted(sig.items()))
 
     def _call(self, xp, x, w, training):
         from . import ops

@@ -401,7 +401,9 @@ class Sequential:
             val = self._prepare_xy(*validation_data, *val_names, "fit", check_finite, val_row0)
 
         history = History()
-        cbs: list[Callback] = [history] + list(callbacks or [])
+        # History last, as Keras: it records what the other callbacks add to the logs
+        # (LearningRateScheduler's learning_rate)
+        cbs: list[Callback] = list(callbacks or []) + [history]
         for cb in cbs:
             if not isinstance(cb, Callback):
                 raise TypeError(f"fit: callbacks must be fm.callbacks.Callback instances, got "
