@@ -96,7 +96,8 @@ void metric_rows(const float* pred, const void* labels, LabelKind kind, float* p
                 sq_sum += d * d;
             }
         }
-        if (flags & kMetricBinary) scratch[1 * rows + r] = metric_row_mean(static_cast<double>(bin), cols);
+        if (flags & kMetricBinary)
+            scratch[1 * rows + r] = metric_row_mean(static_cast<double>(bin), cols);
         if (flags & kMetricAbs) scratch[3 * rows + r] = metric_row_mean(abs_sum, cols);
         if (flags & kMetricSq) scratch[4 * rows + r] = metric_row_mean(sq_sum, cols);
     }

@@ -180,7 +180,8 @@ metrics_rows_f32(const float* __restrict__ pred, const void* __restrict__ labels
         if constexpr (kFloatLabels) {
             if (flags & kMetricBinary) {
                 bin = warp_sum(bin);
-                if (lane == 0) scratch[1 * rows + r] = metric_row_mean(static_cast<double>(bin), cols);
+                if (lane == 0)
+                    scratch[1 * rows + r] = metric_row_mean(static_cast<double>(bin), cols);
             }
             if (flags & kMetricAbs) {
                 abs_sum = warp_sum(abs_sum);
