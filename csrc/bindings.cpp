@@ -211,6 +211,21 @@ fastmlp::DropoutSpec dropout_spec(const DropoutTuple& t) {
                           double weight_decay, bool decoupled, int64_t step EXTRA_PARAM) {  \
         NS::adam_step(ptr<float>(param), ptr<const float>(grad), ptr<float>(m), ptr<float>(v), \
                       size, lr, beta1, beta2, eps, weight_decay, decoupled, step EXTRA_ARG); \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    /* [issue 16] the fused metrics; probs_out: 0 = null; spec = flags, transform, k, threshold */ \
+    M.def("metrics_fused", [](uintptr_t pred, uintptr_t labels, int kind, uintptr_t probs_out, \
+                              uintptr_t row_scratch, uintptr_t sums, int64_t rows, int64_t cols, \
+                              int32_t flags, int32_t transform, int32_t k,                     \
+                              float threshold EXTRA_PARAM) {                                   \
+        fastmlp::MetricSpec spec;                                                              \
+        spec.flags = flags;                                                                    \
+        spec.transform = transform;                                                            \
+        spec.k = k;                                                                            \
+        spec.threshold = threshold;                                                            \
+        NS::metrics_fused(ptr<const float>(pred), ptr<const void>(labels),                    \
+                          static_cast<LabelKind>(kind), ptr<float>(probs_out),                \
+                          ptr<float>(row_scratch), ptr<double>(sums), rows, cols,             \
+                          spec EXTRA_ARG);                                                     \
     }, py::call_guard<py::gil_scoped_release>());
 
 #define FASTMLP_NOTHING

@@ -29,6 +29,15 @@ enum class LabelKind : int {
     kOneHot = 2,  // (rows, cols) float32 rows (one-hot or any distribution)
 };
 
+// [issue 16] The fused metrics kernel (metrics_fused): which per-row metrics to
+// sum (MetricSpec::flags, OR-ed), the order of the sums it writes, and the
+// transform turning the model's last pre-transform values into predictions.
+enum MetricFlag : int32_t { kMetricArgmax = 1, kMetricBinary = 2, kMetricTopK = 4,
+                            kMetricAbs = 8, kMetricSq = 16 };
+constexpr int kNumMetricSums = 5;  // sums[] order: argmax, binary, topk, abs, sq
+enum class OutputTransform : int32_t { kNone = 0, kSigmoid = 1, kSoftmax = 2 };
+struct MetricSpec { int32_t flags = 0; int32_t transform = 0; int32_t k = 5; float threshold = 0.5f; };
+
 // The fused extras of gemm_ex, for Dense layers. Applied to each element of C
 // after t = alpha * sum_p op(A)(i,p) op(B)(p,j) + beta * C(i,j), in this order:
 //   t += bias[j]                         bias != nullptr     (Dense forward)
@@ -150,6 +159,24 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //   not accumulated (zeros when rows == 0). No output may alias an input.
 // sgd_step / adam_step: in place, torch.optim semantics (see kernel_math.h). buf may be
 //   null when momentum == 0. step counts from 1.
+// metrics_fused [issue 16]: per-step partial sums of the Keras metrics.
+//   p = transform(pred) (MetricSpec::transform: none; sigmoid, kernel_math.h's
+//   sigmoidf; or a max-subtracted row softmax), written to probs_out (rows, cols)
+//   unless it is null. labels: kInt32 / kInt64 class indices (rows,) or kOneHot
+//   float rows (rows, cols). sums[m] (kNumMetricSums doubles, device memory on
+//   CUDA) is WRITTEN with the sum over rows of metric m's per-row value, 0 for
+//   a metric not in spec.flags (details and NaN rules in metric_math.h):
+//     argmax  1 when the first maximum of pred equals the label (float rows:
+//             their first maximum), else 0
+//     binary  mean over c of [(p > threshold) == (y > 0.5)]   (float labels only)
+//     topk    1 when fewer than k classes have pred > pred[label], else 0
+//     abs     mean over c of |p - y|;  sq: of (p - y)^2        (float labels only)
+//   argmax and topk compare pred, not p: every transform is monotone per row,
+//   so the result is the same but without the ties rounding makes in p.
+//   An integer label outside [0, cols) is a miss, never read. row_scratch:
+//   rows * kNumMetricSums floats (metric m's row values at m * rows). Each sum
+//   is a fixed-order sum in double of the row values: deterministic (on the CPU
+//   independent of the thread count). rows == 0 gives all sums 0.
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
     void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, \
               const float* a, int64_t lda, const float* b, int64_t ldb, float beta,     \
@@ -202,7 +229,10 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
                   float momentum, bool nesterov, float weight_decay FASTMLP_STREAM_ARG);\
     void adam_step(float* param, const float* grad, float* m, float* v, int64_t size,   \
                    double lr, double beta1, double beta2, double eps,                   \
-                   double weight_decay, bool decoupled, int64_t step FASTMLP_STREAM_ARG);
+                   double weight_decay, bool decoupled, int64_t step FASTMLP_STREAM_ARG);  \
+    void metrics_fused(const float* pred, const void* labels, LabelKind label_kind,        \
+                       float* probs_out, float* row_scratch, double* sums, int64_t rows,  \
+                       int64_t cols, const MetricSpec& spec FASTMLP_STREAM_ARG);
 
 struct SgdHyper;   // kernel_math.h
 struct AdamHyper;

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C, _act_codes, _gemm_tuning, _nvtx
-from ._interop import Checker, address
+from ._interop import Checker, address, as_array, cupy_module, device_of, is_cupy
 
 _cpu = _C.cpu
 
@@ -29,6 +29,7 @@ __all__ = [
     "batch_norm_forward", "batch_norm_backward", "layer_norm_forward", "layer_norm_backward",
     "ACTIVATIONS", "Dropout", "dropout_constants", "activation", "activation_backward",
     "dropout", "dropout_backward",
+    "METRIC_FLAGS", "metric_sums", "roc_auc",
 ]
 
 _LABEL_INT32, _LABEL_INT64, _LABEL_ONEHOT = 0, 1, 2
@@ -872,3 +873,133 @@ def layer_norm_backward(dy, x, gamma, save_mean, save_invstd, *, out=None, dgamm
     from the forward. dgamma / dbeta are written (not accumulated)."""
     return _norm_backward("layer_norm_backward", "layernorm_bwd", dy, x, gamma, save_mean,
                           save_invstd, "rows", out, dgamma_out, dbeta_out)
+
+
+# ------------------------------------------------------------------ [issue 16] metrics
+
+# The metrics of the fused metrics kernel (fastmlp.h MetricFlag) by name; the kernel
+# writes their sums in the order of the flag bits.
+METRIC_FLAGS = {"argmax": 1, "binary": 2, "top_k": 4, "abs": 8, "sq": 16}
+_METRIC_TRANSFORMS = {"none": 0, "sigmoid": 1, "softmax": 2}
+_NUM_METRIC_SUMS = 5
+
+
+def metric_sums(pred, labels, metrics, *, transform="none", k=5, threshold=0.5, probs_out=None):
+    """Sums over the rows of per-row metric values, from one fused kernel pass.
+
+    ``pred`` (rows, cols) float32 holds the model's last pre-transform values; the
+    predictions are ``p = transform(pred)``: ``"none"``, ``"sigmoid"`` (elementwise) or
+    ``"softmax"`` (per row), written to ``probs_out`` (rows, cols) when given. ``labels``:
+    class indices (rows,) int32/int64, or float32 rows (rows, cols). ``metrics``: names of
+    :data:`METRIC_FLAGS`, each giving the sum over rows of
+      ``argmax``  1 when the first maximum of the row is the label (float rows: their
+                  first maximum) -- Keras (sparse_)categorical_accuracy
+      ``binary``  mean over the row of ``(p > threshold) == (y > 0.5)`` (float labels)
+      ``top_k``   1 when fewer than ``k`` classes score strictly above the label's
+                  (tf.math.in_top_k: ties at the boundary count as in)
+      ``abs``     mean over the row of ``|p - y|`` (float labels); ``sq``: of ``(p - y)^2``
+    argmax and top_k compare ``pred`` (every transform is monotone per row). A row with a
+    NaN in ``pred`` (or in its float label row) and an integer label outside [0, cols)
+    are misses; NaN propagates into abs / sq. Returns a dict name -> float (the sums in
+    float64; divide by rows for the means). NumPy -> CPU kernel, CuPy -> CUDA.
+    """
+    op = "metric_sums"
+    ck = Checker(op)
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    names = list(metrics)
+    for name in names:
+        if name not in METRIC_FLAGS:
+            raise ValueError(f"{op}: unknown metric {name!r}; expected names of "
+                             f"{sorted(METRIC_FLAGS)}")
+    if transform not in _METRIC_TRANSFORMS:
+        raise ValueError(f"{op}: 'transform' must be one of {sorted(_METRIC_TRANSFORMS)}, "
+                         f"got {transform!r}")
+    flags = 0
+    for name in names:
+        flags |= METRIC_FLAGS[name]
+    pred = ck.f32(pred, "pred", ndim=2)
+    rows, cols = pred.shape
+    lab, kind = _labels(ck, labels, rows, cols)
+    if rows > 0 and cols == 0:
+        raise ValueError(f"{op}: 'pred' has 0 columns")
+    if kind != _LABEL_ONEHOT:
+        float_only = [n for n in names if n in ("binary", "abs", "sq")]
+        if float_only:
+            raise ValueError(f"{op}: metrics {float_only} need float32 label rows "
+                             f"({rows}, {cols}), got integer class labels")
+    k = _int(op, k, "k")
+    if "top_k" in names and not 1 <= k < 2**31:
+        raise ValueError(f"{op}: 'k' must be in [1, 2**31), got {k}")
+    k = min(max(k, 1), 2**31 - 1)
+    threshold = float(threshold)
+    if probs_out is not None:
+        probs_out = ck.out(probs_out, "probs_out", (rows, cols), like=pred)
+        ck.no_overlap(probs_out, "probs_out", (pred, "pred"), (lab, "labels"))
+    scratch = ck.empty((_NUM_METRIC_SUMS * rows,), np.float32, like=pred)
+    sums = ck.empty((_NUM_METRIC_SUMS,), np.float64, like=pred)
+    mod, extra, ctx = ck.backend(pred)
+    with ctx, _nvtx.annotate(op):
+        mod.metrics_fused(address(pred), address(lab), kind,
+                          0 if probs_out is None else address(probs_out), address(scratch),
+                          address(sums), rows, cols, flags, _METRIC_TRANSFORMS[transform], k,
+                          threshold, *extra)
+    host = sums.get() if hasattr(sums, "get") else sums
+    order = sorted(METRIC_FLAGS, key=METRIC_FLAGS.get)
+    return {name: float(host[order.index(name)]) for name in names}
+
+
+def _any_array(x, name, op):
+    """A NumPy / CuPy array of x (lists and tuples too: roc_auc takes plain data)."""
+    if isinstance(x, (list, tuple)):
+        return np.asarray(x)
+    return as_array(x, name, op)
+
+
+def roc_auc(scores, labels):
+    """Exact ROC AUC of ``scores`` (n,) or (n, c) against binary ``labels`` (0/1 or bool)
+    of the same shape; (n, c) is flattened (the micro average).
+
+    Computed with the array module of ``scores`` (NumPy, or CuPy on the GPU) as the
+    Mann-Whitney statistic with average ranks for ties, in float64:
+    ``(sum of the positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg)``, which is
+    what ``sklearn.metrics.roc_auc_score`` computes. ValueError when the shapes differ,
+    a label is not 0 or 1, a score is NaN, or only one class is present (as sklearn).
+    """
+    op = "roc_auc"
+    s = _any_array(scores, "scores", op)
+    y = _any_array(labels, "labels", op)
+    if device_of(s) != device_of(y):
+        raise ValueError(f"{op}: 'scores' is on {device_of(s)} but 'labels' is on "
+                         f"{device_of(y)}; pass both on one device")
+    if tuple(s.shape) != tuple(y.shape):
+        raise ValueError(f"{op}: 'scores' and 'labels' must have the same shape, got "
+                         f"{tuple(s.shape)} and {tuple(y.shape)}")
+    if s.ndim not in (1, 2):
+        raise ValueError(f"{op}: 'scores' must be 1-D or 2-D, got shape {tuple(s.shape)}")
+    if s.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
+        raise TypeError(f"{op}: 'scores' and 'labels' must be numeric, got {s.dtype} "
+                        f"and {y.dtype}")
+    xp = cupy_module() if is_cupy(s) else np
+    s = s.astype(xp.float64).ravel()   # exact for float32 and ints below 2**53: ties kept
+    y = y.ravel()
+    pos = y == 1
+    # One reduction read back: [any bad label, any NaN score, positives, count].
+    stats = xp.stack([xp.sum((y != 0) & ~pos), xp.sum(xp.isnan(s)), xp.sum(pos)])
+    stats = stats.get() if hasattr(stats, "get") else stats
+    bad, nans, n_pos = (int(v) for v in stats)
+    n_neg = s.size - n_pos
+    if bad:
+        raise ValueError(f"{op}: 'labels' must be binary (0 or 1); {bad} are not")
+    if nans:
+        raise ValueError(f"{op}: 'scores' contain {nans} NaN values")
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"{op}: only one class present in 'labels'; ROC AUC is not "
+                         f"defined in that case")
+    # The average rank (1-based) of a value v among the sorted scores is
+    # (#below + 1 + #below-or-equal) / 2: the mean of the ranks its ties share.
+    ordered = xp.sort(s)
+    lo = xp.searchsorted(ordered, s, side="left")
+    hi = xp.searchsorted(ordered, s, side="right")
+    rank_sum = float(xp.sum((lo + hi + 1)[pos])) / 2.0   # half-integers: exact in float64
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (float(n_pos) * float(n_neg))

@@ -57,6 +57,7 @@ __all__ = [
     "activation_backward",
     "dropout",
     "dropout_backward",
+    "metric_sums",
 ]
 
 _cupy = None  # the cupy module once imported; False when it cannot be imported
@@ -693,3 +694,73 @@ def dropout(x, rate, *, seed, step, layer=0, out=None):
 def dropout_backward(dy, rate, *, seed, step, layer=0, out=None):
     """dy * the forward's mask."""
     return activation_backward(dy, None, "linear", dropout=(rate, seed, step, layer), out=out)
+
+
+# ------------------------------------------------------------------ [issue 16] metrics
+
+_METRIC_ORDER = ("argmax", "binary", "top_k", "abs", "sq")   # fastmlp.ops.METRIC_FLAGS
+
+
+def metric_sums(pred, labels, metrics, *, transform="none", k=5, threshold=0.5, probs_out=None):
+    """fastmlp.ops.metric_sums in float64: a dict name -> sum over rows of the per-row
+    values (argmax, binary, top_k, abs, sq; the rules in the op's docstring).
+
+    p = transform(pred) in float64 (stored as float32 in ``probs_out`` when given); argmax
+    and top_k compare ``pred``; the threshold is taken as float32, as the kernel's."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    names = list(metrics)
+    for name in names:
+        if name not in _METRIC_ORDER:
+            raise ValueError(f"unknown metric {name!r}")
+    if transform not in ("none", "sigmoid", "softmax"):
+        raise ValueError(f"unknown transform {transform!r}")
+    xp = _xp(pred, labels, probs_out)
+    if pred.ndim != 2:
+        raise ValueError(f"'pred' must be 2-D, got shape {tuple(pred.shape)}")
+    n, c = pred.shape
+    is_int = labels.dtype.kind in "iu"
+    if is_int and any(name in ("binary", "abs", "sq") for name in names):
+        raise ValueError("binary / abs / sq need float label rows")
+    if n == 0:
+        return {name: 0.0 for name in names}
+    z = pred.astype(xp.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if transform == "sigmoid":
+            p = _sigmoid(xp, z)
+        elif transform == "softmax":
+            e = xp.exp(z - xp.max(z, axis=1, keepdims=True))   # every exponent <= 0
+            p = e / xp.sum(e, axis=1, keepdims=True)
+        else:
+            p = z
+    if probs_out is not None:
+        _store(p.astype(xp.float32), probs_out)
+
+    # The label as a class index t, valid where it exists; a NaN in pred or in the
+    # float label row makes the row a miss for the hit metrics.
+    rows = xp.arange(n)
+    if is_int:
+        lab = labels.astype(xp.int64)
+        valid = (lab >= 0) & (lab < c)
+        t = xp.where(valid, lab, 0)
+    else:
+        y = labels.astype(xp.float64)
+        valid = ~xp.any(xp.isnan(y), axis=1)
+        t = xp.argmax(xp.where(xp.isnan(y), -xp.inf, y), axis=1)   # the first maximum
+    ok = valid & ~xp.any(xp.isnan(z), axis=1)
+    out = {}
+    for name in names:
+        if name == "argmax":
+            v = ok & (xp.argmax(z, axis=1) == t)
+        elif name == "top_k":
+            greater = xp.sum(z > z[rows, t][:, None], axis=1)
+            v = ok & (greater < k)
+        elif name == "binary":
+            thr = float(np.float32(threshold))
+            v = xp.mean(((p > thr) == (y > 0.5)).astype(xp.float64), axis=1)
+        elif name == "abs":
+            v = xp.mean(xp.abs(p - y), axis=1)
+        else:
+            v = xp.mean((p - y) ** 2, axis=1)
+        out[name] = float(xp.sum(v.astype(xp.float64)))
+    return out
