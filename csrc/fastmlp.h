@@ -29,6 +29,13 @@ enum class LabelKind : int {
     kOneHot = 2,  // (rows, cols) float32 rows (one-hot or any distribution)
 };
 
+// [issue 16] The losses of loss_fused (csrc/loss_math.h has their math).
+enum class LossKind : int { kMse = 0, kMae = 1, kHuber = 2, kBceLogits = 3, kBceProbs = 4,
+                            kCceLogits = 5, kCceProbs = 6 };
+// kind: a LossKind; delta: Huber's threshold (> 0); label_smoothing in [0, 1):
+// the BCE and cross-entropy kinds' smoothing (ignored by the others).
+struct LossSpec { int32_t kind = 0; float delta = 1.0f; float label_smoothing = 0.0f; };
+
 // The fused extras of gemm_ex, for Dense layers. Applied to each element of C
 // after t = alpha * sum_p op(A)(i,p) op(B)(p,j) + beta * C(i,j), in this order:
 //   t += bias[j]                         bias != nullptr     (Dense forward)
@@ -150,6 +157,17 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //   not accumulated (zeros when rows == 0). No output may alias an input.
 // sgd_step / adam_step: in place, torch.optim semantics (see kernel_math.h). buf may be
 //   null when momentum == 0. step counts from 1.
+// loss_fused [issue 16]: a LossSpec loss and its gradient in one pass over
+//   pred (rows, cols) (csrc/loss_math.h has the math of each kind). Per row a
+//   loss L_r; *loss = sum_r w_r L_r / rows (w_r = sample_weight[r], or 1 when
+//   sample_weight is null; summed in double in row order); with dpred
+//   (non-null, must not overlap pred) dpred(r, c) = w_r / rows * dL_r/dpred(r, c).
+//   labels: (rows, cols) float rows (kOneHot) for every kind; the two
+//   cross-entropy kinds also take (rows,) int32 / int64 class indices.
+//   row_loss (rows floats) is scratch (it gets w_r L_r). loss and bad_row
+//   point to one element each (device memory on CUDA), written, never
+//   accumulated; *bad_row as softmax_xent_fwd (a bad row: NaN loss, its dpred
+//   computed with no class target). rows == 0: *loss = 0, *bad_row = -1.
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
     void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, \
               const float* a, int64_t lda, const float* b, int64_t ldb, float beta,     \
@@ -202,7 +220,11 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
                   float momentum, bool nesterov, float weight_decay FASTMLP_STREAM_ARG);\
     void adam_step(float* param, const float* grad, float* m, float* v, int64_t size,   \
                    double lr, double beta1, double beta2, double eps,                   \
-                   double weight_decay, bool decoupled, int64_t step FASTMLP_STREAM_ARG);
+                   double weight_decay, bool decoupled, int64_t step FASTMLP_STREAM_ARG); \
+    void loss_fused(const float* pred, const void* labels, LabelKind label_kind,          \
+                    const float* sample_weight, float* dpred, float* row_loss, float* loss, \
+                    int64_t* bad_row, int64_t rows, int64_t cols,                         \
+                    const LossSpec& spec FASTMLP_STREAM_ARG);
 
 struct SgdHyper;   // kernel_math.h
 struct AdamHyper;
