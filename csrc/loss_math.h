@@ -80,13 +80,6 @@ FASTMLP_HOSTDEV float loss_sign(float d) {
     return d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == 0.0f ? 0.0f : d));
 }
 
-// Stable sigmoid: exp of a non-positive number only.
-FASTMLP_HOSTDEV float loss_sigmoid(float z) {
-    if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
-    const float e = expf(z);  // also the NaN path: NaN / NaN
-    return e / (1.0f + e);
-}
-
 // Whether a probability was inside the clamp range (NaN counts as inside).
 FASTMLP_HOSTDEV bool loss_unclamped(float u) { return !(u < kLossProbLo || u > kLossProbHi); }
 FASTMLP_HOSTDEV float loss_clamp(float u) {
@@ -116,10 +109,15 @@ FASTMLP_HOSTDEV float loss_elem(float p, float y, const LossConsts& k, float& g)
         return k.delta * (ad - 0.5f * k.delta);
     } else if constexpr (KIND == static_cast<int>(LossKind::kBceLogits)) {
         const float t = y * k.y_scale + k.y_add;
-        g = loss_sigmoid(p) - t;
+        // sigmoid(z) - t from s = sigmoid(-|z|) = e / (1 + e), e = exp(-|z|) <= 1:
+        // for z >= 0 it is (1 - t) - s, so a confident logit with t = 1 keeps its
+        // tiny gradient exactly (1 / (1 + e) - 1 would round it to a few ulp of 1).
+        const float e = expf(-fabsf(p));
+        const float s = e / (1.0f + e);
+        g = p >= 0.0f ? (1.0f - t) - s : s - t;  // NaN: e and s are NaN
         // max(z, 0) written so that a NaN z stays NaN.
         const float relu_z = p < 0.0f ? 0.0f : p;
-        return relu_z - p * t + log1pf(expf(-fabsf(p)));
+        return relu_z - p * t + log1pf(e);
     } else {
         static_assert(KIND == static_cast<int>(LossKind::kBceProbs), "an elementwise kind");
         const float t = y * k.y_scale + k.y_add;
