@@ -219,6 +219,23 @@ def test_against_torch(backend, rng, kind, lab, ls, shape, weighted):
     _check(loss, dpred, float(total.detach()), z.grad.numpy(), pred, w, f"{kind} vs torch", kind)
 
 
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_cce_logits_unnormalized_rows_against_torch(backend, rng, ls):
+    """Float target rows need not sum to 1: the gradient is softmax * sum(t) - t, the
+    exact derivative (torch's), not softmax - t."""
+    torch = pytest.importorskip("torch")
+    n, c = 40, 7
+    pred = normal(rng, (n, c), scale=3.0)
+    target = rng.uniform(0.0, 2.0, size=(n, c)).astype(np.float32)
+    loss, dpred = _run(backend, "cce_logits", pred, target, None, ls)
+    z = torch.tensor(f64(pred), requires_grad=True)
+    ce = torch.nn.CrossEntropyLoss(reduction="mean", label_smoothing=ls)
+    total = ce(z, torch.tensor(f64(target)))
+    total.backward()
+    _check(loss, dpred, float(total.detach()), z.grad.numpy(), pred, None, "unnormalized rows",
+           "cce_logits")
+
+
 # ----------------------------------------------------------------------------- Keras' formulas
 
 
