@@ -128,6 +128,20 @@ FASTMLP_HOSTDEV float loss_elem(float p, float y, const LossConsts& k, float& g)
     }
 }
 
+// The kind's name for error messages (the names of fastmlp.ops.LOSS_KINDS).
+inline const char* loss_kind_name(int kind) {
+    switch (static_cast<LossKind>(kind)) {
+        case LossKind::kMse: return "mse";
+        case LossKind::kMae: return "mae";
+        case LossKind::kHuber: return "huber";
+        case LossKind::kBceLogits: return "bce_logits";
+        case LossKind::kBceProbs: return "bce_probs";
+        case LossKind::kCceLogits: return "cce_logits";
+        case LossKind::kCceProbs: return "cce_probs";
+    }
+    return "unknown";
+}
+
 constexpr bool loss_is_cce(int kind) {
     return kind == static_cast<int>(LossKind::kCceLogits) ||
            kind == static_cast<int>(LossKind::kCceProbs);

@@ -27,19 +27,6 @@ struct CpuLanes {
     float max(float v) const { return v; }
 };
 
-const char* loss_kind_name(int kind) {
-    switch (static_cast<LossKind>(kind)) {
-        case LossKind::kMse: return "mse";
-        case LossKind::kMae: return "mae";
-        case LossKind::kHuber: return "huber";
-        case LossKind::kBceLogits: return "bce_logits";
-        case LossKind::kBceProbs: return "bce_probs";
-        case LossKind::kCceLogits: return "cce_logits";
-        case LossKind::kCceProbs: return "cce_probs";
-    }
-    return "unknown";
-}
-
 }  // namespace
 
 void loss_fused(const float* pred, const void* labels, LabelKind label_kind,
@@ -58,12 +45,15 @@ void loss_fused(const float* pred, const void* labels, LabelKind label_kind,
     FASTMLP_CHECK(rows >= 0 && cols >= 0,
                   op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
     FASTMLP_CHECK(rows == 0 || cols > 0, op << ": need at least one column, got cols=0");
+    FASTMLP_CHECK(cols == 0 || rows <= std::numeric_limits<int64_t>::max() / cols,
+                  op << ": rows*cols overflows int64 (rows=" << rows << ", cols=" << cols << ")");
     FASTMLP_CHECK(spec.kind != static_cast<int>(LossKind::kHuber) || spec.delta > 0.0f,
                   op << ": huber needs delta > 0, got " << spec.delta);
     FASTMLP_CHECK(spec.label_smoothing >= 0.0f && spec.label_smoothing < 1.0f,
                   op << ": label_smoothing must be in [0, 1), got " << spec.label_smoothing);
     FASTMLP_CHECK(loss && bad_row, op << ": null loss or bad_row");
-    FASTMLP_CHECK(rows == 0 || (pred && labels && row_loss), op << ": null pred, labels or row_loss");
+    FASTMLP_CHECK(rows == 0 || (pred && labels && row_loss),
+                  op << ": null pred, labels or row_loss");
     FASTMLP_CHECK(rows == 0 || !dpred || pred + rows * cols <= dpred || dpred + rows * cols <= pred,
                   op << ": dpred must not overlap pred");
 

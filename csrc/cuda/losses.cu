@@ -133,7 +133,7 @@ void loss_fused(const float* pred, const void* labels, LabelKind label_kind,
                       label_kind == LabelKind::kOneHot,
                   op << ": unknown label kind " << static_cast<int>(label_kind));
     FASTMLP_CHECK(loss_is_cce(spec.kind) || label_kind == LabelKind::kOneHot,
-                  op << ": loss kind " << spec.kind
+                  op << ": loss " << loss_kind_name(spec.kind)
                      << " needs float label rows, got integer labels");
     FASTMLP_CHECK(rows >= 0 && cols >= 0,
                   op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
