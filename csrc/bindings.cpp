@@ -226,6 +226,20 @@ fastmlp::DropoutSpec dropout_spec(const DropoutTuple& t) {
                           static_cast<LabelKind>(kind), ptr<float>(probs_out),                \
                           ptr<float>(row_scratch), ptr<double>(sums), rows, cols,             \
                           spec EXTRA_ARG);                                                     \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    /* [issue 16] the fused losses; sample_weight, dpred: 0 = null */                        \
+    M.def("loss_fused", [](uintptr_t pred, uintptr_t labels, int label_kind,                 \
+                           uintptr_t sample_weight, uintptr_t dpred, uintptr_t row_loss,     \
+                           uintptr_t loss, uintptr_t bad_row, int64_t rows, int64_t cols,    \
+                           int kind, float delta, float label_smoothing EXTRA_PARAM) {       \
+        fastmlp::LossSpec spec;                                                               \
+        spec.kind = kind;                                                                     \
+        spec.delta = delta;                                                                   \
+        spec.label_smoothing = label_smoothing;                                               \
+        NS::loss_fused(ptr<const float>(pred), ptr<const void>(labels),                      \
+                       static_cast<LabelKind>(label_kind), ptr<const float>(sample_weight),  \
+                       ptr<float>(dpred), ptr<float>(row_loss), ptr<float>(loss),            \
+                       ptr<int64_t>(bad_row), rows, cols, spec EXTRA_ARG);                   \
     }, py::call_guard<py::gil_scoped_release>());
 
 #define FASTMLP_NOTHING

@@ -37,6 +37,12 @@ enum MetricFlag : int32_t { kMetricArgmax = 1, kMetricBinary = 2, kMetricTopK = 
 constexpr int kNumMetricSums = 5;  // sums[] order: argmax, binary, topk, abs, sq
 enum class OutputTransform : int32_t { kNone = 0, kSigmoid = 1, kSoftmax = 2 };
 struct MetricSpec { int32_t flags = 0; int32_t transform = 0; int32_t k = 5; float threshold = 0.5f; };
+// [issue 16] The losses of loss_fused (csrc/loss_math.h has their math).
+enum class LossKind : int { kMse = 0, kMae = 1, kHuber = 2, kBceLogits = 3, kBceProbs = 4,
+                            kCceLogits = 5, kCceProbs = 6 };
+// kind: a LossKind; delta: Huber's threshold (> 0); label_smoothing in [0, 1):
+// the BCE and cross-entropy kinds' smoothing (ignored by the others).
+struct LossSpec { int32_t kind = 0; float delta = 1.0f; float label_smoothing = 0.0f; };
 
 // The fused extras of gemm_ex, for Dense layers. Applied to each element of C
 // after t = alpha * sum_p op(A)(i,p) op(B)(p,j) + beta * C(i,j), in this order:
@@ -177,6 +183,17 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //   rows * kNumMetricSums floats (metric m's row values at m * rows). Each sum
 //   is a fixed-order sum in double of the row values: deterministic (on the CPU
 //   independent of the thread count). rows == 0 gives all sums 0.
+// loss_fused [issue 16]: a LossSpec loss and its gradient in one pass over
+//   pred (rows, cols) (csrc/loss_math.h has the math of each kind). Per row a
+//   loss L_r; *loss = sum_r w_r L_r / rows (w_r = sample_weight[r], or 1 when
+//   sample_weight is null; summed in double in row order); with dpred
+//   (non-null, must not overlap pred) dpred(r, c) = w_r / rows * dL_r/dpred(r, c).
+//   labels: (rows, cols) float rows (kOneHot) for every kind; the two
+//   cross-entropy kinds also take (rows,) int32 / int64 class indices.
+//   row_loss (rows floats) is scratch (it gets w_r L_r). loss and bad_row
+//   point to one element each (device memory on CUDA), written, never
+//   accumulated; *bad_row as softmax_xent_fwd (a bad row: NaN loss, its dpred
+//   computed with no class target). rows == 0: *loss = 0, *bad_row = -1.
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
     void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, \
               const float* a, int64_t lda, const float* b, int64_t ldb, float beta,     \
@@ -232,7 +249,11 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
                    double weight_decay, bool decoupled, int64_t step FASTMLP_STREAM_ARG);  \
     void metrics_fused(const float* pred, const void* labels, LabelKind label_kind,        \
                        float* probs_out, float* row_scratch, double* sums, int64_t rows,  \
-                       int64_t cols, const MetricSpec& spec FASTMLP_STREAM_ARG);
+                       int64_t cols, const MetricSpec& spec FASTMLP_STREAM_ARG);      \
+    void loss_fused(const float* pred, const void* labels, LabelKind label_kind,          \
+                    const float* sample_weight, float* dpred, float* row_loss, float* loss, \
+                    int64_t* bad_row, int64_t rows, int64_t cols,                         \
+                    const LossSpec& spec FASTMLP_STREAM_ARG);
 
 struct SgdHyper;   // kernel_math.h
 struct AdamHyper;

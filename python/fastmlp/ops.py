@@ -30,6 +30,7 @@ __all__ = [
     "ACTIVATIONS", "Dropout", "dropout_constants", "activation", "activation_backward",
     "dropout", "dropout_backward",
     "METRIC_FLAGS", "metric_sums", "roc_auc",
+    "LOSS_KINDS", "loss_forward_backward",
 ]
 
 _LABEL_INT32, _LABEL_INT64, _LABEL_ONEHOT = 0, 1, 2
@@ -1003,3 +1004,76 @@ def roc_auc(scores, labels):
     hi = xp.searchsorted(ordered, s, side="right")
     rank_sum = float(xp.sum((lo + hi + 1)[pos])) / 2.0   # half-integers: exact in float64
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (float(n_pos) * float(n_neg))
+# ----------------------------------------------------------------------------- losses (issue 16)
+
+# The loss kinds of loss_forward_backward, by the codes of csrc/fastmlp.h's LossKind.
+LOSS_KINDS = {"mse": 0, "mae": 1, "huber": 2, "bce_logits": 3, "bce_probs": 4,
+              "cce_logits": 5, "cce_probs": 6}
+_CCE_KINDS = ("cce_logits", "cce_probs")
+_SMOOTHED_KINDS = ("bce_logits", "bce_probs", "cce_logits", "cce_probs")
+
+
+def loss_forward_backward(kind, pred, target, *, sample_weight=None, delta=1.0,
+                          label_smoothing=0.0, backward=True, out=None, check_labels=True):
+    """A loss and its gradient in one kernel pass: ``(loss, dpred)``.
+
+    ``kind`` is a name of :data:`LOSS_KINDS`; ``pred`` (rows, cols) float32; ``target``
+    float32 rows of the same shape, or for ``"cce_logits"`` / ``"cce_probs"`` also
+    (rows,) int32 / int64 class indices. Per row a loss L_r (Keras / PyTorch
+    semantics: the mean over the columns for mse, mae, huber (``delta``) and the two
+    binary cross-entropies; ``"*_logits"`` take logits, ``"*_probs"`` probabilities
+    clamped to [1e-7, 1 - 1e-7] as Keras' ``from_logits=False``; ``label_smoothing``
+    as Keras for the cross-entropies). ``loss = sum_r w_r * L_r / rows`` (a Python
+    float; ``sample_weight`` (rows,) float32 w_r, default 1) and, with ``backward``,
+    ``dpred = d loss / d pred`` (written into ``out`` when given; it must not overlap
+    ``pred``), else ``dpred`` is None. A label outside [0, cols) raises ValueError
+    naming its row (unless ``check_labels=False``: that row's loss is NaN).
+    """
+    op = "loss_forward_backward"
+    if not isinstance(kind, str) or kind not in LOSS_KINDS:
+        raise ValueError(f"{op}: 'kind' must be one of {', '.join(map(repr, LOSS_KINDS))}, "
+                         f"got {kind!r}")
+    ck = Checker(op)
+    pred = ck.f32(pred, "pred", ndim=2)
+    rows, cols = pred.shape
+    if kind in _CCE_KINDS:
+        lab, label_kind = _labels(ck, target, rows, cols)
+        lab_name = "labels"
+    else:
+        lab = ck.f32(target, "target", shape=(rows, cols))
+        label_kind, lab_name = _LABEL_ONEHOT, "target"
+    if rows > 0 and cols == 0:
+        raise ValueError(f"{op}: 'pred' has 0 columns")
+    if sample_weight is not None:
+        sample_weight = ck.f32(sample_weight, "sample_weight", shape=(rows,))
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
+        raise TypeError(f"{op}: 'delta' must be a number, got {type(delta).__name__}")
+    if kind == "huber" and not (np.isfinite(delta) and delta > 0):
+        raise ValueError(f"{op}: 'delta' must be a finite number > 0, got {delta!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"{op}: 'label_smoothing' must be a number, "
+                        f"got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(np.float32(label_smoothing)) < 1.0:
+        raise ValueError(f"{op}: 'label_smoothing' must be in [0, 1), got {label_smoothing!r}")
+    if label_smoothing and kind not in _SMOOTHED_KINDS:
+        raise ValueError(f"{op}: label_smoothing applies to {', '.join(_SMOOTHED_KINDS)}, "
+                         f"not {kind!r}")
+    dpred = None
+    if backward:
+        dpred = ck.out(out, "out", (rows, cols), like=pred)
+        ck.no_overlap(dpred, "out", (pred, "pred"), (lab, lab_name),
+                      (sample_weight, "sample_weight"))
+    elif out is not None:
+        raise ValueError(f"{op}: out= was given with backward=False")
+    row_loss = ck.empty((rows,), np.float32, like=pred)
+    loss = ck.empty((1,), np.float32, like=pred)
+    bad_row = ck.empty((1,), np.int64, like=pred)
+    mod, extra, ctx = ck.backend(pred)
+    with ctx, _nvtx.annotate(op):
+        mod.loss_fused(address(pred), address(lab), label_kind, _addr(sample_weight),
+                       _addr(dpred), address(row_loss), address(loss), address(bad_row),
+                       rows, cols, LOSS_KINDS[kind], float(delta), float(label_smoothing),
+                       *extra)
+    if check_labels and label_kind != _LABEL_ONEHOT and int(bad_row[0]) >= 0:
+        _raise_bad_label(op, lab, bad_row[0], cols)
+    return float(loss[0]), dpred

@@ -58,6 +58,8 @@ __all__ = [
     "dropout",
     "dropout_backward",
     "metric_sums",
+    "LOSS_KINDS",
+    "loss_forward_backward",
 ]
 
 _cupy = None  # the cupy module once imported; False when it cannot be imported
@@ -764,3 +766,90 @@ def metric_sums(pred, labels, metrics, *, transform="none", k=5, threshold=0.5, 
             v = xp.mean((p - y) ** 2, axis=1)
         out[name] = float(xp.sum(v.astype(xp.float64)))
     return out
+# --------------------------------------------------------------------------- losses (issue 16)
+
+LOSS_KINDS = ("mse", "mae", "huber", "bce_logits", "bce_probs", "cce_logits", "cce_probs")
+
+# Keras' backend epsilon as float32, and the upper clamp float32(1 - 1e-7) (= 1 - 2**-23
+# rounded: 0.99999988), where the probability losses clamp.
+_PROB_LO = float(np.float32(1e-7))
+_PROB_HI = float(np.float32(1.0 - 1e-7))
+
+
+def _loss_rows(xp, kind, p, y, delta, ls):
+    """Per-row losses L (n,) and dL/dp (n, c) of one kind, in p's (float64) dtype.
+
+    p, y: (n, c); y is the float target rows (for the cross-entropies: the one-hot
+    or float rows before smoothing). See fastmlp.ops.loss_forward_backward."""
+    c = p.shape[1]
+    if kind in ("mse", "mae", "huber", "bce_logits", "bce_probs"):
+        d = p - y
+        if kind == "mse":
+            el, g = d * d, 2 * d
+        elif kind == "mae":
+            el, g = xp.abs(d), xp.sign(d)
+        elif kind == "huber":
+            small = xp.abs(d) <= delta
+            el = xp.where(small, 0.5 * d * d, delta * (xp.abs(d) - 0.5 * delta))
+            g = xp.where(small, d, delta * xp.sign(d))
+        elif kind == "bce_logits":
+            t = y * (1 - ls) + 0.5 * ls
+            el = xp.maximum(p, 0) - p * t + xp.log1p(xp.exp(-xp.abs(p)))
+            g = 1 / (1 + xp.exp(-p)) - t
+        else:  # bce_probs, Keras from_logits=False
+            t = y * (1 - ls) + 0.5 * ls
+            q = xp.clip(p, _PROB_LO, _PROB_HI)
+            el = -(t * xp.log(q) + (1 - t) * xp.log(1 - q))
+            inside = (p >= _PROB_LO) & (p <= _PROB_HI)
+            g = xp.where(inside, (q - t) / (q * (1 - q)), 0.0)
+        return el.mean(axis=1), g / c
+    t = (1 - ls) * y + ls / c
+    if kind == "cce_logits":
+        shifted = p - xp.max(p, axis=1, keepdims=True)
+        logp = shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+        # the exact gradient of -sum t log softmax: softmax * sum(t) - t
+        return -xp.sum(t * logp, axis=1), xp.exp(logp) * t.sum(axis=1, keepdims=True) - t
+    # cce_probs, Keras from_logits=False: normalise, clamp, log
+    s = p.sum(axis=1, keepdims=True)
+    u = p / s
+    q = xp.clip(u, _PROB_LO, _PROB_HI)
+    gq = xp.where((u >= _PROB_LO) & (u <= _PROB_HI), -t / q, 0.0)
+    grad = (gq - xp.sum(gq * u, axis=1, keepdims=True)) / s
+    return -xp.sum(t * xp.log(q), axis=1), grad
+
+
+def loss_forward_backward(kind, pred, target, *, sample_weight=None, delta=1.0,
+                          label_smoothing=0.0, backward=True, out=None):
+    """``(loss, dpred)`` of fastmlp.ops.loss_forward_backward, in float64.
+
+    loss = sum_r w_r L_r / rows (a float; 0 for no rows) and, with ``backward``,
+    dpred = d loss / d pred as float32 (``out`` written when given), else None.
+    Integer labels (cross-entropy kinds) must lie in [0, cols)."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"'kind' must be one of {LOSS_KINDS}, got {kind!r}")
+    xp = _xp(pred, target, sample_weight, out)
+    if pred.ndim != 2:
+        raise ValueError(f"'pred' must be 2-D, got shape {tuple(pred.shape)}")
+    n, c = pred.shape
+    p = pred.astype(xp.float64)
+    if target.dtype.kind in "iu":
+        if kind not in ("cce_logits", "cce_probs"):
+            raise ValueError(f"loss {kind!r} needs float target rows, got integer labels")
+        _check_labels(xp, target, n, c)
+        y = xp.zeros((n, c), dtype=xp.float64)
+        if n:
+            y[xp.arange(n), target.astype(xp.int64)] = 1
+    else:
+        if tuple(target.shape) != (n, c):
+            raise ValueError(f"'target' must have shape {(n, c)}, got {tuple(target.shape)}")
+        y = target.astype(xp.float64)
+    w = xp.ones(n) if sample_weight is None else sample_weight.astype(xp.float64)
+    if n == 0:
+        per_row, grad = xp.zeros(0), xp.zeros((0, c))
+    else:
+        per_row, grad = _loss_rows(xp, kind, p, y, float(delta), float(label_smoothing))
+    loss = float(xp.sum(w * per_row) / n) if n else 0.0
+    if not backward:
+        return loss, None
+    dpred = (grad * (w / max(n, 1))[:, None]).astype(xp.float32)
+    return loss, _store(dpred, out)
