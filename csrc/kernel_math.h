@@ -219,7 +219,10 @@ FASTMLP_HOSTDEV void rmsprop_update(float& p, float g, float& sq, float* buf, fl
         avg = sqrtf(sq) + h.eps;
     }
     if (h.momentum != 0.0f) {
-        const float b = mul_rn(*buf, h.momentum) + g / avg;
+        // buf * momentum rounded on its own, as torch's mul_: written as an fma
+        // with a -0 addend (exactly the rounded product, -0 included) because
+        // GCC would contract a plain product into an fma with the sum below.
+        const float b = fma_rn(*buf, h.momentum, -0.0f) + g / avg;
         *buf = b;
         p = fma_rn(b, -h.lr, p);
     } else {
