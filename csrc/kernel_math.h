@@ -261,7 +261,10 @@ FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, f
     if (t.l1 != 0.0f) g = g + (w > 0.0f ? t.l1 : w < 0.0f ? -t.l1 : (w == w ? 0.0f : w));
     if (t.l2 != 0.0f) g = fma_rn(2.0f * t.l2, w, g);
     g = mul_rn(g, scale);
-    if (t.clipvalue > 0.0f) g = g < -t.clipvalue ? -t.clipvalue : (g > t.clipvalue ? t.clipvalue : g);
+    if (t.clipvalue > 0.0f) {
+        const float c = t.clipvalue;
+        g = g < -c ? -c : (g > c ? c : g);
+    }
     return g;
 }
 

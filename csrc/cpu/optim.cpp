@@ -52,12 +52,23 @@ uint32_t adam_range(float* __restrict param, const float* __restrict grad, float
 }
 
 // RMSprop's loop, one body per (momentum buffer, centered) pair so that no
-// pointer is formed from a null buffer (null + i is undefined behaviour).
+// pointer is formed from a null buffer (null + i is undefined behaviour). The
+// caller nulls buf exactly when momentum == 0 and gavg exactly when !centered;
+// the body's constants say so at compile time (otherwise GCC keeps a trapping
+// path for the null dereference it cannot rule out, and the loop stays scalar).
+template <bool kBuf, bool kCentered>
+FASTMLP_ACT_INLINE RmspropHyper rmsprop_variant(RmspropHyper h) {
+    if (!kBuf) h.momentum = 0.0f;
+    h.centered = kCentered;
+    return h;
+}
+
 template <bool kBuf, bool kCentered>
 FASTMLP_ACT_INLINE uint32_t rmsprop_body(float* __restrict param, const float* __restrict grad,
                                          float* __restrict sq, float* __restrict buf,
                                          float* __restrict gavg, int64_t i0, int64_t i1,
-                                         const RmspropHyper& h) {
+                                         const RmspropHyper& h0) {
+    const RmspropHyper h = rmsprop_variant<kBuf, kCentered>(h0);
     uint32_t bad = 0;
     for (int64_t i = i0; i < i1; ++i) {
         rmsprop_update(param[i], grad[i], sq[i], kBuf ? buf + i : nullptr,
@@ -126,20 +137,44 @@ FASTMLP_SIMD_CLONES
 uint32_t sgd_range_t(float* __restrict param, const float* __restrict grad, float* __restrict buf,
                      int64_t i0, int64_t i1, SgdHyper h, GradTransform t, float scale,
                      PenaltySums* pen) {
-    if (buf) {
-        return transformed_range(param, grad, i0, i1, t, scale, pen,
-                                 [&](int64_t i, float g) { sgd_update(param[i], g, buf + i, h); });
+    // Momentum known at compile time in each body (a runtime test left in the
+    // loop keeps GCC's trapping null path, or the conditional store, and the
+    // loop scalar: 15x slower).
+    if (buf && h.momentum != 0.0f) {
+        const float mu = h.momentum;
+        return transformed_range(param, grad, i0, i1, t, scale, pen, [=](int64_t i, float g) {
+            SgdHyper hm = h;
+            hm.momentum = mu;
+            float b = buf[i];
+            sgd_update(param[i], g, &b, hm);
+            buf[i] = b;
+        });
     }
+    SgdHyper h0 = h;
+    h0.momentum = 0.0f;
     return transformed_range(param, grad, i0, i1, t, scale, pen,
-                             [&](int64_t i, float g) { sgd_update(param[i], g, nullptr, h); });
+                             [=](int64_t i, float g) { sgd_update(param[i], g, nullptr, h0); });
 }
 
 FASTMLP_SIMD_CLONES
 uint32_t adam_range_t(float* __restrict param, const float* __restrict grad, float* __restrict m,
                       float* __restrict v, int64_t i0, int64_t i1, AdamHyper h, GradTransform t,
                       float scale, PenaltySums* pen) {
-    return transformed_range(param, grad, i0, i1, t, scale, pen, [&](int64_t i, float g) {
+    return transformed_range(param, grad, i0, i1, t, scale, pen, [=](int64_t i, float g) {
         adam_update(param[i], g, m[i], v[i], h);
+    });
+}
+
+template <bool kBuf, bool kCentered>
+FASTMLP_ACT_INLINE uint32_t rmsprop_body_t(float* __restrict param, const float* __restrict grad,
+                                           float* __restrict sq, float* __restrict buf,
+                                           float* __restrict gavg, int64_t i0, int64_t i1,
+                                           const RmspropHyper& h0, const GradTransform& t,
+                                           float scale, PenaltySums* pen) {
+    const RmspropHyper h = rmsprop_variant<kBuf, kCentered>(h0);
+    return transformed_range(param, grad, i0, i1, t, scale, pen, [=](int64_t i, float g) {
+        rmsprop_update(param[i], g, sq[i], kBuf ? buf + i : nullptr,
+                       kCentered ? gavg + i : nullptr, h);
     });
 }
 
@@ -148,17 +183,21 @@ uint32_t rmsprop_range_t(float* __restrict param, const float* __restrict grad,
                          float* __restrict sq, float* __restrict buf, float* __restrict gavg,
                          int64_t i0, int64_t i1, RmspropHyper h, GradTransform t, float scale,
                          PenaltySums* pen) {
-    return transformed_range(param, grad, i0, i1, t, scale, pen, [&](int64_t i, float g) {
-        rmsprop_update(param[i], g, sq[i], buf ? buf + i : nullptr, gavg ? gavg + i : nullptr, h);
-    });
+    if (buf && gavg)
+        return rmsprop_body_t<true, true>(param, grad, sq, buf, gavg, i0, i1, h, t, scale, pen);
+    if (buf)
+        return rmsprop_body_t<true, false>(param, grad, sq, buf, gavg, i0, i1, h, t, scale, pen);
+    if (gavg)
+        return rmsprop_body_t<false, true>(param, grad, sq, buf, gavg, i0, i1, h, t, scale, pen);
+    return rmsprop_body_t<false, false>(param, grad, sq, buf, gavg, i0, i1, h, t, scale, pen);
 }
 
 // Runs range(i0, i1, pen) over the fixed blocks of [0, size) and writes the
 // penalty when t asks for it. Returns whether an updated parameter is not finite.
 template <class Range>
 bool run_transformed(int64_t size, const GradTransform& t, Range range) {
-    const int64_t nblocks =
-        std::min(kPenaltyBlocks, std::max<int64_t>(1, (size + kPenaltyBlockMin - 1) / kPenaltyBlockMin));
+    const int64_t want = (size + kPenaltyBlockMin - 1) / kPenaltyBlockMin;
+    const int64_t nblocks = std::min(kPenaltyBlocks, std::max<int64_t>(1, want));
     std::array<PenaltySums, kPenaltyBlocks> sums;
     std::atomic<uint32_t> bad{0};
     auto block = [&](int64_t b) {
