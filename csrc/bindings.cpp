@@ -50,6 +50,22 @@ fastmlp::DropoutSpec dropout_spec(const DropoutTuple& t) {
     return d;
 }
 
+// The optimizers' gradient transform as Python passes it: (l1, l2, address of the
+// clip scale, clipvalue, address of the penalty, address of the work) -- 0 / 0.0
+// for what is not used (kernel_math.h GradTransform).
+using TransformTuple = std::tuple<float, float, uintptr_t, float, uintptr_t, uintptr_t>;
+
+fastmlp::GradTransform grad_transform(const TransformTuple& tr) {
+    fastmlp::GradTransform t;
+    t.l1 = std::get<0>(tr);
+    t.l2 = std::get<1>(tr);
+    t.scale = ptr<const float>(std::get<2>(tr));
+    t.clipvalue = std::get<3>(tr);
+    t.penalty = ptr<double>(std::get<4>(tr));
+    t.work = ptr<double>(std::get<5>(tr));
+    return t;
+}
+
 // Binds the ops of namespace NS into module M. EXTRA_PARAM / EXTRA_ARG add the
 // stream argument on CUDA and are empty on the CPU.
 #define FASTMLP_BIND_OPS(M, NS, EXTRA_PARAM, EXTRA_ARG)                         \
@@ -201,17 +217,36 @@ fastmlp::DropoutSpec dropout_spec(const DropoutTuple& t) {
         NS::random_permutation(ptr<int64_t>(out), n, seed, counter EXTRA_ARG);               \
     }, py::call_guard<py::gil_scoped_release>());                                            \
     M.def("sgd_step", [](uintptr_t param, uintptr_t grad, uintptr_t buf, int64_t size,      \
-                         float lr, float momentum, bool nesterov,                            \
-                         float weight_decay EXTRA_PARAM) {                                   \
+                         float lr, float momentum, bool nesterov, float weight_decay,       \
+                         const TransformTuple& tr EXTRA_PARAM) {                            \
         NS::sgd_step(ptr<float>(param), ptr<const float>(grad), ptr<float>(buf), size, lr,   \
-                     momentum, nesterov, weight_decay EXTRA_ARG);                            \
+                     momentum, nesterov, weight_decay, grad_transform(tr) EXTRA_ARG);        \
     }, py::call_guard<py::gil_scoped_release>());                                            \
     M.def("adam_step", [](uintptr_t param, uintptr_t grad, uintptr_t m, uintptr_t v,        \
                           int64_t size, double lr, double beta1, double beta2, double eps,  \
-                          double weight_decay, bool decoupled, int64_t step EXTRA_PARAM) {  \
+                          double weight_decay, bool decoupled, int64_t step,                \
+                          const TransformTuple& tr EXTRA_PARAM) {                           \
         NS::adam_step(ptr<float>(param), ptr<const float>(grad), ptr<float>(m), ptr<float>(v), \
-                      size, lr, beta1, beta2, eps, weight_decay, decoupled, step EXTRA_ARG); \
+                      size, lr, beta1, beta2, eps, weight_decay, decoupled, step,             \
+                      grad_transform(tr) EXTRA_ARG);                                          \
     }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("rmsprop_step", [](uintptr_t param, uintptr_t grad, uintptr_t sq, uintptr_t buf,  \
+                             uintptr_t gavg, int64_t size, double lr, double alpha,         \
+                             double eps, double weight_decay, double momentum,              \
+                             bool centered, const TransformTuple& tr EXTRA_PARAM) {         \
+        NS::rmsprop_step(ptr<float>(param), ptr<const float>(grad), ptr<float>(sq),          \
+                         ptr<float>(buf), ptr<float>(gavg), size, lr, alpha, eps,            \
+                         weight_decay, momentum, centered, grad_transform(tr) EXTRA_ARG);    \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("grad_clip_scale", [](uintptr_t params, uintptr_t grads, uintptr_t offsets,       \
+                                uintptr_t l1l2, int64_t nseg, int mode, float max_norm,     \
+                                uintptr_t scale, uintptr_t work EXTRA_PARAM) {              \
+        NS::grad_clip_scale(ptr<const float>(params), ptr<const float>(grads),               \
+                            ptr<const int64_t>(offsets), ptr<const float>(l1l2), nseg, mode, \
+                            max_norm, ptr<float>(scale), ptr<double>(work) EXTRA_ARG);       \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("optimizer_work_doubles", &NS::optimizer_work_doubles);                            \
+    M.def("grad_clip_work_doubles", &NS::grad_clip_work_doubles);                            \
     /* [issue 16] the fused metrics; probs_out: 0 = null; spec = flags, transform, k, threshold */ \
     M.def("metrics_fused", [](uintptr_t pred, uintptr_t labels, int kind, uintptr_t probs_out, \
                               uintptr_t row_scratch, uintptr_t sums, int64_t rows, int64_t cols, \

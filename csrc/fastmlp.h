@@ -194,6 +194,24 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //   point to one element each (device memory on CUDA), written, never
 //   accumulated; *bad_row as softmax_xent_fwd (a bad row: NaN loss, its dpred
 //   computed with no class target). rows == 0: *loss = 0, *bad_row = -1.
+// rmsprop_step: in place, torch.optim.RMSprop (kernel_math.h rmsprop_update); sq is
+//   square_avg, buf the momentum buffer (null when momentum == 0), gavg grad_avg
+//   (null unless centered).
+// The optimizer steps apply t (kernel_math.h GradTransform: l1/l2 regularizer
+//   gradients, clip-by-norm scale, clipvalue, the penalty) to each gradient
+//   element before their own rule; an empty t is exactly the plain step. On CUDA
+//   t.penalty needs t.work (optimizer_work_doubles() doubles of device memory).
+// grad_clip_scale: for segments k = 0..nseg-1 of the flat arrays (segment k =
+//   elements offsets[k] .. offsets[k+1]-1; offsets: nseg+1 int64, device memory
+//   on CUDA; l1l2: 2*nseg floats (l1_k, l2_k), or null = all 0):
+//   s_k = sum over the segment of (g + l1_k sign(w) + 2 l2_k w)^2 in double, in a
+//   fixed order (independent of the thread count);
+//   mode 0 (per tensor, Keras clipnorm): scale[k] = min(1, max_norm / (sqrt(s_k) + 1e-6));
+//   mode 1 (global, torch clip_grad_norm_): every scale[k] =
+//     min(1, max_norm / (sqrt(sum_k s_k) + 1e-6)).
+//   The min and the division in double, the result rounded to float. work:
+//   grad_clip_work_doubles(size, nseg) doubles (device memory on CUDA; the CPU
+//   ignores it and may get null).
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
     void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, \
               const float* a, int64_t lda, const float* b, int64_t ldb, float beta,     \
@@ -243,10 +261,19 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
     void random_permutation(int64_t* out, int64_t n, uint64_t seed,                     \
                             uint64_t counter FASTMLP_STREAM_ARG);                         \
     void sgd_step(float* param, const float* grad, float* buf, int64_t size, float lr,  \
-                  float momentum, bool nesterov, float weight_decay FASTMLP_STREAM_ARG);\
+                  float momentum, bool nesterov, float weight_decay,                    \
+                  const GradTransform& t FASTMLP_STREAM_ARG);                           \
     void adam_step(float* param, const float* grad, float* m, float* v, int64_t size,   \
                    double lr, double beta1, double beta2, double eps,                   \
-                   double weight_decay, bool decoupled, int64_t step FASTMLP_STREAM_ARG);  \
+                   double weight_decay, bool decoupled, int64_t step,                   \
+                   const GradTransform& t FASTMLP_STREAM_ARG);                          \
+    void rmsprop_step(float* param, const float* grad, float* sq, float* buf,           \
+                      float* gavg, int64_t size, double lr, double alpha, double eps,   \
+                      double weight_decay, double momentum, bool centered,              \
+                      const GradTransform& t FASTMLP_STREAM_ARG);                       \
+    void grad_clip_scale(const float* params, const float* grads, const int64_t* offsets, \
+                         const float* l1l2, int64_t nseg, int mode, float max_norm,     \
+                         float* scale, double* work FASTMLP_STREAM_ARG);           \
     void metrics_fused(const float* pred, const void* labels, LabelKind label_kind,        \
                        float* probs_out, float* row_scratch, double* sums, int64_t rows,  \
                        int64_t cols, const MetricSpec& spec FASTMLP_STREAM_ARG);      \
@@ -257,6 +284,7 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 
 struct SgdHyper;   // kernel_math.h
 struct AdamHyper;
+struct RmspropHyper;
 
 namespace cpu {
 #define FASTMLP_NO_STREAM
@@ -284,10 +312,18 @@ std::string set_gemm_isa(const std::string& name);
 // per-step table; sgd_step / adam_step compute them, then call these).
 // Return true when an updated parameter is NaN or +-Inf (found in the update
 // loop itself: the engine stops training on it without another pass).
+// An empty GradTransform (the default) runs exactly the plain update loops.
 bool sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
-                    const SgdHyper& h);
+                    const SgdHyper& h, const GradTransform& t = GradTransform());
 bool adam_step_hyper(float* param, const float* grad, float* m, float* v, int64_t size,
-                     const AdamHyper& h);
+                     const AdamHyper& h, const GradTransform& t = GradTransform());
+bool rmsprop_step_hyper(float* param, const float* grad, float* sq, float* buf, float* gavg,
+                        int64_t size, const RmspropHyper& h,
+                        const GradTransform& t = GradTransform());
+// Scratch sizes (in doubles) of the transform's penalty and of grad_clip_scale:
+// the CPU needs none (0); the engine may pass null work on the CPU.
+int64_t optimizer_work_doubles();
+int64_t grad_clip_work_doubles(int64_t size, int64_t nseg);
 }  // namespace cpu
 
 #ifdef FASTMLP_WITH_CUDA
@@ -295,6 +331,11 @@ namespace cuda {
 #define FASTMLP_CUDA_STREAM , cudaStream_t stream
 FASTMLP_DECLARE_OPS(FASTMLP_CUDA_STREAM)
 #undef FASTMLP_CUDA_STREAM
+// Scratch sizes in doubles: GradTransform::work for a penalty (optim_loops.cuh:
+// two doubles per block of the optimizer loops' grid, whose size must not
+// exceed optimizer_work_doubles() / 2 blocks) and grad_clip_scale's work.
+int64_t optimizer_work_doubles();
+int64_t grad_clip_work_doubles(int64_t size, int64_t nseg);
 }  // namespace cuda
 #endif
 

@@ -154,6 +154,148 @@ FASTMLP_HOSTDEV void adam_update(float& p, float g, float& m, float& v, const Ad
     p = p + (-h.step_size) * m / (sqrtf(v) + h.eps_scaled);
 }
 
+// ---- RMSprop (torch.optim.RMSprop) -------------------------------------------
+// torch's single-tensor path, float32 op for op as its vectorised CPU kernels
+// round (verified bit for bit against torch 2.x on the CPU, with torch's own
+// sqrt; torch's vectorised CPU sqrt is not always correctly rounded, so torch
+// itself differs from this rule by 1 ulp of sqrt in places):
+//   g = g + wd * p                      grad.add(p, alpha=wd): vec::fmadd
+//   sq = sq * alpha + ((1-alpha) g) g   square_avg.mul_(alpha).addcmul_(g, g, 1-alpha):
+//                                       the addcmul is fmadd(value * g, g, sq)
+//   centered: gavg = lerp(gavg, g, w = 1-alpha): w < 0.5: fma(w, g - gavg, gavg),
+//             else fma(w - 1, g - gavg, g) (torch's lerp_vec)
+//             avg = sqrt(sq - gavg * gavg) + eps   (addcmul(gavg, gavg, value=-1))
+//   else      avg = sqrt(sq) + eps
+//   momentum > 0: buf = buf * momentum + g / avg; p = p - lr * buf  (add_(buf, alpha=-lr): fmadd)
+//   else          p = p + (-lr * g) / avg         (addcdiv_(g, avg, value=-lr))
+// Every multiply-add is an explicit fma or an explicit rounding, so the CPU
+// (any SIMD width) and the GPU compute the same floats.
+FASTMLP_HOSTDEV float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+    return __fmaf_rn(a, b, c);
+#else
+    return std::fma(a, b, c);
+#endif
+}
+
+struct RmspropHyper {
+    float lr;
+    float alpha;
+    float one_minus_alpha;
+    float eps;
+    float weight_decay;
+    float momentum;
+    bool centered;
+};
+
+// The scalars as torch passes them to its float32 ops: each Python float (double)
+// rounded to float once, 1 - alpha computed in double first.
+inline RmspropHyper rmsprop_hyper(double lr, double alpha, double eps, double weight_decay,
+                                  double momentum, bool centered) {
+    RmspropHyper h;
+    h.lr = static_cast<float>(lr);
+    h.alpha = static_cast<float>(alpha);
+    h.one_minus_alpha = static_cast<float>(1.0 - alpha);
+    h.eps = static_cast<float>(eps);
+    h.weight_decay = static_cast<float>(weight_decay);
+    h.momentum = static_cast<float>(momentum);
+    h.centered = centered;
+    return h;
+}
+
+// buf is read only when h.momentum != 0, gavg only when h.centered (null otherwise).
+FASTMLP_HOSTDEV void rmsprop_update(float& p, float g, float& sq, float* buf, float* gavg,
+                                    const RmspropHyper& h) {
+    if (h.weight_decay != 0.0f) g = fma_rn(p, h.weight_decay, g);
+    sq = fma_rn(mul_rn(h.one_minus_alpha, g), g, mul_rn(sq, h.alpha));
+    float avg;
+    if (h.centered) {
+        const float w = h.one_minus_alpha;
+        const float d = g - *gavg;
+        const float ga = w < 0.5f ? fma_rn(w, d, *gavg) : fma_rn(w - 1.0f, d, g);
+        *gavg = ga;
+        avg = sqrtf(fma_rn(-ga, ga, sq)) + h.eps;
+    } else {
+        avg = sqrtf(sq) + h.eps;
+    }
+    if (h.momentum != 0.0f) {
+        // buf * momentum rounded on its own, as torch's mul_: written as an fma
+        // with a -0 addend (exactly the rounded product, -0 included) because
+        // GCC would contract a plain product into an fma with the sum below.
+        const float b = fma_rn(*buf, h.momentum, -0.0f) + g / avg;
+        *buf = b;
+        p = fma_rn(b, -h.lr, p);
+    } else {
+        p = p + mul_rn(-h.lr, g) / avg;
+    }
+}
+
+// ---- The gradient transform before an optimizer's own rule ------------------
+// Applied to each gradient element, in this order (w = the parameter before
+// the update):
+//   g = g + l1 * sign(w)                 (Keras l1 kernel regularizer; sign(0) = 0,
+//                                         sign(NaN) = NaN)
+//   g = g + (2 * l2) * w                 (l2 regularizer; one fma: a single rounding)
+//   g = g * (*scale)                     (clip by norm: grad_clip_scale's result)
+//   g = min(max(g, -clipvalue), clipvalue) when clipvalue > 0 (NaN stays NaN, as
+//                                         torch's clamp_ in clip_grad_value_)
+// Each step is skipped when its parameter is 0 / null. When penalty != null,
+// *penalty = l1 * sum|w| + l2 * sum w^2 over the pre-update w, in double:
+// written, not accumulated; the partial sums are taken in a fixed order that
+// does not depend on the thread count (CPU: fixed blocks of the array; CUDA:
+// per-block partials in work, finished by penalty_finish in optim_loops.cuh).
+struct GradTransform {
+    float l1 = 0.0f, l2 = 0.0f;
+    const float* scale = nullptr;  // one float (device memory on CUDA), or null
+    float clipvalue = 0.0f;
+    double* penalty = nullptr;     // one double (device memory on CUDA), or null
+    double* work = nullptr;        // CUDA: optimizer_work_doubles() doubles; CPU: ignored
+    FASTMLP_HOSTDEV bool any() const {
+        return l1 != 0.0f || l2 != 0.0f || scale || clipvalue > 0.0f || penalty;
+    }
+};
+
+// The transformed gradient of one element; `scale` is *t.scale read once by
+// the caller (1 when t.scale is null: g * 1 == g exactly).
+FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, float scale) {
+    if (t.l1 != 0.0f) g = g + (w > 0.0f ? t.l1 : w < 0.0f ? -t.l1 : (w == w ? 0.0f : w));
+    if (t.l2 != 0.0f) g = fma_rn(2.0f * t.l2, w, g);
+    g = mul_rn(g, scale);
+    if (t.clipvalue > 0.0f) {
+        const float c = t.clipvalue;
+        g = g < -c ? -c : (g > c ? c : g);
+    }
+    return g;
+}
+
+// ---- Clip by norm (grad_clip_scale) -------------------------------------------
+// One element's regularized gradient g + l1 sign(w) + 2 l2 w in double. The
+// product (2 l2) w of two floats is exact in double, so an fma here or not
+// gives the same value.
+FASTMLP_HOSTDEV double clip_regularized_grad(float g, float w, float l1, float l2) {
+    double r = static_cast<double>(g);
+    if (l1 != 0.0f) r += (w > 0.0f ? l1 : w < 0.0f ? -l1 : (w == w ? 0.0f : w));
+    if (l2 != 0.0f) r += static_cast<double>(2.0f * l2) * static_cast<double>(w);
+    return r;
+}
+
+// r * r rounded on its own (no fma with the sum it is added to), on both devices.
+FASTMLP_HOSTDEV double square_rn(double r) {
+#if defined(__CUDA_ARCH__)
+    return __dmul_rn(r, r);
+#else
+    return r * r;
+#endif
+}
+
+// The scale for a sum of squares s: min(1, max_norm / (sqrt(s) + 1e-6)) in
+// double, rounded to float (torch.nn.utils.clip_grad_norm_'s clip coefficient).
+// A NaN sum gives a NaN scale (the gradients become NaN, as in torch).
+FASTMLP_HOSTDEV float clip_scale_value(double s, float max_norm) {
+    const double c = static_cast<double>(max_norm) / (sqrt(s) + 1e-6);
+    return static_cast<float>(c > 1.0 ? 1.0 : c);
+}
+
 // ---- exp for vectorised CPU loops --------------------------------------------
 // std::exp is a library call the compiler cannot vectorise; this one is plain
 // arithmetic, so a loop over it becomes SIMD code (16 lanes with AVX-512).

@@ -315,7 +315,7 @@ def edited(where: str, value):
     ("model.layers.0.activation", "softmax", "only supported on the last layer"),
     ("compile", 7, "bad compile settings"),
     ("compile.optimizer", ["adam"], "bad compile settings"),
-    ("compile.optimizer", "rmsprop", "unknown optimizer class 'rmsprop'"),
+    ("compile.optimizer", "adagrad", "unknown optimizer class 'adagrad'"),
     ("compile.optimizer_config.lr", 10**400, "bad compile settings"),  # float() overflows
     ("compile.optimizer_config.lr", float("nan"), "'lr' must be >= 0, got nan"),
     ("compile.optimizer_config.betas", [0.9, "x"], "bad compile settings"),

@@ -1,5 +1,9 @@
-// CPU SGD and Adam/AdamW steps, in place. The update rules live in kernel_math.h and
-// are shared with the CUDA kernels.
+// CPU SGD, Adam/AdamW and RMSprop steps, in place, optionally after the gradient
+// transform (kernel_math.h GradTransform: regularizer gradients, clipping, the
+// penalty). The update rules live in kernel_math.h and are shared with the CUDA
+// kernels.
+#include <algorithm>
+#include <array>
 #include <atomic>
 
 #include "cpu/fpenv.h"
@@ -47,21 +51,199 @@ uint32_t adam_range(float* __restrict param, const float* __restrict grad, float
     return bad;
 }
 
+// RMSprop's loop, one body per (momentum buffer, centered) pair so that no
+// pointer is formed from a null buffer (null + i is undefined behaviour). The
+// caller nulls buf exactly when momentum == 0 and gavg exactly when !centered;
+// the body's constants say so at compile time (otherwise GCC keeps a trapping
+// path for the null dereference it cannot rule out, and the loop stays scalar).
+template <bool kBuf, bool kCentered>
+FASTMLP_ACT_INLINE RmspropHyper rmsprop_variant(RmspropHyper h) {
+    if (!kBuf) h.momentum = 0.0f;
+    h.centered = kCentered;
+    return h;
+}
+
+template <bool kBuf, bool kCentered>
+FASTMLP_ACT_INLINE uint32_t rmsprop_body(float* __restrict param, const float* __restrict grad,
+                                         float* __restrict sq, float* __restrict buf,
+                                         float* __restrict gavg, int64_t i0, int64_t i1,
+                                         const RmspropHyper& h0) {
+    const RmspropHyper h = rmsprop_variant<kBuf, kCentered>(h0);
+    uint32_t bad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+        rmsprop_update(param[i], grad[i], sq[i], kBuf ? buf + i : nullptr,
+                       kCentered ? gavg + i : nullptr, h);
+        bad |= nonfinite_bit(param[i]);
+    }
+    return bad;
+}
+
+FASTMLP_SIMD_CLONES
+uint32_t rmsprop_range(float* __restrict param, const float* __restrict grad, float* __restrict sq,
+                       float* __restrict buf, float* __restrict gavg, int64_t i0, int64_t i1,
+                       RmspropHyper h) {
+    if (buf && gavg) return rmsprop_body<true, true>(param, grad, sq, buf, gavg, i0, i1, h);
+    if (buf) return rmsprop_body<true, false>(param, grad, sq, buf, gavg, i0, i1, h);
+    if (gavg) return rmsprop_body<false, true>(param, grad, sq, buf, gavg, i0, i1, h);
+    return rmsprop_body<false, false>(param, grad, sq, buf, gavg, i0, i1, h);
+}
+
+// ---- With a gradient transform -------------------------------------------------
+// The array is cut into fixed blocks that depend on its size only (at most
+// kPenaltyBlocks, at least kPenaltyBlockMin elements each); each block's
+// penalty sums run in element order, and the blocks' sums are added in block
+// order, so the penalty does not depend on the thread count. sum|w| and sum w^2
+// are kept apart: w * w of a float is exact in double, so neither sum changes
+// if the compiler contracts it into an fma.
+constexpr int64_t kPenaltyBlocks = 256;
+constexpr int64_t kPenaltyBlockMin = 4096;
+
+struct PenaltySums {
+    double abs_sum = 0.0, sq_sum = 0.0;
+};
+
+// update(i, g) applies the optimizer's own rule to element i with the transformed g.
+template <bool kPenalty, class Update>
+FASTMLP_ACT_INLINE uint32_t transformed_body(float* __restrict param, const float* __restrict grad,
+                                             int64_t i0, int64_t i1, const GradTransform& t,
+                                             float scale, PenaltySums* pen, Update update) {
+    uint32_t bad = 0;
+    double abs_sum = 0.0, sq_sum = 0.0;
+    for (int64_t i = i0; i < i1; ++i) {
+        const float w = param[i];
+        if (kPenalty) {
+            abs_sum += static_cast<double>(std::fabs(w));
+            sq_sum += static_cast<double>(w) * static_cast<double>(w);
+        }
+        update(i, transform_grad(grad[i], w, t, scale));
+        bad |= nonfinite_bit(param[i]);
+    }
+    if (kPenalty) {
+        pen->abs_sum = abs_sum;
+        pen->sq_sum = sq_sum;
+    }
+    return bad;
+}
+
+template <class Update>
+FASTMLP_ACT_INLINE uint32_t transformed_range(float* __restrict param, const float* __restrict grad,
+                                              int64_t i0, int64_t i1, const GradTransform& t,
+                                              float scale, PenaltySums* pen, Update update) {
+    return pen ? transformed_body<true>(param, grad, i0, i1, t, scale, pen, update)
+               : transformed_body<false>(param, grad, i0, i1, t, scale, pen, update);
+}
+
+FASTMLP_SIMD_CLONES
+uint32_t sgd_range_t(float* __restrict param, const float* __restrict grad, float* __restrict buf,
+                     int64_t i0, int64_t i1, SgdHyper h, GradTransform t, float scale,
+                     PenaltySums* pen) {
+    // Momentum known at compile time in each body (a runtime test left in the
+    // loop keeps GCC's trapping null path, or the conditional store, and the
+    // loop scalar: 15x slower).
+    if (buf && h.momentum != 0.0f) {
+        const float mu = h.momentum;
+        return transformed_range(param, grad, i0, i1, t, scale, pen, [=](int64_t i, float g) {
+            SgdHyper hm = h;
+            hm.momentum = mu;
+            float b = buf[i];
+            sgd_update(param[i], g, &b, hm);
+            buf[i] = b;
+        });
+    }
+    SgdHyper h0 = h;
+    h0.momentum = 0.0f;
+    return transformed_range(param, grad, i0, i1, t, scale, pen,
+                             [=](int64_t i, float g) { sgd_update(param[i], g, nullptr, h0); });
+}
+
+FASTMLP_SIMD_CLONES
+uint32_t adam_range_t(float* __restrict param, const float* __restrict grad, float* __restrict m,
+                      float* __restrict v, int64_t i0, int64_t i1, AdamHyper h, GradTransform t,
+                      float scale, PenaltySums* pen) {
+    return transformed_range(param, grad, i0, i1, t, scale, pen, [=](int64_t i, float g) {
+        adam_update(param[i], g, m[i], v[i], h);
+    });
+}
+
+template <bool kBuf, bool kCentered>
+FASTMLP_ACT_INLINE uint32_t rmsprop_body_t(float* __restrict param, const float* __restrict grad,
+                                           float* __restrict sq, float* __restrict buf,
+                                           float* __restrict gavg, int64_t i0, int64_t i1,
+                                           const RmspropHyper& h0, const GradTransform& t,
+                                           float scale, PenaltySums* pen) {
+    const RmspropHyper h = rmsprop_variant<kBuf, kCentered>(h0);
+    return transformed_range(param, grad, i0, i1, t, scale, pen, [=](int64_t i, float g) {
+        rmsprop_update(param[i], g, sq[i], kBuf ? buf + i : nullptr,
+                       kCentered ? gavg + i : nullptr, h);
+    });
+}
+
+FASTMLP_SIMD_CLONES
+uint32_t rmsprop_range_t(float* __restrict param, const float* __restrict grad,
+                         float* __restrict sq, float* __restrict buf, float* __restrict gavg,
+                         int64_t i0, int64_t i1, RmspropHyper h, GradTransform t, float scale,
+                         PenaltySums* pen) {
+    if (buf && gavg)
+        return rmsprop_body_t<true, true>(param, grad, sq, buf, gavg, i0, i1, h, t, scale, pen);
+    if (buf)
+        return rmsprop_body_t<true, false>(param, grad, sq, buf, gavg, i0, i1, h, t, scale, pen);
+    if (gavg)
+        return rmsprop_body_t<false, true>(param, grad, sq, buf, gavg, i0, i1, h, t, scale, pen);
+    return rmsprop_body_t<false, false>(param, grad, sq, buf, gavg, i0, i1, h, t, scale, pen);
+}
+
+// Runs range(i0, i1, pen) over the fixed blocks of [0, size) and writes the
+// penalty when t asks for it. Returns whether an updated parameter is not finite.
+template <class Range>
+bool run_transformed(int64_t size, const GradTransform& t, Range range) {
+    const int64_t want = (size + kPenaltyBlockMin - 1) / kPenaltyBlockMin;
+    const int64_t nblocks = std::min(kPenaltyBlocks, std::max<int64_t>(1, want));
+    std::array<PenaltySums, kPenaltyBlocks> sums;
+    std::atomic<uint32_t> bad{0};
+    auto block = [&](int64_t b) {
+        const int64_t i0 = size * b / nblocks, i1 = size * (b + 1) / nblocks;
+        if (range(i0, i1, t.penalty ? &sums[b] : nullptr)) bad.store(1, std::memory_order_relaxed);
+    };
+    parallel_chunks(nblocks, size >= kParMin ? pool_threads() : 1, block);
+    if (t.penalty) {
+        double abs_sum = 0.0, sq_sum = 0.0;
+        for (int64_t b = 0; b < nblocks; ++b) {
+            abs_sum += sums[b].abs_sum;
+            sq_sum += sums[b].sq_sum;
+        }
+        *t.penalty = static_cast<double>(t.l1) * abs_sum + static_cast<double>(t.l2) * sq_sum;
+    }
+    return bad.load() != 0;
+}
+
+float transform_scale(const GradTransform& t) { return t.scale ? *t.scale : 1.0f; }
+
 }  // namespace
 
+int64_t optimizer_work_doubles() { return 0; }
+
 void sgd_step(float* param, const float* grad, float* buf, int64_t size, float lr,
-              float momentum, bool nesterov, float weight_decay) {
+              float momentum, bool nesterov, float weight_decay, const GradTransform& t) {
     FASTMLP_CHECK(size >= 0, "sgd_step: size must be >= 0, got " << size);
     FASTMLP_CHECK(momentum == 0.0f || buf || size == 0,
                   "sgd_step: momentum != 0 needs a momentum buffer");
-    if (size == 0) return;
+    if (size == 0) {
+        if (t.penalty) *t.penalty = 0.0;
+        return;
+    }
     FASTMLP_CHECK(param && grad, "sgd_step: null pointer");
-    sgd_step_hyper(param, grad, buf, size, SgdHyper{lr, momentum, weight_decay, nesterov});
+    sgd_step_hyper(param, grad, buf, size, SgdHyper{lr, momentum, weight_decay, nesterov}, t);
 }
 
 bool sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
-                    const SgdHyper& h) {
+                    const SgdHyper& h, const GradTransform& t) {
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
+    if (t.any()) {
+        const float scale = transform_scale(t);
+        return run_transformed(size, t, [&](int64_t i0, int64_t i1, PenaltySums* pen) {
+            return sgd_range_t(param, grad, buf, i0, i1, h, t, scale, pen);
+        });
+    }
     if (size == 0) return false;
     std::atomic<uint32_t> bad{0};
     parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
@@ -72,22 +254,70 @@ bool sgd_step_hyper(float* param, const float* grad, float* buf, int64_t size,
 
 void adam_step(float* param, const float* grad, float* m, float* v, int64_t size, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-               int64_t step) {
+               int64_t step, const GradTransform& t) {
     FASTMLP_CHECK(size >= 0, "adam_step: size must be >= 0, got " << size);
     FASTMLP_CHECK(step >= 1, "adam_step: step counts from 1, got " << step);
-    if (size == 0) return;
+    if (size == 0) {
+        if (t.penalty) *t.penalty = 0.0;
+        return;
+    }
     FASTMLP_CHECK(param && grad && m && v, "adam_step: null pointer");
     adam_step_hyper(param, grad, m, v, size,
-                    adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, step));
+                    adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, step), t);
 }
 
 bool adam_step_hyper(float* param, const float* grad, float* m, float* v, int64_t size,
-                     const AdamHyper& h) {
+                     const AdamHyper& h, const GradTransform& t) {
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
+    if (t.any()) {
+        const float scale = transform_scale(t);
+        return run_transformed(size, t, [&](int64_t i0, int64_t i1, PenaltySums* pen) {
+            return adam_range_t(param, grad, m, v, i0, i1, h, t, scale, pen);
+        });
+    }
     if (size == 0) return false;
     std::atomic<uint32_t> bad{0};
     parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
         if (adam_range(param, grad, m, v, i0, i1, h)) bad.store(1, std::memory_order_relaxed);
+    });
+    return bad.load() != 0;
+}
+
+
+void rmsprop_step(float* param, const float* grad, float* sq, float* buf, float* gavg,
+                  int64_t size, double lr, double alpha, double eps, double weight_decay,
+                  double momentum, bool centered, const GradTransform& t) {
+    FASTMLP_CHECK(size >= 0, "rmsprop_step: size must be >= 0, got " << size);
+    if (size == 0) {
+        if (t.penalty) *t.penalty = 0.0;
+        return;
+    }
+    FASTMLP_CHECK(param && grad && sq, "rmsprop_step: null pointer");
+    rmsprop_step_hyper(param, grad, sq, buf, gavg, size,
+                       rmsprop_hyper(lr, alpha, eps, weight_decay, momentum, centered), t);
+}
+
+bool rmsprop_step_hyper(float* param, const float* grad, float* sq, float* buf, float* gavg,
+                        int64_t size, const RmspropHyper& h, const GradTransform& t) {
+    // The same tests as rmsprop_update's: it reads buf exactly when momentum != 0
+    // and gavg exactly when centered.
+    FASTMLP_CHECK(h.momentum == 0.0f || buf || size == 0,
+                  "rmsprop_step: momentum != 0 needs a momentum buffer");
+    FASTMLP_CHECK(!h.centered || gavg || size == 0, "rmsprop_step: centered needs grad_avg");
+    FlushDenormalScope fp_scope;  // cpu/fpenv.h
+    if (h.momentum == 0.0f) buf = nullptr;
+    if (!h.centered) gavg = nullptr;
+    if (t.any()) {
+        const float scale = transform_scale(t);
+        return run_transformed(size, t, [&](int64_t i0, int64_t i1, PenaltySums* pen) {
+            return rmsprop_range_t(param, grad, sq, buf, gavg, i0, i1, h, t, scale, pen);
+        });
+    }
+    if (size == 0) return false;
+    std::atomic<uint32_t> bad{0};
+    parallel_range(size, size >= kParMin, [&](int64_t i0, int64_t i1) {
+        if (rmsprop_range(param, grad, sq, buf, gavg, i0, i1, h))
+            bad.store(1, std::memory_order_relaxed);
     });
     return bad.load() != 0;
 }

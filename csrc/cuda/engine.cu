@@ -152,17 +152,28 @@ __device__ __forceinline__ void note_nonfinite_param(EngineState* state, int64_t
 __global__ void __launch_bounds__(kOptBlock)
 sgd_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
                    float* __restrict__ buf, int64_t size, const StepHyper* __restrict__ hyper,
-                   EngineState* state) {
+                   EngineState* state, GradTransform t) {
     const int64_t step = state->step;
-    if (cuda::sgd_loop(param, grad, buf, size, hyper[step].sgd)) note_nonfinite_param(state, step);
+    if (cuda::sgd_loop(param, grad, buf, size, hyper[step].sgd, t))
+        note_nonfinite_param(state, step);
 }
 
 __global__ void __launch_bounds__(kOptBlock)
 adam_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
                     float* __restrict__ m, float* __restrict__ v, int64_t size,
-                    const StepHyper* __restrict__ hyper, EngineState* state) {
+                    const StepHyper* __restrict__ hyper, EngineState* state, GradTransform t) {
     const int64_t step = state->step;
-    if (cuda::adam_loop(param, grad, m, v, size, hyper[step].adam))
+    if (cuda::adam_loop(param, grad, m, v, size, hyper[step].adam, t))
+        note_nonfinite_param(state, step);
+}
+
+__global__ void __launch_bounds__(kOptBlock)
+rmsprop_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
+                       float* __restrict__ sq, float* __restrict__ buf, float* __restrict__ gavg,
+                       int64_t size, const StepHyper* __restrict__ hyper, EngineState* state,
+                       GradTransform t) {
+    const int64_t step = state->step;
+    if (cuda::rmsprop_loop(param, grad, sq, buf, gavg, size, hyper[step].rmsprop, t))
         note_nonfinite_param(state, step);
 }
 
@@ -315,26 +326,38 @@ struct CudaDev {
     }
 
     static void optimizer(int64_t kind, float* params, const float* grads, float* s0, float* s1,
-                          int64_t size, const StepHyper* hyper, EngineState* state,
-                          Stream stream) {
-        FASTMLP_CHECK(kind == kSgd || kind == kAdam, "engine optimizer: unknown kind " << kind);
+                          float* s2, int64_t size, const StepHyper* hyper, EngineState* state,
+                          const GradTransform& t, Stream stream) {
+        FASTMLP_CHECK(kind == kSgd || kind == kAdam || kind == kRmsprop,
+                      "engine optimizer: unknown kind " << kind);
         FASTMLP_CHECK(size >= 0, "engine optimizer: size must be >= 0, got " << size);
         if (size == 0) return;
         FASTMLP_CHECK(params != nullptr && grads != nullptr && hyper != nullptr &&
                           state != nullptr,
                       "engine optimizer: params, grads, hyper or state buffer is missing");
+        FASTMLP_CHECK(t.penalty == nullptr || t.work != nullptr,
+                      "engine optimizer: a penalty needs the work buffer");
         const unsigned int blocks = cuda::detail::grid_stride_blocks(size, kOptBlock);
         if (kind == kSgd) {
             // s0 may be null: momentum 0 (checked per step on the device).
             sgd_step_table_f32<<<blocks, kOptBlock, 0, stream>>>(params, grads, s0, size, hyper,
-                                                                 state);
-        } else {
+                                                                 state, t);
+        } else if (kind == kAdam) {
             FASTMLP_CHECK(s0 != nullptr && s1 != nullptr,
                           "engine optimizer: Adam needs the m and v buffers");
             adam_step_table_f32<<<blocks, kOptBlock, 0, stream>>>(params, grads, s0, s1, size,
-                                                                  hyper, state);
+                                                                  hyper, state, t);
+        } else {
+            FASTMLP_CHECK(s0 != nullptr, "engine optimizer: RMSprop needs its square_avg buffer");
+            rmsprop_step_table_f32<<<blocks, kOptBlock, 0, stream>>>(params, grads, s0, s1, s2,
+                                                                     size, hyper, state, t);
         }
         cuda::detail::check_launch();
+        if (t.penalty != nullptr) {  // the blocks' partial penalties, summed in order
+            cuda::penalty_finish<<<1, cuda::kPenaltyFinishThreads, 0, stream>>>(
+                t.work, static_cast<int64_t>(blocks), t.penalty);
+            cuda::detail::check_launch();
+        }
     }
 
     static void store(const float* src, float* dst, const EngineState* state, int64_t n,

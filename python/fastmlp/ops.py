@@ -25,7 +25,8 @@ __all__ = [
     "gemm", "dense_forward", "dense_backward_input", "dense_backward_weight",
     "set_matmul_precision", "get_matmul_precision", "bias_add", "bias_grad", "relu", "relu_backward",
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "softmax_cross_entropy_fused",
-    "random_permutation", "sgd_step", "adam_step", "first_nonfinite",
+    "random_permutation", "sgd_step", "adam_step", "rmsprop_step", "grad_clip_scale",
+    "first_nonfinite",
     "batch_norm_forward", "batch_norm_backward", "layer_norm_forward", "layer_norm_backward",
     "ACTIVATIONS", "Dropout", "dropout_constants", "activation", "activation_backward",
     "dropout", "dropout_backward",
@@ -673,7 +674,47 @@ def random_permutation(n, seed, counter=0, *, out=None, device="cpu"):
     return out
 
 
-def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+_TRANSFORM_DOC = """
+    The gradient transform, applied to each gradient element before the rule, in
+    this order (w: the parameter before the update): ``g += l1 * sign(w) + 2 * l2 * w``
+    (Keras l1 / l2 kernel regularizers), ``g *= clip_scale[0]`` (clip by norm: a
+    1-element float32 array on the parameter's device, e.g. from
+    :func:`grad_clip_scale`), ``g = clip(g, -clipvalue, clipvalue)`` when
+    ``clipvalue > 0``. ``penalty_out`` (a 1-element float64 array on the device)
+    receives ``l1 * sum|w| + l2 * sum w^2`` over the pre-update w (written, not
+    accumulated; a fixed summation order)."""
+
+
+def _transform(ck, op, param, grad, l1, l2, clip_scale, clipvalue, penalty_out):
+    """(the (l1, l2, scale address, clipvalue, penalty address, work address) tuple of
+    the bindings, the work array): clip_scale / penalty_out validated on the call's
+    device. The caller holds the work array until the kernel is launched (CuPy's pool
+    reuses a freed block only for work ordered after it on the same stream)."""
+    l1, l2, clipvalue = float(l1), float(l2), float(clipvalue)
+    for name, val in (("l1", l1), ("l2", l2), ("clipvalue", clipvalue)):
+        if not val >= 0.0:  # NaN fails too
+            raise ValueError(f"{op}: '{name}' must be >= 0, got {val}")
+    scale_addr = pen_addr = work_addr = 0
+    work = None
+    if clip_scale is not None:
+        clip_scale = ck.f32(clip_scale, "clip_scale", shape=(1,))
+        scale_addr = address(clip_scale)
+    if penalty_out is not None:
+        penalty_out = ck.array(penalty_out, "penalty_out", dtypes=(np.float64,), shape=(1,),
+                               writable=True)
+        ck.disjoint((param, "param"), (grad, "grad"), (penalty_out, "penalty_out"))
+        pen_addr = address(penalty_out)
+        mod, _, ctx = ck.backend(param)
+        n_work = mod.optimizer_work_doubles()
+        if n_work:
+            with ctx:
+                work = ck.empty((n_work,), np.float64, param)
+            work_addr = address(work)
+    return (l1, l2, scale_addr, clipvalue, pen_addr, work_addr), work
+
+
+def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
+             l1=0.0, l2=0.0, clip_scale=None, clipvalue=0.0, penalty_out=None):
     """One in-place torch.optim.SGD step (dampening 0). Returns ``param``.
 
     ``buf`` is the momentum buffer (zeros before the first step; may be None
@@ -690,16 +731,20 @@ def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay
     if buf is not None:
         buf = ck.f32(buf, "buf", shape=param.shape, writable=True)
     ck.disjoint((param, "param"), (grad, "grad"), (buf, "buf"))
+    tr, work = _transform(ck, "sgd_step", param, grad, l1, l2, clip_scale, clipvalue,
+                          penalty_out)
     mod, extra, ctx = ck.backend(param)
     with ctx, _nvtx.annotate("sgd_step"):
         mod.sgd_step(address(param), address(grad), 0 if buf is None else address(buf),
                      param.size, float(lr), float(momentum), bool(nesterov),
-                     float(weight_decay), *extra)
+                     float(weight_decay), tr, *extra)
+    del work  # the penalty's scratch: held until the kernel was launched
     return param
 
 
 def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-              weight_decay=0.0, decoupled=False):
+              weight_decay=0.0, decoupled=False, l1=0.0, l2=0.0, clip_scale=None,
+              clipvalue=0.0, penalty_out=None):
     """One in-place Adam (or, with ``decoupled=True``, AdamW) step, as torch.optim.
 
     ``m`` and ``v`` are the first and second moment buffers (zeros before
@@ -716,12 +761,19 @@ def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
     for name, val in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= val < 1.0:
             raise ValueError(f"adam_step: '{name}' must be in [0, 1), got {val}")
+    tr, work = _transform(ck, "adam_step", param, grad, l1, l2, clip_scale, clipvalue,
+                          penalty_out)
     mod, extra, ctx = ck.backend(param)
     with ctx, _nvtx.annotate("adam_step"):
         mod.adam_step(address(param), address(grad), address(m), address(v), param.size,
                       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                      bool(decoupled), int(step), *extra)
+                      bool(decoupled), int(step), tr, *extra)
+    del work  # the penalty's scratch: held until the kernel was launched
     return param
+
+
+sgd_step.__doc__ += _TRANSFORM_DOC
+adam_step.__doc__ += _TRANSFORM_DOC
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -1077,3 +1129,101 @@ def loss_forward_backward(kind, pred, target, *, sample_weight=None, delta=1.0,
     if check_labels and label_kind != _LABEL_ONEHOT and int(bad_row[0]) >= 0:
         _raise_bad_label(op, lab, bad_row[0], cols)
     return float(loss[0]), dpred
+# --------------------------------------------------------------------------- RMSprop, clipping
+
+
+def rmsprop_step(param, grad, square_avg, momentum_buffer, grad_avg, *, lr, alpha=0.99,
+                 eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, l1=0.0, l2=0.0,
+                 clip_scale=None, clipvalue=0.0, penalty_out=None):
+    """One in-place torch.optim.RMSprop step. Returns ``param``.
+
+    ``square_avg`` (always), ``momentum_buffer`` (when ``momentum > 0``, else may be
+    None) and ``grad_avg`` (when ``centered``, else may be None) start at zeros.
+    """
+    op = "rmsprop_step"
+    ck = Checker(op)
+    param = ck.f32(param, "param", writable=True)
+    grad = ck.f32(grad, "grad", shape=param.shape)
+    square_avg = ck.f32(square_avg, "square_avg", shape=param.shape, writable=True)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{op}: 'alpha' must be in [0, 1], got {alpha}")
+    if not momentum >= 0.0:
+        raise ValueError(f"{op}: 'momentum' must be >= 0, got {momentum}")
+    if momentum != 0.0:
+        if momentum_buffer is None:
+            raise ValueError(f"{op}: momentum != 0 needs 'momentum_buffer' (a zero-initialised "
+                             "array shaped like 'param')")
+        momentum_buffer = ck.f32(momentum_buffer, "momentum_buffer", shape=param.shape,
+                                 writable=True)
+    else:
+        momentum_buffer = None
+    if centered:
+        if grad_avg is None:
+            raise ValueError(f"{op}: centered=True needs 'grad_avg' (a zero-initialised array "
+                             "shaped like 'param')")
+        grad_avg = ck.f32(grad_avg, "grad_avg", shape=param.shape, writable=True)
+    else:
+        grad_avg = None
+    ck.disjoint((param, "param"), (grad, "grad"), (square_avg, "square_avg"),
+                (momentum_buffer, "momentum_buffer"), (grad_avg, "grad_avg"))
+    tr, work = _transform(ck, op, param, grad, l1, l2, clip_scale, clipvalue, penalty_out)
+    mod, extra, ctx = ck.backend(param)
+    with ctx, _nvtx.annotate(op):
+        mod.rmsprop_step(address(param), address(grad), address(square_avg),
+                         _addr(momentum_buffer), _addr(grad_avg), param.size, float(lr),
+                         float(alpha), float(eps), float(weight_decay), float(momentum),
+                         bool(centered), tr, *extra)
+    del work  # the penalty's scratch: held until the kernel was launched
+    return param
+
+
+rmsprop_step.__doc__ += _TRANSFORM_DOC
+
+_CLIP_MODES = {"per_tensor": 0, "global": 1, 0: 0, 1: 1}
+
+
+def grad_clip_scale(params_flat, grads_flat, offsets, l1l2=None, *, mode, max_norm, out=None):
+    """The clip-by-norm scales of the segments of flat parameter / gradient arrays.
+
+    Segment k is ``[offsets[k], offsets[k+1])`` (``offsets``: nseg + 1 int64,
+    non-decreasing, on the arrays' device); ``l1l2`` (2 * nseg float32 ``l1_k, l2_k``,
+    or None) adds the regularizer gradient ``l1_k sign(w) + 2 l2_k w`` first. With
+    ``s_k`` the sum of squares of the segment's (regularized) gradient, in double:
+    ``mode="per_tensor"`` (0, Keras ``clipnorm``) gives
+    ``scale[k] = min(1, max_norm / (sqrt(s_k) + 1e-6))``; ``mode="global"`` (1,
+    ``torch.nn.utils.clip_grad_norm_`` / Keras ``global_clipnorm``) the same of
+    ``sum_k s_k`` for every k. Returns the (nseg,) float32 scales (``out`` if given).
+    """
+    op = "grad_clip_scale"
+    if mode not in _CLIP_MODES:
+        raise ValueError(f"{op}: mode must be 'per_tensor' or 'global', got {mode!r}")
+    mode = _CLIP_MODES[mode]
+    max_norm = float(max_norm)
+    if not max_norm > 0.0:
+        raise ValueError(f"{op}: 'max_norm' must be > 0, got {max_norm}")
+    ck = Checker(op)
+    params_flat = ck.f32(params_flat, "params_flat", ndim=1)
+    grads_flat = ck.f32(grads_flat, "grads_flat", shape=params_flat.shape)
+    offsets = ck.array(offsets, "offsets", dtypes=(np.int64,), ndim=1)
+    nseg = offsets.shape[0] - 1
+    if nseg < 0:
+        raise ValueError(f"{op}: 'offsets' needs at least one element (nseg + 1), got 0")
+    host_off = np.asarray(offsets.get() if hasattr(offsets, "get") else offsets)
+    if nseg >= 0 and host_off.size and (host_off[0] < 0 or np.any(np.diff(host_off) < 0)
+                                        or host_off[-1] > params_flat.size):
+        raise ValueError(f"{op}: 'offsets' must be non-decreasing within [0, "
+                         f"{params_flat.size}], got {host_off.tolist()}")
+    if l1l2 is not None:
+        l1l2 = ck.f32(l1l2, "l1l2", shape=(2 * nseg,))
+    out = ck.out(out, "out", (nseg,), like=params_flat)
+    mod, extra, ctx = ck.backend(params_flat)
+    n_work = mod.grad_clip_work_doubles(params_flat.size, nseg)
+    work = None
+    if n_work:
+        with ctx:
+            work = ck.empty((n_work,), np.float64, params_flat)
+    with ctx, _nvtx.annotate(op):
+        mod.grad_clip_scale(address(params_flat), address(grads_flat), address(offsets),
+                            _addr(l1l2), nseg, mode, max_norm, address(out), _addr(work),
+                            *extra)
+    return out

@@ -536,9 +536,11 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                     if any_reg else None)
         for k, ((i, name, _), size) in enumerate(zip(trainable, sizes)):
             l1, l2 = coeffs[k]
+            # a penalty slot only where a regularizer is (the others stay 0)
+            reg_k = bool(l1 or l2)
             opt_ops.append(Op("optimizer", f"optimizer.layer{i}.{name}",
-                              (params, grads, s[0], s[1], hyper, state, s[2], scale, penalty,
-                               opt_work),
+                              (params, grads, s[0], s[1], hyper, state, s[2], scale,
+                               penalty if reg_k else None, opt_work if reg_k else None),
                               (size, optimizer_kind, int(offsets[k]), _f32_bits(l1),
                                _f32_bits(l2), _f32_bits(clipvalue or 0.0), k),
                               {"segment": k, "l1": l1, "l2": l2,

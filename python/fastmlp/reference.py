@@ -18,8 +18,10 @@ promise:
   ``y`` is NaN, ``dy`` passes).
 * softmax cross-entropy subtracts the row max and uses log-sum-exp, so logits of
   +-1000 give finite results; the loss is the mean over rows.
-* ``sgd_step`` / ``adam_step`` follow ``torch.optim.SGD`` (dampening 0) and
-  ``torch.optim.Adam`` / ``AdamW`` line by line and update in place.
+* ``sgd_step`` / ``adam_step`` / ``rmsprop_step`` follow ``torch.optim.SGD``
+  (dampening 0), ``torch.optim.Adam`` / ``AdamW`` and ``torch.optim.RMSprop`` line by
+  line and update in place, after the gradient transform (l1 / l2 regularizer
+  gradients, clip-by-norm scale, clipvalue; ``grad_clip_scale`` makes the scales).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ __all__ = [
     "philox4x32_10",
     "sgd_step",
     "adam_step",
+    "rmsprop_step",
+    "grad_clip_scale",
     "batch_norm_forward",
     "batch_norm_backward",
     "layer_norm_forward",
@@ -351,10 +355,33 @@ def random_permutation(n, seed, counter, *, xp=np):
 # --------------------------------------------------------------------------- optimizers
 
 
-def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+def _transform_grad(param, grad, l1=0.0, l2=0.0, clip_scale=None, clipvalue=0.0,
+                    penalty_out=None):
+    """The optimizers' gradient transform (w: the parameter before the update):
+    ``g + l1 sign(w) + 2 l2 w``, times ``clip_scale[0]``, clipped to +-clipvalue when
+    clipvalue > 0; ``penalty_out[0] = l1 sum|w| + l2 sum w^2`` in float64."""
+    xp = _xp(param, grad)
+    if penalty_out is not None:
+        w = param.astype(np.float64)
+        penalty_out[...] = l1 * xp.abs(w).sum() + l2 * (w * w).sum()
+    g = grad
+    if l1 != 0:
+        g = g + l1 * xp.sign(param)
+    if l2 != 0:
+        g = g + 2 * l2 * param
+    if clip_scale is not None:
+        g = g * clip_scale.reshape(-1)[0]
+    if clipvalue > 0:
+        g = xp.clip(g, -clipvalue, clipvalue)
+    return g
+
+
+def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
+             l1=0.0, l2=0.0, clip_scale=None, clipvalue=0.0, penalty_out=None):
     """One torch.optim.SGD step (dampening 0), in place on param (and buf); returns param.
 
     buf starts at zeros: momentum * 0 + g == g, which is torch's first-step buf = g.
+    l1, l2, clip_scale, clipvalue, penalty_out: the gradient transform, first.
     """
     if grad.shape != param.shape:
         raise ValueError(
@@ -362,7 +389,7 @@ def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay
         )
     if nesterov and momentum == 0:
         raise ValueError("nesterov momentum needs 'momentum' > 0, got 0")
-    g = grad
+    g = _transform_grad(param, grad, l1, l2, clip_scale, clipvalue, penalty_out)
     if weight_decay != 0:
         g = g + weight_decay * param
     if momentum != 0:
@@ -393,10 +420,16 @@ def adam_step(
     eps=1e-8,
     weight_decay=0.0,
     decoupled=False,
+    l1=0.0,
+    l2=0.0,
+    clip_scale=None,
+    clipvalue=0.0,
+    penalty_out=None,
 ):
     """One torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step in place; returns param.
 
     step is the 1-based count of steps including this one (it sets the bias corrections).
+    l1, l2, clip_scale, clipvalue, penalty_out: the gradient transform, first.
     """
     xp = _xp(param, grad, m, v)
     for name, arr in (("grad", grad), ("m", m), ("v", v)):
@@ -407,7 +440,7 @@ def adam_step(
             )
     if int(step) < 1:
         raise ValueError(f"'step' must be >= 1 (1-based), got {step}")
-    g = grad
+    g = _transform_grad(param, grad, l1, l2, clip_scale, clipvalue, penalty_out)
     if weight_decay != 0:
         if decoupled:
             param[...] = param * (1 - lr * weight_decay)  # AdamW: decay the weights themselves
@@ -422,6 +455,74 @@ def adam_step(
     denom = xp.sqrt(v) / math.sqrt(bias_correction2) + eps
     param[...] = param - step_size * (m / denom)
     return param
+
+
+def rmsprop_step(param, grad, square_avg, momentum_buffer, grad_avg, *, lr, alpha=0.99,
+                 eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, l1=0.0, l2=0.0,
+                 clip_scale=None, clipvalue=0.0, penalty_out=None):
+    """One torch.optim.RMSprop step in place (the buffers start at zeros); returns param.
+
+    momentum_buffer is used when momentum > 0, grad_avg when centered (else may be None).
+    l1, l2, clip_scale, clipvalue, penalty_out: the gradient transform, first.
+    """
+    xp = _xp(param, grad, square_avg)
+    if momentum and momentum_buffer is None:
+        raise ValueError("'momentum_buffer' is needed when momentum > 0, got None")
+    if centered and grad_avg is None:
+        raise ValueError("'grad_avg' is needed when centered, got None")
+    for name, arr in (("grad", grad), ("square_avg", square_avg),
+                      ("momentum_buffer", momentum_buffer if momentum else None),
+                      ("grad_avg", grad_avg if centered else None)):
+        if arr is not None and arr.shape != param.shape:
+            raise ValueError(f"'{name}' must have the shape of 'param' {tuple(param.shape)}, "
+                             f"got {tuple(arr.shape)}")
+    g = _transform_grad(param, grad, l1, l2, clip_scale, clipvalue, penalty_out)
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    square_avg[...] = square_avg * alpha + (1 - alpha) * g * g
+    if centered:
+        grad_avg[...] = grad_avg + (1 - alpha) * (g - grad_avg)  # grad_avg.lerp_(g, 1 - alpha)
+        avg = xp.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = xp.sqrt(square_avg) + eps
+    if momentum > 0:
+        momentum_buffer[...] = momentum_buffer * momentum + g / avg
+        param[...] = param - lr * momentum_buffer
+    else:
+        param[...] = param - lr * (g / avg)
+    return param
+
+
+def grad_clip_scale(params_flat, grads_flat, offsets, l1l2=None, *, mode, max_norm, out=None):
+    """Clip-by-norm scales of the segments [offsets[k], offsets[k+1]) (float64 sums):
+    per tensor (mode "per_tensor" / 0) min(1, max_norm / (||g_k|| + 1e-6)) with g_k the
+    segment's gradient plus l1_k sign(w) + 2 l2_k w; global (mode "global" / 1) the same
+    of the norm over all segments, for every k."""
+    xp = _xp(params_flat, grads_flat)
+    if mode not in ("per_tensor", "global", 0, 1):
+        raise ValueError(f"mode must be 'per_tensor' or 'global', got {mode!r}")
+    glob = mode in ("global", 1)
+    off = [int(o) for o in (offsets.get() if hasattr(offsets, "get") else offsets)]
+    nseg = len(off) - 1
+    coef = None if l1l2 is None else [float(c) for c in
+                                      (l1l2.get() if hasattr(l1l2, "get") else l1l2)]
+    sums = []
+    for k in range(nseg):
+        w = params_flat[off[k]:off[k + 1]].astype(np.float64)
+        g = grads_flat[off[k]:off[k + 1]].astype(np.float64)
+        if coef is not None:
+            g = g + coef[2 * k] * xp.sign(w) + 2 * coef[2 * k + 1] * w
+        sums.append(float((g * g).sum()))
+    if glob:
+        norms = [math.sqrt(sum(sums))] * nseg
+    else:
+        norms = [math.sqrt(s) for s in sums]
+    scales = xp.asarray([min(1.0, max_norm / (n + 1e-6)) for n in norms], dtype=np.float32)
+    if out is not None:
+        _check_out(out, (nseg,))
+        out[...] = scales
+        return out
+    return scales
 
 
 # --------------------------------------------------------------------------- normalisation
