@@ -434,6 +434,7 @@ void bind_engine(py::module_& mod) {
     sizes["scalars"] = sizeof(fastmlp::engine::StepScalars);
     sizes["step_hyper"] = sizeof(fastmlp::engine::StepHyper);
     mod.attr("engine_sizes") = sizes;
+    mod.attr("engine_max_bufs") = fastmlp::engine::kMaxBufs;
 
     py::class_<Engine>(mod, "Engine", "A bound step plan on one device (engine.h)")
         .def("set_ops", [](Engine& e, int list, const std::vector<OpTuple>& ops) {

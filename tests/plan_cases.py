@@ -188,7 +188,7 @@ CASES += [
          weighted="both", metrics=("accuracy", "mse"), fit=dict(epochs=2, batch_size=32)),
     Case("sparse-cce-class-weight", _two(), OPTIMIZERS["adam"], weighted="class",
          fit=dict(epochs=2, batch_size=32, validation_split=0.2)),
-    Case("cce-probs-relu", _OUT("relu"), OPTIMIZERS["adam"], onehot=True,
+    Case("cce-probs-sigmoid", _OUT("sigmoid"), OPTIMIZERS["adam"], onehot=True,
          loss=lambda: fm.losses.CategoricalCrossentropy(from_logits=False),
          fit=dict(epochs=2, batch_size=32)),
     Case("regularizers", lambda: [

@@ -157,7 +157,7 @@ def test_native_engine_checks_its_inputs():
     with pytest.raises(ValueError, match="names buffer 5"):
         e.set_ops(0, [(0, [5], [])])
     with pytest.raises(ValueError, match="at most"):
-        e.set_ops(0, [(0, [0] * 9, [])])
+        e.set_ops(0, [(0, [0] * (fm._C.engine_max_bufs + 1), [])])
     dense = fm_plan.OPCODES.index("dense_fwd")
     e.set_ops(0, [(dense, [0, 1, -1, 0], [1, 1, 0, 0])])
     with pytest.raises(ValueError, match=r"op 0 \(dense_fwd\) needs buffer 0, which is not bound"):

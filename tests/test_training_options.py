@@ -56,7 +56,7 @@ def _torch_run(model, x, y, *, loss_fn, opt_fn, batch, steps, out_act=None, clip
         loss = per.sum() / len(per)
         for idx, (l1, l2) in reg:
             loss = loss + l1 * w[idx].abs().sum() + l2 * (w[idx] ** 2).sum()
-        losses.append(float(loss) * len(per))
+        losses.append(float(loss.detach()) * len(per))
         opt.zero_grad()
         loss.backward()
         if clip is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 
-from . import ops
+from . import ops, schedules
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "get"]
 
