@@ -178,6 +178,12 @@ def _read_safetensors(path: str):
                 # safetensors' NumPy loader fails so on the types NumPy lacks (BF16, F8...)
                 raise ValueError(f"{path}: tensor {key!r} has a type NumPy cannot hold ({e}); "
                                  "fastmlp writes float32") from None
+            if tensors[key].dtype.isbuiltin != 1:  # 2: a type registered by a package
+                # the same types, loaded when a package such as ml_dtypes (which onnx
+                # brings) registered them with NumPy: refused alike, before any shape check
+                raise ValueError(f"{path}: tensor {key!r} has a type NumPy cannot hold "
+                                 f"without extensions ({tensors[key].dtype}); fastmlp writes "
+                                 "float32")
     return raw, tensors
 
 

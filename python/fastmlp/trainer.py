@@ -242,7 +242,8 @@ def _logs(model, eng, st, seen, lst, auc=True, penalty=None) -> dict:
         loss += penalty
     logs = {"loss": loss}
     plan = eng.plan
-    for m in plan.metrics or _default_metrics(model, plan):
+    metrics = plan.metrics or (_default_metrics(model, plan) if lst == "eval" else ())
+    for m in metrics:
         if m.kind == "auc":
             if auc:
                 scores = eng.arena.named(f"{lst}.auc_scores")
