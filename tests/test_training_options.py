@@ -128,6 +128,16 @@ TORCH_CASES = {
 
 @pytest.mark.parametrize("name", sorted(TORCH_CASES))
 def test_fit_follows_the_torch_training_loop(name):
+    _follows_torch(name, "cpu", np)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TORCH_CASES))
+def test_gpu_fit_follows_the_torch_training_loop(gpu, name):
+    _follows_torch(name, "cuda", gpu.xp)
+
+
+def _follows_torch(name, device, xp):
     c = TORCH_CASES[name]
     outputs = 3
     x, y = _data(outputs=outputs, target=c["target"])
@@ -154,8 +164,8 @@ def test_fit_follows_the_torch_training_loop(name):
     want_w, want_loss = _torch_run(
         model, x, y, loss_fn=c["loss_fn"], opt_fn=c["opt_fn"], batch=batch, steps=steps,
         clip=c.get("clip"), sample_weight=sw, reg=c.get("reg", ()), lrs=c.get("lrs"))
-    hist = model.fit(x, y, epochs=1, batch_size=batch, shuffle=False, verbose=0,
-                     sample_weight=sw)
+    hist = model.fit(xp.asarray(x), xp.asarray(y), epochs=1, batch_size=batch, shuffle=False,
+                     verbose=0, sample_weight=sw, device=device)
     assert model.optimizer.iterations == steps
     np.testing.assert_allclose(hist.history["loss"][0], want_loss, rtol=2e-5)
     for got, want in zip(model.get_weights(), want_w):
@@ -217,12 +227,23 @@ def test_classification_metrics_equal_sklearn():
 
 
 def test_binary_and_regression_metrics_equal_sklearn():
+    _binary_metrics("cpu", np)
+
+
+@pytest.mark.gpu
+def test_gpu_binary_and_regression_metrics_equal_sklearn(gpu):
+    _binary_metrics("cuda", gpu.xp)
+
+
+def _binary_metrics(device, xp):
     x, y = _data(n=257, outputs=3, target="binary")
     model = _metric_model(3, "sigmoid", "binary_crossentropy",
                           ["accuracy", "binary_accuracy", "auc", "mae", "mse"])
-    hist = model.fit(x, y, epochs=2, batch_size=32, verbose=0, validation_data=(x, y))
-    logs = model.evaluate(x, y, batch_size=50)
-    p = model.predict(x)
+    xd, yd = xp.asarray(x), xp.asarray(y)
+    hist = model.fit(xd, yd, epochs=2, batch_size=32, verbose=0, validation_data=(xd, yd),
+                     device=device)
+    logs = model.evaluate(xd, yd, batch_size=50)
+    p = fm.model._host(model.predict(xd))
     acc = np.mean((p > 0.5) == (y > 0.5))
     assert logs["accuracy"] == pytest.approx(acc) and logs["binary_accuracy"] == \
         pytest.approx(acc)
