@@ -34,8 +34,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
+#include "check.h"
 #include "fastmlp.h"
 #include "kernel_math.h"
 
@@ -276,6 +278,43 @@ inline void with_loss(int kind, LabelKind lk, F&& f) {
             };
             if (static_cast<LossKind>(kind) == LossKind::kCceLogits) return g(LossTag<5>{});
             return g(LossTag<6>{});
+        }
+    }
+}
+
+// The argument checks of loss_fused, one for both devices (host code).
+inline void check_loss_args(const float* pred, const void* labels, LabelKind label_kind,
+                            const float* dpred, const float* row_loss, const float* loss,
+                            const int64_t* bad_row, int64_t rows, int64_t cols,
+                            const LossSpec& spec) {
+    const char* op = "loss_fused";
+    FASTMLP_CHECK(spec.kind >= 0 && spec.kind <= static_cast<int>(LossKind::kCceProbs),
+                  op << ": unknown loss kind " << spec.kind);
+    FASTMLP_CHECK(label_kind == LabelKind::kInt32 || label_kind == LabelKind::kInt64 ||
+                      label_kind == LabelKind::kOneHot,
+                  op << ": unknown label kind " << static_cast<int>(label_kind));
+    FASTMLP_CHECK(loss_is_cce(spec.kind) || label_kind == LabelKind::kOneHot,
+                  op << ": loss " << loss_kind_name(spec.kind)
+                     << " needs float label rows, got integer labels");
+    FASTMLP_CHECK(rows >= 0 && cols >= 0,
+                  op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
+    FASTMLP_CHECK(rows == 0 || cols > 0, op << ": need at least one column, got cols=0");
+    FASTMLP_CHECK(cols == 0 || rows <= std::numeric_limits<int64_t>::max() / cols,
+                  op << ": rows*cols overflows int64 (rows=" << rows << ", cols=" << cols << ")");
+    FASTMLP_CHECK(spec.kind != static_cast<int>(LossKind::kHuber) || spec.delta > 0.0f,
+                  op << ": huber needs delta > 0, got " << spec.delta);
+    FASTMLP_CHECK(spec.label_smoothing >= 0.0f && spec.label_smoothing < 1.0f,
+                  op << ": label_smoothing must be in [0, 1), got " << spec.label_smoothing);
+    FASTMLP_CHECK(loss && bad_row, op << ": null loss or bad_row");
+    if (rows > 0) {
+        FASTMLP_CHECK(pred && labels && row_loss, op << ": null pred, labels or row_loss");
+        if (dpred) {
+            // |dpred - pred| in floats against rows * cols (fits int64: checked above).
+            const uintptr_t a = reinterpret_cast<uintptr_t>(dpred);
+            const uintptr_t b = reinterpret_cast<uintptr_t>(pred);
+            const uintptr_t distance = a > b ? a - b : b - a;
+            FASTMLP_CHECK(distance / sizeof(float) >= static_cast<uint64_t>(rows * cols),
+                          op << ": dpred must not overlap pred");
         }
     }
 }

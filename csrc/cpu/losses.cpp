@@ -33,29 +33,7 @@ void loss_fused(const float* pred, const void* labels, LabelKind label_kind,
                 const float* sample_weight, float* dpred, float* row_loss, float* loss,
                 int64_t* bad_row, int64_t rows, int64_t cols, const LossSpec& spec) {
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
-    const char* op = "loss_fused";
-    FASTMLP_CHECK(spec.kind >= 0 && spec.kind <= static_cast<int>(LossKind::kCceProbs),
-                  op << ": unknown loss kind " << spec.kind);
-    const char* name = loss_kind_name(spec.kind);
-    FASTMLP_CHECK(label_kind == LabelKind::kInt32 || label_kind == LabelKind::kInt64 ||
-                      label_kind == LabelKind::kOneHot,
-                  op << ": unknown label kind " << static_cast<int>(label_kind));
-    FASTMLP_CHECK(loss_is_cce(spec.kind) || label_kind == LabelKind::kOneHot,
-                  op << ": loss " << name << " needs float label rows, got integer labels");
-    FASTMLP_CHECK(rows >= 0 && cols >= 0,
-                  op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
-    FASTMLP_CHECK(rows == 0 || cols > 0, op << ": need at least one column, got cols=0");
-    FASTMLP_CHECK(cols == 0 || rows <= std::numeric_limits<int64_t>::max() / cols,
-                  op << ": rows*cols overflows int64 (rows=" << rows << ", cols=" << cols << ")");
-    FASTMLP_CHECK(spec.kind != static_cast<int>(LossKind::kHuber) || spec.delta > 0.0f,
-                  op << ": huber needs delta > 0, got " << spec.delta);
-    FASTMLP_CHECK(spec.label_smoothing >= 0.0f && spec.label_smoothing < 1.0f,
-                  op << ": label_smoothing must be in [0, 1), got " << spec.label_smoothing);
-    FASTMLP_CHECK(loss && bad_row, op << ": null loss or bad_row");
-    FASTMLP_CHECK(rows == 0 || (pred && labels && row_loss),
-                  op << ": null pred, labels or row_loss");
-    FASTMLP_CHECK(rows == 0 || !dpred || pred + rows * cols <= dpred || dpred + rows * cols <= pred,
-                  op << ": dpred must not overlap pred");
+    check_loss_args(pred, labels, label_kind, dpred, row_loss, loss, bad_row, rows, cols, spec);
 
     const LossConsts k = loss_consts(spec, cols);
     std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};

@@ -109,30 +109,7 @@ void metrics_fused(const float* pred, const void* labels, LabelKind label_kind,
                    float* probs_out, float* row_scratch, double* sums, int64_t rows,
                    int64_t cols, const MetricSpec& spec) {
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
-    const char* op = "metrics_fused";
-    FASTMLP_CHECK(rows >= 0 && cols >= 0,
-                  op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
-    FASTMLP_CHECK(label_kind == LabelKind::kInt32 || label_kind == LabelKind::kInt64 ||
-                      label_kind == LabelKind::kOneHot,
-                  op << ": unknown label kind " << static_cast<int>(label_kind));
-    FASTMLP_CHECK(spec.flags >= 0 && spec.flags < (1 << kNumMetricSums),
-                  op << ": unknown metric flags " << spec.flags);
-    FASTMLP_CHECK(spec.transform >= 0 && spec.transform <= 2,
-                  op << ": unknown output transform " << spec.transform);
-    FASTMLP_CHECK(!(spec.flags & kMetricTopK) || spec.k >= 1,
-                  op << ": top-k needs k >= 1, got k=" << spec.k);
-    FASTMLP_CHECK(!(spec.flags & (kMetricBinary | kMetricAbs | kMetricSq)) ||
-                      label_kind == LabelKind::kOneHot,
-                  op << ": the binary / abs / sq metrics need float label rows (rows, cols), "
-                        "not integer class labels");
-    FASTMLP_CHECK(sums, op << ": null sums");
-    FASTMLP_CHECK(cols == 0 || rows <= std::numeric_limits<int64_t>::max() / cols,
-                  op << ": rows*cols overflows int64 (rows=" << rows << ", cols=" << cols << ")");
-    FASTMLP_CHECK(rows == 0 || cols > 0, op << ": need at least one column");
-    FASTMLP_CHECK(rows == 0 || (pred && labels && row_scratch), op << ": null pointer");
-    FASTMLP_CHECK(!probs_out || rows == 0 || pred + rows * cols <= probs_out ||
-                      probs_out + rows * cols <= pred,
-                  op << ": probs_out must not overlap pred");
+    check_metric_args(pred, labels, label_kind, probs_out, row_scratch, sums, rows, cols, spec);
 
     parallel_range(rows, rows * cols >= kParMin, [&](int64_t r0, int64_t r1) {
         switch (static_cast<OutputTransform>(spec.transform)) {

@@ -249,39 +249,7 @@ void launch_metric_rows(const float* pred, const void* labels, float* probs_out,
 void metrics_fused(const float* pred, const void* labels, LabelKind label_kind,
                    float* probs_out, float* row_scratch, double* sums, int64_t rows,
                    int64_t cols, const MetricSpec& spec, cudaStream_t stream) {
-    const char* op = "metrics_fused";
-    FASTMLP_CHECK(rows >= 0 && cols >= 0,
-                  op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
-    FASTMLP_CHECK(label_kind == LabelKind::kInt32 || label_kind == LabelKind::kInt64 ||
-                      label_kind == LabelKind::kOneHot,
-                  op << ": unknown label kind " << static_cast<int>(label_kind));
-    FASTMLP_CHECK(spec.flags >= 0 && spec.flags < (1 << kNumMetricSums),
-                  op << ": unknown metric flags " << spec.flags);
-    FASTMLP_CHECK(spec.transform >= 0 && spec.transform <= 2,
-                  op << ": unknown output transform " << spec.transform);
-    FASTMLP_CHECK(!(spec.flags & kMetricTopK) || spec.k >= 1,
-                  op << ": top-k needs k >= 1, got k=" << spec.k);
-    FASTMLP_CHECK(!(spec.flags & (kMetricBinary | kMetricAbs | kMetricSq)) ||
-                      label_kind == LabelKind::kOneHot,
-                  op << ": the binary / abs / sq metrics need float label rows (rows, cols), "
-                        "not integer class labels");
-    FASTMLP_CHECK(sums != nullptr, op << ": sums is null");
-    FASTMLP_CHECK(cols == 0 || rows <= std::numeric_limits<int64_t>::max() / cols,
-                  op << ": rows*cols overflows int64 (rows=" << rows << ", cols=" << cols << ")");
-    FASTMLP_CHECK(rows == 0 || cols > 0, op << ": need at least one column");
-    if (rows > 0) {
-        FASTMLP_CHECK(pred != nullptr && labels != nullptr && row_scratch != nullptr,
-                      op << ": pred, labels or row_scratch is null");
-        if (probs_out != nullptr) {
-            // |probs_out - pred| in floats against rows * cols (which fits
-            // int64: checked above), compared so that nothing overflows.
-            const uintptr_t a = reinterpret_cast<uintptr_t>(probs_out);
-            const uintptr_t b = reinterpret_cast<uintptr_t>(pred);
-            const uintptr_t distance = a > b ? a - b : b - a;
-            FASTMLP_CHECK(distance / sizeof(float) >= static_cast<uint64_t>(rows * cols),
-                          op << ": probs_out must not overlap pred");
-        }
-    }
+    check_metric_args(pred, labels, label_kind, probs_out, row_scratch, sums, rows, cols, spec);
 
     if (rows == 0) {
         // No rows: every sum is 0 (all-zero bits are +0.0).
