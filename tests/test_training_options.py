@@ -123,6 +123,23 @@ TORCH_CASES = {
             0.1, decay_steps=2, decay_rate=0.5, staircase=True)),
         opt_fn=lambda w: torch.optim.SGD(w, lr=0.1),
         lrs=[0.1 * 0.5 ** (s // 2) for s in range(6)]),
+    # linear warmup 0.01 -> 0.1 over 2 steps, then cosine to alpha * 0.1 over 3 steps
+    "bce-cosine-warmup": dict(
+        loss="binary_crossentropy", target="binary",
+        loss_fn=_row_mean(lambda z, y: torch.nn.functional.binary_cross_entropy_with_logits(
+            z, y, reduction="none")),
+        fm_opt=lambda: fm.optim.SGD(lr=fm.optim.schedules.CosineDecay(
+            0.01, decay_steps=3, alpha=0.2, warmup_target=0.1, warmup_steps=2), momentum=0.5),
+        opt_fn=lambda w: torch.optim.SGD(w, lr=0.0, momentum=0.5),
+        lrs=[0.01, 0.055] + [0.1 * (0.8 * 0.5 * (1 + math.cos(math.pi * min(k, 3) / 3)) + 0.2)
+                             for k in range(4)]),
+    "mse-piecewise-rmsprop": dict(
+        loss="mse", target="regression",
+        loss_fn=_row_mean(lambda z, y: (z - y) ** 2),
+        fm_opt=lambda: fm.optim.RMSprop(lr=fm.optim.schedules.PiecewiseConstantDecay(
+            [1, 3], [1e-2, 5e-3, 1e-3])),
+        opt_fn=lambda w: torch.optim.RMSprop(w, lr=0.0),
+        lrs=[1e-2, 1e-2, 5e-3, 5e-3, 1e-3, 1e-3]),
 }
 
 
