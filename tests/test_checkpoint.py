@@ -496,3 +496,32 @@ def test_backup_is_written_atomically(tmp_path, monkeypatch):
     meta, _ = read_file(tmp_path / BackupAndRestore.FILENAME)
     assert meta["backup"]["epochs_done"] == 1
     assert temporaries(tmp_path) == []
+
+
+def test_backup_resumes_a_scheduled_clipped_regularized_run(tmp_path):
+    """Issue 16's options in a backup: an RMSprop with a learning-rate schedule and
+    clipping, a regularized layer; the resumed run ends as the uninterrupted one."""
+    def model_():
+        fm.set_seed(0)
+        model = fm.Sequential([
+            fm.Dense(16, activation="relu", input_dim=20,
+                     kernel_regularizer=fm.regularizers.l2(1e-3)),
+            fm.Dense(4, activation="softmax")])
+        model.compile(fm.optim.RMSprop(lr=fm.optim.schedules.ExponentialDecay(1e-2, 10, 0.7),
+                                       momentum=0.5, clipnorm=1.0),
+                      fm.losses.SparseCategoricalCrossentropy(label_smoothing=0.1),
+                      ["accuracy", "sparse_top_k_categorical_accuracy"])
+        return model
+
+    x, y = blobs()
+    straight = model_()
+    hs = fit(straight, x, y, 4)
+    model = model_()
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(model, x, y, 4, [Crash(2), BackupAndRestore(tmp_path / "b")])
+    model = model_()  # a new process: a fresh model that finds the backup
+    hr = fit(model, x, y, 4, [BackupAndRestore(tmp_path / "b")])
+    assert hr.epoch == [2, 3]
+    assert hr.history["loss"] == hs.history["loss"][2:]
+    assert_same_training_state(model, straight)
+    assert model.optimizer.lr_at(7) == straight.optimizer.lr_at(7)

@@ -412,7 +412,9 @@ def restore_backup(model, path) -> int:
         epochs_done = int(meta["backup"]["epochs_done"])
         iterations = int(meta["optimizer_iterations"])
         seed, count = int(meta["shuffle"]["seed"]), int(meta["shuffle"]["count"])
-        lr = float(c["optimizer_config"]["lr"])
+        lr = c["optimizer_config"]["lr"]
+        # a float (a callback may have changed it), or a serialized schedule
+        lr = _optim.schedules.deserialize(lr) if isinstance(lr, dict) else float(lr)
         if epochs_done < 0 or iterations < 0 or count < 0:
             raise ValueError(f"negative counts: epochs_done={epochs_done}, "
                              f"optimizer_iterations={iterations}, shuffle count={count}")

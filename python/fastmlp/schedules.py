@@ -72,6 +72,14 @@ class LearningRateSchedule:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
 
+    def __eq__(self, other):
+        """The same schedule: the same class and configuration (a restored one equals
+        the one that was saved)."""
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash(repr(self))
+
 
 class ExponentialDecay(LearningRateSchedule):
     """``initial_learning_rate * decay_rate ** (step / decay_steps)``; with
