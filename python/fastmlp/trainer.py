@@ -135,12 +135,12 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
     eng.bind(train_x=x, train_y=y, train_order=order)
     if sample_weight is not None:
         eng.bind(train_sw=sample_weight)
-    _bind_auc(bound, eng, "train", n, xp)
+    _bind_auc(bound, eng, "train", n, bound.arena.xp)
     eng.prepare(TRAIN, batch_size, n)
     if val is not None:
         val_eng = _evaluation_engine(model, bound, val[0])
         val_eng.bind(eval_x=val[0], eval_y=val[1])
-        _bind_auc(bound, val_eng, "eval", len(val[0]), xp)
+        _bind_auc(bound, val_eng, "eval", len(val[0]), bound.arena.xp)
         val_eng.prepare(EVALUATE, eval_batch, len(val[0]))
     history.params.update({"epochs": epochs, "steps": steps, "batch_size": batch_size,
                            "samples": n, "device": model.device, "engine": eng.name,
@@ -177,7 +177,8 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
 
 def _bind_auc(bound, eng, lst, rows, xp):
     """The pass's prediction and target buffers of the ``auc`` metric (rows x outputs on
-    the device), kept with the bound plan while the size stays."""
+    the model's device, also when the data stays on the host), kept with the bound plan
+    while the size stays."""
     plan = bound.plan
     if not plan.has(f"{lst}.auc_scores"):
         return
@@ -312,7 +313,7 @@ def evaluate(model, x, y, batch_size) -> dict:
     bound = bind(model, min(batch_size, n), sample_weight=_bound_sample_weight(model))
     eng = _evaluation_engine(model, bound, x)
     eng.bind(eval_x=x, eval_y=y)
-    _bind_auc(bound, eng, "eval", n, cupy_module() if is_cupy(x) else np)
+    _bind_auc(bound, eng, "eval", n, bound.arena.xp)
     return _evaluate_pass(model, eng, x, y, batch_size)
 
 
