@@ -80,8 +80,6 @@ class Optimizer:
         """lr (a schedule serialized) and the clipping settings that are set."""
         lr = self.lr
         if callable(lr):
-            from . import schedules
-
             lr = schedules.serialize(lr)
         config = {"lr": lr}
         config.update({k: getattr(self, k) for k in _CLIP_KEYS if getattr(self, k) is not None})
@@ -91,11 +89,6 @@ class Optimizer:
     def from_config(cls, config: dict):
         config = dict(config)
         if isinstance(config.get("lr"), dict):  # a serialized schedule
-            try:
-                from . import schedules
-            except ImportError as e:
-                raise ValueError(f"{cls.__name__}: 'lr' is a learning-rate schedule "
-                                 f"({config['lr']!r}) but fastmlp.schedules is missing: {e}")
             try:
                 config["lr"] = schedules.deserialize(config["lr"])
             except (ValueError, TypeError):

@@ -19,7 +19,6 @@ import time
 import numpy as np
 
 from . import _nvtx, engine as _engine, ops
-from . import optim as _optim
 from ._interop import cupy_module, is_cupy
 from .metrics import SLOTS
 from .plan import EVALUATE, PREDICT, TRAIN, build_plan
