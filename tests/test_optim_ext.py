@@ -257,33 +257,28 @@ def test_lr_schedule_callable(backend, rng):
         fm.optim.Adam(lr=-1.0)
 
 
-def test_lr_schedule_config_round_trip(monkeypatch):
-    """get_config emits schedules.serialize(lr), from_config restores it with
-    schedules.deserialize (the names fastmlp.schedules provides)."""
-    import sys
-    import types
-
-    class Halving:
-        def __init__(self, initial):
-            self.initial = initial
-
-        def __call__(self, step):
-            return self.initial / 2**step
-
-        def get_config(self):
-            return {"initial": self.initial}
-
-    mod = types.ModuleType("fastmlp.schedules")
-    mod.serialize = lambda s: {"class_name": type(s).__name__, "config": s.get_config()}
-    mod.deserialize = lambda d: Halving(**d["config"])
-    monkeypatch.setitem(sys.modules, "fastmlp.schedules", mod)
-    monkeypatch.setattr(fm, "schedules", mod, raising=False)
-    opt = fm.optim.Adam(lr=Halving(0.5), clipnorm=1.0)
+@pytest.mark.parametrize("schedule", [
+    fm.optim.schedules.ExponentialDecay(0.5, 4, 0.5, staircase=True),
+    fm.optim.schedules.CosineDecay(0.1, 10, alpha=0.1, warmup_target=0.5, warmup_steps=3),
+    fm.optim.schedules.PiecewiseConstantDecay([2, 5], [0.5, 0.25, 0.1])])
+def test_lr_schedule_config_round_trip(schedule):
+    """get_config emits schedules.serialize(lr), from_config restores an equal schedule."""
+    opt = fm.optim.Adam(lr=schedule, clipnorm=1.0)
     cfg = opt.get_config()
-    assert cfg["lr"] == {"class_name": "Halving", "config": {"initial": 0.5}}
+    assert cfg["lr"] == fm.optim.schedules.serialize(schedule)
     again = fm.optim.from_config("Adam", cfg)
-    assert isinstance(again.lr, Halving) and again.lr_at(3) == 0.5 / 8
+    assert again.lr == schedule and again.lr is not schedule
+    assert [again.lr_at(s) for s in range(12)] == [schedule(s) for s in range(12)]
     assert again.clipnorm == 1.0
+
+
+def test_a_plain_callable_lr_trains_but_is_not_saved():
+    """Any callable of the step is a schedule for training; only fm.optim.schedules
+    classes serialize (as Keras)."""
+    opt = fm.optim.SGD(lr=lambda step: 0.1 / (1 + step))
+    assert opt.lr_at(4) == pytest.approx(0.02)
+    with pytest.raises(TypeError, match="LearningRateSchedule"):
+        opt.get_config()
 
 
 # -------------------------------------------------------------------- l1 / l2 and the penalty
