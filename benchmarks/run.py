@@ -1202,7 +1202,7 @@ class Bench:
                         d = s - tl
                         return tuple(torch.stack([((s > 0.5) == (tl > 0.5)).float().mean(1).sum(),
                                                   d.abs().mean(1).sum(), d.square().mean(1).sum()]).tolist())
-                    cands = [("sigmoid; (s > 0.5) == (y > 0.5), |s - y|, (s - y)^2 row means summed", t_bin)]
+                    cands = [("sigmoid; (s > 0.5) == (y > 0.5), abs(s - y), (s - y)^2 row means summed", t_bin)]
                 peers["PyTorch"] = [(v, fn, self._checker(f"PyTorch metrics {names} [{v}]", fn, wants, METRIC_TOL))
                                     for v, fn in cands]
             nbytes = 4 * n * c + (8 * n if lab.dtype.kind in "iu" else 4 * n * c)
