@@ -31,6 +31,29 @@ Sections (each device):
             alone is committed as results/<device>/layers.{md,json} (run with
             --out elsewhere and copy results.md / results.json: a partial run
             must not overwrite the full results.*);
+  losses    (issue 16) loss_forward_backward (one call: loss and dpred) of every kind of
+            fastmlp.ops.LOSS_KINDS at (rows, cols) 1024x10, 65536x10, 4096x1000 (--quick:
+            1024x10, 4096x1000), unweighted and with sample weights (cce_logits also with
+            label_smoothing 0.1; integer labels for the categorical kinds) vs PyTorch on the
+            same device: the aten forward and its aten backward kernel called directly (no
+            autograd graph) where aten has one (mse, huber, bce_probs, cce_logits via
+            _log_softmax + nll_loss), else the autograd formula's kernels by hand (mae,
+            bce_logits), and autograd.grad through torch.nn.functional as a second candidate
+            (the only one for label smoothing and cce_probs), the faster kept and named; then
+            metric_sums (argmax + top_k on 65536x10 int labels; binary + abs + sq through a
+            sigmoid on float labels) vs the same sums in PyTorch ops, read back once; roc_auc
+            on 10^5 and 10^6 scores (--quick 10^5) vs sklearn.metrics.roc_auc_score (CPU);
+            rmsprop_step (plain; momentum + centered) and adam_step with l2 + clip_scale +
+            clipvalue + penalty_out at 2^20 and 2^24 elements (--quick 2^20) vs
+            torch.optim.RMSprop / Adam single steps (foreach False and True, the faster kept;
+            for Adam the transform done PyTorch's way first: grad + 2 l2 w, * scale,
+            clip_grad_value_, the penalty); all checked against fastmlp.reference (ROC AUC:
+            an independent count, and sklearn's value) before timing. Last, one fit epoch
+            (784-128-10 relu, Adam, B=128, 20480 synthetic rows; --quick 4096) per option:
+            plain sparse CE; label_smoothing 0.1; sample_weight; l2 kernel regularizers;
+            clipnorm; metrics accuracy + top-5, vs a PyTorch eager loop with the same option,
+            alternating, with each option's overhead over plain (both libraries). Committed
+            as results/<device>/losses.{md,json}, run alone like the layers section;
   training  784-128-10 + Adam, time per step and per Fashion-MNIST epoch at
             batch 32, 128, 1024 vs a PyTorch eager loop on the same device;
   epoch     one real Fashion-MNIST epoch at batch 32, 128, 1024, fit() on device
