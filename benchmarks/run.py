@@ -1119,13 +1119,12 @@ class Bench:
                 return loss, (tg.mul_(1.0 / (n * c)) if tw is None else tg.mul_(gout()))
 
             cands.append(("aten.binary_cross_entropy_with_logits + (sigmoid - y) * scale", bcel))
-            f = lambda p, y, reduction="mean": F.binary_cross_entropy_with_logits(  # noqa: E731
-                p, y, weight=wcol, reduction=reduction)
+            f = F.binary_cross_entropy_with_logits  # weighted: w applied to the unreduced loss below
         elif kind == "bce_probs":
             cands.append(("aten.binary_cross_entropy + aten.binary_cross_entropy_backward (out=)",
                           lambda: (a.binary_cross_entropy(tp, ty, wcol, 1),
                                    a.binary_cross_entropy_backward.grad_input(one, tp, ty, wcol, 1, grad_input=tg))))
-            f = lambda p, y, reduction="mean": F.binary_cross_entropy(p, y, weight=wcol, reduction=reduction)  # noqa: E731
+            f = F.binary_cross_entropy
         elif kind == "cce_logits":
             if not ls:
                 def ce():
@@ -1264,7 +1263,7 @@ class Bench:
         clipvalue + penalty_out, each checked from a known state (step 1) against
         fastmlp.reference; vs torch.optim's step (foreach False and True candidates, the faster
         kept), with the transform done the PyTorch way first for Adam: g = grad + 2 l2 w
-        (out=), g *= scale, clip_grad_value_, penalty l2 * vector_norm(w)^2."""
+        (out=), g *= scale, clip_grad_value_, penalty l2 * vector_norm(w, dtype=float64)^2 (the precision of fastmlp's)."""
         import fastmlp as fm
         R, xp, torch = fm.reference, self.dev.xp, self.torch
         p0, g = self.rand(size), self.rand(size)
@@ -1323,13 +1322,13 @@ class Bench:
         else:
             opt = torch.optim.Adam([tp], lr=kw["lr"], foreach=foreach)
             name = (f"add(grad, w, alpha=2 l2, out=.grad), .grad *= scale, clip_grad_value_, "
-                    f"l2 * vector_norm(w)^2, torch.optim.Adam(foreach={foreach}).step()")
+                    f"l2 * vector_norm(w, float64)^2, torch.optim.Adam(foreach={foreach}).step()")
 
             def step():
                 torch.add(tg0, tp, alpha=2 * l2, out=tp.grad)
                 tp.grad.mul_(tscale)
                 torch.nn.utils.clip_grad_value_([tp], clipvalue, foreach=foreach)
-                penalty = l2 * torch.linalg.vector_norm(tp).square()
+                penalty = l2 * torch.linalg.vector_norm(tp, dtype=torch.float64).square()  # fastmlp's: double
                 opt.step()
                 st = opt.state[tp]
                 return tp, st["exp_avg"], st["exp_avg_sq"], penalty
