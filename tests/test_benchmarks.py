@@ -495,3 +495,19 @@ def test_losses_section_reports_a_wrong_loss_gradient(monkeypatch, run):
     assert len(bench.failures) == 2 and all("huber" in f and "fastmlp" in f for f in bench.failures)
     bad = [r for r in bench.rows if not r["checked"]]
     assert [(r["variant"], r["impl"]) for r in bad] == [("huber", "fastmlp"), ("huber, weighted", "fastmlp")]
+
+
+def test_every_losses_peer_candidate_matches_the_reference(run):
+    """Not only the fastest: every PyTorch / sklearn candidate of the kernel rows computes the
+    same loss, gradient, sums or optimizer state as fastmlp.reference (a slower candidate that
+    is wrong would otherwise go unnoticed until it wins a run)."""
+    pytest.importorskip("torch")
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    cases = [*bench.loss_cases(40, 6), *bench.metric_cases(30, 8), *bench.optimizer_cases(500)]
+    checked = 0
+    for case in cases:
+        for cands in case["peers"].values():
+            for variant, fn, check in cands:
+                assert check() <= 1e-5, variant
+                checked += 1
+    assert checked > len(cases)  # PyTorch has two candidates for most rows
