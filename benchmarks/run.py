@@ -1208,18 +1208,18 @@ class Bench:
             if torch is not None:
                 tp, tl = torch.from_dlpack(pred), torch.from_dlpack(lab)
                 if transform == "none":
-                    def t_gather():
+                    def t_gather(tp=tp, tl=tl):  # bound now: the loop rebinds tp, tl
                         above = (tp > tp.gather(1, tl[:, None])).sum(1)  # tf.math.in_top_k's rule
                         return tuple(torch.stack([(tp.argmax(1) == tl).sum(), (above < 5).sum()]).tolist())
 
-                    def t_topk():
+                    def t_topk(tp=tp, tl=tl):
                         top = torch.topk(tp, 5, dim=1).indices
                         return tuple(torch.stack([(tp.argmax(1) == tl).sum(),
                                                   (top == tl[:, None]).any(1).sum()]).tolist())
                     cands = [("argmax == y; (p > p[y]).sum(1) < k", t_gather),
                              ("argmax == y; topk(5) indices contain y", t_topk)]
                 else:
-                    def t_bin():
+                    def t_bin(tp=tp, tl=tl):
                         s = torch.sigmoid(tp)
                         d = s - tl
                         return tuple(torch.stack([((s > 0.5) == (tl > 0.5)).float().mean(1).sum(),
