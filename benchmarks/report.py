@@ -242,6 +242,45 @@ def markdown(res) -> str:
                 cells += [_ms(pr) if pr else "–", _pct(v and v["ratio"])]
             out.append("| " + " | ".join(cells + [_check(r)]) + " |")
 
+    kern = [r for r in rows if r["section"] == "losses" and r["impl"] == "fastmlp" and r["op"] != "fit_epoch"]
+    if kern:
+        out += ["", "## Losses, metrics, ROC AUC, optimizers with transforms (issue 16)", "",
+                "One call each: `loss_forward_backward` (loss and dpred), `metric_sums` (the sums read "
+                "back), `roc_auc`, one optimizer step. GB/s: the minimum traffic (inputs read once, "
+                "outputs written once). Each peer's row is its fastest candidate in this run (`peer "
+                "variant`: the aten forward + aten backward kernel without autograd, or autograd; "
+                "torch.optim foreach False / True). `vs X` = X's time / fastmlp's (above 100%: "
+                "fastmlp is faster).", "",
+                "| op | variant | shape | fastmlp µs (min–max) | GB/s | peer | peer µs (min–max) | vs peer "
+                "| peer variant | check |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in kern:
+            for p, v in (r.get("vs") or {"–": None}).items():
+                pr = _peer_row(rows, r, p, variant=r["variant"]) if v else None
+                out.append("| " + " | ".join([
+                    r["op"], r["variant"], r["shape"], _ms(r, 1e6, 1), _num(r["gbps"]), p,
+                    _ms(pr, 1e6, 1) if pr else "–", _pct(v and v["ratio"]),
+                    (pr or {}).get("peer_variant") or "–", _check(r) + ("" if pr is None or pr.get("checked", True)
+                                                                       else f"; peer {_check(pr)}")]) + " |")
+    fits = [r for r in rows if r["section"] == "losses" and r["impl"] == "fastmlp" and r["op"] == "fit_epoch"]
+    if fits:
+        peers = peers_of(fits)
+        out += ["", f"## Training options: one fit epoch, {fits[0]['shape']} (issue 16)", "",
+                "784-128-10 relu, Adam 1e-3, synthetic data on the device, one epoch timed end to end "
+                "(fit(verbose=0) vs a PyTorch eager loop with the same option), the implementations "
+                "alternating. `overhead` = the option's epoch time / plain's, per library; `vs X` = "
+                "X's time / fastmlp's.", "",
+                "| option | fastmlp s (min–max) | overhead | " +
+                " | ".join(f"{p} s (min–max) | {p} overhead | vs {p}" for p in peers) + " | check |",
+                "|---|---|---|" + "---|---|---|" * len(peers) + "---|"]
+        for r in fits:
+            cells = [r["variant"], _ms(r, 1, 3), _num(r.get("overhead_vs_plain"), 2) + "x"]
+            for p in peers:
+                v = r["vs"].get(p)
+                pr = _peer_row(rows, r, p, variant=r["variant"]) if v else None
+                cells += [_ms(pr, 1, 3) if pr else "–",
+                          _num(pr and pr.get("overhead_vs_plain"), 2) + "x", _pct(v and v["ratio"])]
+            out.append("| " + " | ".join(cells + [_check(r)]) + " |")
+
     den = [r for r in rows if r["section"] == "denormal" and "vs" in r]
     if den:
         out += ["", "## Denormal data", "",

@@ -31,6 +31,29 @@ Sections (each device):
             alone is committed as results/<device>/layers.{md,json} (run with
             --out elsewhere and copy results.md / results.json: a partial run
             must not overwrite the full results.*);
+  losses    (issue 16) loss_forward_backward (one call: loss and dpred) of every kind of
+            fastmlp.ops.LOSS_KINDS at (rows, cols) 1024x10, 65536x10, 4096x1000 (--quick:
+            1024x10, 4096x1000), unweighted and with sample weights (cce_logits also with
+            label_smoothing 0.1; integer labels for the categorical kinds) vs PyTorch on the
+            same device: the aten forward and its aten backward kernel called directly (no
+            autograd graph) where aten has one (mse, huber, bce_probs, cce_logits via
+            _log_softmax + nll_loss), else the autograd formula's kernels by hand (mae,
+            bce_logits), and autograd.grad through torch.nn.functional as a second candidate
+            (the only one for label smoothing and cce_probs), the faster kept and named; then
+            metric_sums (argmax + top_k on 65536x10 int labels; binary + abs + sq through a
+            sigmoid on float labels) vs the same sums in PyTorch ops, read back once; roc_auc
+            on 10^5 and 10^6 scores (--quick 10^5) vs sklearn.metrics.roc_auc_score (CPU);
+            rmsprop_step (plain; momentum + centered) and adam_step with l2 + clip_scale +
+            clipvalue + penalty_out at 2^20 and 2^24 elements (--quick 2^20) vs
+            torch.optim.RMSprop / Adam single steps (foreach False and True, the faster kept;
+            for Adam the transform done PyTorch's way first: grad + 2 l2 w, * scale,
+            clip_grad_value_, the penalty); all checked against fastmlp.reference (ROC AUC:
+            an independent count, and sklearn's value) before timing. Last, one fit epoch
+            (784-128-10 relu, Adam, B=128, 20480 synthetic rows; --quick 4096) per option:
+            plain sparse CE; label_smoothing 0.1; sample_weight; l2 kernel regularizers;
+            clipnorm; metrics accuracy + top-5, vs a PyTorch eager loop with the same option,
+            alternating, with each option's overhead over plain (both libraries). Committed
+            as results/<device>/losses.{md,json}, run alone like the layers section;
   training  784-128-10 + Adam, time per step and per Fashion-MNIST epoch at
             batch 32, 128, 1024 vs a PyTorch eager loop on the same device;
   epoch     one real Fashion-MNIST epoch at batch 32, 128, 1024, fit() on device
@@ -89,7 +112,7 @@ import report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASHION_MNIST_TRAIN = 60000
-SECTIONS = ["ceilings", "gemm", "memory", "layers", "denormal", "training", "epoch"]
+SECTIONS = ["ceilings", "gemm", "memory", "layers", "losses", "denormal", "training", "epoch"]
 GEMM_TOL = 1e-4  # FP32 lands near 1e-6 for k <= 8192; TF32 (~3e-4) cannot pass
 
 # -- the layers section (issue 15) -------------------------------------------------------------
@@ -108,6 +131,16 @@ TORCH_ACT_FWD = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "gelu": "
 TORCH_ACT_BWD = {"relu": "threshold_backward", "sigmoid": "sigmoid_backward", "tanh": "tanh_backward",
                  "gelu": "gelu_backward", "silu": "silu_backward", "elu": "elu_backward",
                  "softplus": "softplus_backward", "leaky_relu": "leaky_relu_backward"}
+
+
+# -- the losses section (issue 16) -------------------------------------------------------------
+# Relative max-norm tolerances against fastmlp.reference in float64 (the loss, dpred; the metric
+# sums; param and the optimizer state after one step from a known state).
+LOSS_TOL, METRIC_TOL, OPT_TOL = 1e-5, 1e-5, 1e-5
+FIT_BATCH, FIT_L2 = 128, 1e-4
+FIT_METRICS = ("accuracy", "sparse_top_k_categorical_accuracy")
+FIT_OPTIONS = ("plain", "label_smoothing 0.1", "sample_weight", "l2 kernel regularizers", "clipnorm 1.0",
+               "metrics accuracy + top-5")
 
 
 def torch_activation(torch, name):
@@ -652,7 +685,7 @@ class Bench:
         return check
 
     def _timed_layer_rows(self, op, shape, variant, ours, check, peers, *, flops=None, nbytes=None,
-                          roof=None, roof_key="gbps", **extra):
+                          roof=None, roof_key="gbps", section="layers", **extra):
         """Check fastmlp's output and every peer candidate's, time them all in one block set,
         and record fastmlp's row with, per peer, its fastest candidate (all kept in the row).
 
@@ -673,7 +706,7 @@ class Bench:
                     checked[key] = (None, str(e))
                 fns[key] = fn
         t = self.time(fns)
-        row = H.make_row("layers", op, shape, variant, "fastmlp", t["fastmlp"], flops=flops,
+        row = H.make_row(section, op, shape, variant, "fastmlp", t["fastmlp"], flops=flops,
                          nbytes=nbytes, rel_err=err, checked=error is None, error=error, **extra)
         peer_rows = {}
         for impl, cands in peers.items():
@@ -681,7 +714,7 @@ class Bench:
             best = min(keys, key=lambda k: t[k]["median_s"])
             perr, perror = checked[best]
             peer_rows[impl] = H.make_row(
-                "layers", op, shape, variant, impl, t[best], flops=flops, nbytes=nbytes,
+                section, op, shape, variant, impl, t[best], flops=flops, nbytes=nbytes,
                 peer_variant=best[len(impl) + 2:-1], rel_err=perr, checked=perror is None, error=perror,
                 candidates={k[len(impl) + 2:-1]: t[k]["median_s"] for k in keys}, **extra)
         self._finish(row, peer_rows, roof=roof, roof_key=roof_key)
@@ -1000,6 +1033,465 @@ class Bench:
                     + "".join(f"  {k_} {v['median_s'] * 1e3:8.3f} (x{row['vs'][k_]['ratio']:.2f})"
                               for k_, v in peers.items())
                     + ("" if row["checked"] else f"  FAIL {row['error']}"))
+
+    # -- losses (issue 16): fused losses, metrics, ROC AUC, optimizers with transforms, fit options --
+    def loss_sizes(self):
+        """(rows, cols) of the loss and metric rows: a batch of a 10-class MLP, the metric
+        pass over a whole epoch of it, and a wide 1000-class output."""
+        return [(1024, 10), (4096, 1000)] if self.quick else [(1024, 10), (65536, 10), (4096, 1000)]
+
+    def loss_inputs(self, kind, n, c):
+        """(pred, target) on the device for a loss kind: regression targets, soft binary
+        targets for bce_logits, 0/1 targets and probabilities in [0.02, 0.98] for bce_probs
+        (inside Keras' clamp, where PyTorch's BCE agrees), int64 class labels and logits (or
+        softmax rows) for the categorical kinds."""
+        rng = self.rng
+        if kind in ("mse", "mae", "huber"):
+            p, y = rng.standard_normal((n, c), dtype=np.float32), rng.standard_normal((n, c), dtype=np.float32)
+        elif kind == "bce_logits":
+            p, y = 2 * rng.standard_normal((n, c), dtype=np.float32), rng.random((n, c), dtype=np.float32)
+        elif kind == "bce_probs":
+            p = (0.02 + 0.96 * rng.random((n, c))).astype(np.float32)
+            y = (rng.random((n, c)) < 0.5).astype(np.float32)
+        else:
+            z = 2 * rng.standard_normal((n, c))
+            if kind == "cce_probs":
+                z = np.exp(z - z.max(axis=1, keepdims=True))
+                z /= z.sum(axis=1, keepdims=True)
+            p, y = z.astype(np.float32), rng.integers(0, c, n).astype(np.int64)
+        return self.dev.asarray(p), self.dev.asarray(y)
+
+    def torch_loss_peers(self, kind, tp, ty, tw, ls):
+        """[(variant, fn)] of PyTorch's forward + backward of a loss kind, fn() -> (loss, dpred):
+        the aten forward and its aten backward kernel called directly (no autograd graph)
+        where aten has a backward for it, else the autograd formula's kernels by hand; and
+        always autograd.grad through torch.nn.functional (the idiomatic way)."""
+        torch = self.torch
+        F, a = torch.nn.functional, torch.ops.aten
+        n, c = tp.shape
+        one = torch.ones((), device=tp.device)
+        tg = torch.empty_like(tp)  # the preallocated gradient of the aten variants
+        wcol = None if tw is None else tw[:, None]
+
+        def gout():  # d loss / d (per-element loss): 1/(n c), or w_r / (n c)
+            return (wcol * (1.0 / (n * c))).expand(n, c)
+
+        def weighted(el):  # sum_r w_r mean_c(el) / n
+            return torch.dot(el.sum(1), tw) / (n * c)
+
+        def autograd(fn):
+            def run():
+                p = tp.detach().requires_grad_()
+                loss = fn(p)
+                return loss.detach(), torch.autograd.grad(loss, p)[0]
+            return run
+
+        cands = []
+        if kind in ("mse", "huber"):
+            fwd = (lambda p, r: a.mse_loss(p, ty, r)) if kind == "mse" else (lambda p, r: a.huber_loss(p, ty, r, 1.0))
+            if kind == "mse":
+                bwd = lambda g, r: a.mse_loss_backward.grad_input(g, tp, ty, r, grad_input=tg)  # noqa: E731
+            else:
+                bwd = lambda g, r: a.huber_loss_backward.out(g, tp, ty, r, 1.0, grad_input=tg)  # noqa: E731
+            if tw is None:
+                cands.append((f"aten.{kind}_loss + aten.{kind}_loss_backward (out=)",
+                              lambda: (fwd(tp, 1), bwd(one, 1))))
+            else:
+                cands.append((f"aten.{kind}_loss (reduction none), dot with w + aten.{kind}_loss_backward (out=)",
+                              lambda: (weighted(fwd(tp, 0)), bwd(gout(), 0))))
+            f = F.mse_loss if kind == "mse" else (lambda p, y, **kw: F.huber_loss(p, y, delta=1.0, **kw))
+        elif kind == "mae":
+            td = torch.empty_like(tp)
+
+            def mae():  # aten has no l1_loss_backward: sign(p - y) scaled, its autograd formula
+                torch.sub(tp, ty, out=td)
+                loss = td.abs().mean() if tw is None else weighted(td.abs())
+                torch.sign(td, out=tg)
+                return loss, (tg.mul_(1.0 / (n * c)) if tw is None else tg.mul_(gout()))
+
+            cands.append(("sub, abs + mean, sign * scale (aten has no l1_loss_backward)", mae))
+            f = F.l1_loss
+        elif kind == "bce_logits":
+            def bcel():  # aten has no backward kernel: sigmoid(p) - y, its autograd formula
+                loss = a.binary_cross_entropy_with_logits(tp, ty, wcol, None, 1)
+                torch.sigmoid(tp, out=tg)
+                tg.sub_(ty)
+                return loss, (tg.mul_(1.0 / (n * c)) if tw is None else tg.mul_(gout()))
+
+            cands.append(("aten.binary_cross_entropy_with_logits + (sigmoid - y) * scale", bcel))
+            f = F.binary_cross_entropy_with_logits  # weighted: w applied to the unreduced loss below
+        elif kind == "bce_probs":
+            cands.append(("aten.binary_cross_entropy + aten.binary_cross_entropy_backward (out=)",
+                          lambda: (a.binary_cross_entropy(tp, ty, wcol, 1),
+                                   a.binary_cross_entropy_backward.grad_input(one, tp, ty, wcol, 1, grad_input=tg))))
+            f = F.binary_cross_entropy
+        elif kind == "cce_logits":
+            if not ls:
+                def ce():
+                    lsm = a._log_softmax(tp, 1, False)
+                    if tw is None:
+                        loss, total = a.nll_loss_forward(lsm, ty, None, 1, -100)
+                        gl = a.nll_loss_backward(one, lsm, ty, None, 1, -100, total)
+                    else:
+                        el, total = a.nll_loss_forward(lsm, ty, None, 0, -100)
+                        loss = torch.dot(el, tw) / n
+                        gl = a.nll_loss_backward(tw * (1.0 / n), lsm, ty, None, 0, -100, total)
+                    return loss, a._log_softmax_backward_data(gl, lsm, 1, torch.float32)
+
+                cands.append(("aten._log_softmax + nll_loss_forward + nll_loss_backward + "
+                              "_log_softmax_backward_data", ce))
+            f = lambda p, y, reduction="mean": F.cross_entropy(p, y, label_smoothing=ls, reduction=reduction)  # noqa: E731
+        else:  # cce_probs: Keras normalises the rows, clamps to [1e-7, 1 - 1e-7], takes the log
+            lo, hi = float(np.float32(1e-7)), float(np.float32(1.0 - 1e-7))
+            f = lambda p, y, reduction="mean": F.nll_loss(  # noqa: E731
+                torch.log(torch.clamp(p / p.sum(1, keepdim=True), lo, hi)), y, reduction=reduction)
+        fname = {"mse": "mse_loss", "mae": "l1_loss", "huber": "huber_loss",
+                 "bce_logits": "binary_cross_entropy_with_logits", "bce_probs": "binary_cross_entropy",
+                 "cce_logits": "cross_entropy", "cce_probs": "nll_loss(log(clamp(p / sum p)))"}[kind]
+        if tw is None:
+            cands.append((f"autograd.grad of F.{fname}", autograd(lambda p: f(p, ty))))
+        else:
+            per_row = (lambda el: el) if kind in ("cce_logits", "cce_probs") else (lambda el: el.mean(1))
+            cands.append((f"autograd.grad of dot(F.{fname} (reduction none), w) / n",
+                          autograd(lambda p: torch.dot(per_row(f(p, ty, reduction="none")), tw) / n)))
+        return cands
+
+    def loss_cases(self, n, c):
+        """The loss rows of one (n, c): each kind unweighted and with sample weights,
+        cce_logits also with label smoothing 0.1; dicts as layer_cases'."""
+        import fastmlp as fm
+        R, xp, torch = fm.reference, self.dev.xp, self.torch
+        w = self.dev.asarray((0.5 + self.rng.random(n)).astype(np.float32))
+        for kind in fm.ops.LOSS_KINDS:
+            p, y = self.loss_inputs(kind, n, c)
+            cases = [("", None, 0.0), ("weighted", w, 0.0)]
+            if kind == "cce_logits":
+                cases.append(("label_smoothing 0.1", None, 0.1))
+            for label, sw, ls in cases:
+                dp = xp.full((n, c), np.nan, dtype=np.float32)
+                y_ref = y if y.dtype.kind in "iu" else self._f64(y)
+                loss_ref, d_ref = R.loss_forward_backward(kind, self._f64(p), y_ref,
+                                                          sample_weight=None if sw is None else self._f64(sw),
+                                                          label_smoothing=ls)
+                wants = [("loss", np.float64(loss_ref)), ("dpred", self._host(d_ref))]
+                ours = lambda kind=kind, p=p, y=y, sw=sw, ls=ls, dp=dp: fm.ops.loss_forward_backward(  # noqa: E731
+                    kind, p, y, sample_weight=sw, label_smoothing=ls, out=dp)
+                peers = {}
+                if torch is not None:
+                    tp, ty = torch.from_dlpack(p), torch.from_dlpack(y)
+                    tw = None if sw is None else torch.from_dlpack(sw)
+                    peers["PyTorch"] = [(v, fn, self._checker(f"PyTorch {kind} {label} [{v}]", fn, wants, LOSS_TOL))
+                                        for v, fn in self.torch_loss_peers(kind, tp, ty, tw, ls)]
+                # minimum traffic: read pred and target (labels: 8 B/row), weights, write dpred
+                nbytes = 8 * n * c + (8 * n if y.dtype.kind in "iu" else 4 * n * c) + (4 * n if sw is not None else 0)
+                yield dict(op="loss_forward_backward", variant=kind + (f", {label}" if label else ""),
+                           nbytes=nbytes, ours=ours, peers=peers,
+                           check=self._checker(f"loss_forward_backward {kind} {label}", ours, wants, LOSS_TOL,
+                                               poison=[dp]))
+
+    def metric_cases(self, n, c):
+        """metric_sums: argmax + top_k (k=5) on int labels; binary + abs + sq on float 0/1
+        labels through a sigmoid; vs the same sums in PyTorch ops, read back once."""
+        import fastmlp as fm
+        R, torch = fm.reference, self.torch
+        pred = self.rand(n, c)
+        labels = self.dev.asarray(self.rng.integers(0, c, n).astype(np.int64))
+        yf = self.dev.asarray((self.rng.random((n, c)) < 0.5).astype(np.float32))
+        for names, lab, transform in ((("argmax", "top_k"), labels, "none"),
+                                      (("binary", "abs", "sq"), yf, "sigmoid")):
+            ref = R.metric_sums(self._f64(pred), lab if lab.dtype.kind in "iu" else self._f64(lab),
+                                list(names), transform=transform, k=5)
+            wants = [(m, np.float64(ref[m])) for m in names]
+            ours = lambda names=names, lab=lab, tr=transform: tuple(  # noqa: E731
+                fm.ops.metric_sums(pred, lab, list(names), transform=tr, k=5).values())
+            peers = {}
+            if torch is not None:
+                tp, tl = torch.from_dlpack(pred), torch.from_dlpack(lab)
+                if transform == "none":
+                    def t_gather(tp=tp, tl=tl):  # bound now: the loop rebinds tp, tl
+                        above = (tp > tp.gather(1, tl[:, None])).sum(1)  # tf.math.in_top_k's rule
+                        return tuple(torch.stack([(tp.argmax(1) == tl).sum(), (above < 5).sum()]).tolist())
+
+                    def t_topk(tp=tp, tl=tl):
+                        top = torch.topk(tp, 5, dim=1).indices
+                        return tuple(torch.stack([(tp.argmax(1) == tl).sum(),
+                                                  (top == tl[:, None]).any(1).sum()]).tolist())
+                    cands = [("argmax == y; (p > p[y]).sum(1) < k", t_gather),
+                             ("argmax == y; topk(5) indices contain y", t_topk)]
+                else:
+                    def t_bin(tp=tp, tl=tl):
+                        s = torch.sigmoid(tp)
+                        d = s - tl
+                        return tuple(torch.stack([((s > 0.5) == (tl > 0.5)).float().mean(1).sum(),
+                                                  d.abs().mean(1).sum(), d.square().mean(1).sum()]).tolist())
+                    cands = [("sigmoid; (s > 0.5) == (y > 0.5), abs(s - y), (s - y)^2 row means summed", t_bin)]
+                peers["PyTorch"] = [(v, fn, self._checker(f"PyTorch metrics {names} [{v}]", fn, wants, METRIC_TOL))
+                                    for v, fn in cands]
+            nbytes = 4 * n * c + (8 * n if lab.dtype.kind in "iu" else 4 * n * c)
+            yield dict(op="metric_sums", variant=" + ".join(names) + (f", {transform}" if transform != "none" else ""),
+                       nbytes=nbytes, ours=ours, peers=peers,
+                       check=self._checker(f"metric_sums {names}", ours, wants, METRIC_TOL))
+
+    def roc_cases(self):
+        """roc_auc on n scores (ties included: scores rounded to 1e-4) vs
+        sklearn.metrics.roc_auc_score on host arrays; the check: P(s+ > s-) + P(s+ = s-) / 2
+        counted with searchsorted (an independent formula), in float64."""
+        import fastmlp as fm
+        for n in ([10 ** 5] if self.quick else [10 ** 5, 10 ** 6]):
+            y_host = (self.rng.random(n) < 0.3).astype(np.int64)
+            s_host = np.round(self.rng.random(n) + 0.3 * y_host, 4).astype(np.float32)
+            neg = np.sort(s_host[y_host == 0].astype(np.float64))
+            pos = s_host[y_host == 1].astype(np.float64)
+            below = np.searchsorted(neg, pos, side="left")
+            equal = np.searchsorted(neg, pos, side="right") - below
+            want = float((below.sum() + 0.5 * equal.sum()) / (len(pos) * len(neg)))
+            s, y = self.dev.asarray(s_host), self.dev.asarray(y_host)
+            ours = lambda s=s, y=y: fm.ops.roc_auc(s, y)  # noqa: E731
+            peers = {}
+            try:
+                from sklearn.metrics import roc_auc_score
+                fn = lambda s_host=s_host, y_host=y_host: roc_auc_score(y_host, s_host)  # noqa: E731
+                peers["sklearn"] = [("sklearn.metrics.roc_auc_score (CPU, host arrays)", fn,
+                                     self._checker("sklearn roc_auc", fn, [("auc", np.float64(want))], 1e-9))]
+            except ImportError as e:
+                log(f"  roc_auc: sklearn peer missing ({e})")
+            yield dict(op="roc_auc", variant=f"{n} scores", shape=f"{n}", nbytes=12 * n, ours=ours, peers=peers,
+                       check=self._checker("roc_auc", ours, [("auc", np.float64(want))], 1e-9))
+
+    def optimizer_cases(self, size):
+        """rmsprop_step plain and with momentum 0.9 + centered, adam_step with l2 + clip_scale +
+        clipvalue + penalty_out, each checked from a known state (step 1) against
+        fastmlp.reference; vs torch.optim's step (foreach False and True candidates, the faster
+        kept), with the transform done the PyTorch way first for Adam: g = grad + 2 l2 w
+        (out=), g *= scale, clip_grad_value_, penalty l2 * vector_norm(w, dtype=float64)^2 (the precision of fastmlp's)."""
+        import fastmlp as fm
+        R, xp, torch = fm.reference, self.dev.xp, self.torch
+        p0, g = self.rand(size), self.rand(size)
+        p = p0.copy()
+        bufs = [xp.zeros(size, np.float32) for _ in range(3)]
+        scale = self.dev.asarray(np.array([0.7], np.float32))
+        pen = xp.zeros(1, np.float64)
+        l2, clipvalue = 1e-4, 0.5
+
+        def reset():
+            p[...] = p0
+            for b in bufs:
+                b.fill(0.0)
+
+        cases = [("rmsprop_step", "plain (lr 1e-2, alpha 0.99)", dict(lr=1e-2), 20),
+                 ("rmsprop_step", "momentum 0.9, centered", dict(lr=1e-2, momentum=0.9, centered=True), 36),
+                 ("adam_step", "l2 1e-4 + clip_scale + clipvalue 0.5 + penalty", dict(lr=1e-3), 28)]
+        for op, variant, kw, bytes_per in cases:
+            p64, g64 = self._f64(p0), self._f64(g)
+            b64 = [xp.zeros(size) for _ in range(3)]
+            if op == "rmsprop_step":
+                R.rmsprop_step(p64, g64, b64[0], b64[1], b64[2], **kw)
+                wants = [("param", self._host(p64)), ("square_avg", self._host(b64[0]))]
+                ours = lambda kw=kw: (fm.ops.rmsprop_step(p, g, bufs[0], bufs[1], bufs[2], **kw), bufs[0])  # noqa: E731
+            else:
+                pen64 = xp.zeros(1)
+                R.adam_step(p64, g64, b64[0], b64[1], step=1, l2=l2, clip_scale=self._f64(scale),
+                            clipvalue=clipvalue, penalty_out=pen64, **kw)
+                wants = [("param", self._host(p64)), ("m", self._host(b64[0])), ("v", self._host(b64[1])),
+                         ("penalty", self._host(pen64))]
+                ours = lambda kw=kw: (fm.ops.adam_step(p, g, bufs[0], bufs[1], step=1, l2=l2,  # noqa: E731
+                                                       clip_scale=scale, clipvalue=clipvalue, penalty_out=pen,
+                                                       **kw), bufs[0], bufs[1], pen)
+            peers = {}
+            if torch is not None:
+                peers["PyTorch"] = [self.torch_optimizer(op, kw, p0, g, scale, l2, clipvalue, foreach, wants)
+                                    for foreach in (False, True)]
+            yield dict(op=op, variant=variant, nbytes=bytes_per * size, ours=ours, peers=peers,
+                       check=self._checker(f"{op} {variant}", ours, wants, OPT_TOL, before=reset))
+
+    def torch_optimizer(self, op, kw, p0, g, scale, l2, clipvalue, foreach, wants):
+        """(variant, step fn, check) of torch.optim's RMSprop / Adam on its own copy of p0."""
+        torch = self.torch
+        tp = torch.from_dlpack(p0).clone()
+        tp0, tg0, tscale = torch.from_dlpack(p0), torch.from_dlpack(g), torch.from_dlpack(scale)
+        tp.grad = tg0.clone()
+        if op == "rmsprop_step":
+            opt = torch.optim.RMSprop([tp], lr=kw["lr"], momentum=kw.get("momentum", 0.0),
+                                      centered=kw.get("centered", False), foreach=foreach)
+            name = f"torch.optim.RMSprop(foreach={foreach}).step()"
+
+            def step():
+                opt.step()
+                st = opt.state[tp]
+                return tp, st["square_avg"]
+        else:
+            opt = torch.optim.Adam([tp], lr=kw["lr"], foreach=foreach)
+            name = (f"add(grad, w, alpha=2 l2, out=.grad), .grad *= scale, clip_grad_value_, "
+                    f"l2 * vector_norm(w, float64)^2, torch.optim.Adam(foreach={foreach}).step()")
+
+            def step():
+                torch.add(tg0, tp, alpha=2 * l2, out=tp.grad)
+                tp.grad.mul_(tscale)
+                torch.nn.utils.clip_grad_value_([tp], clipvalue, foreach=foreach)
+                penalty = l2 * torch.linalg.vector_norm(tp, dtype=torch.float64).square()  # fastmlp's: double
+                opt.step()
+                st = opt.state[tp]
+                return tp, st["exp_avg"], st["exp_avg_sq"], penalty
+
+        def reset():  # step 1 from zero state, as the reference
+            with torch.no_grad():
+                tp.copy_(tp0)
+            tp.grad.copy_(tg0)
+            opt.state.clear()
+
+        return name, step, self._checker(f"PyTorch {op} foreach={foreach}", step, wants, OPT_TOL, before=reset)
+
+    def fit_option_data(self):
+        """Synthetic 784-feature rows, 10 random classes, per-row weights in [0.5, 1.5)."""
+        n = 4096 if self.quick else 20480
+        x = self.rng.random((n, 784), dtype=np.float32)
+        y = self.rng.integers(0, 10, n).astype(np.int64)
+        w = (0.5 + self.rng.random(n)).astype(np.float32)
+        return x, y, w
+
+    def fastmlp_option_fit(self, option, data):
+        """run(seed) -> (seconds of one fit epoch, its loss, engine info) of a model compiled
+        once with the option (fit's own shuffle; the clock covers fit alone)."""
+        import fastmlp as fm
+        x, y, w = data
+        fm.set_seed(0)
+        reg = fm.regularizers.L2(FIT_L2) if option == "l2 kernel regularizers" else None
+        model = fm.Sequential([fm.Dense(128, activation="relu", input_dim=784, kernel_regularizer=reg),
+                               fm.Dense(10, kernel_regularizer=reg)])
+        loss = fm.losses.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1) \
+            if option == "label_smoothing 0.1" else "sparse_categorical_crossentropy"
+        opt = fm.optim.Adam(lr=1e-3, clipnorm=1.0 if option == "clipnorm 1.0" else None)
+        metrics = list(FIT_METRICS) if option.startswith("metrics") else None
+        model.compile(optimizer=opt, loss=loss, metrics=metrics)
+        x, y = self.dev.asarray(x), self.dev.asarray(y)
+        sw = self.dev.asarray(w) if option == "sample_weight" else None
+
+        def run(seed):
+            fm.set_seed(seed)
+            t0 = time.perf_counter()
+            hist = model.fit(x, y, epochs=1, batch_size=FIT_BATCH, verbose=0, device=self.dev.kind,
+                             sample_weight=sw)
+            self.dev.sync()
+            secs = time.perf_counter() - t0
+            params = getattr(hist, "params", None) or {}
+            return secs, float(hist.history["loss"][-1]), {k: params.get(k) for k in ("engine", "engine_reason")}
+        return run
+
+    def torch_option_epoch(self, option, data):
+        """run(seed) -> (seconds, mean loss, None): the same epoch in a PyTorch eager loop on
+        the same device (TorchMLP's model and Adam, the batches indexed on the device): the
+        option as PyTorch writes it (CrossEntropyLoss(label_smoothing), per-row weights on the
+        unreduced loss, l2 * sum W^2 added to the loss, clip_grad_norm_ per tensor (Keras'
+        clipnorm), correct and top-5 counts summed on the device); sums read once an epoch."""
+        torch, tdev = self.torch, self.dev.kind
+        X, Y, W = (torch.from_numpy(a).to(tdev) for a in data)
+        F = torch.nn.functional
+        model = TorchMLP(torch, tdev, FIT_BATCH, seed=0)
+        net, opt = model.model, model.opt
+        kernels = [net[0].weight, net[2].weight]
+        ls = 0.1 if option == "label_smoothing 0.1" else 0.0
+        loss_sum = torch.zeros((), device=tdev)
+        counts = torch.zeros(2, dtype=torch.int64, device=tdev)
+
+        def step(idx):
+            xb, yb = X[idx], Y[idx]
+            out = net(xb)
+            if option == "sample_weight":
+                loss = torch.dot(F.cross_entropy(out, yb, reduction="none"), W[idx]) / len(yb)
+            else:
+                loss = F.cross_entropy(out, yb, label_smoothing=ls)
+            if option == "l2 kernel regularizers":
+                loss = loss + FIT_L2 * sum(k.square().sum() for k in kernels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if option == "clipnorm 1.0":
+                for prm in net.parameters():
+                    torch.nn.utils.clip_grad_norm_([prm], 1.0)
+            opt.step()
+            loss_sum.add_(loss.detach() * len(yb))
+            if option.startswith("metrics"):
+                with torch.no_grad():
+                    counts[0] += (out.argmax(1) == yb).sum()
+                    counts[1] += (out.topk(5, dim=1).indices == yb[:, None]).any(1).sum()
+
+        def run(seed):
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            loss_sum.zero_()
+            counts.zero_()
+            perm = torch.randperm(len(X), device=tdev)
+            for i in range(0, len(X), FIT_BATCH):
+                step(perm[i:i + FIT_BATCH])
+            loss = float(loss_sum) / len(X)
+            counts.tolist()
+            self._torch_sync()
+            return time.perf_counter() - t0, loss, None
+        return run
+
+    def run_fit_options(self):
+        """784-128-10 relu + Adam 1e-3, one fit epoch at B=128 per option, alternating with
+        the PyTorch eager loop; each option's overhead = its epoch time / plain's (per library)."""
+        import fastmlp as fm
+        if not hasattr(fm, "Sequential"):
+            raise Skip("fastmlp.Sequential not available")
+        data = self.fit_option_data()
+        n = len(data[0])
+        reps = 2 if self.quick else 5
+        shape = f"784-128-10 B={FIT_BATCH}, {n} rows"
+        plain = {}
+        for option in FIT_OPTIONS:
+            runners = {"fastmlp": self.fastmlp_option_fit(option, data)}
+            if self.torch is not None:
+                runners["PyTorch eager"] = self.torch_option_epoch(option, data)
+            results = self.alternate(runners, reps, f"fit epoch {option}")
+            rows = {}
+            for name, (secs, losses, infos) in results.items():
+                loss = statistics.median(losses)
+                error = None if math.isfinite(loss) and loss < 10 else f"training loss {loss} after one epoch"
+                t = H.summarize(secs)
+                if option == "plain":
+                    plain[name] = t["median_s"]
+                rows[name] = H.make_row("losses", "fit_epoch", shape, option, name, t, batch=FIT_BATCH, rows=n,
+                                        loss=loss, checked=error is None, error=error, rel_err=None,
+                                        overhead_vs_plain=t["median_s"] / plain[name] if name in plain else None)
+            row = rows.pop("fastmlp")
+            row["history_params_engine"] = results["fastmlp"][2][0].get("engine")
+            self._finish(row, rows)
+            log(f"  fit epoch {option:26s} fastmlp {row['median_s']:.3f} s (x{row['overhead_vs_plain']:.2f} plain)"
+                + "".join(f"  {k} {v['median_s']:.3f} s (x{v['overhead_vs_plain']:.2f} plain, "
+                          f"vs x{row['vs'][k]['ratio']:.2f})" for k, v in rows.items())
+                + "".join(f"  FAIL {r['impl']}: {r['error']}" for r in [row, *rows.values()] if r.get("error")))
+
+    def metric_sizes(self):
+        return [(65536, 10)]
+
+    def optimizer_sizes(self):
+        return [1 << 20] if self.quick else [1 << 20, 1 << 24]
+
+    def run_losses(self):
+        """Issue 16: fused loss forward + backward per kind (weighted, label smoothing), the
+        fused metric sums, ROC AUC, RMSprop / Adam with the gradient transform, each checked
+        against fastmlp.reference and timed with its peers; then fit() with each training
+        option vs a PyTorch eager loop."""
+        copy = self.ceilings.get("copy_gbps")
+        if self.torch is None:
+            log(f"  losses: PyTorch rows missing: {self.torch_reason}")
+        groups = [(f"{n}x{c}", "loss", self.loss_cases(n, c)) for n, c in self.loss_sizes()]
+        groups += [(f"{n}x{c}", "metrics", self.metric_cases(n, c)) for n, c in self.metric_sizes()]
+        groups += [(None, "roc_auc", self.roc_cases())]
+        groups += [(f"{s}", "optimizer", self.optimizer_cases(s)) for s in self.optimizer_sizes()]
+        for shape, problem, cases in groups:
+            for case in cases:
+                row, peers = self._timed_layer_rows(
+                    case["op"], case.get("shape", shape), case["variant"], case["ours"], case["check"],
+                    case["peers"], nbytes=case["nbytes"], roof=copy, section="losses", problem=problem)
+                log(f"  {case['op']:22s} {case['variant']:36s} {row['shape']:>10s} fastmlp "
+                    f"{row['median_s'] * 1e6:9.1f} us"
+                    + "".join(f"  {k} {v['median_s'] * 1e6:9.1f} (x{row['vs'][k]['ratio']:.2f})"
+                              for k, v in peers.items())
+                    + "".join(f"  FAIL {r['impl']}: {r['error']}" for r in [row, *peers.values()] if r.get("error")))
+        self.run_fit_options()
+
 
     # -- denormal data (CPU) ------------------------------------------------------------
     def run_denormal(self):

@@ -422,3 +422,92 @@ def test_layers_section_reports_a_wrong_activation(monkeypatch, run):
     assert len(bench.failures) == 2 and all("tanh" in f and "fastmlp" in f for f in bench.failures)
     bad = [r for r in bench.rows if r["section"] == "layers" and not r["checked"]]
     assert [(r["op"], r["impl"]) for r in bad] == [("activation", "fastmlp"), ("dense_forward", "fastmlp unfused")]
+
+
+# -- the losses section (issue 16) ---------------------------------------------------------------
+
+def tiny_losses_bench(run, monkeypatch):
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    bench.repeats, bench.min_time = 3, 0.0
+    bench.ceilings = {"copy_gbps": 10.0, "copy_bytes": 1 << 20, "peak_gflops": 100.0, "peak_how": "assumed"}
+    monkeypatch.setattr(bench, "loss_sizes", lambda: [(33, 7)])
+    monkeypatch.setattr(bench, "metric_sizes", lambda: [(50, 10)])
+    monkeypatch.setattr(bench, "optimizer_sizes", lambda: [1000])
+    full = bench.fit_option_data
+    monkeypatch.setattr(bench, "fit_option_data", lambda: tuple(a[:300] for a in full()))
+    return bench
+
+
+def test_losses_section_rows_are_complete_checked_and_reported(monkeypatch, run):
+    """Every loss kind unweighted and weighted (cce_logits also smoothed), the metric sums,
+    ROC AUC, the optimizer steps and the fit options: checked, with their peers, reported."""
+    import fastmlp as fm
+    pytest.importorskip("torch")
+    bench = tiny_losses_bench(run, monkeypatch)
+    bench.run_losses()
+    assert not bench.failures
+    ours = [r for r in bench.rows if r["section"] == "losses" and r["impl"] == "fastmlp"]
+    losses = [r["variant"] for r in ours if r["op"] == "loss_forward_backward"]
+    assert losses == [v for k in fm.ops.LOSS_KINDS for v in
+                      [k, f"{k}, weighted"] + ([f"{k}, label_smoothing 0.1"] if k == "cce_logits" else [])]
+    assert [r["op"] for r in ours if r["op"] != "loss_forward_backward"] == \
+        ["metric_sums"] * 2 + ["roc_auc"] + ["rmsprop_step"] * 2 + ["adam_step"] + ["fit_epoch"] * len(run.FIT_OPTIONS)
+    kernels = [r for r in ours if r["op"] != "fit_epoch"]
+    for r in kernels:
+        assert r["checked"] and r["rel_err"] is not None and r["gbps"] > 0
+        peer = "sklearn" if r["op"] == "roc_auc" else "PyTorch"
+        assert r["vs"][peer]["ratio"] > 0
+    peers = [r for r in bench.rows if r["section"] == "losses" and r["impl"] != "fastmlp"]
+    assert peers and all(r["checked"] for r in peers)
+    assert all(r["peer_variant"] for r in peers if r["op"] != "fit_epoch")
+    adam = next(r for r in peers if r["op"] == "adam_step")
+    assert len(adam["candidates"]) == 2  # torch.optim foreach False and True, the faster kept
+    fits = [r for r in ours if r["op"] == "fit_epoch"]
+    assert [r["variant"] for r in fits] == list(run.FIT_OPTIONS)
+    assert fits[0]["overhead_vs_plain"] == pytest.approx(1.0)
+    for r in fits:
+        assert r["checked"] and r["overhead_vs_plain"] > 0 and r["vs"]["PyTorch eager"]["ratio"] > 0
+    md = epoch_report(bench)
+    assert "## Losses, metrics, ROC AUC, optimizers with transforms (issue 16)" in md
+    assert "| loss_forward_backward | cce_logits, label_smoothing 0.1 | 33x7 |" in md
+    assert "## Training options: one fit epoch, 784-128-10 B=128, 300 rows (issue 16)" in md
+    assert "| clipnorm 1.0 |" in md
+
+
+def test_losses_section_reports_a_wrong_loss_gradient(monkeypatch, run):
+    import fastmlp as fm
+    pytest.importorskip("torch")
+    bench = tiny_losses_bench(run, monkeypatch)
+    monkeypatch.setattr(bench, "metric_sizes", lambda: [])
+    monkeypatch.setattr(bench, "optimizer_sizes", lambda: [])
+    monkeypatch.setattr(bench, "roc_cases", lambda: iter(()))
+    monkeypatch.setattr(bench, "run_fit_options", lambda: None)
+    real = fm.ops.loss_forward_backward
+
+    def broken(kind, pred, target, **kw):
+        loss, d = real(kind, pred, target, **kw)
+        if kind == "huber":
+            d[0, 0] += 0.5
+        return loss, d
+
+    monkeypatch.setattr(fm.ops, "loss_forward_backward", broken)
+    bench.run_losses()
+    assert len(bench.failures) == 2 and all("huber" in f and "fastmlp" in f for f in bench.failures)
+    bad = [r for r in bench.rows if not r["checked"]]
+    assert [(r["variant"], r["impl"]) for r in bad] == [("huber", "fastmlp"), ("huber, weighted", "fastmlp")]
+
+
+def test_every_losses_peer_candidate_matches_the_reference(run):
+    """Not only the fastest: every PyTorch / sklearn candidate of the kernel rows computes the
+    same loss, gradient, sums or optimizer state as fastmlp.reference (a slower candidate that
+    is wrong would otherwise go unnoticed until it wins a run)."""
+    pytest.importorskip("torch")
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    cases = [*bench.loss_cases(40, 6), *bench.metric_cases(30, 8), *bench.optimizer_cases(500)]
+    checked = 0
+    for case in cases:
+        for cands in case["peers"].values():
+            for variant, fn, check in cands:
+                assert check() <= 1e-5, variant
+                checked += 1
+    assert checked > len(cases)  # PyTorch has two candidates for most rows
