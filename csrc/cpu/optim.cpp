@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 
 #include "cpu/fpenv.h"
 #include "check.h"
@@ -90,38 +91,87 @@ uint32_t rmsprop_range(float* __restrict param, const float* __restrict grad, fl
 
 // ---- With a gradient transform -------------------------------------------------
 // The array is cut into fixed blocks that depend on its size only (at most
-// kPenaltyBlocks, at least kPenaltyBlockMin elements each); each block's
-// penalty sums run in element order, and the blocks' sums are added in block
-// order, so the penalty does not depend on the thread count. sum|w| and sum w^2
-// are kept apart: w * w of a float is exact in double, so neither sum changes
-// if the compiler contracts it into an fma.
+// kPenaltyBlocks, at least kPenaltyBlockMin elements each), so the penalty does
+// not depend on the thread count. Inside a block the penalty sums are taken in
+// a fixed order compiled into the loop, the same for every SIMD width (clone):
+// element i0 + k goes to lane k % kPenaltyLanes of kPenaltyLanes double
+// accumulators per sum, each lane sums its elements in element order, the
+// lanes are added in lane order (0, 1, ..., kPenaltyLanes - 1) into the
+// block's sums, and the blocks' sums are added in block order. sum|w| and
+// sum w^2 are kept apart and are in double: |w| and w * w of a float are exact
+// in double (so an fma contraction changes nothing), and each of the
+// <= 2^31 / 16 additions per lane rounds to 2^-53 relative, far below the
+// tests' 1e-12 against float64 NumPy (which sums pairwise in yet another order).
+// Separate lanes are what lets the loop vectorise: one running double sum is a
+// serial chain the compiler may not reorder (without -ffast-math), which kept
+// the whole fused loop -- the update's sqrt and division included -- scalar
+// (adam + penalty: 5.2 ms instead of 0.2 ms at 2^20 elements).
 constexpr int64_t kPenaltyBlocks = 256;
 constexpr int64_t kPenaltyBlockMin = 4096;
+constexpr int kPenaltyLanes = 16;
+// A block is processed in chunks of kPenaltyChunk elements (a multiple of
+// kPenaltyLanes, so lane k % kPenaltyLanes continues across chunks): the
+// penalty over the chunk's pre-update w, then the update of the chunk, which
+// finds w still in L1 (8 KiB). Two simple loops vectorise where one fused loop
+// of mixed float / double work did not.
+constexpr int64_t kPenaltyChunk = 2048;
+static_assert(kPenaltyChunk % kPenaltyLanes == 0, "chunks must keep the lane order");
 
 struct PenaltySums {
     double abs_sum = 0.0, sq_sum = 0.0;
 };
 
+// Adds w[0, n) to the lane accumulators, element k to lane k % kPenaltyLanes.
+FASTMLP_ACT_INLINE void penalty_lanes(const float* __restrict w, int64_t n,
+                                      double* __restrict abs_acc, double* __restrict sq_acc) {
+    int64_t k = 0;
+    for (; k + kPenaltyLanes <= n; k += kPenaltyLanes) {
+        for (int j = 0; j < kPenaltyLanes; ++j) {
+            const double x = static_cast<double>(w[k + j]);
+            abs_acc[j] += std::fabs(x);
+            sq_acc[j] += x * x;
+        }
+    }
+    for (int j = 0; k + j < n; ++j) {  // the last < kPenaltyLanes elements: lanes 0, 1, ...
+        const double x = static_cast<double>(w[k + j]);
+        abs_acc[j] += std::fabs(x);
+        sq_acc[j] += x * x;
+    }
+}
+
 // update(i, g) applies the optimizer's own rule to element i with the transformed g.
+template <class Update>
+FASTMLP_ACT_INLINE uint32_t transformed_loop(float* __restrict param, const float* __restrict grad,
+                                             int64_t i0, int64_t i1, const GradTransform& t,
+                                             float scale, Update update) {
+    uint32_t bad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+        const float w = param[i];
+        update(i, transform_grad(grad[i], w, t, scale));
+        bad |= nonfinite_bit(param[i]);
+    }
+    return bad;
+}
+
 template <bool kPenalty, class Update>
 FASTMLP_ACT_INLINE uint32_t transformed_body(float* __restrict param, const float* __restrict grad,
                                              int64_t i0, int64_t i1, const GradTransform& t,
                                              float scale, PenaltySums* pen, Update update) {
+    if (!kPenalty) return transformed_loop(param, grad, i0, i1, t, scale, update);
+    double abs_acc[kPenaltyLanes] = {}, sq_acc[kPenaltyLanes] = {};
     uint32_t bad = 0;
+    for (int64_t c0 = i0; c0 < i1; c0 += kPenaltyChunk) {
+        const int64_t c1 = std::min(i1, c0 + kPenaltyChunk);
+        penalty_lanes(param + c0, c1 - c0, abs_acc, sq_acc);
+        bad |= transformed_loop(param, grad, c0, c1, t, scale, update);
+    }
     double abs_sum = 0.0, sq_sum = 0.0;
-    for (int64_t i = i0; i < i1; ++i) {
-        const float w = param[i];
-        if (kPenalty) {
-            abs_sum += static_cast<double>(std::fabs(w));
-            sq_sum += static_cast<double>(w) * static_cast<double>(w);
-        }
-        update(i, transform_grad(grad[i], w, t, scale));
-        bad |= nonfinite_bit(param[i]);
+    for (int j = 0; j < kPenaltyLanes; ++j) {
+        abs_sum += abs_acc[j];
+        sq_sum += sq_acc[j];
     }
-    if (kPenalty) {
-        pen->abs_sum = abs_sum;
-        pen->sq_sum = sq_sum;
-    }
+    pen->abs_sum = abs_sum;
+    pen->sq_sum = sq_sum;
     return bad;
 }
 
