@@ -255,16 +255,39 @@ struct GradTransform {
     }
 };
 
+// The steps of the transform, one definition each (transform_grad and
+// transform_grad_fixed below run the same ones).
+FASTMLP_HOSTDEV float l1_grad_step(float g, float w, float l1) {
+    return g + (w > 0.0f ? l1 : w < 0.0f ? -l1 : (w == w ? 0.0f : w));
+}
+FASTMLP_HOSTDEV float l2_grad_step(float g, float w, float l2) { return fma_rn(2.0f * l2, w, g); }
+FASTMLP_HOSTDEV float clipvalue_step(float g, float c) { return g < -c ? -c : (g > c ? c : g); }
+
 // The transformed gradient of one element; `scale` is *t.scale read once by
 // the caller (1 when t.scale is null: g * 1 == g exactly).
 FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, float scale) {
-    if (t.l1 != 0.0f) g = g + (w > 0.0f ? t.l1 : w < 0.0f ? -t.l1 : (w == w ? 0.0f : w));
-    if (t.l2 != 0.0f) g = fma_rn(2.0f * t.l2, w, g);
+    if (t.l1 != 0.0f) g = l1_grad_step(g, w, t.l1);
+    if (t.l2 != 0.0f) g = l2_grad_step(g, w, t.l2);
     g = mul_rn(g, scale);
-    if (t.clipvalue > 0.0f) {
-        const float c = t.clipvalue;
-        g = g < -c ? -c : (g > c ? c : g);
-    }
+    if (t.clipvalue > 0.0f) g = clipvalue_step(g, t.clipvalue);
+    return g;
+}
+
+// transform_grad with its steps fixed at compile time: the caller has tested
+// kL1 == (t.l1 != 0), kL2 == (t.l2 != 0) and kClip == (t.clipvalue > 0) once
+// for the whole loop, and gets the same floats. (The CPU loops: with the tests
+// inside, GCC if-converts them into mask arithmetic on every vector, and the
+// transformed Adam step took 2x the plain one.) The scale is applied as an fma
+// with a -0 addend: exactly the rounded product mul_rn(g, scale), -0 included,
+// but not a product the compiler may contract into the update's own
+// a * b + c (without the runtime test in between, GCC fused g * scale into
+// SGD's momentum * buf + g instead of momentum * buf, another rounding).
+template <bool kL1, bool kL2, bool kClip>
+FASTMLP_HOSTDEV float transform_grad_fixed(float g, float w, const GradTransform& t, float scale) {
+    if (kL1) g = l1_grad_step(g, w, t.l1);
+    if (kL2) g = l2_grad_step(g, w, t.l2);
+    g = fma_rn(g, scale, -0.0f);
+    if (kClip) g = clipvalue_step(g, t.clipvalue);
     return g;
 }
 

@@ -140,47 +140,66 @@ FASTMLP_ACT_INLINE void penalty_lanes(const float* __restrict w, int64_t n,
 }
 
 // update(i, g) applies the optimizer's own rule to element i with the transformed g.
-template <class Update>
-FASTMLP_ACT_INLINE uint32_t transformed_loop(float* __restrict param, const float* __restrict grad,
-                                             int64_t i0, int64_t i1, const GradTransform& t,
-                                             float scale, Update update) {
+template <bool kL1, bool kL2, bool kClip, class Update>
+FASTMLP_ACT_INLINE uint32_t transformed_loop_fixed(float* __restrict param,
+                                                   const float* __restrict grad, int64_t i0,
+                                                   int64_t i1, const GradTransform& t, float scale,
+                                                   Update update) {
     uint32_t bad = 0;
     for (int64_t i = i0; i < i1; ++i) {
         const float w = param[i];
-        update(i, transform_grad(grad[i], w, t, scale));
+        update(i, transform_grad_fixed<kL1, kL2, kClip>(grad[i], w, t, scale));
         bad |= nonfinite_bit(param[i]);
     }
     return bad;
 }
 
-template <bool kPenalty, class Update>
-FASTMLP_ACT_INLINE uint32_t transformed_body(float* __restrict param, const float* __restrict grad,
+// One loop per set of transform steps (kernel_math.h transform_grad_fixed),
+// chosen here once per range.
+template <class Update>
+FASTMLP_ACT_INLINE uint32_t transformed_loop(float* __restrict param, const float* __restrict grad,
                                              int64_t i0, int64_t i1, const GradTransform& t,
-                                             float scale, PenaltySums* pen, Update update) {
-    if (!kPenalty) return transformed_loop(param, grad, i0, i1, t, scale, update);
-    double abs_acc[kPenaltyLanes] = {}, sq_acc[kPenaltyLanes] = {};
-    uint32_t bad = 0;
-    for (int64_t c0 = i0; c0 < i1; c0 += kPenaltyChunk) {
-        const int64_t c1 = std::min(i1, c0 + kPenaltyChunk);
-        penalty_lanes(param + c0, c1 - c0, abs_acc, sq_acc);
-        bad |= transformed_loop(param, grad, c0, c1, t, scale, update);
+                                             float scale, Update update) {
+    const bool l1 = t.l1 != 0.0f, l2 = t.l2 != 0.0f, clip = t.clipvalue > 0.0f;
+#define FASTMLP_TRANSFORMED_LOOP(a, b, c) \
+    transformed_loop_fixed<a, b, c>(param, grad, i0, i1, t, scale, update)
+    if (l1) {
+        if (l2) return clip ? FASTMLP_TRANSFORMED_LOOP(true, true, true)
+                            : FASTMLP_TRANSFORMED_LOOP(true, true, false);
+        return clip ? FASTMLP_TRANSFORMED_LOOP(true, false, true)
+                    : FASTMLP_TRANSFORMED_LOOP(true, false, false);
     }
-    double abs_sum = 0.0, sq_sum = 0.0;
-    for (int j = 0; j < kPenaltyLanes; ++j) {
-        abs_sum += abs_acc[j];
-        sq_sum += sq_acc[j];
-    }
-    pen->abs_sum = abs_sum;
-    pen->sq_sum = sq_sum;
-    return bad;
+    if (l2) return clip ? FASTMLP_TRANSFORMED_LOOP(false, true, true)
+                        : FASTMLP_TRANSFORMED_LOOP(false, true, false);
+    return clip ? FASTMLP_TRANSFORMED_LOOP(false, false, true)
+                : FASTMLP_TRANSFORMED_LOOP(false, false, false);
+#undef FASTMLP_TRANSFORMED_LOOP
 }
 
+// The transformed update of [i0, i1) and, when pen is not null, its penalty
+// sums: chunk by chunk, the penalty lanes of the chunk's pre-update w first
+// (one copy of the update loops serves both cases).
 template <class Update>
 FASTMLP_ACT_INLINE uint32_t transformed_range(float* __restrict param, const float* __restrict grad,
                                               int64_t i0, int64_t i1, const GradTransform& t,
                                               float scale, PenaltySums* pen, Update update) {
-    return pen ? transformed_body<true>(param, grad, i0, i1, t, scale, pen, update)
-               : transformed_body<false>(param, grad, i0, i1, t, scale, pen, update);
+    double abs_acc[kPenaltyLanes] = {}, sq_acc[kPenaltyLanes] = {};
+    uint32_t bad = 0;
+    for (int64_t c0 = i0; c0 < i1; c0 += kPenaltyChunk) {
+        const int64_t c1 = std::min(i1, c0 + kPenaltyChunk);
+        if (pen) penalty_lanes(param + c0, c1 - c0, abs_acc, sq_acc);
+        bad |= transformed_loop(param, grad, c0, c1, t, scale, update);
+    }
+    if (pen) {
+        double abs_sum = 0.0, sq_sum = 0.0;
+        for (int j = 0; j < kPenaltyLanes; ++j) {
+            abs_sum += abs_acc[j];
+            sq_sum += sq_acc[j];
+        }
+        pen->abs_sum = abs_sum;
+        pen->sq_sum = sq_sum;
+    }
+    return bad;
 }
 
 FASTMLP_SIMD_CLONES
@@ -210,6 +229,18 @@ FASTMLP_SIMD_CLONES
 uint32_t adam_range_t(float* __restrict param, const float* __restrict grad, float* __restrict m,
                       float* __restrict v, int64_t i0, int64_t i1, AdamHyper h, GradTransform t,
                       float scale, PenaltySums* pen) {
+    if (h.decoupled && h.weight_decay != 0.0f) {
+        // AdamW's p * (1 - lr wd) first, as an fma with a -0 addend: exactly
+        // adam_update's mul_rn(p, decay_factor), rounded on its own as on the GPU;
+        // a plain product GCC may contract into the update's final p + step (it
+        // did here once the loop vectorised, and does in the plain loop above).
+        AdamHyper h0 = h;
+        h0.weight_decay = 0.0f;
+        return transformed_range(param, grad, i0, i1, t, scale, pen, [=](int64_t i, float g) {
+            param[i] = fma_rn(param[i], h.decay_factor, -0.0f);
+            adam_update(param[i], g, m[i], v[i], h0);
+        });
+    }
     return transformed_range(param, grad, i0, i1, t, scale, pen, [=](int64_t i, float g) {
         adam_update(param[i], g, m[i], v[i], h);
     });
