@@ -97,7 +97,7 @@ struct SgdHyper {
     bool nesterov;
 };
 
-FASTMLP_HOSTDEV void sgd_update(float& p, float g, float* buf, const SgdHyper& h) {
+FASTMLP_ACT_INLINE void sgd_update(float& p, float g, float* buf, const SgdHyper& h) {
     if (h.weight_decay != 0.0f) g = g + h.weight_decay * p;
     if (h.momentum != 0.0f) {
         float b = h.momentum * (*buf) + g;
@@ -139,7 +139,7 @@ inline AdamHyper adam_hyper(double lr, double beta1, double beta2, double eps,
     return h;
 }
 
-FASTMLP_HOSTDEV void adam_update(float& p, float g, float& m, float& v, const AdamHyper& h) {
+FASTMLP_ACT_INLINE void adam_update(float& p, float g, float& m, float& v, const AdamHyper& h) {
     if (h.weight_decay != 0.0f) {
         if (h.decoupled) p = mul_rn(p, h.decay_factor);   // AdamW: p.mul_(1 - lr*wd)
         else g = g + h.weight_decay * p;            // Adam: grad.add(p, alpha=wd)
@@ -170,7 +170,7 @@ FASTMLP_HOSTDEV void adam_update(float& p, float g, float& m, float& v, const Ad
 //   else          p = p + (-lr * g) / avg         (addcdiv_(g, avg, value=-lr))
 // Every multiply-add is an explicit fma or an explicit rounding, so the CPU
 // (any SIMD width) and the GPU compute the same floats.
-FASTMLP_HOSTDEV float fma_rn(float a, float b, float c) {
+FASTMLP_ACT_INLINE float fma_rn(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
     return __fmaf_rn(a, b, c);
 #else
@@ -204,7 +204,7 @@ inline RmspropHyper rmsprop_hyper(double lr, double alpha, double eps, double we
 }
 
 // buf is read only when h.momentum != 0, gavg only when h.centered (null otherwise).
-FASTMLP_HOSTDEV void rmsprop_update(float& p, float g, float& sq, float* buf, float* gavg,
+FASTMLP_ACT_INLINE void rmsprop_update(float& p, float g, float& sq, float* buf, float* gavg,
                                     const RmspropHyper& h) {
     if (h.weight_decay != 0.0f) g = fma_rn(p, h.weight_decay, g);
     sq = fma_rn(mul_rn(h.one_minus_alpha, g), g, mul_rn(sq, h.alpha));
@@ -255,16 +255,39 @@ struct GradTransform {
     }
 };
 
+// The steps of the transform, one definition each (transform_grad and
+// transform_grad_fixed below run the same ones).
+FASTMLP_ACT_INLINE float l1_grad_step(float g, float w, float l1) {
+    return g + (w > 0.0f ? l1 : w < 0.0f ? -l1 : (w == w ? 0.0f : w));
+}
+FASTMLP_ACT_INLINE float l2_grad_step(float g, float w, float l2) { return fma_rn(2.0f * l2, w, g); }
+FASTMLP_ACT_INLINE float clipvalue_step(float g, float c) { return g < -c ? -c : (g > c ? c : g); }
+
 // The transformed gradient of one element; `scale` is *t.scale read once by
 // the caller (1 when t.scale is null: g * 1 == g exactly).
 FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, float scale) {
-    if (t.l1 != 0.0f) g = g + (w > 0.0f ? t.l1 : w < 0.0f ? -t.l1 : (w == w ? 0.0f : w));
-    if (t.l2 != 0.0f) g = fma_rn(2.0f * t.l2, w, g);
+    if (t.l1 != 0.0f) g = l1_grad_step(g, w, t.l1);
+    if (t.l2 != 0.0f) g = l2_grad_step(g, w, t.l2);
     g = mul_rn(g, scale);
-    if (t.clipvalue > 0.0f) {
-        const float c = t.clipvalue;
-        g = g < -c ? -c : (g > c ? c : g);
-    }
+    if (t.clipvalue > 0.0f) g = clipvalue_step(g, t.clipvalue);
+    return g;
+}
+
+// transform_grad with its steps fixed at compile time: the caller has tested
+// kL1 == (t.l1 != 0), kL2 == (t.l2 != 0) and kClip == (t.clipvalue > 0) once
+// for the whole loop, and gets the same floats. (The CPU loops: with the tests
+// inside, GCC if-converts them into mask arithmetic on every vector, and the
+// transformed Adam step took 2x the plain one.) The scale is applied as an fma
+// with a -0 addend: exactly the rounded product mul_rn(g, scale), -0 included,
+// but not a product the compiler may contract into the update's own
+// a * b + c (without the runtime test in between, GCC fused g * scale into
+// SGD's momentum * buf + g instead of momentum * buf, another rounding).
+template <bool kL1, bool kL2, bool kClip>
+FASTMLP_ACT_INLINE float transform_grad_fixed(float g, float w, const GradTransform& t, float scale) {
+    if (kL1) g = l1_grad_step(g, w, t.l1);
+    if (kL2) g = l2_grad_step(g, w, t.l2);
+    g = fma_rn(g, scale, -0.0f);
+    if (kClip) g = clipvalue_step(g, t.clipvalue);
     return g;
 }
 
@@ -272,11 +295,23 @@ FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, f
 // One element's regularized gradient g + l1 sign(w) + 2 l2 w in double. The
 // product (2 l2) w of two floats is exact in double, so an fma here or not
 // gives the same value.
-FASTMLP_HOSTDEV double clip_regularized_grad(float g, float w, float l1, float l2) {
+// kL1 / kL2: whether the l1 / l2 terms run, fixed at compile time by a CPU loop
+// that tested l1 != 0 / l2 != 0 once (the tests inside the loop cost it half its
+// speed); clip_regularized_grad below is the same with the tests per element.
+template <bool kL1, bool kL2>
+FASTMLP_ACT_INLINE double clip_regularized_grad_fixed(float g, float w, float l1, float l2) {
     double r = static_cast<double>(g);
-    if (l1 != 0.0f) r += (w > 0.0f ? l1 : w < 0.0f ? -l1 : (w == w ? 0.0f : w));
-    if (l2 != 0.0f) r += static_cast<double>(2.0f * l2) * static_cast<double>(w);
+    if (kL1) r += (w > 0.0f ? l1 : w < 0.0f ? -l1 : (w == w ? 0.0f : w));
+    if (kL2) r += static_cast<double>(2.0f * l2) * static_cast<double>(w);
     return r;
+}
+FASTMLP_HOSTDEV double clip_regularized_grad(float g, float w, float l1, float l2) {
+    if (l1 != 0.0f) {
+        return l2 != 0.0f ? clip_regularized_grad_fixed<true, true>(g, w, l1, l2)
+                          : clip_regularized_grad_fixed<true, false>(g, w, l1, l2);
+    }
+    return l2 != 0.0f ? clip_regularized_grad_fixed<false, true>(g, w, l1, l2)
+                      : clip_regularized_grad_fixed<false, false>(g, w, l1, l2);
 }
 
 // r * r rounded on its own (no fma with the sum it is added to), on both devices.

@@ -15,20 +15,51 @@ namespace cpu {
 namespace {
 
 // A segment is cut into at most kClipBlocks blocks of at least kClipBlockMin
-// elements, fixed by its length alone; each block sums in element order and the
-// blocks are added in order, so s_k does not depend on the thread count (and
-// the CPU needs no scratch).
+// elements, fixed by its length alone, so s_k does not depend on the thread
+// count (and the CPU needs no scratch). Inside a block the order is fixed in
+// the loop, the same for every SIMD width (clone): element i0 + k goes to lane
+// k % kClipLanes of kClipLanes double accumulators, each lane sums its squares
+// in element order, the lanes are added in lane order into the block's sum, and
+// the blocks' sums in block order. All in double, as before (each addition
+// rounds to 2^-53 relative); the separate lanes are what lets the loop
+// vectorise (one running double sum is a serial chain the compiler may not
+// reorder).
 constexpr int64_t kClipBlocks = 64;
 constexpr int64_t kClipBlockMin = 8192;
+constexpr int kClipLanes = 16;
 
+template <bool kL1, bool kL2>
+FASTMLP_ACT_INLINE double sum_sq_lanes(const float* __restrict w, const float* __restrict g,
+                                       int64_t i0, int64_t i1, float l1, float l2) {
+    double acc[kClipLanes] = {};
+    int64_t i = i0;
+    for (; i + kClipLanes <= i1; i += kClipLanes) {
+        for (int j = 0; j < kClipLanes; ++j) {
+            const double r = clip_regularized_grad_fixed<kL1, kL2>(g[i + j], w[i + j], l1, l2);
+            acc[j] += square_rn(r);
+        }
+    }
+    for (int j = 0; i + j < i1; ++j) {  // the last < kClipLanes elements: lanes 0, 1, ...
+        const double r = clip_regularized_grad_fixed<kL1, kL2>(g[i + j], w[i + j], l1, l2);
+        acc[j] += square_rn(r);
+    }
+    double s = 0.0;
+    for (int j = 0; j < kClipLanes; ++j) s += acc[j];
+    return s;
+}
+
+// One loop per (l1 != 0, l2 != 0), chosen once per block. Not cloned for wider
+// SIMD: the x86-64-v3/v4 clones would contract acc + r * r into an fma (another
+// rounding than square_rn promises, and than the GPU's); the baseline (SSE2)
+// loop has no fma to contract into.
 double sum_sq_range(const float* __restrict w, const float* __restrict g, int64_t i0, int64_t i1,
                     float l1, float l2) {
-    double s = 0.0;
-    for (int64_t i = i0; i < i1; ++i) {
-        const double r = clip_regularized_grad(g[i], w[i], l1, l2);
-        s += square_rn(r);
+    if (l1 != 0.0f) {
+        return l2 != 0.0f ? sum_sq_lanes<true, true>(w, g, i0, i1, l1, l2)
+                          : sum_sq_lanes<true, false>(w, g, i0, i1, l1, l2);
     }
-    return s;
+    return l2 != 0.0f ? sum_sq_lanes<false, true>(w, g, i0, i1, l1, l2)
+                      : sum_sq_lanes<false, false>(w, g, i0, i1, l1, l2);
 }
 
 double segment_sum_sq(const float* w, const float* g, int64_t n, float l1, float l2) {
