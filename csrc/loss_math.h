@@ -78,20 +78,39 @@ FASTMLP_HOSTDEV float loss_row_scale(const float* sample_weight, int64_t r, int6
 }
 
 // sign with sign(0) = 0 and sign(NaN) = NaN (torch.sign).
-FASTMLP_HOSTDEV float loss_sign(float d) {
+FASTMLP_ACT_INLINE float loss_sign(float d) {
     return d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == 0.0f ? 0.0f : d));
 }
 
+// The transcendentals of the losses: CUDA's expf / log1pf / logf on the
+// device (unchanged numerics); on the host kernel_math.h's branch-free
+// act_expf / act_log1pf / log_vec (<= 3 ulp, the accuracy class of the
+// activation and softmax kernels), so the CPU loops over them vectorise.
+// loss_logf's arguments are >= 1e-7 (a clamped probability) or a softmax sum
+// >= 1, never the denormals log_vec reads as 0.
+FASTMLP_ACT_INLINE float loss_expf(float x) { return act_expf(x); }
+FASTMLP_ACT_INLINE float loss_log1pf(float x) { return act_log1pf(x); }
+#if defined(__CUDA_ARCH__)
+FASTMLP_HOSTDEV float loss_logf(float x) { return logf(x); }
+#else
+FASTMLP_ACT_INLINE float loss_logf(float x) { return log_vec(x); }
+#endif
+
+// One gradient entry of cce_logits from e = exp(z - max): scale (e / se S - t).
+FASTMLP_ACT_INLINE float loss_cce_logits_grad(float e, float se, float S, float t, float scale) {
+    return scale * (e / se * S - t);
+}
+
 // Whether a probability was inside the clamp range (NaN counts as inside).
-FASTMLP_HOSTDEV bool loss_unclamped(float u) { return !(u < kLossProbLo || u > kLossProbHi); }
-FASTMLP_HOSTDEV float loss_clamp(float u) {
+FASTMLP_ACT_INLINE bool loss_unclamped(float u) { return !(u < kLossProbLo || u > kLossProbHi); }
+FASTMLP_ACT_INLINE float loss_clamp(float u) {
     return u < kLossProbLo ? kLossProbLo : (u > kLossProbHi ? kLossProbHi : u);
 }
 
 // One element of an elementwise kind: returns l(p, y), sets g = dl/dp
 // (before the division by cols).
 template <int KIND>
-FASTMLP_HOSTDEV float loss_elem(float p, float y, const LossConsts& k, float& g) {
+FASTMLP_ACT_INLINE float loss_elem(float p, float y, const LossConsts& k, float& g) {
     if constexpr (KIND == static_cast<int>(LossKind::kMse)) {
         const float d = p - y;
         g = 2.0f * d;
@@ -103,30 +122,30 @@ FASTMLP_HOSTDEV float loss_elem(float p, float y, const LossConsts& k, float& g)
     } else if constexpr (KIND == static_cast<int>(LossKind::kHuber)) {
         const float d = p - y;
         const float ad = fabsf(d);
-        if (ad <= k.delta) {
-            g = d;
-            return 0.5f * d * d;
-        }
-        g = k.delta * loss_sign(d);  // NaN lands here: NaN loss, NaN grad
-        return k.delta * (ad - 0.5f * k.delta);
+        // Selects, not a branch: the CPU loops over it vectorise (a data-dependent
+        // branch mispredicts on every other element). NaN takes the outer side:
+        // NaN loss, NaN grad.
+        const bool inner = ad <= k.delta;
+        g = inner ? d : k.delta * loss_sign(d);
+        return inner ? 0.5f * d * d : k.delta * (ad - 0.5f * k.delta);
     } else if constexpr (KIND == static_cast<int>(LossKind::kBceLogits)) {
         const float t = y * k.y_scale + k.y_add;
         // sigmoid(z) - t from s = sigmoid(-|z|) = e / (1 + e), e = exp(-|z|) <= 1:
         // for z >= 0 it is (1 - t) - s, so a confident logit with t = 1 keeps its
         // tiny gradient exactly (1 / (1 + e) - 1 would round it to a few ulp of 1).
-        const float e = expf(-fabsf(p));
+        const float e = loss_expf(-fabsf(p));
         const float s = e / (1.0f + e);
         g = p >= 0.0f ? (1.0f - t) - s : s - t;  // NaN: e and s are NaN
         // max(z, 0) written so that a NaN z stays NaN.
         const float relu_z = p < 0.0f ? 0.0f : p;
-        return relu_z - p * t + log1pf(e);
+        return relu_z - p * t + loss_log1pf(e);
     } else {
         static_assert(KIND == static_cast<int>(LossKind::kBceProbs), "an elementwise kind");
         const float t = y * k.y_scale + k.y_add;
         const float q = loss_clamp(p);
         const float one_q = 1.0f - q;
         g = loss_unclamped(p) ? (q - t) / (q * one_q) : 0.0f;
-        return -(t * logf(q) + (1.0f - t) * logf(one_q));
+        return -(t * loss_logf(q) + (1.0f - t) * loss_logf(one_q));
     }
 }
 
@@ -162,9 +181,27 @@ FASTMLP_HOSTDEV int64_t loss_label(const void* labels, int64_t r, int64_t cols) 
 // The target t_c of a cross-entropy row: from the float row y, or the one-hot
 // of `label` (-1: no class, only the smoothing's share).
 template <LabelKind LK>
-FASTMLP_HOSTDEV float loss_target(const float* y, int64_t label, int64_t c, const LossConsts& k) {
+FASTMLP_ACT_INLINE float loss_target(const float* y, int64_t label, int64_t c, const LossConsts& k) {
     if constexpr (LK == LabelKind::kOneHot) return y[c] * k.y_scale + k.y_add;
     else return (c == label ? k.y_scale : 0.0f) + k.y_add;
+}
+
+// One column of cce_probs (p: the entry, s: the row sum, t: the target):
+// returns t log q, sets gu = g u, the column's term of sum_c g_c u_c (0 where
+// u was clamped: adding +0 leaves the sum unchanged).
+FASTMLP_ACT_INLINE float loss_cce_probs_terms(float p, float s, float t, float& gu) {
+    const float u = p / s;
+    const float q = loss_clamp(u);
+    gu = loss_unclamped(u) ? (-t / q) * u : 0.0f;
+    return t * loss_logf(q);
+}
+
+// One gradient entry of cce_probs: scale (g - sum_c g_c u_c) / s.
+FASTMLP_ACT_INLINE float loss_cce_probs_grad(float p, float s, float t, float gu, float scale) {
+    const float u = p / s;
+    const float q = loss_clamp(u);
+    const float g = loss_unclamped(u) ? -t / q : 0.0f;
+    return scale * ((g - gu) / s);
 }
 
 // The loss L_r of row r (NaN for a bad integer label: then *bad = true) and,
@@ -206,7 +243,7 @@ FASTMLP_HOSTDEV float loss_row(const float* p, const float* y, const void* label
             // exp(z - max) <= 1: no overflow for logits of +-1000.
             float se = 0.0f, tsum = 0.0f;
             for (int64_t c = c0; c < cols; c += step) {
-                se += expf(p[c] - m);
+                se += loss_expf(p[c] - m);
                 if constexpr (BACKWARD && LK == LabelKind::kOneHot)
                     tsum += loss_target<LK>(y, label, c, k);
             }
@@ -215,13 +252,14 @@ FASTMLP_HOSTDEV float loss_row(const float* p, const float* y, const void* label
             // summed for float rows (which need not sum to 1).
             // (Only the gradient needs it.)
             const float S = (BACKWARD && LK == LabelKind::kOneHot) ? lanes.sum(tsum) : 1.0f;
-            const float lse = logf(se);
+            const float lse = loss_logf(se);
             float dot = 0.0f;
             for (int64_t c = c0; c < cols; c += step) {
                 const float zc = p[c];
                 const float t = loss_target<LK>(y, label, c, k);
                 dot += t * log_softmax_entry(zc, m, lse);
-                if constexpr (BACKWARD) d[c] = scale * (expf(zc - m) / se * S - t);
+                if constexpr (BACKWARD)
+                    d[c] = loss_cce_logits_grad(loss_expf(zc - m), se, S, t, scale);
             }
             loss = -lanes.sum(dot);
         } else {
@@ -230,22 +268,15 @@ FASTMLP_HOSTDEV float loss_row(const float* p, const float* y, const void* label
             s = lanes.sum(s);
             float lsum = 0.0f, gu = 0.0f;
             for (int64_t c = c0; c < cols; c += step) {
-                const float u = p[c] / s;
-                const float q = loss_clamp(u);
-                const float t = loss_target<LK>(y, label, c, k);
-                lsum += t * logf(q);
-                if (loss_unclamped(u)) gu += (-t / q) * u;
+                float guc;
+                lsum += loss_cce_probs_terms(p[c], s, loss_target<LK>(y, label, c, k), guc);
+                gu += guc;
             }
             loss = -lanes.sum(lsum);
             if constexpr (BACKWARD) {
                 gu = lanes.sum(gu);
-                for (int64_t c = c0; c < cols; c += step) {
-                    const float u = p[c] / s;
-                    const float q = loss_clamp(u);
-                    const float t = loss_target<LK>(y, label, c, k);
-                    const float g = loss_unclamped(u) ? -t / q : 0.0f;
-                    d[c] = scale * ((g - gu) / s);
-                }
+                for (int64_t c = c0; c < cols; c += step)
+                    d[c] = loss_cce_probs_grad(p[c], s, loss_target<LK>(y, label, c, k), gu, scale);
             }
         }
         return bad ? NAN : loss;
