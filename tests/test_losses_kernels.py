@@ -367,9 +367,11 @@ def test_nan_pred_gives_nan_loss(backend, rng, kind, lab, ls):
     assert np.isnan(dpred[3, 2])
 
 
+@pytest.mark.parametrize("shape", [(5000, 10), (211, 1000)], ids=["narrow", "wide"])
 @pytest.mark.parametrize("kind,lab,ls", CASES, ids=[f"{k}-{lb}-ls{s}" for k, lb, s in CASES])
-def test_cpu_thread_count_does_not_change_bits(rng, kind, lab, ls):
-    shape = (5000, 10)  # 50k elements: above the parallel threshold
+def test_cpu_thread_count_does_not_change_bits(rng, kind, lab, ls, shape):
+    """Above the parallel threshold: rows of 10 (blocks of whole rows) and of 1000
+    (pieces of a row, fixed-order lane sums)."""
     pred, target = make_data(rng, kind, lab, shape)
     w = make_weights(rng, shape[0])
     before = fm.get_num_threads()
