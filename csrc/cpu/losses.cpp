@@ -102,6 +102,26 @@ FASTMLP_ALWAYS_INLINE float row_max(const float* __restrict z, int64_t cols) {
 
 // l[i] = l(p_i, y_i) and, with BACKWARD, d[i] = dl/dp_i / grad_div for a flat
 // span of elements (the row scale is applied by the caller).
+// A cross-entropy row's integer label (-1: none, float rows) and whether it is
+// bad (outside [0, cols)); its float target row (null for integer labels).
+template <LabelKind LK>
+FASTMLP_ALWAYS_INLINE int64_t cce_row_label(const void* labels, int64_t r, int64_t cols,
+                                            bool& bad) {
+    if constexpr (LK == LabelKind::kOneHot) {
+        bad = false;
+        return -1;
+    } else {
+        const int64_t label = loss_label<LK>(labels, r, cols);
+        bad = label < 0;
+        return label;
+    }
+}
+
+template <LabelKind LK>
+FASTMLP_ALWAYS_INLINE const float* cce_row_targets(const void* labels, int64_t r, int64_t cols) {
+    return LK == LabelKind::kOneHot ? static_cast<const float*>(labels) + r * cols : nullptr;
+}
+
 template <int KIND, bool BACKWARD>
 FASTMLP_ALWAYS_INLINE void elem_span(const float* __restrict p, const float* __restrict y,
                                      const LossConsts& k, float* __restrict l,
@@ -173,19 +193,11 @@ FASTMLP_ALWAYS_INLINE int64_t cce_logits_rows(const float* pred, const void* lab
     const LossConsts kk = k;
     int64_t first_bad = -1;
     float buf[kPiece];
-    // The row's label (-1: none) and whether it is bad.
-    auto label_of = [&](int64_t r, bool& bad) FASTMLP_ALWAYS_INLINE_LAMBDA -> int64_t {
-        if constexpr (kFloatRows) {
-            bad = false;
-            return -1;
-        } else {
-            const int64_t label = loss_label<LK>(labels, r, cols);
-            bad = label < 0;
-            return label;
-        }
+    auto label_of = [&](int64_t r, bool& bad) FASTMLP_ALWAYS_INLINE_LAMBDA {
+        return cce_row_label<LK>(labels, r, cols, bad);
     };
-    auto yrow = [&](int64_t r) FASTMLP_ALWAYS_INLINE_LAMBDA -> const float* {
-        return kFloatRows ? static_cast<const float*>(labels) + r * cols : nullptr;
+    auto yrow = [&](int64_t r) FASTMLP_ALWAYS_INLINE_LAMBDA {
+        return cce_row_targets<LK>(labels, r, cols);
     };
     // L_r from the row's max and log-sum; the gradient from e = exp(z - m)
     // (recomputed, or the block's buffer).
@@ -302,18 +314,11 @@ FASTMLP_ALWAYS_INLINE int64_t cce_probs_rows(const float* pred, const void* labe
                      float scale, int64_t len) FASTMLP_ALWAYS_INLINE_LAMBDA {
         for (int64_t i = 0; i < len; ++i) d[i] = loss_cce_probs_grad(p[i], s[i], t[i], gu, scale);
     };
-    auto label_of = [&](int64_t r, bool& bad) FASTMLP_ALWAYS_INLINE_LAMBDA -> int64_t {
-        if constexpr (kFloatRows) {
-            bad = false;
-            return -1;
-        } else {
-            const int64_t label = loss_label<LK>(labels, r, cols);
-            bad = label < 0;
-            return label;
-        }
+    auto label_of = [&](int64_t r, bool& bad) FASTMLP_ALWAYS_INLINE_LAMBDA {
+        return cce_row_label<LK>(labels, r, cols, bad);
     };
-    auto yrow = [&](int64_t r) FASTMLP_ALWAYS_INLINE_LAMBDA -> const float* {
-        return kFloatRows ? static_cast<const float*>(labels) + r * cols : nullptr;
+    auto yrow = [&](int64_t r) FASTMLP_ALWAYS_INLINE_LAMBDA {
+        return cce_row_targets<LK>(labels, r, cols);
     };
     if (cols < kWideCols) {
         // Blocks of whole rows: per row its sum and targets, then flat loops.
