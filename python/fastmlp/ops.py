@@ -1034,7 +1034,9 @@ def roc_auc(scores, labels):
         raise TypeError(f"{op}: 'scores' and 'labels' must be numeric, got {s.dtype} "
                         f"and {y.dtype}")
     xp = cupy_module() if is_cupy(s) else np
-    s = s.astype(xp.float64).ravel()   # exact for float32 and ints below 2**53: ties kept
+    # float32 scores stay float32 (NumPy sorts them with its vector sort; every value and
+    # tie is kept), any other type becomes float64 (exact for ints below 2**53)
+    s = s.ravel() if s.dtype == np.float32 else s.astype(xp.float64).ravel()
     y = y.ravel()
     pos = y == 1
     # One reduction read back: [any bad label, any NaN score, positives, count].
@@ -1049,13 +1051,23 @@ def roc_auc(scores, labels):
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"{op}: only one class present in 'labels'; ROC AUC is not "
                          f"defined in that case")
-    # The average rank (1-based) of a value v among the sorted scores is
-    # (#below + 1 + #below-or-equal) / 2: the mean of the ranks its ties share.
-    ordered = xp.sort(s)
-    lo = xp.searchsorted(ordered, s, side="left")
-    hi = xp.searchsorted(ordered, s, side="right")
-    rank_sum = float(xp.sum((lo + hi + 1)[pos])) / 2.0   # half-integers: exact in float64
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (float(n_pos) * float(n_neg))
+    # One sort; the groups of equal scores in ascending order; per group its positives
+    # and negatives. A positive ranks above the negatives of lower groups and ties with
+    # half of its own group's: the numerator sum_g pos_g (neg_below_g + neg_g / 2) is a
+    # sum of integers and halves, exact in float64 (below 2**53).
+    order = xp.argsort(s)
+    ss, yy = s[order], pos[order]
+    starts = xp.empty(ss.size, dtype=bool)
+    starts[0] = True
+    xp.not_equal(ss[1:], ss[:-1], out=starts[1:])
+    group = xp.cumsum(starts) - 1
+    pos_g = xp.bincount(group, weights=yy.astype(xp.float64))
+    neg_g = xp.bincount(group).astype(xp.float64) - pos_g
+    below = xp.cumsum(neg_g) - neg_g
+    wins = float(xp.sum(pos_g * (below + 0.5 * neg_g)))
+    return wins / (float(n_pos) * float(n_neg))
+
+
 # ----------------------------------------------------------------------------- losses (issue 16)
 
 # The loss kinds of loss_forward_backward, by the codes of csrc/fastmlp.h's LossKind.
