@@ -291,7 +291,6 @@ FASTMLP_ALWAYS_INLINE int64_t cce_probs_rows(const float* pred, const void* labe
                                              const float* sample_weight, float* dpred,
                                              float* row_loss, int64_t r0, int64_t r1,
                                              int64_t rows, int64_t cols, const LossConsts& k) {
-    constexpr bool kFloatRows = LK == LabelKind::kOneHot;
     const LossConsts kk = k;
     int64_t first_bad = -1;
     float lb[kPiece], gb[kPiece], sb[kPiece], tb[kPiece];

@@ -18,6 +18,13 @@
 
 namespace fastmlp {
 namespace cpu {
+
+// metrics_elementwise.cpp (compiled with the vector-math flags; the row scans
+// here are faster without -fno-trapping-math).
+void metric_elementwise_rows(int transform, const float* pred, const float* labels,
+                             float* probs_out, float* scratch, int64_t rows, int64_t cols,
+                             const MetricSpec& spec, int64_t r0, int64_t r1);
+
 namespace {
 
 // The label of row r as a class index, or -1 when there is none: an integer
@@ -40,7 +47,9 @@ int64_t metric_label(const void* labels, LabelKind kind, int64_t r, int64_t cols
 }
 
 // The metric values of rows [r0, r1) into scratch; probs_out (or null) gets p.
-// cols >= 1.
+// cols >= 1. The row scans (pass 1) run only when argmax / top-k or the softmax
+// need them; with an elementwise transform and float label rows, p and the
+// elementwise metrics come from metric_elementwise_rows.
 template <OutputTransform T>
 void metric_rows(const float* pred, const void* labels, LabelKind kind, float* probs_out,
                  float* scratch, int64_t rows, int64_t cols, const MetricSpec& spec,
@@ -48,6 +57,15 @@ void metric_rows(const float* pred, const void* labels, LabelKind kind, float* p
     const int32_t flags = spec.flags;
     const bool want_p = probs_out != nullptr ||
                         (flags & (kMetricBinary | kMetricAbs | kMetricSq)) != 0;
+    const bool need_scan = (flags & (kMetricArgmax | kMetricTopK)) != 0 ||
+                           (want_p && T == OutputTransform::kSoftmax);
+    if constexpr (T != OutputTransform::kSoftmax) {
+        if (want_p && kind == LabelKind::kOneHot)
+            metric_elementwise_rows(static_cast<int>(T), pred,
+                                    static_cast<const float*>(labels), probs_out, scratch, rows,
+                                    cols, spec, r0, r1);
+        if (!need_scan && (!want_p || kind == LabelKind::kOneHot)) return;
+    }
     for (int64_t r = r0; r < r1; ++r) {
         const float* z = pred + r * cols;
         // Pass 1: the row max (softmax), the first maximum, any NaN.
@@ -73,6 +91,7 @@ void metric_rows(const float* pred, const void* labels, LabelKind kind, float* p
             scratch[2 * rows + r] = metric_topk_value(any_nan, t, greater, spec.k);
         }
         if (!want_p) continue;
+        if (T != OutputTransform::kSoftmax && kind == LabelKind::kOneHot) continue;  // done above
 
         // Pass 2 (softmax): the row sum, in c order as softmax_xent's.
         float sum = 1.0f;
