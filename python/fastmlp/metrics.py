@@ -24,11 +24,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .ops import METRIC_FLAGS
+
 __all__ = ["Metric", "NAMES", "resolve", "check_names"]
 
-# metric kind -> slot of the metrics kernel's sums (fastmlp.h MetricFlag order)
-SLOTS = {"argmax": 0, "binary": 1, "top_k": 2, "abs": 3, "sq": 4}
-FLAGS = {"argmax": 1, "binary": 2, "top_k": 4, "abs": 8, "sq": 16}
+# The metrics kernel's flags (ops.METRIC_FLAGS, fastmlp.h MetricFlag) and each kind's
+# slot among its sums (the flags' bit order).
+FLAGS = METRIC_FLAGS
+SLOTS = {kind: i for i, kind in enumerate(sorted(FLAGS, key=FLAGS.get))}
 TOP_K = 5
 
 NAMES = ("accuracy", "acc", "binary_accuracy", "sparse_top_k_categorical_accuracy", "mae",

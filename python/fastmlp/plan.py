@@ -102,7 +102,6 @@ class StepPlan:
     opt_buffers: tuple = ()      # the optimizer's per-parameter buffer names, s0 then s1
     param_sizes: tuple = ()      # elements of each parameter, in Keras order
     precision: int = 0
-    softmax_output: bool = False
     output_transform: str | None = None  # the output activation the loss fuses (predict applies it)
     loss_kind: str = "xent"      # "xent" (the softmax-cross-entropy op) or an ops.LOSS_KINDS key
     metrics: tuple = ()          # fastmlp.metrics.Metric, in the logs' order
@@ -583,7 +582,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                     layers=tuple(layers), features=features, classes=classes,
                     label_dtype=label_dtype, label_cols=label_cols, opt_kind=optimizer_kind,
                     opt_buffers=opt_bufs, param_sizes=tuple(sizes), precision=precision,
-                    softmax_output=softmax, output_transform=fused,
+                    output_transform=fused,
                     loss_kind="xent" if use_xent else loss_kind, metrics=metrics,
                     sample_weight=bool(sample_weight),
                     reg_segments=nseg if any_reg else 0,

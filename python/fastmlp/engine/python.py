@@ -13,12 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops
+from ..metrics import SLOTS
 from .._interop import cupy_module, is_cupy
 from ..plan import TRAIN
 from .base import Engine
 
 _PRECISION = {0: "fp32", 1: "tf32"}
-_SLOTS = ("argmax", "binary", "top_k", "abs", "sq")  # fastmlp.h MetricFlag order
+_SLOTS = tuple(SLOTS)  # the metrics kernel's sums, in their order
 _ACTS = {code: name for name, code in reversed(list(ops.ACTIVATIONS.items()))}  # canonical names
 
 
