@@ -1,15 +1,29 @@
 // The checks and the normal form of a GemmEpilogue's activation part (issue
 // 15), shared by cpu/gemm.cpp and cuda/gemm_ex.cu so that both backends accept
-// and refuse the same calls.
+// and refuse the same calls; and the argument checks of the standalone
+// activation ops (cpu/activation.cpp, cuda/activation.cu), for the same reason.
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "check.h"
 #include "fastmlp.h"
 #include "kernel_math.h"
 
 namespace fastmlp {
+
+// The sizes, activation code and dropout of activation_fwd / activation_bwd.
+inline void check_activation_call(const char* op, int64_t rows, int64_t cols, int act,
+                                  const DropoutSpec& d) {
+    FASTMLP_CHECK(rows >= 0 && cols >= 0,
+                  op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
+    FASTMLP_CHECK(cols == 0 || rows <= std::numeric_limits<int64_t>::max() / cols - 4,
+                  op << ": rows*cols overflows int64");
+    FASTMLP_CHECK(act >= 0 && act < kNumActs,
+                  op << ": activation code must be in [0, " << int(kNumActs) << "), got " << act);
+    FASTMLP_CHECK(d.threshold == 0 || d.step != nullptr, op << ": dropout needs a step pointer");
+}
 
 // Checks the activation fields of `ep` for a C with n columns and returns the
 // epilogue in normal form: the cases the relu / relu_mask fast paths cover

@@ -22,6 +22,7 @@
 #include "cpu/fpenv.h"
 #include "cpu/parallel.h"
 #include "fastmlp.h"
+#include "gemm_epilogue.h"
 #include "kernel_math.h"
 
 namespace fastmlp {
@@ -157,14 +158,6 @@ uint64_t read_step(const DropoutSpec& d) {
     return d.threshold != 0 && d.step != nullptr ? static_cast<uint64_t>(*d.step) : 0u;
 }
 
-void check_call(const char* op, int64_t rows, int64_t cols, int act, const DropoutSpec& d) {
-    FASTMLP_CHECK(rows >= 0 && cols >= 0,
-                  op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
-    FASTMLP_CHECK(act >= 0 && act < kNumActs,
-                  op << ": activation code must be in [0, " << int(kNumActs) << "), got " << act);
-    FASTMLP_CHECK(d.threshold == 0 || d.step != nullptr, op << ": dropout needs a step pointer");
-}
-
 }  // namespace
 
 namespace {
@@ -227,7 +220,7 @@ void act_epilogue_rows(const GemmEpilogue& ep, float* c, int64_t ldc, int64_t i0
 void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int act,
                     const DropoutSpec& dropout) {
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
-    check_call("activation_fwd", rows, cols, act, dropout);
+    check_activation_call("activation_fwd", rows, cols, act, dropout);
     const int64_t size = rows * cols;
     if (size == 0) return;
     FASTMLP_CHECK(x && y, "activation_fwd: null pointer");
@@ -242,7 +235,7 @@ void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int ac
 void activation_bwd(const float* dy, const float* saved, float* dx, int64_t rows, int64_t cols,
                     int act, bool saved_is_input, const DropoutSpec& dropout) {
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
-    check_call("activation_bwd", rows, cols, act, dropout);
+    check_activation_call("activation_bwd", rows, cols, act, dropout);
     FASTMLP_CHECK(saved_is_input || !act_needs_input(act),
                   "activation_bwd: the derivative of activation " << act
                       << " needs the input (saved_is_input)");

@@ -17,6 +17,7 @@
 
 #include "check.h"
 #include "fastmlp.h"
+#include "gemm_epilogue.h"
 #include "kernel_math.h"
 #include "launch.h"
 
@@ -86,21 +87,12 @@ activation_bwd_f32(const float* dy, const float* saved, float* dx, int64_t size,
     }
 }
 
-void check_call(const char* op, int64_t rows, int64_t cols, int act, const DropoutSpec& d) {
-    FASTMLP_CHECK(rows >= 0 && cols >= 0,
-                  op << ": sizes must be >= 0, got rows=" << rows << " cols=" << cols);
-    FASTMLP_CHECK(cols == 0 || rows <= std::numeric_limits<int64_t>::max() / cols - 4,
-                  op << ": rows*cols overflows int64");
-    FASTMLP_CHECK(act >= 0 && act < kNumActs,
-                  op << ": activation code must be in [0, " << int(kNumActs) << "), got " << act);
-    FASTMLP_CHECK(d.threshold == 0 || d.step != nullptr, op << ": dropout needs a step pointer");
-}
 
 }  // namespace
 
 void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int act,
                     const DropoutSpec& dropout, cudaStream_t stream) {
-    check_call("activation_fwd", rows, cols, act, dropout);
+    check_activation_call("activation_fwd", rows, cols, act, dropout);
     const int64_t size = rows * cols;
     if (size == 0) return;
     FASTMLP_CHECK(x && y, "activation_fwd: null pointer");
@@ -114,7 +106,7 @@ void activation_fwd(const float* x, float* y, int64_t rows, int64_t cols, int ac
 void activation_bwd(const float* dy, const float* saved, float* dx, int64_t rows, int64_t cols,
                     int act, bool saved_is_input, const DropoutSpec& dropout,
                     cudaStream_t stream) {
-    check_call("activation_bwd", rows, cols, act, dropout);
+    check_activation_call("activation_bwd", rows, cols, act, dropout);
     FASTMLP_CHECK(saved_is_input || !act_needs_input(act),
                   "activation_bwd: the derivative of activation " << act
                       << " needs the input (saved_is_input)");
