@@ -119,16 +119,19 @@ def _log_abs_binom(alpha: np.ndarray, start: int, stop: int, log_c: np.ndarray,
     return logs, signs
 
 
-def _log_a_int(q: float, sigma: float, alpha: int) -> float:
-    """log A_alpha for an integer order, by the closed-form binomial sum (every term
-    positive)."""
-    k = np.arange(alpha + 1, dtype=np.float64)
-    log_c, _ = _log_abs_binom(np.array([float(alpha)]), 0, alpha + 1, np.zeros(1),
-                              np.ones(1))
-    log_terms = (log_c[0] + k * math.log(q) + (alpha - k) * math.log1p(-q)
-                 + (k * k - k) / (2.0 * sigma * sigma))
-    m = float(np.max(log_terms))
-    return m + math.log(float(np.sum(np.exp(log_terms - m))))
+def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    """log A_alpha for integer orders (one value per entry of ``alphas``), by the
+    closed-form binomial sum, every term positive; all orders in one (orders, k) array,
+    the coefficients past an order being 0 (log -inf)."""
+    n = int(np.max(alphas)) + 1
+    k = np.arange(n, dtype=np.float64)
+    log_c, _ = _log_abs_binom(alphas, 0, n, np.zeros(alphas.size), np.ones(alphas.size))
+    with np.errstate(invalid="ignore"):   # -inf coefficients times (alpha - k) < 0
+        log_terms = (log_c + k * math.log(q) + (alphas[:, None] - k) * math.log1p(-q)
+                     + (k * k - k) / (2.0 * sigma * sigma))
+    log_terms[k > alphas[:, None]] = -math.inf
+    m = np.max(log_terms, axis=1)
+    return m + np.log(np.sum(np.exp(log_terms - m[:, None]), axis=1))
 
 
 def _log_a_series(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
@@ -236,8 +239,8 @@ def rdp_subsampled_gaussian(noise_multiplier, sample_rate, steps,
         return steps * alphas / (2.0 * sigma * sigma)
     log_a = np.empty_like(alphas)
     integer = alphas == np.floor(alphas)
-    for i in np.flatnonzero(integer):
-        log_a[i] = _log_a_int(q, sigma, int(alphas[i]))
+    if integer.any():
+        log_a[integer] = _log_a_int(q, sigma, alphas[integer])
     if not integer.all():
         log_a[~integer] = _log_a_series(q, sigma, alphas[~integer])
     return steps * (log_a / (alphas - 1.0))
