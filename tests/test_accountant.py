@@ -124,6 +124,16 @@ def test_rdp_special_cases():
     assert np.all(acc.rdp_subsampled_gaussian(0.0, 0.01, 0) == 0)
 
 
+def test_rdp_negligible_is_not_negative():
+    # RDP ~ q^2 alpha / sigma^2 ~ 1e-21 here, far below float64's resolution of log A:
+    # never rounded below 0, and its epsilon is that of nothing (0 at a large delta)
+    for sigma in [50.0, 1e4]:
+        rdp = acc.rdp_subsampled_gaussian(sigma, 1e-9, 1000)
+        assert np.all(rdp >= 0) and np.all(rdp < 1e-9)
+        assert acc.epsilon(noise_multiplier=sigma, sample_rate=1e-9, steps=1000,
+                           delta=0.5) == 0.0
+
+
 def test_default_orders():
     o = acc.DEFAULT_ORDERS
     assert list(o) == sorted(set(o)) and o[0] > 1 and max(o) >= 512

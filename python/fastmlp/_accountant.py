@@ -243,7 +243,9 @@ def rdp_subsampled_gaussian(noise_multiplier, sample_rate, steps,
         log_a[integer] = _log_a_int(q, sigma, alphas[integer])
     if not integer.all():
         log_a[~integer] = _log_a_series(q, sigma, alphas[~integer])
-    return steps * (log_a / (alphas - 1.0))
+    # A >= 1 (Jensen): a float64 sum is exact to ~1e-16 in log A, which can round a
+    # negligible RDP (huge sigma, tiny q) below 0
+    return steps * (np.maximum(log_a, 0.0) / (alphas - 1.0))
 
 
 def epsilon_from_rdp(orders, rdp, delta):
