@@ -27,7 +27,7 @@ Mechanism", Sec. 3.3; the add/remove-one relation). ``steps`` compositions add:
       j = alpha - k.
 
   ``C(alpha, k)`` alternates in sign for ``k > alpha`` and the terms decay like a power
-  of ``k``, so the sum runs until the tail is below double precision (for an
+  of ``k``, so the sum runs until the tail is below 1e-14 of the sum (for an
   alternating series of decreasing terms the remainder is below the first omitted
   term).
 
