@@ -22,8 +22,8 @@ namespace {
 
 // sum_c v[c]^2 in double, in kDpLanes lanes (column c in lane c % kDpLanes, in
 // column order), the lanes added in the CUDA warp's butterfly order (see
-// kernel_math.h kDpLanes). The squares are exact in double, so the fma the
-// wider clones may contract acc + t * t into rounds the same as mul + add.
+// kernel_math.h kDpLanes). (The squares are exact in double: a fused
+// multiply-add would round acc + t * t the same way.)
 FASTMLP_SIMD_CLONES
 double row_sum_sq(const float* __restrict v, int64_t n) {
     double acc[kDpLanes] = {};
@@ -38,7 +38,12 @@ double row_sum_sq(const float* __restrict v, int64_t n) {
         const double t = static_cast<double>(v[i + j]);
         acc[j] += t * t;
     }
+    // Unrolled, so that each level has constant bounds and becomes straight-line
+    // SIMD code (as a loop it cost short rows -- dz of a 10-class layer -- more
+    // than their sums).
+#pragma GCC unroll 5
     for (int off = kDpLanes / 2; off > 0; off >>= 1) {
+#pragma GCC unroll 16
         for (int j = 0; j < off; ++j) acc[j] += acc[j + off];
     }
     return acc[0];
@@ -55,6 +60,8 @@ void dp_row_sqnorms(const float* x, const float* dz, float* acc, int64_t rows, i
     FASTMLP_CHECK(acc && (in == 0 || x) && (out == 0 || dz),
                   "dp_row_sqnorms: x, dz or acc is null");
     FlushDenormalScope fp_scope;  // cpu/fpenv.h
+    // (Measured: this per-row call of the clone is faster than one clone over a
+    // range of rows with both sums inlined, 38 vs 93 us for 1024 rows of 128 + 10.)
     auto body = [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
             const double sx = in ? row_sum_sq(x + r * in, in) : 0.0;
