@@ -275,6 +275,19 @@ fastmlp::GradTransform grad_transform(const TransformTuple& tr) {
                        static_cast<LabelKind>(label_kind), ptr<const float>(sample_weight),  \
                        ptr<float>(dpred), ptr<float>(row_loss), ptr<float>(loss),            \
                        ptr<int64_t>(bad_row), rows, cols, spec EXTRA_ARG);                   \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    /* [issue 17] DP-SGD per-example norms and clip factors; std_out: 0 = null */            \
+    M.def("dp_row_sqnorms", [](uintptr_t x, uintptr_t dz, uintptr_t acc, int64_t rows,       \
+                               int64_t in, int64_t out, bool bias,                           \
+                               bool accumulate EXTRA_PARAM) {                                \
+        NS::dp_row_sqnorms(ptr<const float>(x), ptr<const float>(dz), ptr<float>(acc), rows, \
+                           in, out, bias, accumulate EXTRA_ARG);                             \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("dp_clip_factors", [](uintptr_t acc, int64_t rows, float clip,                     \
+                                float noise_multiplier, float grad_scale, float divisor,     \
+                                uintptr_t std_out EXTRA_PARAM) {                             \
+        NS::dp_clip_factors(ptr<float>(acc), rows, clip, noise_multiplier, grad_scale,       \
+                            divisor, ptr<float>(std_out) EXTRA_ARG);                         \
     }, py::call_guard<py::gil_scoped_release>());
 
 #define FASTMLP_NOTHING

@@ -212,6 +212,21 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //   The min and the division in double, the result rounded to float. work:
 //   grad_clip_work_doubles(size, nseg) doubles (device memory on CUDA; the CPU
 //   ignores it and may get null).
+// dp_row_sqnorms [issue 17]: DP-SGD's per-example squared gradient norm of one
+//   Dense layer ("ghost norm": example r's weight gradient is x_r dz_r^T):
+//   acc[r] = (accumulate ? acc[r] : 0) + (sum_c x[r,c]^2 + (bias ? 1 : 0)) * sum_c dz[r,c]^2,
+//   r < rows; x is rows x in (ld = in), dz rows x out (ld = out). Each row's sums
+//   in double (kernel_math.h kDpLanes: the same order on both devices), then the
+//   product and the add rounded to float once (dp_row_sqnorm_value). Without
+//   accumulate, acc's old contents are never read. acc must not overlap x or dz.
+// dp_clip_factors [issue 17]: in place, acc[r] (a squared per-row norm of the
+//   rows' gradient contribution) becomes the row's scale s_r = c_r * grad_scale /
+//   divisor, where norm_r = grad_scale * sqrt(acc[r]) and c_r = min(1, clip /
+//   (norm_r + 1e-6)) (Opacus's clip factor), in double, rounded to float
+//   (kernel_math.h dp_clip_factor_value); when std_out != null, std_out[0] =
+//   noise_multiplier * clip / divisor (one float, device memory on CUDA; written
+//   also when rows == 0). grad_scale, divisor > 0; clip > 0; noise_multiplier >= 0.
+//   A NaN acc gives a NaN scale.
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
     void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, \
               const float* a, int64_t lda, const float* b, int64_t ldb, float beta,     \
@@ -280,7 +295,11 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
     void loss_fused(const float* pred, const void* labels, LabelKind label_kind,          \
                     const float* sample_weight, float* dpred, float* row_loss, float* loss, \
                     int64_t* bad_row, int64_t rows, int64_t cols,                         \
-                    const LossSpec& spec FASTMLP_STREAM_ARG);
+                    const LossSpec& spec FASTMLP_STREAM_ARG);                            \
+    void dp_row_sqnorms(const float* x, const float* dz, float* acc, int64_t rows, int64_t in, \
+                        int64_t out, bool bias, bool accumulate FASTMLP_STREAM_ARG);           \
+    void dp_clip_factors(float* acc, int64_t rows, float clip, float noise_multiplier,      \
+                         float grad_scale, float divisor, float* std_out FASTMLP_STREAM_ARG);
 
 struct SgdHyper;   // kernel_math.h
 struct AdamHyper;

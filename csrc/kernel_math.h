@@ -331,6 +331,56 @@ FASTMLP_HOSTDEV float clip_scale_value(double s, float max_norm) {
     return static_cast<float>(c > 1.0 ? 1.0 : c);
 }
 
+// ---- DP-SGD per-example norms (dp_row_sqnorms, dp_clip_factors) ---------------
+// Double sums and products rounded one operation at a time on both devices:
+// nvcc (and a host compiler targeting FMA) may otherwise fuse a * b + c, and the
+// CPU and the GPU would round the row's value differently.
+#if defined(__CUDA_ARCH__)
+FASTMLP_HOSTDEV double dmul_rn(double a, double b) { return __dmul_rn(a, b); }
+FASTMLP_HOSTDEV double dadd_rn(double a, double b) { return __dadd_rn(a, b); }
+#else
+FASTMLP_HOSTDEV double dmul_rn(double a, double b) { return a * b; }
+FASTMLP_HOSTDEV double dadd_rn(double a, double b) { return a + b; }
+#endif
+
+// The lanes of a row's sum of squares: column c goes to lane c % 32 (the CUDA
+// kernel's warp lanes); each lane sums in column order, then the lanes are added
+// as __shfl_xor_sync's butterfly adds them (offsets 16, 8, 4, 2, 1), so the CPU
+// and the GPU get the same double bit for bit. The square of a float is exact in
+// double, so a fused multiply-add in the lane sums changes nothing.
+constexpr int kDpLanes = 32;
+
+// One Dense layer's contribution to example r's squared gradient norm, given
+// sx = ||x_r||^2 and sdz = ||dz_r||^2 (doubles): the weight gradient x_r dz_r^T
+// has ||.||_F^2 = sx * sdz and the bias gradient dz_r adds sdz ("ghost norm").
+// prev (the running sum of the earlier layers, or 0) + (sx + bias) * sdz in
+// double, rounded to float once.
+FASTMLP_HOSTDEV float dp_row_sqnorm_value(double sx, double sdz, bool bias, float prev) {
+    const double w = bias ? dadd_rn(sx, 1.0) : sx;
+    return static_cast<float>(dadd_rn(static_cast<double>(prev), dmul_rn(w, sdz)));
+}
+
+// The per-row gradient scale of DP-SGD from the row's squared norm acc (of the
+// gradient times 1 / grad_scale): norm = grad_scale * sqrt(acc), the clip factor
+// c = min(1, clip / (norm + 1e-6)) (Opacus), and the scale c * grad_scale / divisor,
+// in double, rounded to float. A NaN acc gives NaN (c > 1 is false for NaN).
+FASTMLP_HOSTDEV float dp_clip_factor_value(float acc, float clip, float grad_scale,
+                                           float divisor) {
+    const double gs = static_cast<double>(grad_scale);
+    const double norm = dmul_rn(gs, sqrt(static_cast<double>(acc)));
+    double c = static_cast<double>(clip) / dadd_rn(norm, 1e-6);
+    c = c > 1.0 ? 1.0 : c;
+    return static_cast<float>(dmul_rn(c, gs) / static_cast<double>(divisor));
+}
+
+// The noise standard deviation DP-SGD adds to the summed clipped gradient, in
+// the units of the scaled one: noise_multiplier * clip / divisor.
+FASTMLP_HOSTDEV float dp_noise_std_value(float noise_multiplier, float clip, float divisor) {
+    return static_cast<float>(
+        dmul_rn(static_cast<double>(noise_multiplier), static_cast<double>(clip)) /
+        static_cast<double>(divisor));
+}
+
 // ---- exp for vectorised CPU loops --------------------------------------------
 // std::exp is a library call the compiler cannot vectorise; this one is plain
 // arithmetic, so a loop over it becomes SIMD code (16 lanes with AVX-512).

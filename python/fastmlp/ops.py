@@ -32,6 +32,7 @@ __all__ = [
     "dropout", "dropout_backward",
     "METRIC_FLAGS", "metric_sums", "roc_auc",
     "LOSS_KINDS", "loss_forward_backward",
+    "dp_row_sqnorms", "dp_clip_factors",
 ]
 
 _LABEL_INT32, _LABEL_INT64, _LABEL_ONEHOT = 0, 1, 2
@@ -1239,3 +1240,75 @@ def grad_clip_scale(params_flat, grads_flat, offsets, l1l2=None, *, mode, max_no
                             _addr(l1l2), nseg, mode, max_norm, address(out), _addr(work),
                             *extra)
     return out
+
+
+# --------------------------------------------------------------------------- DP-SGD [issue 17]
+
+
+def dp_row_sqnorms(x, dz, *, bias=True, out=None, accumulate=False):
+    """One Dense layer's per-example squared gradient norms (DP-SGD's "ghost norms").
+
+    x (n, in) is the layer's input and dz (n, out) the gradient of its
+    pre-activation. Example r's weight gradient is the outer product
+    ``x[r] dz[r]^T``, so its squared norm is ``||x[r]||^2 ||dz[r]||^2``; the bias
+    gradient (``bias=True``) adds ``||dz[r]||^2``. Returns the (n,) float32
+    ``out[r] = (out[r] if accumulate else 0) + (||x[r]||^2 + bias) * ||dz[r]||^2``
+    (sums in double, rounded to float once), ``out`` if given. ``accumulate=True``
+    adds to ``out`` (required then): the layers' contributions summed in a fixed
+    order give the whole example's squared gradient norm.
+    """
+    op = "dp_row_sqnorms"
+    ck = Checker(op)
+    x = ck.f32(x, "x", ndim=2)
+    dz = ck.f32(dz, "dz", ndim=2)
+    if dz.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: 'dz' must have {x.shape[0]} rows like 'x' of shape "
+                         f"{tuple(x.shape)}, got shape {tuple(dz.shape)}")
+    if accumulate and out is None:
+        raise ValueError(f"{op}: accumulate=True needs 'out' (the running sums to add to)")
+    out = ck.out(out, "out", (x.shape[0],), like=x)
+    ck.no_overlap(out, "out", (x, "x"), (dz, "dz"))
+    mod, extra, ctx = ck.backend(x)
+    with ctx, _nvtx.annotate(op):
+        mod.dp_row_sqnorms(address(x), address(dz), address(out), x.shape[0], x.shape[1],
+                           dz.shape[1], bool(bias), bool(accumulate), *extra)
+    return out
+
+
+def _positive(op, name, value, allow_zero=False):
+    """``value`` as a float, or ValueError when it is not > 0 (>= 0) or is NaN."""
+    v = float(value)
+    if not (v >= 0.0 if allow_zero else v > 0.0) or v == float("inf"):
+        raise ValueError(f"{op}: '{name}' must be a finite number {'>=' if allow_zero else '>'}"
+                         f" 0, got {value!r}")
+    return v
+
+
+def dp_clip_factors(sqnorms, *, clip, noise_multiplier=0.0, grad_scale, divisor, std_out=None):
+    """DP-SGD's per-example gradient scales, in place on ``sqnorms``; returns it.
+
+    ``sqnorms`` (n,) float32 holds each example's squared gradient norm (of the
+    gradient divided by ``grad_scale``, e.g. :func:`dp_row_sqnorms` of a mean loss's
+    gradients with ``grad_scale = n``). Each becomes
+    ``c_r * grad_scale / divisor`` with ``norm_r = grad_scale * sqrt(sqnorms[r])`` and
+    ``c_r = min(1, clip / (norm_r + 1e-6))`` (Opacus's clip factor), in double,
+    rounded to float. ``std_out`` (a (1,) float32 array on the same device), when
+    given, receives the noise standard deviation ``noise_multiplier * clip / divisor``.
+    ``clip``, ``grad_scale``, ``divisor`` > 0, ``noise_multiplier`` >= 0. A NaN
+    norm gives a NaN scale.
+    """
+    op = "dp_clip_factors"
+    clip = _positive(op, "clip", clip)
+    noise_multiplier = _positive(op, "noise_multiplier", noise_multiplier, allow_zero=True)
+    grad_scale = _positive(op, "grad_scale", grad_scale)
+    divisor = _positive(op, "divisor", divisor)
+    ck = Checker(op)
+    sqnorms = ck.f32(sqnorms, "sqnorms", ndim=1, writable=True)
+    if std_out is not None:
+        std_out = ck.f32(std_out, "std_out", shape=(1,), writable=True)
+        ck.no_overlap(std_out, "std_out", (sqnorms, "sqnorms"))
+    mod, extra, ctx = ck.backend(sqnorms)
+    with ctx, _nvtx.annotate(op):
+        mod.dp_clip_factors(address(sqnorms), sqnorms.shape[0], clip, noise_multiplier,
+                            grad_scale, divisor, _addr(std_out), *extra)
+    return sqnorms

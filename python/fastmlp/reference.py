@@ -64,6 +64,8 @@ __all__ = [
     "metric_sums",
     "LOSS_KINDS",
     "loss_forward_backward",
+    "dp_row_sqnorms",
+    "dp_clip_factors",
 ]
 
 _cupy = None  # the cupy module once imported; False when it cannot be imported
@@ -954,3 +956,43 @@ def loss_forward_backward(kind, pred, target, *, sample_weight=None, delta=1.0,
         return loss, None
     dpred = (grad * (w / max(n, 1))[:, None]).astype(xp.float32)
     return loss, _store(dpred, out)
+
+
+# --------------------------------------------------------------------------- DP-SGD [issue 17]
+
+
+def dp_row_sqnorms(x, dz, *, bias=True, out=None, accumulate=False):
+    """Per-example squared gradient norms of one Dense layer: ``(out if accumulate else 0)
+    + (||x[r]||^2 + bias) * ||dz[r]||^2`` per row r, computed in float64; the result has
+    ``out``'s dtype (written in place) or, without ``out``, the inputs' float dtype."""
+    xp = _xp(x, dz, out)
+    if x.ndim != 2 or dz.ndim != 2 or x.shape[0] != dz.shape[0]:
+        raise ValueError(f"'x' and 'dz' must be 2-D with the same rows, got shapes "
+                         f"{tuple(x.shape)} and {tuple(dz.shape)}")
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs 'out'")
+    _check_out(out, (x.shape[0],))
+    sx = (x.astype(xp.float64) ** 2).sum(axis=1)
+    sdz = (dz.astype(xp.float64) ** 2).sum(axis=1)
+    v = (sx + (1.0 if bias else 0.0)) * sdz
+    if accumulate:
+        v = out.astype(xp.float64) + v
+    if out is None:
+        return v.astype(xp.result_type(x.dtype, dz.dtype))
+    out[...] = v
+    return out
+
+
+def dp_clip_factors(sqnorms, *, clip, noise_multiplier=0.0, grad_scale, divisor, std_out=None):
+    """In place: ``sqnorms[r]`` becomes ``min(1, clip / (grad_scale * sqrt(sqnorms[r]) + 1e-6))
+    * grad_scale / divisor`` (Opacus's clip factor; float64 math, a NaN stays NaN); with
+    ``std_out``, ``std_out[0] = noise_multiplier * clip / divisor``. Returns ``sqnorms``."""
+    xp = _xp(sqnorms, std_out)
+    norm = grad_scale * xp.sqrt(sqnorms.astype(xp.float64))
+    c = clip / (norm + 1e-6)
+    c = xp.where(c > 1.0, 1.0, c)  # NaN > 1 is False: a NaN norm keeps its NaN
+    sqnorms[...] = c * grad_scale / divisor
+    if std_out is not None:
+        _check_out(std_out, (1,), "std_out")
+        std_out[0] = noise_multiplier * clip / divisor
+    return sqnorms
