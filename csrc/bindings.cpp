@@ -94,6 +94,20 @@ fastmlp::GradTransform grad_transform(const TransformTuple& tr) {
                     ldb, beta, ptr<float>(c), ldc, ep,                                        \
                     static_cast<fastmlp::Precision>(precision) EXTRA_ARG);                    \
     }, py::call_guard<py::gil_scoped_release>());                                            \
+    /* [issue 17] gemm_ex with row_scale_k (DP-SGD's per-example clip factors, k  */     \
+    /* floats scaling op(B)'s rows, fastmlp.h) and colsum_b: the Dense dW call.     */     \
+    M.def("gemm_ex_row_scaled", [](bool ta, bool tb, int64_t m, int64_t n, int64_t k,         \
+                                   float alpha, uintptr_t a, int64_t lda, uintptr_t b,        \
+                                   int64_t ldb, float beta, uintptr_t c, int64_t ldc,         \
+                                   uintptr_t colsum_b, uintptr_t row_scale_k,                 \
+                                   int precision EXTRA_PARAM) {                               \
+        fastmlp::GemmEpilogue ep;                                                             \
+        ep.colsum_b = ptr<float>(colsum_b);                                                   \
+        ep.row_scale_k = ptr<const float>(row_scale_k);                                       \
+        NS::gemm_ex(ta, tb, m, n, k, alpha, ptr<const float>(a), lda, ptr<const float>(b),   \
+                    ldb, beta, ptr<float>(c), ldc, ep,                                        \
+                    static_cast<fastmlp::Precision>(precision) EXTRA_ARG);                    \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
     /* [issue 15] gemm_ex with the activation epilogue: the same arguments, then  */      \
     /* act, preact, ld_preact, dropout, grad_act, saved, ld_saved, saved_is_input, */      \
     /* grad_dropout (a dropout is (threshold, scale, key0, key1, step address)).  */      \
