@@ -337,10 +337,12 @@ bool overlaps(const NpView& x, const NpView& y) {
 // [issue 15] act / preact / dropout (a DropoutTuple or None) and grad_act /
 // saved / saved_is_input / grad_dropout: the activation epilogue (fastmlp.h),
 // taken only when plainly valid (else false: ops.py's general path reports it).
+// [issue 17] row_scale: GemmEpilogue::row_scale_k (k floats), or None.
 bool bind_gemm_fast(py::handle a, py::handle b, py::handle c, bool ta, bool tb, float alpha,
                     float beta, py::handle bias, bool relu, py::handle mask, py::handle colsum,
                     int act, py::handle preact, py::handle dropout, int grad_act,
-                    py::handle saved, bool saved_is_input, py::handle grad_dropout) {
+                    py::handle saved, bool saved_is_input, py::handle grad_dropout,
+                    py::handle row_scale) {
     NpView A, B, C, Bias, Mask, Col;
     if (!np_view(a, 2, A) || !np_view(b, 2, B) || !np_view(c, 2, C) || !C.writeable) return false;
     const int64_t m = ta ? A.cols : A.rows, k = ta ? A.rows : A.cols;
@@ -363,6 +365,13 @@ bool bind_gemm_fast(py::handle a, py::handle b, py::handle c, bool ta, bool tb, 
             overlaps(Col, A) || overlaps(Col, B) || overlaps(Col, C))
             return false;
         ep.colsum_b = Col.data;
+    }
+    if (!row_scale.is_none()) {  // read while C and colsum_b are written: no overlap
+        NpView S;
+        if (!np_view(row_scale, 1, S) || S.cols != k || overlaps(C, S) ||
+            (ep.colsum_b && overlaps(Col, S)))
+            return false;
+        ep.row_scale_k = S.data;
     }
     ep.relu = relu;
     if (act != 0 || !dropout.is_none() || !preact.is_none() || grad_act != 0 ||
@@ -538,7 +547,8 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("bias"), py::arg("relu"), py::arg("mask"), py::arg("colsum"),
             py::arg("act") = 0, py::arg("preact") = py::none(), py::arg("dropout") = py::none(),
             py::arg("grad_act") = 0, py::arg("saved") = py::none(),
-            py::arg("saved_is_input") = false, py::arg("grad_dropout") = py::none());
+            py::arg("saved_is_input") = false, py::arg("grad_dropout") = py::none(),
+            py::arg("row_scale") = py::none());
     cpu.def("gemm_isas_supported", &fastmlp::cpu::gemm_isas_supported);
     cpu.def("set_gemm_isa", &fastmlp::cpu::set_gemm_isa);
 

@@ -225,3 +225,19 @@ def test_row_scale_overlapping_output_refused(rng):
     with pytest.raises(ValueError, match="row_scale_k overlaps colsum_b"):
         _C.cpu.gemm_ex_row_scaled(True, False, 4, 3, 6, 1.0, addr(x), 4, addr(dy), 3, 0.0,
                                   addr(dw), 3, addr(db), addr(db) + 8, 0)
+
+
+def test_checked_path_matches_fast_path(rng):
+    """NumPy arrays take the C++ fast path (bindings.cpp gemm_fast); other arrays (here
+    torch tensors, shared zero-copy) take ops.py's checked path: the same kernel call,
+    so the same bits."""
+    torch = pytest.importorskip("torch")
+    for n, fin, fout in [(33, 10, 300), (128, 784, 128), (1024, 128, 10)]:
+        x, dy = normal(rng, (n, fin)), normal(rng, (n, fout))
+        s = scales(rng, n, "mixed")
+        dw, db = fm.ops.dense_backward_weight(x, dy, row_scale=s)
+        tdw, tdb = fm.ops.dense_backward_weight(torch.from_numpy(x), torch.from_numpy(dy),
+                                                row_scale=torch.from_numpy(s))
+        np.testing.assert_array_equal(np.asarray(tdw), dw)
+        np.testing.assert_array_equal(np.asarray(tdb), db)
+        _check_dw(fm_cpu(), x, dy, s)

@@ -396,11 +396,9 @@ struct Gemm {
         if (g.trans_b || rs) {
             float* pk = tl_nb.get(g.k * W);
             if (pk == nullptr) return false;
-            if (!g.trans_b) {
-                for (int64_t p = 0; p < g.k; ++p) {
-                    const float* __restrict src = g.b + p * g.ldb;
-                    for (int64_t j = 0; j < g.n; ++j) pk[p * W + j] = row_scaled(src[j], rs[p]);
-                }
+            if (!g.trans_b) {  // one masked vector per row: s[p] * B's row (row_scaled)
+                for (int64_t p = 0; p < g.k; ++p)
+                    S::store(pk + p * W, S::mul(S::load_n(g.b + p * g.ldb, int(g.n)), S::set1(rs[p])));
             } else {
                 for (int64_t j = 0; j < g.n; ++j) {
                     const float* __restrict src = g.b + j * g.ldb;
@@ -452,7 +450,17 @@ struct Gemm {
             }
         };
         parallel_chunks(parts, g.threads, chunk);
-        if (g.ep.colsum_b) colsum(g, 0, g.n);
+        if (g.ep.colsum_b && rs) {
+            // [issue 17] The column sums of the scaled B from its packed copy: one
+            // vector add per row, p in order (lane j is column j), so the bits of
+            // colsum_row_scaled without a second pass over B. Only additions of
+            // stored products here: nothing can be fused into an FMA.
+            V acc = S::zero();
+            for (int64_t p = 0; p < g.k; ++p) acc = S::add(acc, S::load(bp + p * W));
+            S::store_n(g.ep.colsum_b, acc, int(g.n));
+        } else if (g.ep.colsum_b) {
+            colsum(g, 0, g.n);
+        }
         return __atomic_load_n(&ok, __ATOMIC_RELAXED);
     }
 

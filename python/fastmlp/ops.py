@@ -438,11 +438,15 @@ def dense_backward_weight(x, dy, *, row_scale=None, out=None, bias_out=None, bia
     ``dy[r, j] * s[r]`` rounded to float32 first); ones give the unscaled result.
     """
     op = "dense_backward_weight"
-    if row_scale is None and (bias or bias_out is None) and _plain(precision) \
+    if (bias or bias_out is None) and _plain(precision) \
             and _nd2(x, dy):
         dw = out if out is not None else np.empty((x.shape[1], dy.shape[1]), _F32)
         db = (np.empty((dy.shape[1],), _F32) if bias_out is None else bias_out) if bias else None
-        if _gemm_fast(x, dy, dw, True, False, 1.0, 0.0, None, False, None, db):
+        if row_scale is None:
+            if _gemm_fast(x, dy, dw, True, False, 1.0, 0.0, None, False, None, db):
+                return dw, db
+        elif _gemm_fast(x, dy, dw, True, False, 1.0, 0.0, None, False, None, db,
+                        0, None, None, 0, None, False, None, row_scale):
             return dw, db
     ck = Checker(op)
     x = ck.f32(x, "x", ndim=2)
