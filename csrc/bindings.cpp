@@ -94,6 +94,20 @@ fastmlp::GradTransform grad_transform(const TransformTuple& tr) {
                     ldb, beta, ptr<float>(c), ldc, ep,                                        \
                     static_cast<fastmlp::Precision>(precision) EXTRA_ARG);                    \
     }, py::call_guard<py::gil_scoped_release>());                                            \
+    /* [issue 17] gemm_ex with row_scale_k (DP-SGD's per-example clip factors, k  */     \
+    /* floats scaling op(B)'s rows, fastmlp.h) and colsum_b: the Dense dW call.     */     \
+    M.def("gemm_ex_row_scaled", [](bool ta, bool tb, int64_t m, int64_t n, int64_t k,         \
+                                   float alpha, uintptr_t a, int64_t lda, uintptr_t b,        \
+                                   int64_t ldb, float beta, uintptr_t c, int64_t ldc,         \
+                                   uintptr_t colsum_b, uintptr_t row_scale_k,                 \
+                                   int precision EXTRA_PARAM) {                               \
+        fastmlp::GemmEpilogue ep;                                                             \
+        ep.colsum_b = ptr<float>(colsum_b);                                                   \
+        ep.row_scale_k = ptr<const float>(row_scale_k);                                       \
+        NS::gemm_ex(ta, tb, m, n, k, alpha, ptr<const float>(a), lda, ptr<const float>(b),   \
+                    ldb, beta, ptr<float>(c), ldc, ep,                                        \
+                    static_cast<fastmlp::Precision>(precision) EXTRA_ARG);                    \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
     /* [issue 15] gemm_ex with the activation epilogue: the same arguments, then  */      \
     /* act, preact, ld_preact, dropout, grad_act, saved, ld_saved, saved_is_input, */      \
     /* grad_dropout (a dropout is (threshold, scale, key0, key1, step address)).  */      \
@@ -336,10 +350,12 @@ bool overlaps(const NpView& x, const NpView& y) {
 // [issue 15] act / preact / dropout (a DropoutTuple or None) and grad_act /
 // saved / saved_is_input / grad_dropout: the activation epilogue (fastmlp.h),
 // taken only when plainly valid (else false: ops.py's general path reports it).
+// [issue 17] row_scale: GemmEpilogue::row_scale_k (k floats), or None.
 bool bind_gemm_fast(py::handle a, py::handle b, py::handle c, bool ta, bool tb, float alpha,
                     float beta, py::handle bias, bool relu, py::handle mask, py::handle colsum,
                     int act, py::handle preact, py::handle dropout, int grad_act,
-                    py::handle saved, bool saved_is_input, py::handle grad_dropout) {
+                    py::handle saved, bool saved_is_input, py::handle grad_dropout,
+                    py::handle row_scale) {
     NpView A, B, C, Bias, Mask, Col;
     if (!np_view(a, 2, A) || !np_view(b, 2, B) || !np_view(c, 2, C) || !C.writeable) return false;
     const int64_t m = ta ? A.cols : A.rows, k = ta ? A.rows : A.cols;
@@ -362,6 +378,13 @@ bool bind_gemm_fast(py::handle a, py::handle b, py::handle c, bool ta, bool tb, 
             overlaps(Col, A) || overlaps(Col, B) || overlaps(Col, C))
             return false;
         ep.colsum_b = Col.data;
+    }
+    if (!row_scale.is_none()) {  // read while C and colsum_b are written: no overlap
+        NpView S;
+        if (!np_view(row_scale, 1, S) || S.cols != k || overlaps(C, S) ||
+            (ep.colsum_b && overlaps(Col, S)))
+            return false;
+        ep.row_scale_k = S.data;
     }
     ep.relu = relu;
     if (act != 0 || !dropout.is_none() || !preact.is_none() || grad_act != 0 ||
@@ -537,7 +560,8 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("bias"), py::arg("relu"), py::arg("mask"), py::arg("colsum"),
             py::arg("act") = 0, py::arg("preact") = py::none(), py::arg("dropout") = py::none(),
             py::arg("grad_act") = 0, py::arg("saved") = py::none(),
-            py::arg("saved_is_input") = false, py::arg("grad_dropout") = py::none());
+            py::arg("saved_is_input") = false, py::arg("grad_dropout") = py::none(),
+            py::arg("row_scale") = py::none());
     cpu.def("gemm_isas_supported", &fastmlp::cpu::gemm_isas_supported);
     cpu.def("set_gemm_isa", &fastmlp::cpu::set_gemm_isa);
 

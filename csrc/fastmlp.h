@@ -67,6 +67,18 @@ struct GemmEpilogue {
     // enough, a split-K entry runs unsplit. The CPU ignores it.
     float* workspace = nullptr;
     int64_t workspace_floats = 0;
+    // [issue 17] DP-SGD's per-example clipping inside the weight-gradient GEMM:
+    // k floats (op(B)'s rows), or null for none. Then
+    //   C = alpha * op(A) diag(row_scale_k) op(B) + beta * C, and
+    //   colsum_b[j] = sum_p row_scale_k[p] op(B)(p, j).
+    // Each product op(B)(p,j) * s[p] is rounded to float32 before it is used
+    // (the semantics of scaling op(B)'s rows first): kernel_math.h's
+    // row_scaled, never contracted into an FMA, on both devices; the GEMM and
+    // the column sums then round as the unscaled call on the scaled B does, so
+    // CPU and GPU agree to GEMM rounding, and s = 1 gives the unscaled call's
+    // bits on the same path. All four transposes; the CUDA tuned family
+    // declines such calls (the foundation's tiled kernel scales as it loads).
+    const float* row_scale_k = nullptr;
 
     // [issue 15] The general activation epilogue (kernel_math.h ActCode,
     // DropoutSpec), for what the relu / relu_mask fast paths above do not

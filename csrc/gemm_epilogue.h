@@ -25,6 +25,27 @@ inline void check_activation_call(const char* op, int64_t rows, int64_t cols, in
     FASTMLP_CHECK(d.threshold == 0 || d.step != nullptr, op << ": dropout needs a step pointer");
 }
 
+// The checks of gemm_ex's colsum_b, relu_mask and row_scale_k (issue 17) for
+// C (m x n, leading dimension ldc) and op(B) with k rows. row_scale_k is read
+// while C and colsum_b are written, so it must not overlap them.
+inline void check_gemm_epilogue(const GemmEpilogue& ep, bool trans_b, int64_t m, int64_t n,
+                                int64_t k, const float* c, int64_t ldc) {
+    FASTMLP_CHECK(ep.colsum_b == nullptr || !trans_b, "gemm_ex: colsum_b needs trans_b == false");
+    FASTMLP_CHECK(ep.relu_mask == nullptr || ep.ld_mask >= n,
+                  "gemm_ex: ld_mask must be >= n=" << n << ", got " << ep.ld_mask);
+    if (ep.row_scale_k == nullptr || k == 0) return;
+    auto overlaps = [&](const float* p, int64_t count) {
+        const uintptr_t s0 = reinterpret_cast<uintptr_t>(ep.row_scale_k);
+        const uintptr_t s1 = s0 + static_cast<uintptr_t>(k) * sizeof(float);
+        const uintptr_t p0 = reinterpret_cast<uintptr_t>(p);
+        const uintptr_t p1 = p0 + static_cast<uintptr_t>(count) * sizeof(float);
+        return p != nullptr && count > 0 && s0 < p1 && p0 < s1;
+    };
+    FASTMLP_CHECK(!overlaps(ep.colsum_b, n), "gemm_ex: row_scale_k overlaps colsum_b");
+    FASTMLP_CHECK(m == 0 || n == 0 || !overlaps(c, (m - 1) * ldc + n),
+                  "gemm_ex: row_scale_k overlaps C");
+}
+
 // Checks the activation fields of `ep` for a C with n columns and returns the
 // epilogue in normal form: the cases the relu / relu_mask fast paths cover
 // exactly are moved onto them (those paths are bit-identical to the general

@@ -47,6 +47,13 @@ FASTMLP_HOSTDEV float mul_rn(float a, float b) { return a * b; }
 FASTMLP_HOSTDEV float sub_mul(float p, float a, float b) { return p - a * b; }
 #endif
 
+// [issue 17] op(B)(p, j) scaled by DP-SGD's clip factor s[p] (GemmEpilogue::
+// row_scale_k), rounded to float32 before the GEMM or the column sum uses it.
+// On the host the callers keep the product from being fused into their sum:
+// the GEMM stores it into its packed panel, the column sum is compiled with
+// -ffp-contract=off (cpu/gemm_rowscale.cpp).
+FASTMLP_HOSTDEV float row_scaled(float b, float s) { return mul_rn(b, s); }
+
 // NaN and Inf propagate as in torch (issue 20: a comparison that is false for
 // NaN must not turn a NaN into a number). Every ReLU of every kernel, scalar
 // or vector, CPU or CUDA, is one of these two rules.

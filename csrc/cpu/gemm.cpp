@@ -123,9 +123,8 @@ void gemm_ex(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
     // [issue 15] the activation fields checked, and moved onto the relu fast
     // paths where those compute the same (gemm_epilogue.h).
     const GemmEpilogue ep = normalize_act_epilogue(ep_in, n);
-    FASTMLP_CHECK(ep.colsum_b == nullptr || !trans_b, "gemm_ex: colsum_b needs trans_b == false");
-    FASTMLP_CHECK(ep.relu_mask == nullptr || ep.ld_mask >= n,
-                  "gemm_ex: ld_mask must be >= n=" << n << ", got " << ep.ld_mask);
+    // colsum_b, relu_mask, row_scale_k [issue 17]: the checks CUDA makes too.
+    check_gemm_epilogue(ep, trans_b, m, n, k, c, ldc);
     if (n == 0) return;
     if (m == 0 && ep.colsum_b == nullptr) return;
     FASTMLP_CHECK((m == 0 || c != nullptr) && (k == 0 || (a != nullptr && b != nullptr)),
@@ -134,6 +133,7 @@ void gemm_ex(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
     if (k == 0) return gemm_k0(g);
     if (m == 0) {  // only the column sums of B are asked for
         g.m = 0;
+        if (ep.row_scale_k) return colsum_row_scaled(b, ldb, ep.row_scale_k, k, 0, n, ep.colsum_b);
         for (int64_t j = 0; j < n; ++j) ep.colsum_b[j] = 0.0f;
         for (int64_t p = 0; p < k; ++p)
             for (int64_t j = 0; j < n; ++j) ep.colsum_b[j] += b[p * ldb + j];

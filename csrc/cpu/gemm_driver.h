@@ -218,9 +218,12 @@ struct Gemm {
         }
     }
 
-    // op(B)[p0:p0+kc, j0:j0+nc] -> NR-wide k-major panels, zero-padded.
+    // op(B)[p0:p0+kc, j0:j0+nc] -> NR-wide k-major panels, zero-padded; with
+    // row_scale_k [issue 17] each row p scaled by s[p] on the way (the packed
+    // panel stores the rounded product, kernel_math.h row_scaled).
     static void pack_b(const GemmArgs& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc,
                        float* dst) {
+        if (g.ep.row_scale_k) return pack_b_scaled(g, p0, kc, j0, nc, dst);
         for (int64_t jr = 0; jr < nc; jr += NR, dst += kc * NR) {
             const int64_t nr = imin(NR, nc - jr);
             if (!g.trans_b) {  // rows of op(B) are contiguous in B
@@ -235,6 +238,32 @@ struct Gemm {
                     if (j < nr) {
                         const float* src = g.b + (j0 + jr + j) * g.ldb + p0;
                         for (int64_t p = 0; p < kc; ++p) dst[p * NR + j] = src[p];
+                    } else {
+                        for (int64_t p = 0; p < kc; ++p) dst[p * NR + j] = 0.0f;
+                    }
+                }
+            }
+        }
+    }
+
+    static void pack_b_scaled(const GemmArgs& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc,
+                              float* dst) {
+        const float* __restrict s = g.ep.row_scale_k + p0;
+        for (int64_t jr = 0; jr < nc; jr += NR, dst += kc * NR) {
+            const int64_t nr = imin(NR, nc - jr);
+            if (!g.trans_b) {
+                const float* src = g.b + p0 * g.ldb + j0 + jr;
+                for (int64_t p = 0; p < kc; ++p) {
+                    float* d = dst + p * NR;
+                    const float sp = s[p];
+                    for (int64_t j = 0; j < nr; ++j) d[j] = row_scaled(src[p * g.ldb + j], sp);
+                    for (int64_t j = nr; j < NR; ++j) d[j] = 0.0f;
+                }
+            } else {
+                for (int64_t j = 0; j < NR; ++j) {
+                    if (j < nr) {
+                        const float* src = g.b + (j0 + jr + j) * g.ldb + p0;
+                        for (int64_t p = 0; p < kc; ++p) dst[p * NR + j] = row_scaled(src[p], s[p]);
                     } else {
                         for (int64_t p = 0; p < kc; ++p) dst[p * NR + j] = 0.0f;
                     }
@@ -332,8 +361,11 @@ struct Gemm {
         return true;
     }
 
-    // colsum_b[j] = sum_p B[p*ldb + j] for j in [j0, j1), p in order.
+    // colsum_b[j] = sum_p B[p*ldb + j] for j in [j0, j1), p in order (each term
+    // times row_scale_k[p] when set [issue 17]: cpu/gemm_rowscale.cpp).
     static void colsum(const GemmArgs& g, int64_t j0, int64_t j1) {
+        if (g.ep.row_scale_k)
+            return colsum_row_scaled(g.b, g.ldb, g.ep.row_scale_k, g.k, j0, j1, g.ep.colsum_b);
         float* __restrict s = g.ep.colsum_b;
         for (int64_t j = j0; j < j1; ++j) s[j] = 0.0f;
         for (int64_t p = 0; p < g.k; ++p) {
@@ -355,15 +387,26 @@ struct Gemm {
 
     static bool run_narrow(const GemmArgs& g) {
         // op(B)'s rows are read in place with masked loads; a transposed B is
-        // packed first into k x W (k*n floats: small next to the m*k*n work).
+        // packed first into k x W (k*n floats: small next to the m*k*n work),
+        // and so is a row-scaled one [issue 17], each row times s[p] (the
+        // tile then reads the same values the unscaled call would, times s).
         const float* bp = g.b;
         int64_t b_rs = g.ldb;
-        if (g.trans_b) {
+        const float* __restrict rs = g.ep.row_scale_k;
+        if (g.trans_b || rs) {
             float* pk = tl_nb.get(g.k * W);
             if (pk == nullptr) return false;
-            for (int64_t j = 0; j < g.n; ++j) {
-                const float* __restrict src = g.b + j * g.ldb;
-                for (int64_t p = 0; p < g.k; ++p) pk[p * W + j] = src[p];
+            if (!g.trans_b) {  // one masked vector per row: s[p] * B's row (row_scaled)
+                for (int64_t p = 0; p < g.k; ++p)
+                    S::store(pk + p * W, S::mul(S::load_n(g.b + p * g.ldb, int(g.n)), S::set1(rs[p])));
+            } else {
+                for (int64_t j = 0; j < g.n; ++j) {
+                    const float* __restrict src = g.b + j * g.ldb;
+                    if (rs)
+                        for (int64_t p = 0; p < g.k; ++p) pk[p * W + j] = row_scaled(src[p], rs[p]);
+                    else
+                        for (int64_t p = 0; p < g.k; ++p) pk[p * W + j] = src[p];
+                }
             }
             bp = pk;
             b_rs = W;
@@ -407,7 +450,17 @@ struct Gemm {
             }
         };
         parallel_chunks(parts, g.threads, chunk);
-        if (g.ep.colsum_b) colsum(g, 0, g.n);
+        if (g.ep.colsum_b && rs) {
+            // [issue 17] The column sums of the scaled B from its packed copy: one
+            // vector add per row, p in order (lane j is column j), so the bits of
+            // colsum_row_scaled without a second pass over B. Only additions of
+            // stored products here: nothing can be fused into an FMA.
+            V acc = S::zero();
+            for (int64_t p = 0; p < g.k; ++p) acc = S::add(acc, S::load(bp + p * W));
+            S::store_n(g.ep.colsum_b, acc, int(g.n));
+        } else if (g.ep.colsum_b) {
+            colsum(g, 0, g.n);
+        }
         return __atomic_load_n(&ok, __ATOMIC_RELAXED);
     }
 
@@ -435,6 +488,8 @@ struct Gemm {
             h.a = g.trans_a ? g.a + pc * g.lda : g.a + pc;
             h.b = g.trans_b ? g.b + pc : g.b + pc * g.ldb;
             h.ep = GemmEpilogue();
+            // [issue 17] the slice's rows of the scale (run_direct packs B scaled)
+            h.ep.row_scale_k = g.ep.row_scale_k ? g.ep.row_scale_k + pc : nullptr;
             h.threads = 1;
             if (i > 0) {
                 h.c = part + (i - 1) * g.m * g.n;
@@ -477,7 +532,9 @@ struct Gemm {
         // Pack B when it must be transposed, or when it is large and reused by
         // many row panels; pack A when it is large and not already in panel
         // order (see the header comment).
-        const bool pack_b_ = g.trans_b || (g.k * g.n >= (int64_t(1) << 16) && mp >= 8);
+        // A row-scaled B [issue 17] is always packed: the scaling happens there.
+        const bool pack_b_ = g.trans_b || g.ep.row_scale_k != nullptr ||
+                             (g.k * g.n >= (int64_t(1) << 16) && mp >= 8);
         // A in place is op(A)'s rows, read as MR streams: measured faster than
         // packing it unless it is reused by many column panels (AMD EPYC, Zen 4:
         // 784->128 X@W at batch 8192 went from 0.77x to 1.1x NumPy's SkylakeX

@@ -25,6 +25,14 @@ static inline float epilogue_at(float v, const GemmEpilogue& ep, int64_t i, int6
     return v;
 }
 
+// [issue 17] out[j] = sum_p row_scaled(b[p*ldb + j], s[p]) for j in [j0, j1),
+// p = 0..k-1 in order: the column sums of a row-scaled B (GemmEpilogue::
+// row_scale_k). In cpu/gemm_rowscale.cpp, compiled without FMA contraction so
+// that each product is rounded before it is added (kernel_math.h row_scaled);
+// with s = 1 the sums are bit for bit the unscaled driver's (same order).
+void colsum_row_scaled(const float* b, int64_t ldb, const float* s, int64_t k, int64_t j0,
+                       int64_t j1, float* out);
+
 struct GemmArgs {
     bool trans_a, trans_b;
     int64_t m, n, k;

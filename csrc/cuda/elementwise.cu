@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "check.h"
+#include "cuda/row_scale.h"
 #include "fastmlp.h"
 #include "launch.h"
 #include "kernel_math.h"
@@ -83,9 +84,15 @@ first_nonfinite_f32(const float* __restrict__ x, int64_t size, unsigned long lon
 constexpr int kTile = detail::kWarpSize;   // columns per block = rows of partials
 static_assert(kTile == 32, "the transpose stage maps one column of partials to one warp");
 
+//
+// kScale [issue 17]: db(c) = sum_r row_scaled(dy(r, c), scale[r]) (kernel_math.h:
+// each product rounded, as the CPU's colsum_row_scaled), the column sums of a
+// row-scaled B for gemm_ex's row_scale_k; the same order, so scale = 1 gives
+// the unscaled sums bit for bit.
+template <bool kScale>
 __global__ void __launch_bounds__(kTile * kTile)
 bias_grad_colsum_f32(const float* __restrict__ dy, float* __restrict__ db, int64_t rows,
-                     int64_t cols) {
+                     int64_t cols, const float* __restrict__ scale) {
     __shared__ float partial[kTile][kTile + 1];
     const int tx = static_cast<int>(threadIdx.x);
     const int ty = static_cast<int>(threadIdx.y);
@@ -98,7 +105,8 @@ bias_grad_colsum_f32(const float* __restrict__ dy, float* __restrict__ db, int64
         float sum = 0.0f;
         if (col < cols) {
 #pragma unroll 4
-            for (int64_t r = ty; r < rows; r += kTile) sum += dy[r * cols + col];
+            for (int64_t r = ty; r < rows; r += kTile)
+                sum += kScale ? row_scaled(dy[r * cols + col], scale[r]) : dy[r * cols + col];
         }
         partial[ty][tx] = sum;
         __syncthreads();   // all partials of the tile are in shared memory
@@ -149,7 +157,25 @@ void bias_grad(const float* dy, float* db, int64_t rows, int64_t cols, cudaStrea
     // blocks, which needs a second pass); the grid-stride loop covers the rest.
     const unsigned int blocks =
         detail::grid_stride_blocks(cols, kTile, std::numeric_limits<int32_t>::max());
-    bias_grad_colsum_f32<<<blocks, dim3(kTile, kTile), 0, stream>>>(dy, db, rows, cols);
+    bias_grad_colsum_f32<false><<<blocks, dim3(kTile, kTile), 0, stream>>>(dy, db, rows, cols,
+                                                                           nullptr);
+    detail::check_launch();
+}
+
+void bias_grad_row_scaled(const float* dy, const float* scale, float* db, int64_t rows,
+                          int64_t cols, cudaStream_t stream) {
+    FASTMLP_CHECK(rows >= 0 && cols >= 0, "bias_grad_row_scaled: sizes must be non-negative, got rows="
+                                              << rows << " cols=" << cols);
+    if (cols == 0) return;
+    FASTMLP_CHECK(db != nullptr, "bias_grad_row_scaled: db is null");
+    FASTMLP_CHECK(rows == 0 || (dy != nullptr && scale != nullptr),
+                  "bias_grad_row_scaled: dy or scale is null");
+    FASTMLP_CHECK(rows <= std::numeric_limits<int64_t>::max() / cols,
+                  "bias_grad_row_scaled: rows*cols overflows int64");
+    const unsigned int blocks =
+        detail::grid_stride_blocks(cols, kTile, std::numeric_limits<int32_t>::max());
+    bias_grad_colsum_f32<true><<<blocks, dim3(kTile, kTile), 0, stream>>>(dy, db, rows, cols,
+                                                                          scale);
     detail::check_launch();
 }
 

@@ -28,7 +28,9 @@
 #include <limits>
 
 #include "check.h"
+#include "cuda/row_scale.h"
 #include "fastmlp.h"
+#include "kernel_math.h"
 #include "launch.h"
 
 namespace fastmlp {
@@ -74,7 +76,9 @@ using GemmConfig = GemmTile<64, 64, 16, 4, 4>;
 // d is the operand's output dimension (i for op(A), j for op(B)), p the
 // reduction dimension; element (d, p) is X[d * ld + p] when K_CONTIGUOUS, else
 // X[p * ld + d]. Out-of-range elements (d >= D or p >= K) are zero-filled and
-// never read, so partial tiles add nothing to the sums.
+// never read, so partial tiles add nothing to the sums. With kScale [issue 17]
+// element (d, p) is multiplied by scale[p] as it is loaded (kernel_math.h
+// row_scaled: rounded, never fused), so the tile holds diag(scale) op(B).
 //
 // Thread mapping: consecutive threads take consecutive addresses along the
 // contiguous dimension (coalesced global reads); each pass covers THREADS
@@ -99,8 +103,10 @@ struct TileLoader {
     __device__ __forceinline__ explicit TileLoader(int tid)
         : fast(tid % kFastExtent), slow(tid / kFastExtent) {}
 
+    template <bool kScale = false>
     __device__ __forceinline__ void load(const float* __restrict__ X, int64_t ld, int64_t d0,
-                                         int64_t p0, int64_t D, int64_t K) {
+                                         int64_t p0, int64_t D, int64_t K,
+                                         const float* __restrict__ scale = nullptr) {
 #pragma unroll
         for (int r = 0; r < kPerThread; ++r) {
             const int s = slow + r * kSlowStep;
@@ -108,7 +114,10 @@ struct TileLoader {
             const int64_t p = p0 + (K_CONTIGUOUS ? fast : s);
             float v = 0.0f;
             // 64-bit offsets: d * ld exceeds 2^31 for matrices over 8 GiB.
-            if (d < D && p < K) v = X[K_CONTIGUOUS ? d * ld + p : p * ld + d];
+            if (d < D && p < K) {
+                v = X[K_CONTIGUOUS ? d * ld + p : p * ld + d];
+                if (kScale) v = row_scaled(v, scale[p]);  // p < K: in bounds
+            }
             reg[r] = v;
         }
     }
@@ -126,11 +135,13 @@ struct TileLoader {
 
 // C must not overlap A or B (as in BLAS): blocks write C while others still
 // read A and B, and the __restrict__ qualifiers promise it.
-template <class Cfg, bool TRANS_A, bool TRANS_B>
+// SCALE_B [issue 17]: op(B)'s row p is scaled by row_scale[p] (K floats) as
+// its tiles are loaded: C = alpha * op(A) diag(row_scale) op(B) + beta * C.
+template <class Cfg, bool TRANS_A, bool TRANS_B, bool SCALE_B>
 __global__ void __launch_bounds__(Cfg::kThreads)
 gemm_tiled_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* __restrict__ A,
                int64_t lda, const float* __restrict__ B, int64_t ldb, float beta,
-               float* __restrict__ C, int64_t ldc) {
+               float* __restrict__ C, int64_t ldc, const float* __restrict__ row_scale) {
     constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN;
     constexpr int PAD = Cfg::kPad, THREADS = Cfg::kThreads;
 
@@ -162,7 +173,7 @@ gemm_tiled_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* __rest
     const int64_t num_k_tiles = ceil_div(K, BK);   // >= 1: the launcher handles K == 0
 
     a_tile.load(A, lda, i0, 0, M, K);
-    b_tile.load(B, ldb, j0, 0, N, K);
+    b_tile.template load<SCALE_B>(B, ldb, j0, 0, N, K, row_scale);
     a_tile.store(As);
     b_tile.store(Bs);
     __syncthreads();   // the first tile is complete before anyone multiplies it
@@ -176,7 +187,7 @@ gemm_tiled_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* __rest
             // while the FMAs below run.
             const int64_t p_next = (t + 1) * BK;
             a_tile.load(A, lda, i0, p_next, M, K);
-            b_tile.load(B, ldb, j0, p_next, N, K);
+            b_tile.template load<SCALE_B>(B, ldb, j0, p_next, N, K, row_scale);
         }
 
 #pragma unroll
@@ -243,20 +254,23 @@ gemm_scale_c_f32(int64_t M, int64_t N, float beta, float* __restrict__ C, int64_
 template <bool TRANS_A, bool TRANS_B>
 void launch_gemm_tiled(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                        const float* b, int64_t ldb, float beta, float* c, int64_t ldc,
-                       cudaStream_t stream) {
+                       const float* row_scale, cudaStream_t stream) {
     using Cfg = GemmConfig;
     const dim3 grid(static_cast<unsigned int>(ceil_div(m, Cfg::BM)),
                     static_cast<unsigned int>(ceil_div(n, Cfg::BN)));
-    gemm_tiled_f32<Cfg, TRANS_A, TRANS_B><<<grid, Cfg::kThreads, 0, stream>>>(
-        m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (row_scale != nullptr)
+        gemm_tiled_f32<Cfg, TRANS_A, TRANS_B, true><<<grid, Cfg::kThreads, 0, stream>>>(
+            m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, row_scale);
+    else
+        gemm_tiled_f32<Cfg, TRANS_A, TRANS_B, false><<<grid, Cfg::kThreads, 0, stream>>>(
+            m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nullptr);
     detail::check_launch();
 }
 
-}  // namespace
-
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc, cudaStream_t stream) {
+// gemm, and gemm_row_scaled when row_scale is not null.
+void gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+               const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+               int64_t ldc, const float* row_scale, cudaStream_t stream) {
     FASTMLP_CHECK(m >= 0 && n >= 0 && k >= 0,
                   "gemm: sizes must be non-negative, got m=" << m << " n=" << n << " k=" << k);
     // Row-major leading dimensions: a row of the stored matrix must fit.
@@ -286,13 +300,33 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
                              << 65535LL * GemmConfig::BN << " columns)");
 
     if (!trans_a && !trans_b)
-        launch_gemm_tiled<false, false>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, stream);
+        launch_gemm_tiled<false, false>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, row_scale,
+                                         stream);
     else if (!trans_a && trans_b)
-        launch_gemm_tiled<false, true>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, stream);
+        launch_gemm_tiled<false, true>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, row_scale,
+                                        stream);
     else if (trans_a && !trans_b)
-        launch_gemm_tiled<true, false>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, stream);
+        launch_gemm_tiled<true, false>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, row_scale,
+                                       stream);
     else
-        launch_gemm_tiled<true, true>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, stream);
+        launch_gemm_tiled<true, true>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, row_scale,
+                                      stream);
+}
+
+}  // namespace
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+          int64_t ldc, cudaStream_t stream) {
+    gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nullptr, stream);
+}
+
+void gemm_row_scaled(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                     const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                     float* c, int64_t ldc, const float* row_scale, cudaStream_t stream) {
+    FASTMLP_CHECK(k == 0 || m == 0 || n == 0 || row_scale != nullptr,
+                  "gemm_row_scaled: row_scale is null");
+    gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, row_scale, stream);
 }
 
 }  // namespace cuda

@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "check.h"
+#include "cuda/row_scale.h"
 #include "fastmlp.h"
 #include "gemm_epilogue.h"
 #include "gemm_family.h"
@@ -122,18 +123,29 @@ void gemm_ex(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
     // [issue 15] the activation fields checked, and moved onto the relu fast
     // paths where those compute the same (gemm_epilogue.h, shared with the CPU).
     const GemmEpilogue ep = normalize_act_epilogue(ep_in, n);
-    FASTMLP_CHECK(ep.colsum_b == nullptr || !trans_b, "gemm_ex: colsum_b needs trans_b == false");
-    FASTMLP_CHECK(ep.relu_mask == nullptr || ep.ld_mask >= n,
-                  "gemm_ex: ld_mask must be >= n=" << n << ", got " << ep.ld_mask);
+    // colsum_b, relu_mask, row_scale_k [issue 17]: the checks the CPU makes too.
+    check_gemm_epilogue(ep, trans_b, m, n, k, c, ldc);
+    // [issue 17] A row-scaled call (DP-SGD's clipped dW) runs the foundation's
+    // tiled kernel, which scales op(B)'s rows as it loads them (cuda/row_scale.h),
+    // and the column sums scale as they read: no pass over B of its own. The
+    // tuned family has no scaled loads, so it is not asked.
+    const bool scaled = ep.row_scale_k != nullptr;
     // A tuned, GPU-verified configuration for this shape class, if the table has one
     // (it declines an activation epilogue: its finish knows bias / relu / mask only).
-    if (family::try_dispatch(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep,
-                             precision, stream))
+    if (!scaled && family::try_dispatch(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta,
+                                        c, ldc, ep, precision, stream))
         return;
-    gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, stream);
+    if (scaled)
+        gemm_row_scaled(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                        ep.row_scale_k, stream);
+    else
+        gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, stream);
     if (ep.colsum_b != nullptr) {
         FASTMLP_CHECK(ldb == n || k <= 1, "gemm_ex: colsum_b needs ldb == n");
-        bias_grad(b, ep.colsum_b, k, n, stream);
+        if (scaled)
+            bias_grad_row_scaled(b, ep.row_scale_k, ep.colsum_b, k, n, stream);
+        else
+            bias_grad(b, ep.colsum_b, k, n, stream);
     }
     if (m == 0 || n == 0) return;
     FASTMLP_CHECK(m <= (std::numeric_limits<int64_t>::max() - 4) / n, "gemm_ex: m*n overflows int64");

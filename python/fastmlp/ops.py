@@ -88,17 +88,30 @@ def _nd2(*arrays) -> bool:
 
 def _gemm_call(ck, op, a, b, c, *, trans_a, trans_b, alpha, beta, bias=None, relu=False,
                mask=None, colsum=None, precision=None, act=0, preact=None, dropout=None,
-               grad_act=0, saved=None, saved_is_input=False, grad_dropout=None):
+               grad_act=0, saved=None, saved_is_input=False, grad_dropout=None,
+               row_scale=None):
     """Run gemm_ex on validated arrays; C, bias, mask, colsum already checked.
 
     [issue 15] act / preact / dropout and grad_act / saved / saved_is_input /
     grad_dropout (dropouts as :func:`_dropout_args` tuples) are the activation
     epilogue; without them the call is the plain gemm_ex of before.
+    [issue 17] row_scale (k floats, checked) scales op(b)'s rows inside the GEMM
+    and colsum (GemmEpilogue::row_scale_k); only with colsum, no other epilogue.
     """
     m, n = c.shape
     k = a.shape[1] if not trans_a else a.shape[0]
     prec = _PRECISIONS[_canonical_precision(precision, op)]
     mod, extra, ctx = ck.backend(a)
+    if row_scale is not None:
+        assert bias is None and not relu and mask is None and not act and not grad_act \
+            and preact is None and dropout is None and grad_dropout is None
+        with ctx, _nvtx.annotate(op):
+            mod.gemm_ex_row_scaled(bool(trans_a), bool(trans_b), m, n, k, float(alpha),
+                                   address(a), max(a.shape[1], 1), address(b),
+                                   max(b.shape[1], 1), float(beta), address(c), max(n, 1),
+                                   0 if colsum is None else address(colsum),
+                                   address(row_scale), prec, *extra)
+        return c
     with ctx, _nvtx.annotate(op):
         # [issue 6] CUDA only: the tuned kernel family's split-K scratch (0 floats
         # unless the GPU's tuning table picks a split-K kernel for this shape).
@@ -121,14 +134,16 @@ def _gemm_call(ck, op, a, b, c, *, trans_a, trans_b, alpha, beta, bias=None, rel
 
 
 def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
-         precision=None):
+         precision=None, row_scale_k=None):
     """``out = alpha * op(a) @ op(b) + beta * out``; op(x) is x or x.T.
 
     With ``out=None`` a new array is returned (beta must then be 0). With
     ``beta == 0`` the old contents of ``out`` are never read (BLAS rule).
     ``precision`` (``"fp32"`` / ``"tf32"``) overrides :func:`set_matmul_precision`.
+    ``row_scale_k`` (k,) float32 [issue 17]: ``alpha * op(a) @ diag(s) @ op(b)``, each
+    ``op(b)[p, j] * s[p]`` rounded to float32 first (DP-SGD's clip factors).
     """
-    if out is not None or (beta == 0.0 and _nd2(a, b)):
+    if row_scale_k is None and (out is not None or (beta == 0.0 and _nd2(a, b))):
         c = out if out is not None else np.empty((a.shape[bool(trans_a)],
                                                   b.shape[not trans_b]), _F32)
         if _plain(precision) and \
@@ -147,8 +162,11 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
         raise ValueError("gemm: beta != 0 accumulates into 'out'; pass out=")
     c = ck.out(out, "out", (m, n), like=a)
     ck.no_overlap(c, "out", (a, "a"), (b, "b"))
+    if row_scale_k is not None:
+        row_scale_k = ck.f32(row_scale_k, "row_scale_k", shape=(k,))
+        ck.no_overlap(c, "out", (row_scale_k, "row_scale_k"))
     return _gemm_call(ck, "gemm", a, b, c, trans_a=trans_a, trans_b=trans_b, alpha=alpha,
-                      beta=beta, precision=precision)
+                      beta=beta, precision=precision, row_scale=row_scale_k)
 
 
 _ACTIVATIONS = (None, "linear", "relu")
@@ -410,18 +428,26 @@ def dense_backward_input(dy, w, *, relu_output=None, activation=None, saved=None
     return dx
 
 
-def dense_backward_weight(x, dy, *, out=None, bias_out=None, bias=True, precision=None):
+def dense_backward_weight(x, dy, *, row_scale=None, out=None, bias_out=None, bias=True,
+                          precision=None):
     """``dw = x.T @ dy`` and, with ``bias=True``, ``db = dy.sum(0)``, in one pass.
 
     x (n, in), dy (n, out). Returns ``(dw, db)``; ``db`` is None with
     ``bias=False``. ``out`` / ``bias_out`` receive dw / db when given.
+    ``row_scale`` (n,) float32 [issue 17]: DP-SGD's per-example clip factors s,
+    ``dw = x.T @ diag(s) @ dy`` and ``db = s @ dy``, scaled inside the GEMM (each
+    ``dy[r, j] * s[r]`` rounded to float32 first); ones give the unscaled result.
     """
     op = "dense_backward_weight"
     if (bias or bias_out is None) and _plain(precision) \
             and _nd2(x, dy):
         dw = out if out is not None else np.empty((x.shape[1], dy.shape[1]), _F32)
         db = (np.empty((dy.shape[1],), _F32) if bias_out is None else bias_out) if bias else None
-        if _gemm_fast(x, dy, dw, True, False, 1.0, 0.0, None, False, None, db):
+        if row_scale is None:
+            if _gemm_fast(x, dy, dw, True, False, 1.0, 0.0, None, False, None, db):
+                return dw, db
+        elif _gemm_fast(x, dy, dw, True, False, 1.0, 0.0, None, False, None, db,
+                        0, None, None, 0, None, False, None, row_scale):
             return dw, db
     ck = Checker(op)
     x = ck.f32(x, "x", ndim=2)
@@ -435,11 +461,16 @@ def dense_backward_weight(x, dy, *, out=None, bias_out=None, bias=True, precisio
         db = ck.out(bias_out, "bias_out", (dy.shape[1],), like=x)
     elif bias_out is not None:
         raise ValueError(f"{op}: bias_out= was given with bias=False")
+    if row_scale is not None:
+        row_scale = ck.f32(row_scale, "row_scale", shape=(x.shape[0],))
+        ck.no_overlap(dw, "out", (row_scale, "row_scale"))
+        if db is not None:
+            ck.no_overlap(db, "bias_out", (row_scale, "row_scale"))
     ck.no_overlap(dw, "out", (db, "bias_out"), (x, "x"), (dy, "dy"))
     if db is not None:
         ck.no_overlap(db, "bias_out", (x, "x"), (dy, "dy"))
     _gemm_call(ck, op, x, dy, dw, trans_a=True, trans_b=False, alpha=1.0, beta=0.0,
-               colsum=db, precision=precision)
+               colsum=db, precision=precision, row_scale=row_scale)
     return dw, db
 
 

@@ -110,11 +110,12 @@ def _store(result, out):
 
 
 def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
-         precision=None):
+         precision=None, row_scale_k=None):
     """C = alpha * op(a) @ op(b) + beta * out, with op(x) = x.T when trans_x.
 
     ``precision`` is accepted for signature parity and ignored: the reference
-    is exact in the inputs' dtype.
+    is exact in the inputs' dtype. ``row_scale_k`` (k,): op(b)'s rows scaled
+    first, C = alpha * op(a) @ diag(s) @ op(b) + beta * out.
     """
     xp = _xp(a, b, out)
     if a.ndim != 2:
@@ -129,6 +130,11 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None,
             f"{tuple(opa.shape)}, got op(b) of shape {tuple(opb.shape)}"
         )
     m, n = opa.shape[0], opb.shape[1]
+    if row_scale_k is not None:
+        if row_scale_k.shape != (opb.shape[0],):
+            raise ValueError(f"'row_scale_k' must have shape ({opb.shape[0]},), "
+                             f"got {tuple(row_scale_k.shape)}")
+        opb = row_scale_k[:, None] * opb
     prod = xp.matmul(opa, opb)  # k == 0 gives zeros, as an empty sum should
     if out is None:
         if beta != 0:
@@ -165,8 +171,17 @@ def dense_backward_input(dy, w, *, relu_output=None, activation=None, saved=None
     return _store(_act_bwd(dx, saved, _code(activation), saved_is_input, dropout), out)
 
 
-def dense_backward_weight(x, dy, *, out=None, bias_out=None, bias=True, precision=None):
-    """(x.T @ dy, dy.sum(0)) -- the second is None with bias=False."""
+def dense_backward_weight(x, dy, *, row_scale=None, out=None, bias_out=None, bias=True,
+                          precision=None):
+    """(x.T @ dy, dy.sum(0)) -- the second is None with bias=False.
+
+    row_scale (n,): per-example factors s, (x.T @ (s[:, None] * dy), (s[:, None] * dy).sum(0)),
+    computed in the dtype of the arrays (float64 in, float64 out)."""
+    if row_scale is not None:
+        if row_scale.shape != (dy.shape[0],):
+            raise ValueError(f"'row_scale' must have shape ({dy.shape[0]},), "
+                             f"got {tuple(row_scale.shape)}")
+        dy = row_scale[:, None] * dy
     dw = _store(gemm(x, dy, trans_a=True), out)
     db = _store(bias_grad(dy), bias_out) if bias else None
     return dw, db
