@@ -832,12 +832,12 @@ inline void noise_key(uint64_t seed, uint32_t* k0, uint32_t* k1) {
     *k1 = k.v[1];
 }
 
-FASTMLP_HOSTDEV float bits_as_float(int32_t b) {
+FASTMLP_ACT_INLINE float bits_as_float(int32_t b) {
     float f;
     std::memcpy(&f, &b, 4);
     return f;
 }
-FASTMLP_HOSTDEV int32_t float_as_bits(float f) {
+FASTMLP_ACT_INLINE int32_t float_as_bits(float f) {
     int32_t b;
     std::memcpy(&b, &f, 4);
     return b;
@@ -848,7 +848,7 @@ FASTMLP_HOSTDEV int32_t float_as_bits(float f) {
 // log u is finite and |z| <= sqrt(-2 ln 2^-25) = sqrt(2 ln 2^25) ~ 5.9. u needs
 // 25 bits, one more than a float holds, so it is never formed as a float: the
 // log and the angle below reduce the integer x exactly.
-FASTMLP_HOSTDEV int32_t noise_uniform_odd(uint32_t bits) {
+FASTMLP_ACT_INLINE int32_t noise_uniform_odd(uint32_t bits) {
     return static_cast<int32_t>(((bits >> 8) << 1) | 1u);
 }
 
@@ -860,7 +860,7 @@ FASTMLP_HOSTDEV int32_t noise_uniform_odd(uint32_t bits) {
 // logf polynomial (log_vec's), ln 2 split in two so (k - 25) ln 2 is exact to
 // float precision. Relative error a few ulp; near u = 1 (k = 25) log u =
 // log(1 + f) with f exact keeps its relative accuracy (no 1 - u cancellation).
-FASTMLP_HOSTDEV float noise_minus_2log(int32_t x) {
+FASTMLP_ACT_INLINE float noise_minus_2log(int32_t x) {
     const float xf = static_cast<float>(x);
     const int32_t xb = float_as_bits(xf);
     int32_t k = ((xb >> 23) & 0xff) - 127;                   // 2^k <= xf < 2^(k+1)
@@ -894,7 +894,7 @@ FASTMLP_HOSTDEV float noise_minus_2log(int32_t x) {
 // (weighted least squares on Chebyshev nodes, coefficients rounded to float
 // with the leading one fixed): <= 1.6 ulp in float Horner over every t, and
 // the quadrant rotates (c, s) exactly.
-FASTMLP_HOSTDEV void noise_cos_sin(int32_t x, float* c, float* s) {
+FASTMLP_ACT_INLINE void noise_cos_sin(int32_t x, float* c, float* s) {
     int32_t q = x >> 23;                                     // quadrant 0..3
     int32_t r = x & 0x7fffff;                                // offset in the quadrant, 2^23 = 1/4 turn
     const int32_t past = r >= 0x400000 ? 1 : 0;              // past 1/8 turn: next quadrant, r - 1/4
@@ -919,7 +919,7 @@ FASTMLP_HOSTDEV void noise_cos_sin(int32_t x, float* c, float* s) {
 }
 
 // Box-Muller of two words: z0 = r cos(2 pi u2), z1 = r sin(2 pi u2), r = sqrt(-2 log u1).
-FASTMLP_HOSTDEV void box_muller(uint32_t v1, uint32_t v2, float* z0, float* z1) {
+FASTMLP_ACT_INLINE void box_muller(uint32_t v1, uint32_t v2, float* z0, float* z1) {
     const float r = sqrtf(noise_minus_2log(noise_uniform_odd(v1)));
     float c, s;
     noise_cos_sin(noise_uniform_odd(v2), &c, &s);
@@ -928,7 +928,7 @@ FASTMLP_HOSTDEV void box_muller(uint32_t v1, uint32_t v2, float* z0, float* z1) 
 }
 
 // The four normals of counter block `block` (elements 4 block .. 4 block + 3).
-FASTMLP_HOSTDEV void gaussian_noise4(uint64_t block, uint64_t step, uint32_t k0, uint32_t k1,
+FASTMLP_ACT_INLINE void gaussian_noise4(uint64_t block, uint64_t step, uint32_t k0, uint32_t k1,
                                      float z[4]) {
     const Philox4 r = philox4x32_10(
         Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
@@ -938,11 +938,20 @@ FASTMLP_HOSTDEV void gaussian_noise4(uint64_t block, uint64_t step, uint32_t k0,
     box_muller(r.v[2], r.v[3], &z[2], &z[3]);
 }
 
-// Standard normal number e of the stream (step, key): lane e & 3 of block e >> 2.
+// Standard normal number e of the stream (step, key): lane e & 3 of block e >> 2,
+// the same float as gaussian_noise4's. Only the lane's Box-Muller pair is
+// computed, and the words are picked by selects (an array indexed by e & 3
+// would live in local memory on the GPU).
 FASTMLP_HOSTDEV float gaussian_noise(uint64_t e, uint64_t step, uint32_t k0, uint32_t k1) {
-    float z[4];
-    gaussian_noise4(e >> 2, step, k0, k1, z);
-    return z[e & 3u];
+    const uint64_t block = e >> 2;
+    const Philox4 r = philox4x32_10(
+        Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                 static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}},
+        k0, k1);
+    const bool second = (e & 2u) != 0;
+    float z0, z1;
+    box_muller(second ? r.v[2] : r.v[0], second ? r.v[3] : r.v[1], &z0, &z1);
+    return (e & 1u) ? z1 : z0;
 }
 
 }  // namespace fastmlp

@@ -182,8 +182,13 @@ def test_optimizer_noise_vs_reference(backend, rng, size, opt, tr):
     lr = kw["lr"]
     assert_close(P, p, 1e-5 * (np.abs(p) + lr), "param")
     for i, (a, b) in enumerate(zip(S, s)):
-        assert_close(a, b, 1e-5 * (np.abs(b) + 1e-3), f"state {i}")
-    # the noise mattered: without it the result is far off
+        # momentum / averages: a * state + g' cancels near 0, so the bound is on the
+        # terms' size (~1: a few float32 ulp), not only on the result's
+        assert_close(a, b, 1e-5 * np.abs(b) + 2e-6, f"state {i}")
+    # the noise mattered: without it the result is far off (for size 1 the clipvalue
+    # may clip both gradients to the same value)
+    if size == 1:
+        return
     p1, s1 = p0.astype(np.float64), [x.astype(np.float64) for x in st0]
     _step(ref, kind, p1, g.astype(np.float64), s1, dict(kw, **tr))
     assert np.max(np.abs(P - p1)) > 1e-3 * lr, "degenerate test"
@@ -215,14 +220,20 @@ def test_optimizer_noise_is_the_noisy_gradient(backend, rng, opt, tr, offset):
 @pytest.mark.parametrize("opt", OPTS.values(), ids=OPTS.keys())
 def test_optimizer_zero_std_is_the_plain_step(backend, rng, opt):
     """noise_std = 0: fma(0, z, g) == g for every nonzero g (these gradients have no
-    zeros; a zero gradient's sign could become +0), so the step is the plain one."""
+    zeros; a zero gradient's sign could become +0), so the step is the plain one. AdamW
+    on the CPU: against the identity transform (clip_scale 1) instead -- the CPU's
+    plain AdamW loop lets GCC contract p * (1 - lr wd) into the update (optim.cpp), so
+    it differs from every transformed AdamW step by a rounding, noise or not."""
     kind, kw = opt
     size = 10_007
     p0, g, st0 = normal(rng, size), normal(rng, size, 0.5), _state(rng, kind, size)
     assert np.all(g != 0)
     P, S = _run(backend, kind, p0, g, st0,
                 dict(kw, noise_std=backend.to(np.zeros(1, np.float32)), noise_seed=1))
-    Q, T = _run(backend, kind, p0, g, st0, kw)
+    plain = dict(kw)
+    if kw.get("decoupled") and not backend.is_gpu:
+        plain["clip_scale"] = np.ones(1, np.float32)
+    Q, T = _run(backend, kind, p0, g, st0, plain)
     np.testing.assert_array_equal(P, Q)
     for a, b in zip(S, T):
         np.testing.assert_array_equal(a, b)
