@@ -51,9 +51,11 @@ fastmlp::DropoutSpec dropout_spec(const DropoutTuple& t) {
 }
 
 // The optimizers' gradient transform as Python passes it: (l1, l2, address of the
-// clip scale, clipvalue, address of the penalty, address of the work) -- 0 / 0.0
-// for what is not used (kernel_math.h GradTransform).
-using TransformTuple = std::tuple<float, float, uintptr_t, float, uintptr_t, uintptr_t>;
+// clip scale, clipvalue, address of the penalty, address of the work, address of
+// the noise std, noise key0, noise key1, address of the int64 noise step, noise
+// offset) -- 0 / 0.0 for what is not used (kernel_math.h GradTransform, NoiseSpec).
+using TransformTuple = std::tuple<float, float, uintptr_t, float, uintptr_t, uintptr_t,
+                                  uintptr_t, uint32_t, uint32_t, uintptr_t, int64_t>;
 
 fastmlp::GradTransform grad_transform(const TransformTuple& tr) {
     fastmlp::GradTransform t;
@@ -63,6 +65,11 @@ fastmlp::GradTransform grad_transform(const TransformTuple& tr) {
     t.clipvalue = std::get<3>(tr);
     t.penalty = ptr<double>(std::get<4>(tr));
     t.work = ptr<double>(std::get<5>(tr));
+    t.noise.std = ptr<const float>(std::get<6>(tr));
+    t.noise.key0 = std::get<7>(tr);
+    t.noise.key1 = std::get<8>(tr);
+    t.noise.step = ptr<const int64_t>(std::get<9>(tr));
+    t.noise.offset = std::get<10>(tr);
     return t;
 }
 
@@ -229,6 +236,10 @@ fastmlp::GradTransform grad_transform(const TransformTuple& tr) {
     M.def("random_permutation", [](uintptr_t out, int64_t n, uint64_t seed,                  \
                                    uint64_t counter EXTRA_PARAM) {                           \
         NS::random_permutation(ptr<int64_t>(out), n, seed, counter EXTRA_ARG);               \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("gaussian_noise", [](uintptr_t out, int64_t size, uint64_t seed, uint64_t step,   \
+                               int64_t offset EXTRA_PARAM) {                                 \
+        NS::gaussian_noise(ptr<float>(out), size, seed, step, offset EXTRA_ARG);              \
     }, py::call_guard<py::gil_scoped_release>());                                            \
     M.def("sgd_step", [](uintptr_t param, uintptr_t grad, uintptr_t buf, int64_t size,      \
                          float lr, float momentum, bool nesterov, float weight_decay,       \
@@ -516,6 +527,13 @@ void bind_engine(py::module_& mod) {
         fastmlp::dropout_key(seed, layer, &k0, &k1);
         return std::make_tuple(k0, k1);
     }, py::arg("seed"), py::arg("layer"));
+
+    // [issue 17] The DP-SGD noise key of seed `seed` (kernel_math.h noise_key).
+    mod.def("noise_key", [](uint64_t seed) {
+        uint32_t k0 = 0, k1 = 0;
+        fastmlp::noise_key(seed, &k0, &k1);
+        return std::make_tuple(k0, k1);
+    }, py::arg("seed"));
 
     mod.def("new_engine", [](const std::string& device, int ordinal) -> Engine* {
         if (device == "cpu") return fastmlp::engine::new_cpu_engine();

@@ -146,6 +146,9 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //   loss, hits, bad_row point to one element each (device memory on CUDA).
 // random_permutation: out[i] = permute_index(i, perm_key(n, seed, counter))
 //   (kernel_math.h): the same permutation of [0, n) on every device.
+// gaussian_noise: out[i] = gaussian_noise(offset + i, step, noise_key(seed))
+//   (kernel_math.h): standard normals, the same floats on every device; the
+//   generator the optimizers' DP-SGD noise (GradTransform::noise) draws from.
 // activation_fwd: y = act(x) * dropout multiplier (kernel_math.h), x and y
 //   (rows, cols); y may alias x. act = linear with a dropout is plain dropout.
 // activation_bwd: dx = act_grad(dy * dropout multiplier, saved), from the
@@ -209,8 +212,8 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 // rmsprop_step: in place, torch.optim.RMSprop (kernel_math.h rmsprop_update); sq is
 //   square_avg, buf the momentum buffer (null when momentum == 0), gavg grad_avg
 //   (null unless centered).
-// The optimizer steps apply t (kernel_math.h GradTransform: l1/l2 regularizer
-//   gradients, clip-by-norm scale, clipvalue, the penalty) to each gradient
+// The optimizer steps apply t (kernel_math.h GradTransform: DP-SGD noise, l1/l2
+//   regularizer gradients, clip-by-norm scale, clipvalue, the penalty) to each gradient
 //   element before their own rule; an empty t is exactly the plain step. On CUDA
 //   t.penalty needs t.work (optimizer_work_doubles() doubles of device memory).
 // grad_clip_scale: for segments k = 0..nseg-1 of the flat arrays (segment k =
@@ -287,6 +290,8 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
                        int64_t cols FASTMLP_STREAM_ARG);                                  \
     void random_permutation(int64_t* out, int64_t n, uint64_t seed,                     \
                             uint64_t counter FASTMLP_STREAM_ARG);                         \
+    void gaussian_noise(float* out, int64_t size, uint64_t seed, uint64_t step,         \
+                        int64_t offset FASTMLP_STREAM_ARG);                               \
     void sgd_step(float* param, const float* grad, float* buf, int64_t size, float lr,  \
                   float momentum, bool nesterov, float weight_decay,                    \
                   const GradTransform& t FASTMLP_STREAM_ARG);                           \

@@ -240,6 +240,8 @@ FASTMLP_ACT_INLINE void rmsprop_update(float& p, float g, float& sq, float* buf,
 // ---- The gradient transform before an optimizer's own rule ------------------
 // Applied to each gradient element, in this order (w = the parameter before
 // the update):
+//   g = fma(std, z_e, g)                 (DP-SGD noise, e = noise.offset + i, z_e =
+//                                         gaussian_noise(e, *noise.step, key): one rounding)
 //   g = g + l1 * sign(w)                 (Keras l1 kernel regularizer; sign(0) = 0,
 //                                         sign(NaN) = NaN)
 //   g = g + (2 * l2) * w                 (l2 regularizer; one fma: a single rounding)
@@ -251,14 +253,29 @@ FASTMLP_ACT_INLINE void rmsprop_update(float& p, float g, float& sq, float* buf,
 // written, not accumulated; the partial sums are taken in a fixed order that
 // does not depend on the thread count (CPU: fixed blocks of the array; CUDA:
 // per-block partials in work, finished by penalty_finish in optim_loops.cuh).
+// Gaussian noise added to the gradient before the optimizer's rule (DP-SGD,
+// issue 17): element i of a call gets std * gaussian_noise(offset + i, *step,
+// key0, key1) (below). std and step are read by the kernel (device memory on
+// CUDA), so the engine's CUDA Graph replays with the current step and the
+// noise scale it computed; the stream index offset + i is the element's index
+// in the model's flat parameters, so a parameter segment updated by its own
+// call draws the same numbers as the whole array in one call.
+struct NoiseSpec {
+    const float* std = nullptr;     // 1 float (device memory on CUDA): the standard deviation; null = no noise
+    uint32_t key0 = 0, key1 = 0;    // noise_key(seed)
+    const int64_t* step = nullptr;  // the step counter (device memory on CUDA): the engine passes &state->rng_step
+    int64_t offset = 0;             // stream index of this call's element 0 (the element's index in the model's flat parameters)
+};
+
 struct GradTransform {
+    NoiseSpec noise;               // first: g = fma(std, z, g); noise.std null = none
     float l1 = 0.0f, l2 = 0.0f;
     const float* scale = nullptr;  // one float (device memory on CUDA), or null
     float clipvalue = 0.0f;
     double* penalty = nullptr;     // one double (device memory on CUDA), or null
     double* work = nullptr;        // CUDA: optimizer_work_doubles() doubles; CPU: ignored
     FASTMLP_HOSTDEV bool any() const {
-        return l1 != 0.0f || l2 != 0.0f || scale || clipvalue > 0.0f || penalty;
+        return noise.std || l1 != 0.0f || l2 != 0.0f || scale || clipvalue > 0.0f || penalty;
     }
 };
 
@@ -270,9 +287,17 @@ FASTMLP_ACT_INLINE float l1_grad_step(float g, float w, float l1) {
 FASTMLP_ACT_INLINE float l2_grad_step(float g, float w, float l2) { return fma_rn(2.0f * l2, w, g); }
 FASTMLP_ACT_INLINE float clipvalue_step(float g, float c) { return g < -c ? -c : (g > c ? c : g); }
 
+FASTMLP_ACT_INLINE float noise_grad_step(float g, float noise_std, float z) {
+    return fma_rn(noise_std, z, g);
+}
+
 // The transformed gradient of one element; `scale` is *t.scale read once by
-// the caller (1 when t.scale is null: g * 1 == g exactly).
-FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, float scale) {
+// the caller (1 when t.scale is null: g * 1 == g exactly); noise_std
+// (*t.noise.std, read once) and z (the element's gaussian_noise) are read only
+// when t.noise.std is not null.
+FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, float scale,
+                                     float noise_std, float z) {
+    if (t.noise.std) g = noise_grad_step(g, noise_std, z);
     if (t.l1 != 0.0f) g = l1_grad_step(g, w, t.l1);
     if (t.l2 != 0.0f) g = l2_grad_step(g, w, t.l2);
     g = mul_rn(g, scale);
@@ -289,8 +314,14 @@ FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, f
 // but not a product the compiler may contract into the update's own
 // a * b + c (without the runtime test in between, GCC fused g * scale into
 // SGD's momentum * buf + g instead of momentum * buf, another rounding).
-template <bool kL1, bool kL2, bool kClip>
-FASTMLP_ACT_INLINE float transform_grad_fixed(float g, float w, const GradTransform& t, float scale) {
+// kNoise == (t.noise.std != null): the noise step first, with noise_std and z
+// as transform_grad's. (The CPU loops of optim.cpp run the noise step in
+// their chunk's noise loop instead and call this with kNoise false: the same
+// floats, one fma, in the order above.)
+template <bool kL1, bool kL2, bool kClip, bool kNoise = false>
+FASTMLP_ACT_INLINE float transform_grad_fixed(float g, float w, const GradTransform& t, float scale,
+                                              float noise_std = 0.0f, float z = 0.0f) {
+    if (kNoise) g = noise_grad_step(g, noise_std, z);
     if (kL1) g = l1_grad_step(g, w, t.l1);
     if (kL2) g = l2_grad_step(g, w, t.l2);
     g = fma_rn(g, scale, -0.0f);
@@ -833,6 +864,151 @@ FASTMLP_HOSTDEV uint32_t dropout_bits(uint64_t e, uint64_t step, uint32_t k0, ui
 FASTMLP_HOSTDEV float dropout_multiplier(uint64_t e, uint64_t step, uint32_t threshold,
                                          float scale, uint32_t k0, uint32_t k1) {
     return dropout_bits(e, step, k0, k1) < threshold ? 0.0f : scale;
+}
+
+// ---- Gaussian noise (DP-SGD, issue 17) ------------------------------------------
+// Standard normal number e of the stream (key, step): Philox4x32-10 of the
+// counter (e >> 2 as two words, step as two words) under noise_key(seed)
+// gives four 32-bit words v0..v3; Box-Muller turns (v0, v1) into z0, z1 and
+// (v2, v3) into z2, z3; element e is lane e & 3. Like dropout's bits, a pure
+// function of (seed, step, e): any element is computed directly, on any device.
+//
+// Every step below is an integer operation, an exact float operation, or an
+// explicit fma_rn / mul_rn / sqrtf (correctly rounded on both devices), in a
+// fixed order: the CPU (scalar or any SIMD width) and the GPU compute the same
+// floats bit for bit. Accuracy against float64 Box-Muller of the same bits
+// (fastmlp.reference.gaussian_noise, tests/test_noise.py): a few ulp.
+
+// The key of the noise stream of `seed` (a tag in v[2] keeps it apart from
+// the shuffling's and dropout's streams of the same seed).
+inline void noise_key(uint64_t seed, uint32_t* k0, uint32_t* k1) {
+    const Philox4 k = philox4x32_10(
+        Philox4{{0u, 0u, 0x4E4F4953u /* "NOIS" */, 0u}},
+        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    *k0 = k.v[0];
+    *k1 = k.v[1];
+}
+
+FASTMLP_ACT_INLINE float bits_as_float(int32_t b) {
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+FASTMLP_ACT_INLINE int32_t float_as_bits(float f) {
+    int32_t b;
+    std::memcpy(&b, &f, 4);
+    return b;
+}
+
+// The uniforms: u = ((bits >> 8) + 0.5) * 2^-24 = x * 2^-25 with the odd
+// integer x = 2 (bits >> 8) + 1 in [1, 2^25): in (0, 1), never 0 or 1, so
+// log u is finite and |z| <= sqrt(-2 ln 2^-25) = sqrt(2 ln 2^25) ~ 5.9. u needs
+// 25 bits, one more than a float holds, so it is never formed as a float: the
+// log and the angle below reduce the integer x exactly.
+FASTMLP_ACT_INLINE int32_t noise_uniform_odd(uint32_t bits) {
+    return static_cast<int32_t>(((bits >> 8) << 1) | 1u);
+}
+
+// -2 log u of u = x * 2^-25 (x odd in [1, 2^25)). x = 2^k (1 + f) with
+// 1 + f in [sqrt(1/2), sqrt(2)): k from the exponent of float(x) (rounded:
+// only where to cut), then f = (x - 2^k) * 2^-k exactly, since
+// |x - 2^k| < 0.42 * 2^k <= 2^24 is an integer a float holds. log u =
+// (k - 25) ln 2 + log(1 + f), log(1 + f) = f - f^2/2 + f^3 P(f) with Cephes'
+// logf polynomial (log_vec's), ln 2 split in two so (k - 25) ln 2 is exact to
+// float precision. Relative error a few ulp; near u = 1 (k = 25) log u =
+// log(1 + f) with f exact keeps its relative accuracy (no 1 - u cancellation).
+FASTMLP_ACT_INLINE float noise_minus_2log(int32_t x) {
+    const float xf = static_cast<float>(x);
+    const int32_t xb = float_as_bits(xf);
+    int32_t k = ((xb >> 23) & 0xff) - 127;                   // 2^k <= xf < 2^(k+1)
+    k += (xb & 0x007fffff) >= 0x3504f3 ? 1 : 0;              // mantissa >= sqrt(2): round k up
+    const float f = mul_rn(static_cast<float>(x - (int32_t{1} << k)),
+                           bits_as_float((127 - k) << 23));  // * 2^-k, exact
+    float p = 7.0376836292e-2f;
+    p = fma_rn(p, f, -1.1514610310e-1f);
+    p = fma_rn(p, f, 1.1676998740e-1f);
+    p = fma_rn(p, f, -1.2420140846e-1f);
+    p = fma_rn(p, f, 1.4249322787e-1f);
+    p = fma_rn(p, f, -1.6668057665e-1f);
+    p = fma_rn(p, f, 2.0000714765e-1f);
+    p = fma_rn(p, f, -2.4999993993e-1f);
+    p = fma_rn(p, f, 3.3333331174e-1f);
+    const float ff = mul_rn(f, f);
+    const float fe = static_cast<float>(k - 25);
+    float y = mul_rn(mul_rn(p, f), ff);                      // f^3 P(f)
+    y = fma_rn(fe, -2.12194440e-4f, y);                      // ln 2 = 0.693359375 - 2.12194440e-4
+    y = fma_rn(-0.5f, ff, y);
+    y = f + y;
+    y = fma_rn(fe, 0.693359375f, y);                         // log u < 0
+    return -2.0f * y;                                        // exact
+}
+
+// cos and sin of the angle 2 pi x / 2^25 (x odd in [1, 2^25)), reduced in
+// turns, exactly: the top two bits of x are the quadrant q, the rest the
+// offset into it, recentred to [-1/8, 1/8) turn (q + 1 past the middle) as the
+// integer s, |s| <= 2^22, t = s * 2^-25 exact. Then sin(2 pi t) = t S(t^2)
+// and cos(2 pi t) = C(t^2) (|2 pi t| <= pi / 4), polynomials fitted here
+// (weighted least squares on Chebyshev nodes, coefficients rounded to float
+// with the leading one fixed): <= 1.6 ulp in float Horner over every t, and
+// the quadrant rotates (c, s) exactly.
+FASTMLP_ACT_INLINE void noise_cos_sin(int32_t x, float* c, float* s) {
+    int32_t q = x >> 23;                                     // quadrant 0..3
+    int32_t r = x & 0x7fffff;                                // offset in the quadrant, 2^23 = 1/4 turn
+    const int32_t past = r >= 0x400000 ? 1 : 0;              // past 1/8 turn: next quadrant, r - 1/4
+    q = (q + past) & 3;
+    r -= past << 23;
+    const float t = mul_rn(static_cast<float>(r), 2.98023223876953125e-8f);  // * 2^-25, exact
+    const float tt = mul_rn(t, t);
+    float ps = -76.745f;
+    ps = fma_rn(ps, tt, 81.62497f);
+    ps = fma_rn(ps, tt, -41.34186f);
+    ps = fma_rn(ps, tt, 6.2831855f);
+    const float sn = mul_rn(t, ps);
+    float pc = 59.22924f;
+    pc = fma_rn(pc, tt, -85.44324f);
+    pc = fma_rn(pc, tt, 64.93932f);
+    pc = fma_rn(pc, tt, -19.739208f);
+    const float cs = fma_rn(pc, tt, 1.0f);
+    // (cos, sin) of q quarter turns + t: q = 1: (-sn, cs), 2: (-cs, -sn), 3: (sn, -cs).
+    const float a = (q & 1) ? sn : cs, b = (q & 1) ? cs : sn;
+    *c = (q == 1 || q == 2) ? -a : a;
+    *s = (q >= 2) ? -b : b;
+}
+
+// Box-Muller of two words: z0 = r cos(2 pi u2), z1 = r sin(2 pi u2), r = sqrt(-2 log u1).
+FASTMLP_ACT_INLINE void box_muller(uint32_t v1, uint32_t v2, float* z0, float* z1) {
+    const float r = sqrtf(noise_minus_2log(noise_uniform_odd(v1)));
+    float c, s;
+    noise_cos_sin(noise_uniform_odd(v2), &c, &s);
+    *z0 = mul_rn(r, c);
+    *z1 = mul_rn(r, s);
+}
+
+// The four normals of counter block `block` (elements 4 block .. 4 block + 3).
+FASTMLP_ACT_INLINE void gaussian_noise4(uint64_t block, uint64_t step, uint32_t k0, uint32_t k1,
+                                     float z[4]) {
+    const Philox4 r = philox4x32_10(
+        Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                 static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}},
+        k0, k1);
+    box_muller(r.v[0], r.v[1], &z[0], &z[1]);
+    box_muller(r.v[2], r.v[3], &z[2], &z[3]);
+}
+
+// Standard normal number e of the stream (step, key): lane e & 3 of block e >> 2,
+// the same float as gaussian_noise4's. Only the lane's Box-Muller pair is
+// computed, and the words are picked by selects (an array indexed by e & 3
+// would live in local memory on the GPU).
+FASTMLP_HOSTDEV float gaussian_noise(uint64_t e, uint64_t step, uint32_t k0, uint32_t k1) {
+    const uint64_t block = e >> 2;
+    const Philox4 r = philox4x32_10(
+        Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                 static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}},
+        k0, k1);
+    const bool second = (e & 2u) != 0;
+    float z0, z1;
+    box_muller(second ? r.v[2] : r.v[0], second ? r.v[3] : r.v[1], &z0, &z1);
+    return (e & 1u) ? z1 : z0;
 }
 
 }  // namespace fastmlp

@@ -9,6 +9,7 @@
 
 #include "cpu/fpenv.h"
 #include "check.h"
+#include "cpu/noise.h"
 #include "cpu/parallel.h"
 #include "fastmlp.h"
 #include "kernel_math.h"
@@ -140,15 +141,17 @@ FASTMLP_ACT_INLINE void penalty_lanes(const float* __restrict w, int64_t n,
 }
 
 // update(i, g) applies the optimizer's own rule to element i with the transformed g.
+// g0 is the gradient of element i0 (g0[i - i0]: the chunk's noisy gradient buffer
+// or the caller's gradient array).
 template <bool kL1, bool kL2, bool kClip, class Update>
 FASTMLP_ACT_INLINE uint32_t transformed_loop_fixed(float* __restrict param,
-                                                   const float* __restrict grad, int64_t i0,
+                                                   const float* __restrict g0, int64_t i0,
                                                    int64_t i1, const GradTransform& t, float scale,
                                                    Update update) {
     uint32_t bad = 0;
     for (int64_t i = i0; i < i1; ++i) {
         const float w = param[i];
-        update(i, transform_grad_fixed<kL1, kL2, kClip>(grad[i], w, t, scale));
+        update(i, transform_grad_fixed<kL1, kL2, kClip>(g0[i - i0], w, t, scale));
         bad |= nonfinite_bit(param[i]);
     }
     return bad;
@@ -157,12 +160,12 @@ FASTMLP_ACT_INLINE uint32_t transformed_loop_fixed(float* __restrict param,
 // One loop per set of transform steps (kernel_math.h transform_grad_fixed),
 // chosen here once per range.
 template <class Update>
-FASTMLP_ACT_INLINE uint32_t transformed_loop(float* __restrict param, const float* __restrict grad,
+FASTMLP_ACT_INLINE uint32_t transformed_loop(float* __restrict param, const float* __restrict g0,
                                              int64_t i0, int64_t i1, const GradTransform& t,
                                              float scale, Update update) {
     const bool l1 = t.l1 != 0.0f, l2 = t.l2 != 0.0f, clip = t.clipvalue > 0.0f;
 #define FASTMLP_TRANSFORMED_LOOP(a, b, c) \
-    transformed_loop_fixed<a, b, c>(param, grad, i0, i1, t, scale, update)
+    transformed_loop_fixed<a, b, c>(param, g0, i0, i1, t, scale, update)
     if (l1) {
         if (l2) return clip ? FASTMLP_TRANSFORMED_LOOP(true, true, true)
                             : FASTMLP_TRANSFORMED_LOOP(true, true, false);
@@ -178,17 +181,34 @@ FASTMLP_ACT_INLINE uint32_t transformed_loop(float* __restrict param, const floa
 
 // The transformed update of [i0, i1) and, when pen is not null, its penalty
 // sums: chunk by chunk, the penalty lanes of the chunk's pre-update w first
-// (one copy of the update loops serves both cases).
+// (one copy of the update loops serves both cases). With DP-SGD noise
+// (t.noise.std), the chunk's gradient plus its noise -- the transform's first
+// step, fma(std, z, g), the same floats as transform_grad's -- is written to a
+// stack buffer by the (vectorised) generator first, and the update loop reads
+// that: no extra pass over the parameters, and the noise of an element does not
+// depend on the chunk or the thread it falls in (cpu/noise.h).
+static_assert(kPenaltyChunk == kNoiseChunk, "one chunk size for the penalty and the noise");
 template <class Update>
 FASTMLP_ACT_INLINE uint32_t transformed_range(float* __restrict param, const float* __restrict grad,
                                               int64_t i0, int64_t i1, const GradTransform& t,
                                               float scale, PenaltySums* pen, Update update) {
     double abs_acc[kPenaltyLanes] = {}, sq_acc[kPenaltyLanes] = {};
     uint32_t bad = 0;
+    const bool noisy = t.noise.std != nullptr;
+    const float noise_std = noisy ? *t.noise.std : 0.0f;
+    const uint64_t noise_step = noisy ? static_cast<uint64_t>(*t.noise.step) : 0u;
+    alignas(64) float noisy_grad[kNoiseChunk];
     for (int64_t c0 = i0; c0 < i1; c0 += kPenaltyChunk) {
         const int64_t c1 = std::min(i1, c0 + kPenaltyChunk);
         if (pen) penalty_lanes(param + c0, c1 - c0, abs_acc, sq_acc);
-        bad |= transformed_loop(param, grad, c0, c1, t, scale, update);
+        const float* g0 = grad + c0;
+        if (noisy) {
+            gaussian_noise_fill(noisy_grad, g0, noise_std,
+                                static_cast<uint64_t>(t.noise.offset + c0), c1 - c0, noise_step,
+                                t.noise.key0, t.noise.key1);
+            g0 = noisy_grad;
+        }
+        bad |= transformed_loop(param, g0, c0, c1, t, scale, update);
     }
     if (pen) {
         double abs_sum = 0.0, sq_sum = 0.0;
@@ -277,6 +297,9 @@ uint32_t rmsprop_range_t(float* __restrict param, const float* __restrict grad,
 // penalty when t asks for it. Returns whether an updated parameter is not finite.
 template <class Range>
 bool run_transformed(int64_t size, const GradTransform& t, Range range) {
+    FASTMLP_CHECK(!t.noise.std || t.noise.step, "optimizer step: noise needs the step counter");
+    FASTMLP_CHECK(t.noise.offset >= 0, "optimizer step: noise offset must be >= 0, got "
+                                           << t.noise.offset);
     const int64_t want = (size + kPenaltyBlockMin - 1) / kPenaltyBlockMin;
     const int64_t nblocks = std::min(kPenaltyBlocks, std::max<int64_t>(1, want));
     std::array<PenaltySums, kPenaltyBlocks> sums;

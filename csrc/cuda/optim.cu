@@ -54,6 +54,9 @@ bool prepare_transform(const char* op, int64_t size, const GradTransform& t,
                        cudaStream_t stream) {
     FASTMLP_CHECK(!t.penalty || t.work, op << ": a penalty needs the work buffer ("
                                            << kOptimizerMaxBlocks << " doubles)");
+    FASTMLP_CHECK(!t.noise.std || t.noise.step, op << ": noise needs the step counter");
+    FASTMLP_CHECK(t.noise.offset >= 0, op << ": noise offset must be >= 0, got "
+                                          << t.noise.offset);
     if (size == 0 && t.penalty) {
         CUDA_CHECK(cudaMemsetAsync(t.penalty, 0, sizeof(double), stream));
     }

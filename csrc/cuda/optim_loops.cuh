@@ -54,11 +54,17 @@ __device__ __forceinline__ void block_sum_to(double v, double* out) {
 
 // The transformed grid-stride loop: update(i, p, g) applies the optimizer's
 // rule to element i (p: the parameter, in a register) with the transformed g.
+// DP-SGD noise (t.noise.std): element i draws gaussian_noise(t.noise.offset + i,
+// *t.noise.step, key) itself (one Philox call per element: the other three
+// lanes are another thread's), the same floats as the CPU's chunked generator.
 template <class Update>
 __device__ __forceinline__ bool transformed_loop(float* __restrict__ param,
                                                  const float* __restrict__ grad, int64_t size,
                                                  const GradTransform& t, Update update) {
     const float scale = t.scale ? *t.scale : 1.0f;
+    const bool noisy = t.noise.std != nullptr;  // the same in every thread
+    const float noise_std = noisy ? *t.noise.std : 0.0f;
+    const uint64_t noise_step = noisy ? static_cast<uint64_t>(*t.noise.step) : 0u;
     const bool want_penalty = t.penalty != nullptr;  // the same in every thread
     double abs_sum = 0.0, sq_sum = 0.0;              // w * w of a float is exact in double
     uint32_t bad = 0;
@@ -70,7 +76,11 @@ __device__ __forceinline__ bool transformed_loop(float* __restrict__ param,
             abs_sum += fabs(static_cast<double>(p));
             sq_sum += static_cast<double>(p) * static_cast<double>(p);
         }
-        update(i, p, transform_grad(grad[i], p, t, scale));
+        // ::fastmlp::: the kernel_math.h function, not the gaussian_noise op of this namespace.
+        const float z = noisy ? ::fastmlp::gaussian_noise(static_cast<uint64_t>(t.noise.offset + i),
+                                                          noise_step, t.noise.key0, t.noise.key1)
+                              : 0.0f;
+        update(i, p, transform_grad(grad[i], p, t, scale, noise_std, z));
         param[i] = p;
         bad |= nonfinite_bit(p);
     }

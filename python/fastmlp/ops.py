@@ -706,9 +706,49 @@ def random_permutation(n, seed, counter=0, *, out=None, device="cpu"):
     return out
 
 
+def gaussian_noise(size, *, seed, step, offset=0, out=None, device="cpu"):
+    """Standard normal float32 numbers: element i is number ``offset + i`` of the
+    stream (``seed``, ``step``), the same floats on every device (kernel_math.h
+    ``gaussian_noise``: Philox4x32-10 of (element // 4, step) under
+    ``noise_key(seed)``, Box-Muller on pairs of its words). The generator of the
+    optimizers' DP-SGD noise (``noise_std`` of :func:`sgd_step` and the others).
+
+    ``seed`` and ``step`` are unsigned 64-bit, ``offset`` >= 0. ``out`` (a float32
+    array of ``size`` elements, NumPy or CuPy) is written in place; otherwise a new
+    array is made on ``device`` ("cpu" / "cuda")."""
+    op = "gaussian_noise"
+    size = _int(op, size, "'size'")
+    offset = _int(op, offset, "'offset'")
+    if size < 0:
+        raise ValueError(f"{op}: 'size' must be >= 0, got {size}")
+    if offset < 0 or offset + size > 2**63 - 1:
+        raise ValueError(f"{op}: 'offset' must be in [0, 2**63 - size), got {offset}")
+    seed = _int(op, seed, "'seed'") & (2**64 - 1)
+    step = _int(op, step, "'step'") & (2**64 - 1)
+    ck = Checker(op)
+    if out is None:
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"{op}: device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            from ._interop import cupy_module, require_cuda
+            require_cuda(op)
+            out = cupy_module().empty((size,), np.float32)
+        else:
+            out = np.empty((size,), np.float32)
+    out = ck.array(out, "out", dtypes=(np.float32,), shape=(size,), writable=True)
+    mod, extra, ctx = ck.backend(out)
+    with ctx, _nvtx.annotate(op):
+        mod.gaussian_noise(address(out), size, seed, step, offset, *extra)
+    return out
+
+
 _TRANSFORM_DOC = """
     The gradient transform, applied to each gradient element before the rule, in
-    this order (w: the parameter before the update): ``g += l1 * sign(w) + 2 * l2 * w``
+    this order (w: the parameter before the update): with ``noise_std`` (a 1-element
+    float32 array on the parameter's device: the DP-SGD noise's standard deviation)
+    ``g = fma(noise_std[0], z_i, g)`` with ``z_i = gaussian_noise(noise_offset + i,
+    noise_step, noise_key(noise_seed))`` (see :func:`gaussian_noise`; i: the flat
+    element index), then ``g += l1 * sign(w) + 2 * l2 * w``
     (Keras l1 / l2 kernel regularizers), ``g *= clip_scale[0]`` (clip by norm: a
     1-element float32 array on the parameter's device, e.g. from
     :func:`grad_clip_scale`), ``g = clip(g, -clipvalue, clipvalue)`` when
@@ -717,10 +757,14 @@ _TRANSFORM_DOC = """
     accumulated; a fixed summation order)."""
 
 
-def _transform(ck, op, param, grad, l1, l2, clip_scale, clipvalue, penalty_out):
-    """(the (l1, l2, scale address, clipvalue, penalty address, work address) tuple of
-    the bindings, the work array): clip_scale / penalty_out validated on the call's
-    device. The caller holds the work array until the kernel is launched (CuPy's pool
+def _transform(ck, op, param, grad, l1, l2, clip_scale, clipvalue, penalty_out,
+               noise_std=None, noise_seed=0, noise_step=1, noise_offset=0):
+    """(the (l1, l2, scale address, clipvalue, penalty address, work address, noise std
+    address, noise key0, key1, noise step address, noise offset) tuple of the
+    bindings, the arrays to keep alive): clip_scale / penalty_out / noise_std
+    validated on the call's device; the noise step goes through a 1-element int64
+    array made on that device (the kernels read it, as the engine's step counter).
+    The caller holds the returned arrays until the kernel is launched (CuPy's pool
     reuses a freed block only for work ordered after it on the same stream)."""
     l1, l2, clipvalue = float(l1), float(l2), float(clipvalue)
     for name, val in (("l1", l1), ("l2", l2), ("clipvalue", clipvalue)):
@@ -742,11 +786,29 @@ def _transform(ck, op, param, grad, l1, l2, clip_scale, clipvalue, penalty_out):
             with ctx:
                 work = ck.empty((n_work,), np.float64, param)
             work_addr = address(work)
-    return (l1, l2, scale_addr, clipvalue, pen_addr, work_addr), work
+    noise = (0, 0, 0, 0, 0)
+    step_arr = None
+    if noise_std is not None:
+        noise_std = ck.f32(noise_std, "noise_std", shape=(1,))
+        seed = _int(op, noise_seed, "'noise_seed'") & (2**64 - 1)
+        nstep = _int(op, noise_step, "'noise_step'")
+        offset = _int(op, noise_offset, "'noise_offset'")
+        if not 0 <= nstep < 2**63:
+            raise ValueError(f"{op}: 'noise_step' must be in [0, 2**63), got {nstep}")
+        if offset < 0 or offset + param.size > 2**63 - 1:
+            raise ValueError(f"{op}: 'noise_offset' must be in [0, 2**63 - size), got {offset}")
+        _, _, ctx = ck.backend(param)
+        with ctx:
+            step_arr = ck.empty((1,), np.int64, param)
+        step_arr[...] = nstep
+        k0, k1 = _C.noise_key(seed)
+        noise = (address(noise_std), k0, k1, address(step_arr), offset)
+    return (l1, l2, scale_addr, clipvalue, pen_addr, work_addr) + noise, (work, step_arr)
 
 
 def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
-             l1=0.0, l2=0.0, clip_scale=None, clipvalue=0.0, penalty_out=None):
+             l1=0.0, l2=0.0, clip_scale=None, clipvalue=0.0, penalty_out=None,
+             noise_std=None, noise_seed=0, noise_step=1, noise_offset=0):
     """One in-place torch.optim.SGD step (dampening 0). Returns ``param``.
 
     ``buf`` is the momentum buffer (zeros before the first step; may be None
@@ -764,19 +826,20 @@ def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay
         buf = ck.f32(buf, "buf", shape=param.shape, writable=True)
     ck.disjoint((param, "param"), (grad, "grad"), (buf, "buf"))
     tr, work = _transform(ck, "sgd_step", param, grad, l1, l2, clip_scale, clipvalue,
-                          penalty_out)
+                          penalty_out, noise_std, noise_seed, noise_step, noise_offset)
     mod, extra, ctx = ck.backend(param)
     with ctx, _nvtx.annotate("sgd_step"):
         mod.sgd_step(address(param), address(grad), 0 if buf is None else address(buf),
                      param.size, float(lr), float(momentum), bool(nesterov),
                      float(weight_decay), tr, *extra)
-    del work  # the penalty's scratch: held until the kernel was launched
+    del work  # the penalty's scratch and the noise step: held until the kernel was launched
     return param
 
 
 def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
               weight_decay=0.0, decoupled=False, l1=0.0, l2=0.0, clip_scale=None,
-              clipvalue=0.0, penalty_out=None):
+              clipvalue=0.0, penalty_out=None, noise_std=None, noise_seed=0, noise_step=1,
+              noise_offset=0):
     """One in-place Adam (or, with ``decoupled=True``, AdamW) step, as torch.optim.
 
     ``m`` and ``v`` are the first and second moment buffers (zeros before
@@ -794,13 +857,13 @@ def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
         if not 0.0 <= val < 1.0:
             raise ValueError(f"adam_step: '{name}' must be in [0, 1), got {val}")
     tr, work = _transform(ck, "adam_step", param, grad, l1, l2, clip_scale, clipvalue,
-                          penalty_out)
+                          penalty_out, noise_std, noise_seed, noise_step, noise_offset)
     mod, extra, ctx = ck.backend(param)
     with ctx, _nvtx.annotate("adam_step"):
         mod.adam_step(address(param), address(grad), address(m), address(v), param.size,
                       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                       bool(decoupled), int(step), tr, *extra)
-    del work  # the penalty's scratch: held until the kernel was launched
+    del work  # the penalty's scratch and the noise step: held until the kernel was launched
     return param
 
 
@@ -1178,7 +1241,8 @@ def loss_forward_backward(kind, pred, target, *, sample_weight=None, delta=1.0,
 
 def rmsprop_step(param, grad, square_avg, momentum_buffer, grad_avg, *, lr, alpha=0.99,
                  eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, l1=0.0, l2=0.0,
-                 clip_scale=None, clipvalue=0.0, penalty_out=None):
+                 clip_scale=None, clipvalue=0.0, penalty_out=None, noise_std=None,
+                 noise_seed=0, noise_step=1, noise_offset=0):
     """One in-place torch.optim.RMSprop step. Returns ``param``.
 
     ``square_avg`` (always), ``momentum_buffer`` (when ``momentum > 0``, else may be
@@ -1210,14 +1274,15 @@ def rmsprop_step(param, grad, square_avg, momentum_buffer, grad_avg, *, lr, alph
         grad_avg = None
     ck.disjoint((param, "param"), (grad, "grad"), (square_avg, "square_avg"),
                 (momentum_buffer, "momentum_buffer"), (grad_avg, "grad_avg"))
-    tr, work = _transform(ck, op, param, grad, l1, l2, clip_scale, clipvalue, penalty_out)
+    tr, work = _transform(ck, op, param, grad, l1, l2, clip_scale, clipvalue, penalty_out,
+                          noise_std, noise_seed, noise_step, noise_offset)
     mod, extra, ctx = ck.backend(param)
     with ctx, _nvtx.annotate(op):
         mod.rmsprop_step(address(param), address(grad), address(square_avg),
                          _addr(momentum_buffer), _addr(grad_avg), param.size, float(lr),
                          float(alpha), float(eps), float(weight_decay), float(momentum),
                          bool(centered), tr, *extra)
-    del work  # the penalty's scratch: held until the kernel was launched
+    del work  # the penalty's scratch and the noise step: held until the kernel was launched
     return param
 
 

@@ -372,16 +372,55 @@ def random_permutation(n, seed, counter, *, xp=np):
 # --------------------------------------------------------------------------- optimizers
 
 
+def noise_key(seed):
+    """The DP-SGD noise key (k0, k1) of ``seed`` (kernel_math.h noise_key)."""
+    seed = int(seed) & (2**64 - 1)
+    k = philox4x32_10((0, 0, 0x4E4F4953, 0), (seed & _M32, seed >> 32))
+    return int(k[0]), int(k[1])
+
+
+def gaussian_noise(size, seed, step, offset=0, *, xp=np):
+    """Numbers ``offset .. offset + size - 1`` of the Gaussian stream (seed, step), in
+    float64: Philox4x32-10 of counter (e // 4 as two words, step as two words) under
+    noise_key(seed) gives words v0..v3; with u = ((v >> 8) + 0.5) 2^-24 (exact in
+    float64), Box-Muller in float64 maps (v0, v1) to z0 = r cos(2 pi u1'), z1 = r
+    sin(2 pi u1') with r = sqrt(-2 log u0), (v2, v3) to z2, z3; element e is z_(e % 4).
+    The kernels compute the same numbers in float32 (kernel_math.h gaussian_noise)."""
+    size, offset = int(size), int(offset)
+    step = int(step) & (2**64 - 1)
+    k0, k1 = noise_key(seed)
+    if size == 0:
+        return xp.zeros((0,), dtype=xp.float64)
+    b_first, b_last = offset // 4, (offset + size - 1) // 4
+    b = xp.arange(b_last - b_first + 1, dtype=xp.uint64) + xp.uint64(b_first)
+    v = _xp_philox(xp, (b, b >> xp.uint64(32), step & _M32, step >> 32), (k0, k1))
+    nb = b.size
+    u = [((xp.broadcast_to(w, (nb,)) >> xp.uint64(8)).astype(xp.float64) + 0.5) * 2.0**-24
+         for w in v]
+    r01, r23 = xp.sqrt(-2.0 * xp.log(u[0])), xp.sqrt(-2.0 * xp.log(u[2]))
+    a01, a23 = 2.0 * math.pi * u[1], 2.0 * math.pi * u[3]
+    z = xp.stack([r01 * xp.cos(a01), r01 * xp.sin(a01), r23 * xp.cos(a23), r23 * xp.sin(a23)],
+                 axis=1).reshape(-1)
+    start = offset - 4 * b_first
+    return z[start:start + size]
+
+
 def _transform_grad(param, grad, l1=0.0, l2=0.0, clip_scale=None, clipvalue=0.0,
-                    penalty_out=None):
+                    penalty_out=None, noise_std=None, noise_seed=0, noise_step=1,
+                    noise_offset=0):
     """The optimizers' gradient transform (w: the parameter before the update):
-    ``g + l1 sign(w) + 2 l2 w``, times ``clip_scale[0]``, clipped to +-clipvalue when
-    clipvalue > 0; ``penalty_out[0] = l1 sum|w| + l2 sum w^2`` in float64."""
+    ``g + noise_std[0] z`` (z: :func:`gaussian_noise` of the flat elements from
+    ``noise_offset``, when noise_std is given), ``+ l1 sign(w) + 2 l2 w``, times
+    ``clip_scale[0]``, clipped to +-clipvalue when clipvalue > 0;
+    ``penalty_out[0] = l1 sum|w| + l2 sum w^2`` in float64."""
     xp = _xp(param, grad)
     if penalty_out is not None:
         w = param.astype(np.float64)
         penalty_out[...] = l1 * xp.abs(w).sum() + l2 * (w * w).sum()
     g = grad
+    if noise_std is not None:
+        z = gaussian_noise(grad.size, noise_seed, noise_step, noise_offset, xp=xp)
+        g = g + noise_std.reshape(-1)[0] * z.reshape(grad.shape)
     if l1 != 0:
         g = g + l1 * xp.sign(param)
     if l2 != 0:
@@ -394,11 +433,12 @@ def _transform_grad(param, grad, l1=0.0, l2=0.0, clip_scale=None, clipvalue=0.0,
 
 
 def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
-             l1=0.0, l2=0.0, clip_scale=None, clipvalue=0.0, penalty_out=None):
+             l1=0.0, l2=0.0, clip_scale=None, clipvalue=0.0, penalty_out=None,
+             noise_std=None, noise_seed=0, noise_step=1, noise_offset=0):
     """One torch.optim.SGD step (dampening 0), in place on param (and buf); returns param.
 
     buf starts at zeros: momentum * 0 + g == g, which is torch's first-step buf = g.
-    l1, l2, clip_scale, clipvalue, penalty_out: the gradient transform, first.
+    l1, l2, clip_scale, clipvalue, penalty_out, noise_*: the gradient transform, first.
     """
     if grad.shape != param.shape:
         raise ValueError(
@@ -406,7 +446,8 @@ def sgd_step(param, grad, buf, *, lr, momentum=0.0, nesterov=False, weight_decay
         )
     if nesterov and momentum == 0:
         raise ValueError("nesterov momentum needs 'momentum' > 0, got 0")
-    g = _transform_grad(param, grad, l1, l2, clip_scale, clipvalue, penalty_out)
+    g = _transform_grad(param, grad, l1, l2, clip_scale, clipvalue, penalty_out,
+                        noise_std, noise_seed, noise_step, noise_offset)
     if weight_decay != 0:
         g = g + weight_decay * param
     if momentum != 0:
@@ -442,11 +483,15 @@ def adam_step(
     clip_scale=None,
     clipvalue=0.0,
     penalty_out=None,
+    noise_std=None,
+    noise_seed=0,
+    noise_step=1,
+    noise_offset=0,
 ):
     """One torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step in place; returns param.
 
     step is the 1-based count of steps including this one (it sets the bias corrections).
-    l1, l2, clip_scale, clipvalue, penalty_out: the gradient transform, first.
+    l1, l2, clip_scale, clipvalue, penalty_out, noise_*: the gradient transform, first.
     """
     xp = _xp(param, grad, m, v)
     for name, arr in (("grad", grad), ("m", m), ("v", v)):
@@ -457,7 +502,8 @@ def adam_step(
             )
     if int(step) < 1:
         raise ValueError(f"'step' must be >= 1 (1-based), got {step}")
-    g = _transform_grad(param, grad, l1, l2, clip_scale, clipvalue, penalty_out)
+    g = _transform_grad(param, grad, l1, l2, clip_scale, clipvalue, penalty_out,
+                        noise_std, noise_seed, noise_step, noise_offset)
     if weight_decay != 0:
         if decoupled:
             param[...] = param * (1 - lr * weight_decay)  # AdamW: decay the weights themselves
@@ -476,11 +522,12 @@ def adam_step(
 
 def rmsprop_step(param, grad, square_avg, momentum_buffer, grad_avg, *, lr, alpha=0.99,
                  eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, l1=0.0, l2=0.0,
-                 clip_scale=None, clipvalue=0.0, penalty_out=None):
+                 clip_scale=None, clipvalue=0.0, penalty_out=None, noise_std=None,
+                 noise_seed=0, noise_step=1, noise_offset=0):
     """One torch.optim.RMSprop step in place (the buffers start at zeros); returns param.
 
     momentum_buffer is used when momentum > 0, grad_avg when centered (else may be None).
-    l1, l2, clip_scale, clipvalue, penalty_out: the gradient transform, first.
+    l1, l2, clip_scale, clipvalue, penalty_out, noise_*: the gradient transform, first.
     """
     xp = _xp(param, grad, square_avg)
     if momentum and momentum_buffer is None:
@@ -493,7 +540,8 @@ def rmsprop_step(param, grad, square_avg, momentum_buffer, grad_avg, *, lr, alph
         if arr is not None and arr.shape != param.shape:
             raise ValueError(f"'{name}' must have the shape of 'param' {tuple(param.shape)}, "
                              f"got {tuple(arr.shape)}")
-    g = _transform_grad(param, grad, l1, l2, clip_scale, clipvalue, penalty_out)
+    g = _transform_grad(param, grad, l1, l2, clip_scale, clipvalue, penalty_out,
+                        noise_std, noise_seed, noise_step, noise_offset)
     if weight_decay != 0:
         g = g + weight_decay * param
     square_avg[...] = square_avg * alpha + (1 - alpha) * g * g

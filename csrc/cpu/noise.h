@@ -1,0 +1,25 @@
+// The CPU's Gaussian noise generator (kernel_math.h gaussian_noise), shared by
+// the gaussian_noise op and the optimizer loops (optim.cpp), which draw a
+// chunk of noise into a stack buffer and run their update over it.
+#pragma once
+
+#include <cstdint>
+
+namespace fastmlp {
+namespace cpu {
+
+// Elements per chunk of the optimizer loops' noise buffer (8 KiB of floats:
+// the buffer and the chunk's parameters stay in L1).
+constexpr int64_t kNoiseChunk = 2048;
+
+// out[k] = fma(noise_std, gaussian_noise(e0 + k, step, k0, k1), grad[k]) for k
+// in [0, n) (kernel_math.h noise_grad_step: the transform's first step), or
+// out[k] = gaussian_noise(e0 + k, ...) when grad is null. Bit for bit the
+// scalar gaussian_noise of each element, whatever e0 % 4 and n: the whole
+// counter blocks inside go through a vectorised loop, the partial ones at
+// either end through the scalar function.
+void gaussian_noise_fill(float* out, const float* grad, float noise_std, uint64_t e0, int64_t n,
+                         uint64_t step, uint32_t k0, uint32_t k1);
+
+}  // namespace cpu
+}  // namespace fastmlp
