@@ -62,8 +62,20 @@ namespace engine {
 // act_bwd     buf: dy, saved-, dx, state-
 //             dim: cols, act, saved_is_input, -, drop_*
 //             dx = act_grad(dropout(dy), saved); dx may be dy  activation_bwd
-// dense_bwd_w buf: x, dz, gw, gb-       dim: in, out, -, precision
-//             gw = x^T dz, gb = colsum(dz)                  gemm_ex
+// dense_bwd_w buf: x, dz, gw, gb-, row_scale-   dim: in, out, -, precision
+//             gw = x^T dz, gb = colsum(dz); with row_scale (DP-SGD's clip
+//             factors, n floats) gw = x^T diag(s) dz, gb = s^T dz, the rows
+//             scaled inside the GEMM (GemmEpilogue::row_scale_k)  gemm_ex
+// dp_norms    buf: x, dz, acc, noise_std-
+//             dim: in, out, bias, mode, clip (float bits), noise multiplier
+//             (float bits), divisor (float bits; 0: the step's rows)
+//             DP-SGD's per-example gradient norms of one Dense layer (the
+//             ghost-norm identity ||x_r dz_r^T||^2 = ||x_r||^2 ||dz_r||^2):
+//             acc[r] (+)= (||x_r||^2 + bias) ||dz_r||^2 (mode bit 0:
+//             accumulate onto the earlier layers'); mode bit 1 (the last
+//             layer in op order): acc becomes the rows' clip factors times
+//             n / divisor and noise_std = noise multiplier * clip / divisor
+//             dp_row_sqnorms, dp_clip_factors
 // dense_bwd_x buf: dz, w, saved-, dx, state-
 //             dim: in, out, act, precision, drop_*, saved_is_input
 //             dx = act_grad(dropout(dz w^T), saved): the previous Dense
@@ -77,17 +89,21 @@ namespace engine {
 //                                                           layernorm_fwd
 // ln_bwd      buf: dy, x, gamma-, mean, invstd, dx, dgamma-, dbeta-
 //             dim: cols                                     layernorm_bwd
-// optimizer   buf: params, grads, s0-, s1-, hyper, state, s2-, scale-, penalty-
+// optimizer   buf: params, grads, s0-, s1-, hyper, state, s2-, scale-, penalty-,
+//             work-, noise_std-
 //             dim: size, kind (0 SGD: s0 = momentum buffer; 1 Adam/AdamW:
 //             s0 = m, s1 = v; 2 RMSprop: s0 = square_avg, s1 = momentum
 //             buffer-, s2 = grad_avg-), offset (elements into the flat
-//             buffers), l1, l2, clipvalue (float bits), segment
+//             buffers), l1, l2, clipvalue (float bits), segment, noise key
+//             (key0 | key1 << 32)
 //             one launch over elements offset .. offset+size-1 of the flat
 //             parameters, with hyper[state.step]; the gradient transform
 //             (kernel_math.h GradTransform: l1/l2, scale[segment] when scale
 //             is given, clipvalue) before the update, and the regularization
 //             penalty of the segment's pre-update weights into
-//             penalty[segment] when penalty is given;
+//             penalty[segment] when penalty is given; with noise_std (DP-SGD)
+//             first g += *noise_std * gaussian_noise(offset + i, state.rng_step)
+//             (kernel_math.h NoiseSpec);
 //             records the first step that left a parameter NaN or +-Inf in
 //             state.nonfinite_param_step (checked in the same pass over the
 //             parameters: no extra read)
@@ -110,6 +126,7 @@ namespace engine {
     X(act_bwd)             \
     X(dense_bwd_w)         \
     X(dense_bwd_x)         \
+    X(dp_norms)            \
     X(bn_fwd)              \
     X(bn_bwd)              \
     X(ln_fwd)              \
@@ -131,7 +148,7 @@ constexpr int kNumOpCodes = 0
 
 const char* opcode_name(OpCode code);
 
-constexpr int kMaxBufs = 10;
+constexpr int kMaxBufs = 11;
 constexpr int kMaxDims = 8;
 
 struct PlanOp {
@@ -210,8 +227,9 @@ public:
     EngineState state(int state_buf);
 
     // Runs steps first .. first+count-1 of `list` over `rows` rows in batches
-    // of `batch` (the last step may have fewer rows). state.step must equal
-    // `first`. stream: the caller's CUDA stream (CuPy's current), 0 on the
+    // of `batch` (the last step may have fewer rows; one step alone may have
+    // none, first * batch == rows: DP-SGD's empty Poisson batch, whose update is
+    // the noise). state.step must equal `first`. stream: the caller's CUDA stream (CuPy's current), 0 on the
     // CPU. Returns the steps run: all, except that the CPU engine stops after
     // a step whose loss or updated parameters are not finite (the CUDA engine
     // runs on; the caller reads state().nonfinite_step / nonfinite_param_step

@@ -35,7 +35,7 @@ unsigned optional_buffers(OpCode code) {
         case OpCode::dense_fwd: return (1u << 2) | (1u << 4) | (1u << 5);
         case OpCode::act_fwd: return 1u << 2;
         case OpCode::act_bwd: return (1u << 1) | (1u << 3);
-        case OpCode::dense_bwd_w: return 1u << 3;
+        case OpCode::dense_bwd_w: return (1u << 3) | (1u << 4);
         case OpCode::dense_bwd_x: return (1u << 2) | (1u << 4);
         case OpCode::bn_fwd: return (1u << 1) | (1u << 2) | (1u << 4) | (1u << 5);
         case OpCode::bn_bwd: return (1u << 2) | (1u << 6) | (1u << 7);
@@ -45,7 +45,9 @@ unsigned optional_buffers(OpCode code) {
         case OpCode::metrics: return 1u << 2;
         case OpCode::clip: return 1u << 3;
         case OpCode::optimizer:
-            return (1u << 2) | (1u << 3) | (1u << 6) | (1u << 7) | (1u << 8) | (1u << 9);
+            return (1u << 2) | (1u << 3) | (1u << 6) | (1u << 7) | (1u << 8) | (1u << 9) |
+                   (1u << 10);
+        case OpCode::dp_norms: return 1u << 3;
         case OpCode::step_end: return (1u << 1) | (1u << 2);
         default: return 0u;
     }

@@ -17,6 +17,7 @@
 //           spec, stream)        metrics_fused into scalars->metric
 //   clip(params, grads, offsets, l1l2, segments, mode, max_norm, scale,
 //        work, stream)           grad_clip_scale
+//   dp_row_sqnorms / dp_clip_factors   fastmlp.h's ops, + stream
 //   optimizer(kind, params, grads, s0, s1, s2, size, hyper, state, transform,
 //             stream)            (pointers already offset to the segment)
 //   store(src, dst, state, rows, cols, batch, stream)
@@ -125,8 +126,24 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
             // gw(in, out) = x^T dz: x is (n, in) read transposed (lda = in).
             GemmEpilogue ep;
             ep.colsum_b = f32(3);
+            ep.row_scale_k = f32(4);  // DP-SGD: dz's rows times their clip factors
             Dev::gemm_ex(true, false, d[0], d[1], n, 1.0f, f32(0), d[0], f32(1), d[1], 0.0f,
                          f32(2), d[1], ep, static_cast<Precision>(d[3]), stream);
+            break;
+        }
+        case OpCode::dp_norms: {
+            Dev::dp_row_sqnorms(f32(0), f32(1), f32(2), n, d[0], d[1], d[2] != 0,
+                                (d[3] & 1) != 0, stream);
+            if (d[3] & 2) {
+                // The loss is a mean over the step's n rows, so dz's rows are each
+                // example's gradient over n: grad_scale n (1 for an empty step, whose
+                // only effect is the noise); divisor: n, or the expected batch size
+                // of Poisson sampling.
+                const float rows = static_cast<float>(n > 0 ? n : 1);
+                const float divisor = d[6] != 0 ? dim_float(d[6]) : rows;
+                Dev::dp_clip_factors(f32(2), n, dim_float(d[4]), dim_float(d[5]), rows, divisor,
+                                     f32(3), stream);
+            }
             break;
         }
         case OpCode::dense_bwd_x: {
@@ -177,6 +194,13 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
             t.scale = buf(7) ? f32(7) + d[6] : nullptr;
             t.penalty = buf(8) ? static_cast<double*>(buf(8)) + d[6] : nullptr;
             t.work = static_cast<double*>(buf(9));
+            if (buf(10)) {
+                t.noise.std = f32(10);
+                t.noise.key0 = static_cast<uint32_t>(static_cast<uint64_t>(d[7]));
+                t.noise.key1 = static_cast<uint32_t>(static_cast<uint64_t>(d[7]) >> 32);
+                t.noise.step = &state(5)->rng_step;
+                t.noise.offset = off;
+            }
             Dev::optimizer(d[1], at(0), at(1), at(2), at(3), at(6), d[0],
                            static_cast<const StepHyper*>(buf(4)), state(5), t, stream);
             break;

@@ -90,6 +90,16 @@ struct CpuDev {
         cpu::grad_clip_scale(params, grads, offsets, l1l2, segments, mode, max_norm, scale, work);
     }
 
+    static void dp_row_sqnorms(const float* x, const float* dz, float* acc, int64_t rows,
+                               int64_t in, int64_t out, bool bias, bool accumulate, Stream) {
+        cpu::dp_row_sqnorms(x, dz, acc, rows, in, out, bias, accumulate);
+    }
+
+    static void dp_clip_factors(float* acc, int64_t rows, float clip, float noise_multiplier,
+                                float grad_scale, float divisor, float* std_out, Stream) {
+        cpu::dp_clip_factors(acc, rows, clip, noise_multiplier, grad_scale, divisor, std_out);
+    }
+
     static void gather(const float* x, const void* y, const int64_t* order, float* x_dst,
                        void* y_dst, const EngineState* st, int64_t rows, int64_t features,
                        int64_t label_bytes, int64_t batch, int64_t source_rows, Stream) {
@@ -161,7 +171,10 @@ public:
         FASTMLP_CHECK(batch >= 1 && first >= 0 && count >= 0,
                       "engine: bad batch " << batch << ", first step " << first << " or count "
                                            << count);
-        FASTMLP_CHECK(count == 0 || (first + count - 1) * batch < rows,
+        // The last step starts inside the data, or one step is an empty batch at its
+        // end (DP-SGD's Poisson sampling draws some: their update is the noise).
+        FASTMLP_CHECK(count == 0 || (first + count - 1) * batch < rows ||
+                          (count == 1 && first * batch == rows),
                       "engine: steps " << first << ".." << first + count - 1 << " of batch "
                                        << batch << " run past the " << rows << " rows");
         check_run(list, first, count);

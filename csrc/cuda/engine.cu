@@ -297,6 +297,18 @@ struct CudaDev {
                               stream);
     }
 
+    static void dp_row_sqnorms(const float* x, const float* dz, float* acc, int64_t rows,
+                               int64_t in, int64_t out, bool bias, bool accumulate,
+                               Stream stream) {
+        cuda::dp_row_sqnorms(x, dz, acc, rows, in, out, bias, accumulate, stream);
+    }
+
+    static void dp_clip_factors(float* acc, int64_t rows, float clip, float noise_multiplier,
+                                float grad_scale, float divisor, float* std_out, Stream stream) {
+        cuda::dp_clip_factors(acc, rows, clip, noise_multiplier, grad_scale, divisor, std_out,
+                              stream);
+    }
+
     static void gather(const float* x_src, const void* y_src, const int64_t* order, float* x_dst,
                        void* y_dst, const EngineState* state, int64_t n, int64_t features,
                        int64_t label_bytes, int64_t batch, int64_t source_rows, Stream stream) {
@@ -500,8 +512,10 @@ public:
                                                         << " count=" << count);
         if (count == 0) return 0;
         // The last step must start inside the data: (first + count - 1) * batch < rows,
-        // computed without overflow.
-        const int64_t steps_total = cuda::detail::ceil_div(rows, batch);
+        // computed without overflow; or one step that starts at the end of the data,
+        // an empty batch (DP-SGD's Poisson sampling draws some: their update is noise).
+        const int64_t steps_total = cuda::detail::ceil_div(rows, batch) +
+                                    (count == 1 && rows % batch == 0 && first == rows / batch);
         FASTMLP_CHECK(first < steps_total && count <= steps_total - first,
                       "engine run: steps " << first << ".." << first + count - 1 << " of "
                                            << rows << " rows in batches of " << batch

@@ -38,7 +38,7 @@ import numpy as np
 from . import _C
 from ._act_codes import ACTIVATIONS, NEEDS_INPUT
 
-__all__ = ["Buf", "Op", "StepPlan", "build_plan", "validate", "ROWS", "TRAIN", "EVALUATE",
+__all__ = ["Buf", "DPSpec", "Op", "StepPlan", "build_plan", "validate", "ROWS", "TRAIN", "EVALUATE",
            "PREDICT", "OPCODES"]
 
 # The opcodes of csrc/engine.h, by name (their order is the C++ enum's).
@@ -109,6 +109,7 @@ class StepPlan:
     reg_segments: int = 0        # parameter segments with a penalty slot (0: no regularizer)
     param_names: tuple = ()      # the trainable weights' buffers, in Keras order ("layer0.kernel")
     stat_names: tuple = ()       # the other weights' buffers (views of "stats")
+    dp: DPSpec | None = None     # DP-SGD's settings (None: ordinary training)
 
     def buf(self, name: str) -> Buf:
         for b in self.bufs:
@@ -143,6 +144,18 @@ class _Builder:
 def _f32_bits(value: float) -> int:
     """A float as the int64 dim the C++ side reads back (engine_exec.h dim_float)."""
     return int(np.array(value, np.float32).view(np.uint32))
+
+
+@dataclass(frozen=True)
+class DPSpec:
+    """DP-SGD in the training step: each example's gradient (over all parameters)
+    clipped to L2 norm ``clip``, Gaussian noise of standard deviation
+    ``noise_multiplier * clip`` added to their sum, divided by ``divisor`` (0: the step's
+    rows; Poisson sampling: the expected batch size). ``seed``: the noise stream's."""
+    clip: float
+    noise_multiplier: float
+    divisor: float = 0.0
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,6 +221,29 @@ def _stages(layers, fused=None):
     return out
 
 
+def _check_dp_layers(layers, clipnorm, global_clipnorm, clipvalue):
+    """ValueError for what DP-SGD's per-example norms do not cover: they are exact for
+    Dense layers (the ghost-norm identity) and for the layers without weights between
+    them (activations, dropout); a normalization layer's weights have no per-example
+    gradient norm computed here (BatchNormalization mixes the examples of a batch, so an
+    example's gradient is not even defined)."""
+    from .layers import BatchNormalization, LayerNormalization
+
+    for i, layer in enumerate(layers):
+        if isinstance(layer, BatchNormalization):
+            raise ValueError(f"plan: DP-SGD cannot train layer {i} (BatchNormalization): its "
+                             "batch statistics mix the examples of a batch, so no per-example "
+                             "gradient exists to clip; remove it (LayerNormalization is not "
+                             "covered either)")
+        if isinstance(layer, LayerNormalization):
+            raise ValueError(f"plan: DP-SGD cannot train layer {i} (LayerNormalization): the "
+                             "per-example gradient norms are computed for Dense layers only; "
+                             "remove it")
+    if clipnorm is not None or global_clipnorm is not None or clipvalue is not None:
+        raise ValueError("plan: DP-SGD clips each example's gradient (l2_norm_clip); "
+                         "clipnorm / global_clipnorm / clipvalue do not apply")
+
+
 def _act_code(name) -> int:
     return ACTIVATIONS["linear" if name is None else name]
 
@@ -229,7 +265,7 @@ def _regularizer_coefficients(layer, name):
 def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, precision: int,
                seed: int = 0, *, loss=None, metrics=(), sample_weight: bool = False,
                clipnorm=None, global_clipnorm=None, clipvalue=None,
-               work_doubles=(0, 0)) -> StepPlan:
+               work_doubles=(0, 0), dp=None) -> StepPlan:
     """The plan of a layer stack with ``loss`` on its output.
 
     ``optimizer_kind``: 0 SGD, 1 Adam/AdamW, 2 RMSprop; ``optimizer_buffers``: the
@@ -242,7 +278,8 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     training step weights each sample's loss by "train.sw"; ``clipnorm`` /
     ``global_clipnorm`` / ``clipvalue``: the optimizer's gradient clipping;
     ``work_doubles``: (clip, optimizer) scratch sizes in doubles for the clip op and a
-    regularized optimizer op (the device's needs: the kernels' work functions).
+    regularized optimizer op (the device's needs: the kernels' work functions);
+    ``dp``: a :class:`DPSpec` (DP-SGD: per-example clipping and Gaussian noise) or None.
     """
     from . import losses as _losses
     from .metrics import FLAGS, SLOTS, TOP_K
@@ -264,6 +301,8 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                          f"(it is computed fused with it), got {loss.name!r}; remove the "
                          "softmax or change the loss")
     softmax = fused == "softmax"
+    if dp is not None:
+        _check_dp_layers(layers, clipnorm, global_clipnorm, clipvalue)
     use_xent = (loss_kind == "cce_logits" and loss.label_smoothing == 0.0 and not sample_weight)
     metrics = tuple(metrics)
     transform = {"softmax": 2, "sigmoid": 1}.get(fused, 0)
@@ -353,6 +392,12 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                 for lst in ("train", "eval")} if auc else {}
 
     kind = _LABEL_KINDS[label_dtype]
+    dp_scale = b.add("dp.scale", "scratch", (ROWS,)) if dp is not None else None
+    dp_std = b.add("dp.noise_std", "scratch", (1,)) if dp is not None else None
+    noise_key = 0
+    if dp is not None:
+        k0, k1 = _C.noise_key(int(dp.seed) & (2 ** 64 - 1))
+        noise_key = int(np.array(k0 | (k1 << 32), np.uint64).view(np.int64))
 
     def dropout_dims(j):
         """dims 4..6 of the Dropout at position j (zeros: none) and its Python view."""
@@ -413,6 +458,10 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
         ops, g, done = [], dlogits, False
         has_params = [any(layer.trainable_names()) for layer in
                       (st.layer for st in stages)]
+        # DP-SGD: the per-example norms of every Dense layer (their dz and input) are
+        # summed before any weight gradient, whose GEMM then scales dz's rows by the
+        # clip factors: the dW / db ops move after the chain of dX ops.
+        weight_ops, norm_ops = [], []
         for k in range(len(stages) - 1, -1, -1):
             st = stages[k]
             i, layer = st.index, st.layer
@@ -427,9 +476,21 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                     ops.append(Op("act_bwd", f"layer{i}.backward.act",
                                   (g, saved, g, st_buf),
                                   (layer.units, code, int(i in preact), 0) + drop, extra))
-                ops.append(Op("dense_bwd_w", f"layer{i}.backward.dW",
-                              (x, g, grad[i, "kernel"], grad.get((i, "bias"))),
-                              (layer.input_dim, layer.units, 0, precision)))
+                if dp is None:
+                    ops.append(Op("dense_bwd_w", f"layer{i}.backward.dW",
+                                  (x, g, grad[i, "kernel"], grad.get((i, "bias"))),
+                                  (layer.input_dim, layer.units, 0, precision)))
+                else:
+                    norm = Op("dp_norms", f"layer{i}.backward.dp_norms",
+                              (x, g, dp_scale, None),
+                              (layer.input_dim, layer.units, int((i, "bias") in grad),
+                               int(bool(norm_ops))), {"layer": i})
+                    ops.append(norm)
+                    norm_ops.append(len(ops) - 1)
+                    weight_ops.append(Op("dense_bwd_w", f"layer{i}.backward.dW",
+                                         (x, g, grad[i, "kernel"], grad.get((i, "bias")),
+                                          dp_scale),
+                                         (layer.input_dim, layer.units, 0, precision)))
                 if not need_dx:
                     break
                 dx = b.add(f"layer{i}.dinput", "act", (ROWS, layer.input_dim))
@@ -470,6 +531,16 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                 if not need_dx:
                     break
                 g, done = dx, False
+        if dp is not None and norm_ops:
+            # the last norms op turns the sums into the clip factors and the noise's scale
+            k = norm_ops[-1]
+            last = ops[k]
+            ops[k] = Op(last.code, last.name, last.bufs[:3] + (dp_std,),
+                        last.dims[:3] + (last.dims[3] | 2, _f32_bits(dp.clip),
+                                         _f32_bits(dp.noise_multiplier),
+                                         _f32_bits(dp.divisor)),
+                        {**last.extra, "finish": True})
+            ops += weight_ops
         return ops
 
     def loss_ops(out, y, training, lst):
@@ -510,10 +581,13 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) if sizes else [0]
     opt_ops = []
     s = opt_ids + [None] * (3 - len(opt_ids))
+    noise_extra = ({"noise_seed": int(dp.seed), "offsets": tuple(int(v) for v in offsets)}
+                   if dp is not None else None)
     if total and not transformed:
         opt_ops.append(Op("optimizer", "optimizer",
-                          (params, grads, s[0], s[1], hyper, state, s[2]),
-                          (total, optimizer_kind, 0, 0, 0, 0, 0)))
+                          (params, grads, s[0], s[1], hyper, state, s[2], None, None, None,
+                           dp_std),
+                          (total, optimizer_kind, 0, 0, 0, 0, 0, noise_key), noise_extra))
     penalty = None
     if total and transformed:
         scale = None
@@ -539,11 +613,11 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
             reg_k = bool(l1 or l2)
             opt_ops.append(Op("optimizer", f"optimizer.layer{i}.{name}",
                               (params, grads, s[0], s[1], hyper, state, s[2], scale,
-                               penalty if reg_k else None, opt_work if reg_k else None),
+                               penalty if reg_k else None, opt_work if reg_k else None, dp_std),
                               (size, optimizer_kind, int(offsets[k]), _f32_bits(l1),
-                               _f32_bits(l2), _f32_bits(clipvalue or 0.0), k),
+                               _f32_bits(l2), _f32_bits(clipvalue or 0.0), k, noise_key),
                               {"segment": k, "l1": l1, "l2": l2,
-                               "clipvalue": float(clipvalue or 0.0)}))
+                               "clipvalue": float(clipvalue or 0.0), "noise": noise_extra}))
     penalty_id = penalty if total and transformed and any_reg else None
 
     fwd_train, _ = forward(True)
@@ -587,7 +661,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                     sample_weight=bool(sample_weight),
                     reg_segments=nseg if any_reg else 0,
                     param_names=tuple(f"layer{i}.{n}" for i, n, _ in trainable),
-                    stat_names=tuple(f"layer{i}.{n}" for i, n, _ in fixed))
+                    stat_names=tuple(f"layer{i}.{n}" for i, n, _ in fixed), dp=dp)
     validate(plan)
     return plan
 
@@ -609,18 +683,18 @@ def with_batch(ops, batch: int, rows: int):
 # What each opcode reads and writes, by buffer position (csrc/engine.h).
 _READS = {"gather": (0, 1, 2, 5), "dense_fwd": (0, 1, 2, 5), "xent": (0, 1),
           "loss": (0, 1, 2), "metrics": (0, 1), "clip": (0, 1, 2, 3),
-          "act_fwd": (0, 2), "act_bwd": (0, 1, 3), "dense_bwd_w": (0, 1),
+          "act_fwd": (0, 2), "act_bwd": (0, 1, 3), "dense_bwd_w": (0, 1, 4), "dp_norms": (0, 1),
           "dense_bwd_x": (0, 1, 2, 4), "bn_fwd": (0, 1, 2, 6, 7), "bn_bwd": (0, 1, 2, 3, 4),
           "ln_fwd": (0, 1, 2), "ln_bwd": (0, 1, 2, 3, 4),
-          "optimizer": (0, 1, 2, 3, 4, 5, 6, 7), "store": (0, 2), "step_end": (0, 1, 2)}
+          "optimizer": (0, 1, 2, 3, 4, 5, 6, 7, 10), "store": (0, 2), "step_end": (0, 1, 2)}
 _WRITES = {"gather": (3, 4), "dense_fwd": (3, 4), "xent": (2, 3, 4, 5), "act_fwd": (1,),
            "loss": (3, 4, 5), "metrics": (2, 3, 4), "clip": (4, 5),
-           "act_bwd": (2,), "dense_bwd_w": (2, 3), "dense_bwd_x": (3,),
+           "act_bwd": (2,), "dense_bwd_w": (2, 3), "dense_bwd_x": (3,), "dp_norms": (2, 3),
            "bn_fwd": (3, 4, 5, 6, 7), "bn_bwd": (5, 6, 7), "ln_fwd": (3, 4, 5),
            "ln_bwd": (5, 6, 7), "optimizer": (0, 2, 3, 6, 8, 9), "store": (1,), "step_end": (0,)}
 # Ops that update a buffer in place by design (the others' outputs never overlap
 # their inputs: the kernels' __restrict__ contract).
-_IN_PLACE = ("act_bwd", "bn_fwd", "optimizer", "step_end")
+_IN_PLACE = ("act_bwd", "bn_fwd", "optimizer", "step_end", "dp_norms")
 # Written before any list runs: parameters, statistics, optimizer state, inputs,
 # engine memory.
 _PRESET = ("param", "stat", "state", "input", "hyper", "metric", "const", "table")

@@ -21,14 +21,13 @@ from .python import PythonExecutor
 __all__ = ["Arena", "Engine", "NativeEngine", "PythonExecutor", "choose", "make",
            "optimizer_kind"]
 
-_NATIVE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+_NATIVE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "DPSGD", "DPAdam")
 
 
 def choose(device: str, optimizer=None, host_data: bool = False) -> tuple[str, str]:
     """(engine name, reason). The C++ engine of the device, except:
     ``FASTMLP_ENGINE=python``; an optimizer that is not exactly SGD / Adam / AdamW /
-    RMSprop (a
-    subclass may override ``_update``, which only the Python executor calls); data
+    RMSprop or the DP optimizers (DPSGD, DPAdam) (a subclass may override ``_update``, which only the Python executor calls); data
     left on the host while the model is on the GPU (too large for the device)."""
     forced = os.environ.get("FASTMLP_ENGINE", "").strip().lower()
     if forced not in ("", "native", "python"):
@@ -36,9 +35,10 @@ def choose(device: str, optimizer=None, host_data: bool = False) -> tuple[str, s
     if forced == "python":
         return "python", "FASTMLP_ENGINE=python"
     if optimizer is not None:
-        from .. import optim
+        from .. import optim, privacy
 
-        if type(optimizer) not in (optim.SGD, optim.Adam, optim.AdamW, optim.RMSprop):
+        if type(optimizer) not in (optim.SGD, optim.Adam, optim.AdamW, optim.RMSprop,
+                                   privacy.DPSGD, privacy.DPAdam):
             return "python", (f"{type(optimizer).__name__} is not one of the built-in "
                               "optimizers the C++ engines run (SGD, Adam, AdamW, RMSprop)")
     if host_data:

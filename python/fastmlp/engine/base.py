@@ -11,7 +11,9 @@ class Engine:
     list ``lst`` over ``rows`` rows in batches of ``batch`` and returns the steps run
     (a training run stops after a step whose loss or updated parameters are not
     finite, except on CUDA, where the caller learns it from ``state()["nonfinite_step"]``
-    and ``state()["nonfinite_param_step"]``).
+    and ``state()["nonfinite_param_step"]``). ``source_rows``: the rows of the bound data
+    when they are not ``rows`` (Poisson sampling lays step s's rows out at ``s * batch``
+    of the order buffer, so ``rows`` only sets the step's row count).
     """
     name = "?"
 
@@ -35,7 +37,7 @@ class Engine:
     def begin_pass(self) -> None:
         raise NotImplementedError
 
-    def run(self, lst, rows, batch, first, count) -> int:
+    def run(self, lst, rows, batch, first, count, source_rows=None) -> int:
         raise NotImplementedError
 
     def state(self) -> dict:

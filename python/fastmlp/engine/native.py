@@ -91,8 +91,8 @@ class NativeEngine(Engine):
                                   with_batch(self.plan.lists[lst], batch, rows)])
             self._batch[lst] = (batch, rows)
 
-    def run(self, lst, rows, batch, first, count):
-        self.prepare(lst, batch, rows)
+    def run(self, lst, rows, batch, first, count, source_rows=None):
+        self.prepare(lst, batch, rows if source_rows is None else source_rows)
         stream = 0
         if self.arena.device == "cuda":
             stream = cupy_module().cuda.get_current_stream().ptr

@@ -59,7 +59,7 @@ class PythonExecutor(Engine):
         if self.arena.device == "cuda":
             cupy_module().cuda.get_current_stream().synchronize()
 
-    def run(self, lst, rows, batch, first, count):
+    def run(self, lst, rows, batch, first, count, source_rows=None):
         if self._state["step"] != first:
             raise ValueError(f"engine: the pass is at step {self._state['step']}, asked to run "
                              f"from step {first}")
@@ -128,8 +128,18 @@ class PythonExecutor(Engine):
                                     saved_is_input=bool(d[2]), dropout=self._dropout(op),
                                     out=b[2][:n])
         elif code == "dense_bwd_w":
+            scale = b[4] if len(b) > 4 else None
             ops.dense_backward_weight(b[0][:n], b[1][:n], out=b[2], bias_out=b[3],
-                                      bias=b[3] is not None, precision=_PRECISION[d[3]])
+                                      bias=b[3] is not None, precision=_PRECISION[d[3]],
+                                      row_scale=None if scale is None else scale[:n])
+        elif code == "dp_norms":
+            ops.dp_row_sqnorms(b[0][:n], b[1][:n], bias=bool(d[2]), out=b[2][:n],
+                               accumulate=bool(d[3] & 1))
+            if d[3] & 2:  # as engine_exec.h: grad_scale n (1 for an empty step)
+                rows = float(max(n, 1))
+                ops.dp_clip_factors(b[2][:n], clip=_float(d[4]), noise_multiplier=_float(d[5]),
+                                    grad_scale=rows, divisor=_float(d[6]) if d[6] else rows,
+                                    std_out=b[3])
         elif code == "dense_bwd_x":
             ops.dense_backward_input(b[0][:n], b[1], activation=_ACTS[d[2]],
                                      saved=None if b[2] is None else b[2][:n],
@@ -151,10 +161,10 @@ class PythonExecutor(Engine):
             ops.layer_norm_backward(b[0][:n], b[1][:n], b[2], b[3][:n], b[4][:n], out=b[5][:n],
                                     dgamma_out=b[6], dbeta_out=b[7])
         elif code == "optimizer":
-            if op.extra is None:
-                self._optimizer_step()
+            if op.extra is None or "segment" not in op.extra:
+                self._optimizer_step(noise=self._noise(op, b, None))
             else:
-                self._optimizer_step(op.extra, b)
+                self._optimizer_step(op.extra, b, self._noise(op, b, op.extra["segment"]))
             # The C++ engines find a non-finite parameter inside their update loop; here
             # the flat parameters (buffer 0) are checked afterwards: one pass, one read.
             st = self._state
@@ -189,7 +199,20 @@ class PythonExecutor(Engine):
         e = op.extra
         return ops.Dropout(e["rate"], e["seed"], self._state["rng_step"], e["layer"])
 
-    def _optimizer_step(self, segment=None, b=None):
+    def _noise(self, op, b, segment):
+        """DP-SGD's noise keywords of the ops' optimizer steps for this step, as a
+        function of the parameter index (None without noise): the std buffer, the seed,
+        the step number (the dropout counter, rng_step) and the parameter's offset in the
+        flat parameters (its place in the noise stream)."""
+        e = op.extra or {}
+        e = e.get("noise", e) if segment is not None else e
+        if len(b) <= 10 or b[10] is None or not e or "noise_seed" not in e:
+            return None
+        std, seed, step, offsets = b[10], e["noise_seed"], self._state["rng_step"], e["offsets"]
+        return lambda k: {"noise_std": std, "noise_seed": seed, "noise_step": step,
+                          "noise_offset": offsets[k]}
+
+    def _optimizer_step(self, segment=None, b=None, noise=None):
         """The optimizer's own per-parameter rule, with the step number and learning rate
         the engines' table holds for this step (Adam's bias correction counts from 1):
         every parameter, or one (``segment``: the op's extra) with its gradient
@@ -202,14 +225,15 @@ class PythonExecutor(Engine):
         try:
             views = list(zip(self.arena.param_views(), self.arena.grad_views(), opt.state))
             if segment is None:
-                for p, g, st in views:
-                    opt._update(p, g, st)
+                for k, (p, g, st) in enumerate(views):
+                    opt._update(p, g, st, **(noise(k) if noise else {}))
             else:
                 k = segment["segment"]
                 p, g, st = views[k]
                 opt._update(p, g, st, l1=segment["l1"], l2=segment["l2"],
                             clip_scale=None if b[7] is None else b[7][k:k + 1],
                             clipvalue=segment["clipvalue"],
-                            penalty_out=None if b[8] is None else b[8][k:k + 1])
+                            penalty_out=None if b[8] is None else b[8][k:k + 1],
+                            **(noise(k) if noise else {}))
         finally:
             opt.iterations, opt.lr = counted, lr
