@@ -207,4 +207,29 @@ CASES += [
         target="regression", weighted="sample", metrics=("mae",),
         fit=dict(epochs=2, batch_size=32)),
 ]
+# Issue 17: DP-SGD (per-example clipping, noise in the optimizer, Poisson sampling).
+OPTIMIZERS.update({
+    "dpsgd": lambda: fm.privacy.DPSGD(lr=0.05, momentum=0.9, l2_norm_clip=0.5,
+                                      noise_multiplier=1.1, seed=7),
+    "dpadam": lambda: fm.privacy.DPAdam(lr=3e-3, l2_norm_clip=1.0, noise_multiplier=0.8,
+                                        seed=8),
+})
+CASES += [
+    Case("dp-sgd", _two(), OPTIMIZERS["dpsgd"],
+         fit=dict(epochs=2, batch_size=32, validation_split=0.2)),
+    Case("dp-adam-deep-dropout-nobias", lambda: [
+        fm.Dense(24, activation="tanh", input_dim=37), fm.Dropout(0.2),
+        fm.Dense(11, activation="relu", use_bias=False), fm.Activation("gelu"),
+        fm.Dense(7, activation="softmax")], OPTIMIZERS["dpadam"], n=150, onehot=True,
+         fit=dict(epochs=2, batch_size=25)),
+    Case("dp-adam-poisson", _two(), OPTIMIZERS["dpadam"], n=120,
+         fit=dict(epochs=2, batch_size=16, poisson_sampling=True, validation_split=0.2)),
+    Case("dp-sgd-poisson-empty-batches", _two(h=5), OPTIMIZERS["dpsgd"], n=60,
+         fit=dict(epochs=1, batch_size=1, poisson_sampling=True)),
+    Case("dp-adam-regularizers-bce-weighted", lambda: [
+        fm.Dense(16, activation="relu", input_dim=37, kernel_regularizer=_reg.l2(1e-3)),
+        fm.Dense(3, activation="sigmoid", bias_regularizer=_reg.l1(1e-3))],
+        OPTIMIZERS["dpadam"], classes=3, loss="binary_crossentropy", target="binary",
+        weighted="sample", metrics=("binary_accuracy",), fit=dict(epochs=2, batch_size=32)),
+]
 BY_ID = {c.id: c for c in CASES}

@@ -259,6 +259,12 @@ class Sequential:
                 raise ValueError(f"compile: a softmax output layer needs a categorical "
                                  f"cross-entropy loss (it is computed fused with it), got "
                                  f"{loss.name!r}")
+        from .privacy import is_private
+
+        if is_private(optimizer):
+            from .plan import _check_dp_layers
+
+            _check_dp_layers(self.layers, None, None, None)
         self.optimizer, self.loss, self.metrics = optimizer, loss, metrics
         self._bound = None  # a new plan on the next fit
 
@@ -334,7 +340,8 @@ class Sequential:
     def fit(self, x, y, epochs: int = 1, batch_size: int = 32, validation_data=None,
             validation_split: float = 0.0, shuffle: bool = True, verbose: int = 1,
             callbacks=None, device: str = "auto", initial_epoch: int = 0,
-            check_finite: bool = True, sample_weight=None, class_weight=None) -> History:
+            check_finite: bool = True, sample_weight=None, class_weight=None,
+            poisson_sampling: bool = False) -> History:
         """Train for ``epochs`` epochs; returns a History (``history.history`` holds the
         per-epoch ``loss``, the metrics and their ``val_*`` twins).
 
@@ -349,6 +356,10 @@ class Sequential:
         arg-max of a one-hot row, the rounded target of one binary output); with both,
         their product. Keras semantics: the weighted losses are summed and divided by the
         batch's samples. The validation loss and the metrics are unweighted.
+        With a DP optimizer (:mod:`fastmlp.privacy`) the History holds ``epsilon`` per
+        epoch; ``poisson_sampling=True`` then draws each step's batch by Poisson sampling
+        (every row joins with probability batch_size / rows: batches of varying size, as
+        the accountant assumes; ``shuffle`` is ignored) instead of shuffled fixed batches.
         """
         self._require_compiled("fit")
         epochs = _int_arg(epochs, "epochs", "fit", 0)
@@ -368,6 +379,13 @@ class Sequential:
         verbose = _verbose_arg(verbose, "fit")
         shuffle = _bool_arg(shuffle, "shuffle", "fit")
         check_finite = _bool_arg(check_finite, "check_finite", "fit")
+        poisson_sampling = _bool_arg(poisson_sampling, "poisson_sampling", "fit")
+        if poisson_sampling:
+            from .privacy import is_private
+
+            if not is_private(self.optimizer):
+                raise ValueError("fit: poisson_sampling=True is DP-SGD's sampling; compile "
+                                 "with a fm.privacy optimizer (DPSGD, DPAdam)")
         self.to(_resolve_device(device, x))
         x = self._prepare_x(x, "x")
         if sample_weight is not None:
@@ -412,7 +430,7 @@ class Sequential:
         return _trainer.fit(self, x, y, epochs=epochs, batch_size=batch_size, val=val,
                             shuffle=shuffle, verbose=verbose, callbacks=cbs,
                             initial_epoch=initial_epoch, history=history,
-                            sample_weight=sample_weight)
+                            sample_weight=sample_weight, poisson_sampling=poisson_sampling)
 
     def _sample_weights(self, sample_weight, class_weight, y, check_finite):
         """fit's per-sample loss weights on y's device (None: unweighted): sample_weight

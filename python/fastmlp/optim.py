@@ -319,6 +319,9 @@ def get(identifier) -> Optimizer:
 
 
 def from_config(name: str, config: dict) -> Optimizer:
-    if name.lower() not in _BY_NAME:
+    from . import privacy
+
+    classes = {**_BY_NAME, "dpsgd": privacy.DPSGD, "dpadam": privacy.DPAdam}
+    if name.lower() not in classes:
         raise ValueError(f"unknown optimizer class {name!r}")
-    return _BY_NAME[name.lower()].from_config(config)
+    return classes[name.lower()].from_config(config)

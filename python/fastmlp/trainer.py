@@ -13,6 +13,7 @@ CPU and on the GPU (a counter-based generator, computed on the device).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -50,10 +51,21 @@ class _Bound:
         return eng
 
 
-def _plan_key(model, sample_weight=False):
+def _dp_spec(model, divisor=0.0):
+    """The plan's DP-SGD settings for the model's optimizer (None: not private)."""
+    from .plan import DPSpec
+    from .privacy import is_private
+
+    opt = model.optimizer
+    if not is_private(opt):
+        return None
+    return DPSpec(opt.l2_norm_clip, opt.noise_multiplier, float(divisor), opt._noise_seed)
+
+
+def _plan_key(model, sample_weight=False, dp=None):
     opt, loss = model.optimizer, model.loss
     clip = tuple(getattr(opt, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
-    return (model.device,
+    return (model.device, dp,
             tuple((id(l),) + l.signature() for l in model.layers), model._shuffle_seed,
             id(opt), type(opt).__name__, tuple(getattr(opt, "_buffers", ())), clip,
             None if loss is None else loss.signature(), tuple(model.metrics),
@@ -69,15 +81,23 @@ def _work_doubles(device, total, segments):
             int(mod.optimizer_work_doubles()))
 
 
-def bind(model, capacity: int, max_steps: int = 1, sample_weight: bool = False) -> _Bound:
+def bind(model, capacity: int, max_steps: int = 1, sample_weight: bool = False,
+         dp_divisor=None) -> _Bound:
     """The model's bound plan for batches of up to ``capacity`` rows and passes of up
     to ``max_steps`` steps: rebuilt when the model changed (layers, optimizer, loss,
-    metrics, device, matmul precision, sample weights) or needs more room; the layers
-    and the optimizer then hold views into its arena."""
+    metrics, device, matmul precision, sample weights, DP settings) or needs more room;
+    the layers and the optimizer then hold views into its arena. ``dp_divisor``: DP-SGD's
+    divisor of the noisy sum (0: the step's rows; None: the bound plan's, for evaluation
+    and prediction, which do not run the training list)."""
     from .metrics import resolve
 
     opt, loss = model.optimizer, model.loss
-    key = _plan_key(model, sample_weight)
+    dp = _dp_spec(model, dp_divisor or 0.0)
+    if dp_divisor is None and dp is not None and model._bound is not None:
+        bound_dp = model._bound.plan.dp  # keep the divisor fit bound, if the rest agrees
+        if bound_dp is not None and dataclasses.replace(bound_dp, divisor=0.0) == dp:
+            dp = bound_dp
+    key = _plan_key(model, sample_weight, dp)
     b = model._bound
     if b is None or b.key != key or not b.arena.fits(capacity, max_steps):
         if b is not None and b.key == key:  # grow, never shrink: no thrashing
@@ -95,7 +115,7 @@ def bind(model, capacity: int, max_steps: int = 1, sample_weight: bool = False) 
                           global_clipnorm=getattr(opt, "global_clipnorm", None),
                           clipvalue=getattr(opt, "clipvalue", None),
                           work_doubles=_work_doubles(model.device, total,
-                                                     len(model.params())))
+                                                     len(model.params())), dp=dp)
         arena = _engine.Arena(plan, model.device, capacity, max_steps)
         arena.adopt(model.layers, opt)
         b = model._bound = _Bound(key, plan, arena)
@@ -112,22 +132,36 @@ def _labels_host(y):
 
 
 def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, initial_epoch,
-        history, desc_fmt="Epoch {}/{}", sample_weight=None):
+        history, desc_fmt="Epoch {}/{}", sample_weight=None, poisson_sampling=False):
     """Train ``model`` on prepared (x, y) (on the model's device, or on the host when
     too large for the GPU); ``val`` is prepared (x_val, y_val) or None;
-    ``sample_weight``: prepared (n,) float32 weights of the samples' losses, or None."""
+    ``sample_weight``: prepared (n,) float32 weights of the samples' losses, or None;
+    ``poisson_sampling``: DP-SGD's exact sampling (see :class:`_Poisson`)."""
+    from .privacy import is_private
+
     n = len(x)
     steps = math.ceil(n / batch_size)
     opt = model.optimizer
+    private = is_private(opt)
+    # every epoch's batch sizes up front (a callback may move the first epoch)
+    poisson = _Poisson(opt, n, batch_size, 0, epochs, steps) if poisson_sampling else None
     host_data = model.device == "cuda" and not is_cupy(x)
     name, why = _engine.choose(model.device, opt, host_data)
     eval_batch = min(EVAL_BATCH, max(1, len(val[0]))) if val is not None else 0
-    bound = bind(model, max(min(batch_size, n), eval_batch), steps,
-                 sample_weight=sample_weight is not None)
+    capacity = poisson.capacity if poisson else min(batch_size, n)
+    bound = bind(model, max(capacity, eval_batch), steps,
+                 sample_weight=sample_weight is not None,
+                 dp_divisor=float(batch_size) if poisson else 0.0)
     eng = bound.engine(name, opt)
+    if poisson and bound.plan.has("train.auc_scores"):
+        raise ValueError("fit: the 'auc' metric is not available with poisson_sampling=True "
+                         "(it stores one prediction per row of a fixed pass); evaluate it "
+                         "with model.evaluate or on validation data")
     xp = np if host_data or model.device == "cpu" else cupy_module()
     order = None
-    if shuffle:  # one buffer per bound plan and size: its address, hence the graphs, stay
+    if poisson:  # step s's rows at order[s * capacity:], filled per epoch
+        order = xp.zeros((steps * poisson.capacity,), np.int64)
+    elif shuffle:  # one buffer per bound plan and size: its address, hence the graphs, stay
         order = bound.orders.get((xp.__name__, n))
         if order is None:
             order = bound.orders[(xp.__name__, n)] = xp.empty((n,), np.int64)
@@ -144,6 +178,11 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
     history.params.update({"epochs": epochs, "steps": steps, "batch_size": batch_size,
                            "samples": n, "device": model.device, "engine": eng.name,
                            "engine_reason": why})
+    delta = None
+    if private:
+        delta = opt.delta if opt.delta is not None else 1.0 / n
+        history.params.update({"delta": delta, "sample_rate": min(1.0, batch_size / n),
+                               "poisson_sampling": bool(poisson_sampling)})
     model.stop_training = False
     model._initial_epoch = initial_epoch  # a callback may move it (BackupAndRestore), as in Keras
     for cb in callbacks:
@@ -154,10 +193,19 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
         t0 = time.perf_counter()
         desc = desc_fmt.format(epoch + 1, epochs)
         with _nvtx.annotate(f"epoch{epoch + 1}"):
-            if order is not None:
-                ops.random_permutation(n, model._shuffle_seed, model._shuffle_count, out=order)
-                model._shuffle_count += 1
-            logs = _train_epoch(model, eng, n, batch_size, steps, verbose, desc)
+            if poisson is not None:
+                sizes = poisson.fill(order, epoch)
+                logs = _train_epoch(model, eng, n, batch_size, steps, verbose, desc,
+                                    poisson=(poisson.capacity, sizes))
+            else:
+                if order is not None:
+                    ops.random_permutation(n, model._shuffle_seed, model._shuffle_count,
+                                           out=order)
+                    model._shuffle_count += 1
+                logs = _train_epoch(model, eng, n, batch_size, steps, verbose, desc)
+            if private:
+                opt.accountant.step(opt.noise_multiplier, min(1.0, batch_size / n), steps)
+                logs["epsilon"] = opt.epsilon(delta)
             if val is not None:
                 with _nvtx.annotate("validation"):
                     v = _evaluate_pass(model, val_eng, val[0], val[1], eval_batch)
@@ -195,10 +243,52 @@ def learning_rates(opt, steps: int) -> list:
     return [float(opt.lr_at(first + s)) for s in range(steps)]
 
 
-def _train_epoch(model, eng, n, batch, steps, verbose, desc) -> dict:
+class _Poisson:
+    """DP-SGD's Poisson sampling: each of the ``steps = ceil(n / batch)`` steps of an
+    epoch takes every row independently with probability ``q = batch / n`` (the
+    accountant's assumption), so batches vary in size (and may be empty). The draw
+    comes from NumPy's Philox generator keyed by the optimizer's noise seed (secret by
+    default: the guarantee's amplification by sampling assumes nobody knows the batches)
+    and the epoch: a step's size from Binomial(n, q), then its rows uniformly without
+    replacement (the same distribution as independent coins). ``capacity``: the largest
+    batch of all the fit's epochs, drawn up front so the arena is sized once."""
+
+    def __init__(self, opt, n, batch, first_epoch, epochs, steps):
+        self.opt, self.n, self.steps = opt, n, steps
+        self.q = min(1.0, batch / n)
+        self.sizes = {e: self._rng(e).binomial(n, self.q, size=steps)
+                      for e in range(first_epoch, epochs)}
+        self.capacity = max(1, max((int(s.max()) for s in self.sizes.values()), default=1))
+
+    def _rng(self, epoch):
+        key = np.array([self.opt._noise_seed & (2 ** 64 - 1), 0x504F4953], np.uint64)  # "POIS"
+        return np.random.Generator(np.random.Philox(counter=[epoch, 0, 0, 0], key=key))
+
+    def fill(self, order, epoch):
+        """Writes the epoch's batches into ``order`` (step s's rows at s * capacity) and
+        returns the batch sizes."""
+        rng = self._rng(epoch)
+        sizes = rng.binomial(self.n, self.q, size=self.steps)  # = self.sizes[epoch]
+        if int(sizes.max(initial=0)) > self.capacity:  # an epoch not drawn up front
+            raise ValueError(f"fit: epoch {epoch} was not planned for Poisson sampling")
+        host = np.zeros((self.steps, self.capacity), np.int64)
+        for s, k in enumerate(sizes):
+            host[s, :k] = rng.choice(self.n, size=int(k), replace=False)
+        if isinstance(order, np.ndarray):
+            order[...] = host.reshape(-1)
+        else:
+            order.set(host.reshape(-1))
+        return [int(k) for k in sizes]
+
+
+def _train_epoch(model, eng, n, batch, steps, verbose, desc, poisson=None) -> dict:
+    """One training pass; ``poisson``: (capacity, the steps' batch sizes) of Poisson
+    sampling, run one engine call per step (step s reads its rows from s * capacity)."""
     opt = model.optimizer
     eng.set_schedule(learning_rates(opt, steps), opt.iterations + 1, opt)
     eng.begin_pass()
+    if poisson is not None:
+        return _train_epoch_poisson(model, eng, n, steps, verbose, desc, *poisson)
     chunk = _CHUNK.get(eng.name, 64)
     cheap_state = eng.name != "cuda"  # reading the CUDA engine's sums waits for the GPU
     bar = _progress(steps, desc) if verbose == 1 else None
@@ -226,6 +316,32 @@ def _train_epoch(model, eng, n, batch, steps, verbose, desc) -> dict:
         logs = _logs(model, eng, st, n, "train")
         if bar is not None:
             bar.update(steps - bar.n)
+            bar.set_postfix(logs, refresh=True)
+        return logs
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _train_epoch_poisson(model, eng, n, steps, verbose, desc, capacity, sizes) -> dict:
+    opt = model.optimizer
+    bar = _progress(steps, desc) if verbose == 1 else None
+    seen = 0
+    try:
+        for s, k in enumerate(sizes):
+            with _nvtx.annotate("train_steps"):
+                done = eng.run(TRAIN, s * capacity + k, capacity, s, 1, source_rows=n)
+            opt.iterations += done
+            seen += k
+            if eng.name != "cuda" or s == steps - 1:
+                _check_finite_state(model, eng.state(), desc)
+            if bar is not None:
+                bar.update(1)
+        st = eng.state()
+        _check_finite_state(model, st, desc)
+        # the mean loss over the rows the epoch drew (the losses are means over each step)
+        logs = _logs(model, eng, st, max(seen, 1), "train")
+        if bar is not None:
             bar.set_postfix(logs, refresh=True)
         return logs
     finally:
