@@ -281,6 +281,31 @@ def markdown(res) -> str:
                           _num(pr and pr.get("overhead_vs_plain"), 2) + "x", _pct(v and v["ratio"])]
             out.append("| " + " | ".join(cells + [_check(r)]) + " |")
 
+    dp = [r for r in rows if r["section"] == "privacy" and r["impl"] == "fastmlp"]
+    if dp:
+        out += ["", "## Privacy: the DP-SGD step against the plain step (issue 17)", "",
+                "784-128-10 relu on synthetic data on the device, one epoch of fit() timed per "
+                "step; DP = fm.privacy.DPAdam (l2_norm_clip 1, noise_multiplier 1.1: per-example "
+                "norms, clip factors inside the weight-gradient GEMM, noise in the Adam kernel) "
+                "vs plain Adam, alternating in the same run. `overhead` = the DP step's time / "
+                "the plain step's, per library (target for fastmlp: <= 1.3x). Opacus: its DP Adam "
+                "on the PyTorch model (per-sample gradient hooks), fixed batches.", "",
+                "| batch | fastmlp DP ms (min–max) | fastmlp plain ms | overhead | PyTorch plain ms "
+                "| Opacus DP ms | Opacus overhead | Opacus DP / fastmlp DP | check |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in dp:
+            vs = r.get("vs") or {}
+            plain = _peer_row(rows, r, "fastmlp Adam") if "fastmlp Adam" in vs else None
+            pt = _peer_row(rows, r, "PyTorch Adam") if "PyTorch Adam" in vs else None
+            op = _peer_row(rows, r, "Opacus") if "Opacus" in vs else None
+            out.append("| " + " | ".join([
+                str(r["batch"]), _ms(r), _ms(plain) if plain else "–",
+                _num(r.get("dp_overhead"), 2) + "x", _ms(pt) if pt else "–",
+                _ms(op) if op else "–", _num(r.get("opacus_overhead"), 2) + "x"
+                if r.get("opacus_overhead") else "–",
+                _num(vs["Opacus"]["ratio"], 2) + "x" if "Opacus" in vs else "–",
+                _check(r)]) + " |")
+
     den = [r for r in rows if r["section"] == "denormal" and "vs" in r]
     if den:
         out += ["", "## Denormal data", "",

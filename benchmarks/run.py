@@ -54,6 +54,13 @@ Sections (each device):
             clipnorm; metrics accuracy + top-5, vs a PyTorch eager loop with the same option,
             alternating, with each option's overhead over plain (both libraries). Committed
             as results/<device>/losses.{md,json}, run alone like the layers section;
+  privacy   (issue 17) DP-SGD: time per step of fit() with fm.privacy.DPAdam (per-example
+            clipping + noise; l2_norm_clip 1, noise_multiplier 1.1) and with plain Adam on the
+            same 784-128-10 model and synthetic data at batch 32, 128, 256, 1024, alternating
+            runs; the ratio DP / plain is the overhead (target <= 1.3x); then the same two in
+            PyTorch: an eager Adam loop and Opacus's DP Adam (GradSampleModule hooks, fixed
+            batches, when opacus imports). Committed as results/<device>/privacy.{md,json},
+            run alone like the layers section;
   training  784-128-10 + Adam, time per step and per Fashion-MNIST epoch at
             batch 32, 128, 1024 vs a PyTorch eager loop on the same device;
   epoch     one real Fashion-MNIST epoch at batch 32, 128, 1024, fit() on device
@@ -112,7 +119,8 @@ import report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASHION_MNIST_TRAIN = 60000
-SECTIONS = ["ceilings", "gemm", "memory", "layers", "losses", "denormal", "training", "epoch"]
+SECTIONS = ["ceilings", "gemm", "memory", "layers", "losses", "denormal", "training", "epoch",
+            "privacy"]
 GEMM_TOL = 1e-4  # FP32 lands near 1e-6 for k <= 8192; TF32 (~3e-4) cannot pass
 
 # -- the layers section (issue 15) -------------------------------------------------------------
@@ -1613,6 +1621,124 @@ class Bench:
             log(f"  train B={batch:5d} fastmlp {t['median_s'] * 1e3:8.3f} ms/step" +
                 "".join(f"  {k} {v['median_s'] * 1e3:8.3f}" for k, v in peers.items()) +
                 ("" if error is None else f"  FAIL {error}"))
+
+    # -- privacy (DP-SGD) ------------------------------------------------------------------
+    def privacy_cases(self):
+        """(batch, steps per timed epoch) of the privacy section."""
+        return [(b, s * (1 if self.quick else 2)) for b, s in ((32, 64), (128, 40), (256, 24),
+                                                               (1024, 12))]
+
+    def run_privacy(self):
+        """DP-SGD's step against the plain step, both libraries; see the module doc."""
+        import fastmlp as fm
+        dev = self.dev
+        device = dev.kind
+        cases = self.privacy_cases()
+        n_max = max(b * s for b, s in cases)
+        x_host = self.rng.random((n_max, 784), dtype=np.float32)
+        y_host = self.rng.integers(0, 10, n_max).astype(np.int64)
+        x, y = dev.asarray(x_host), dev.asarray(y_host)
+        rounds = 5 if self.quick else 9
+        for batch, steps in cases:
+            n = steps * batch
+            xs, ys = x[:n], y[:n]
+            models = {}
+            for name in ("DPAdam", "Adam"):
+                fm.set_seed(0)
+                m = fm.Sequential([fm.Dense(128, activation="relu", input_dim=784), fm.Dense(10)])
+                opt = (fm.privacy.DPAdam(lr=1e-3, l2_norm_clip=1.0, noise_multiplier=1.1, seed=0)
+                       if name == "DPAdam" else fm.optim.Adam(lr=1e-3))
+                m.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+                models[name] = m
+            losses, samples = {}, {k: [] for k in models}
+            for r in range(rounds + 1):  # round 0: warm-up (plans, arenas)
+                for name, m in models.items():
+                    t0 = time.perf_counter()
+                    h = m.fit(xs, ys, epochs=1, batch_size=batch, shuffle=True, verbose=0,
+                              device=device)
+                    dev.sync()
+                    if r:
+                        samples[name].append((time.perf_counter() - t0) / steps)
+                    losses[name] = float(h.history["loss"][-1])
+            error = None if all(math.isfinite(v) and v < 10 for v in losses.values()) else \
+                f"training loss {losses} after one epoch"
+            flops = 6.0 * batch * (784 * 128 + 128 * 10)
+            t = H.summarize(samples["DPAdam"])
+            row = H.make_row("privacy", "train_step", f"784-128-10 B={batch}",
+                             "DPAdam (C=1, sigma=1.1), fit()", "fastmlp", t, flops=flops,
+                             batch=batch, steps_per_fit=steps, loss=losses["DPAdam"],
+                             checked=error is None, error=error, rel_err=None)
+            peers = {"fastmlp Adam": H.make_row("privacy", "train_step", row["shape"],
+                                                "Adam, fit()", "fastmlp Adam",
+                                                H.summarize(samples["Adam"]), flops=flops,
+                                                loss=losses["Adam"], checked=True)}
+            row["dp_overhead"] = t["median_s"] / peers["fastmlp Adam"]["median_s"]
+            row["target"] = "DP step <= 1.3x the plain step"
+            row["target_met"] = row["dp_overhead"] <= 1.3
+            if self.torch is not None:
+                peers.update(self.torch_dp(batch, steps, rounds, x_host[:n], y_host[:n]))
+                if "Opacus" in peers and "PyTorch Adam" in peers:
+                    row["opacus_overhead"] = (peers["Opacus"]["median_s"] /
+                                              peers["PyTorch Adam"]["median_s"])
+            self._finish(row, peers)
+            log(f"  dp B={batch:5d} DPAdam {t['median_s'] * 1e3:8.3f} ms/step  x{row['dp_overhead']:.2f}"
+                " of plain" + "".join(f"  {k} {v['median_s'] * 1e3:8.3f}" for k, v in peers.items())
+                + ("" if error is None else f"  FAIL {error}"))
+
+    def torch_dp(self, batch, steps, rounds, x_host, y_host):
+        """PyTorch eager Adam and Opacus's DP Adam (when it imports) on the same model and
+        data, alternating; fixed batches in order of a shuffled DataLoader, per-step time."""
+        torch = self.torch
+        tdev = self.dev.kind
+        data = torch.utils.data.TensorDataset(torch.from_numpy(x_host), torch.from_numpy(y_host))
+        runners = {}
+
+        def make(private):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                        torch.nn.Linear(128, 10)).to(tdev)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
+            if private:
+                from opacus import PrivacyEngine
+                model, opt, loader = PrivacyEngine().make_private(
+                    module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.1,
+                    max_grad_norm=1.0, poisson_sampling=False)
+            loss_fn = torch.nn.CrossEntropyLoss()
+
+            def epoch():
+                total = torch.zeros((), device=tdev)
+                for xb, yb in loader:
+                    xb, yb = xb.to(tdev), yb.to(tdev)
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(xb), yb)
+                    loss.backward()
+                    opt.step()
+                    total += loss.detach()
+                return float(total) / steps
+            return epoch
+
+        runners["PyTorch Adam"] = make(False)
+        variants = {"PyTorch Adam": "Adam, eager loop (DataLoader)"}
+        try:
+            runners["Opacus"] = make(True)
+            import opacus
+            variants["Opacus"] = f"Opacus {opacus.__version__} DP Adam, eager loop (DataLoader)"
+        except Exception as e:  # not installed, or refuses this torch
+            log(f"   Opacus not measured: {type(e).__name__}: {e}")
+        samples, losses = {k: [] for k in runners}, {}
+        for r in range(rounds + 1):
+            for name, fn in runners.items():
+                t0 = time.perf_counter()
+                losses[name] = fn()
+                self._torch_sync()
+                if r:
+                    samples[name].append((time.perf_counter() - t0) / steps)
+        return {name: H.make_row("privacy", "train_step",
+                                 f"784-128-10 B={batch}", variants[name], name,
+                                 H.summarize(samples[name]), loss=losses[name],
+                                 checked=math.isfinite(losses[name]))
+                for name in runners}
 
     # -- Fashion-MNIST epochs and time to accuracy ------------------------------------------
     def run_epoch(self):

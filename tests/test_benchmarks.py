@@ -511,3 +511,27 @@ def test_every_losses_peer_candidate_matches_the_reference(run):
                 assert check() <= 1e-5, variant
                 checked += 1
     assert checked > len(cases)  # PyTorch has two candidates for most rows
+
+
+# -- the privacy section (issue 17) ---------------------------------------------------------------
+
+def test_privacy_section_rows_are_complete_and_reported(monkeypatch, run):
+    """DP step and plain step per batch, both libraries (Opacus when it imports), the
+    overhead ratios, and the report's table."""
+    pytest.importorskip("torch")
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    bench.ceilings = {"copy_gbps": 10.0, "copy_bytes": 1 << 20, "peak_gflops": 100.0,
+                      "peak_how": "assumed"}
+    monkeypatch.setattr(bench, "privacy_cases", lambda: [(8, 3), (16, 2)])
+    bench.run_privacy()
+    assert not bench.failures
+    ours = [r for r in bench.rows if r["section"] == "privacy" and r["impl"] == "fastmlp"]
+    assert [r["batch"] for r in ours] == [8, 16]
+    for r in ours:
+        assert r["checked"] and r["dp_overhead"] > 0 and r["median_s"] > 0
+        assert {"fastmlp Adam", "PyTorch Adam"} <= set(r["vs"])
+        if "Opacus" in r["vs"]:
+            assert r["opacus_overhead"] > 0
+    md = epoch_report(bench)
+    assert "## Privacy: the DP-SGD step against the plain step (issue 17)" in md
+    assert "| 8 |" in md and "| 16 |" in md
