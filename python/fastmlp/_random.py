@@ -10,7 +10,8 @@ def set_seed(seed: int) -> None:
     """Seed everything fastmlp draws from, for repeatable runs.
 
     NumPy draws (initialisers, shuffles) come from one fastmlp Generator; the
-    CuPy generator is seeded too when CuPy is installed.
+    CuPy generator is seeded too when CuPy is installed. Not the noise of the DP
+    optimizers (fm.privacy): it is secret unless their own ``seed=`` is given.
     """
     global _rng
     _rng = np.random.default_rng(seed)
