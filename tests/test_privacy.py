@@ -330,6 +330,12 @@ def test_dp_errors():
         m = fm.Sequential([fm.Dense(4, input_dim=3), layer, fm.Dense(2)])
         with pytest.raises(ValueError, match="DP-SGD cannot train layer 1"):
             m.compile(opt(), loss="mse")
+    # a LayerNormalization without weights is per example: its Dense layers' norms are exact
+    m = fm.Sequential([fm.Dense(4, input_dim=3), fm.LayerNormalization(center=False,
+                                                                       scale=False),
+                       fm.Dense(2)])
+    m.compile(opt(), loss="mse")
+    m.fit(np.ones((8, 3), np.float32), np.ones((8, 2), np.float32), verbose=0)
     with pytest.raises(ValueError, match="l2_norm_clip"):
         fm.privacy.DPSGD(lr=0.1, l2_norm_clip=0.0)
     with pytest.raises(ValueError, match="noise_multiplier"):

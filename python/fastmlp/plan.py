@@ -224,9 +224,10 @@ def _stages(layers, fused=None):
 def _check_dp_layers(layers, clipnorm, global_clipnorm, clipvalue):
     """ValueError for what DP-SGD's per-example norms do not cover: they are exact for
     Dense layers (the ghost-norm identity) and for the layers without weights between
-    them (activations, dropout); a normalization layer's weights have no per-example
-    gradient norm computed here (BatchNormalization mixes the examples of a batch, so an
-    example's gradient is not even defined)."""
+    them (activations, dropout, a LayerNormalization without weights); a normalization
+    layer's weights have no per-example gradient norm computed here, and
+    BatchNormalization mixes the examples of a batch, so an example's gradient is not
+    even defined."""
     from .layers import BatchNormalization, LayerNormalization
 
     for i, layer in enumerate(layers):
@@ -235,10 +236,10 @@ def _check_dp_layers(layers, clipnorm, global_clipnorm, clipvalue):
                              "batch statistics mix the examples of a batch, so no per-example "
                              "gradient exists to clip; remove it (LayerNormalization is not "
                              "covered either)")
-        if isinstance(layer, LayerNormalization):
-            raise ValueError(f"plan: DP-SGD cannot train layer {i} (LayerNormalization): the "
-                             "per-example gradient norms are computed for Dense layers only; "
-                             "remove it")
+        if isinstance(layer, LayerNormalization) and layer.trainable_names():
+            raise ValueError(f"plan: DP-SGD cannot train layer {i} (LayerNormalization with "
+                             "gamma / beta): the per-example gradient norms are computed for "
+                             "Dense layers only; remove it, or use center=False, scale=False")
     if clipnorm is not None or global_clipnorm is not None or clipvalue is not None:
         raise ValueError("plan: DP-SGD clips each example's gradient (l2_norm_clip); "
                          "clipnorm / global_clipnorm / clipvalue do not apply")

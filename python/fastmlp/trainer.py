@@ -193,18 +193,23 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
         t0 = time.perf_counter()
         desc = desc_fmt.format(epoch + 1, epochs)
         with _nvtx.annotate(f"epoch{epoch + 1}"):
-            if poisson is not None:
-                sizes = poisson.fill(order, epoch)
-                logs = _train_epoch(model, eng, n, batch_size, steps, verbose, desc,
-                                    poisson=(poisson.capacity, sizes))
-            else:
-                if order is not None:
-                    ops.random_permutation(n, model._shuffle_seed, model._shuffle_count,
-                                           out=order)
-                    model._shuffle_count += 1
-                logs = _train_epoch(model, eng, n, batch_size, steps, verbose, desc)
+            taken = opt.iterations
+            try:
+                if poisson is not None:
+                    sizes = poisson.fill(order, epoch)
+                    logs = _train_epoch(model, eng, n, batch_size, steps, verbose, desc,
+                                        poisson=(poisson.capacity, sizes))
+                else:
+                    if order is not None:
+                        ops.random_permutation(n, model._shuffle_seed, model._shuffle_count,
+                                               out=order)
+                        model._shuffle_count += 1
+                    logs = _train_epoch(model, eng, n, batch_size, steps, verbose, desc)
+            finally:
+                if private:  # the steps taken spent privacy, even when a step failed
+                    opt.accountant.step(opt.noise_multiplier, min(1.0, batch_size / n),
+                                        opt.iterations - taken)
             if private:
-                opt.accountant.step(opt.noise_multiplier, min(1.0, batch_size / n), steps)
                 logs["epsilon"] = opt.epsilon(delta)
             if val is not None:
                 with _nvtx.annotate("validation"):
