@@ -584,10 +584,12 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     s = opt_ids + [None] * (3 - len(opt_ids))
     noise_extra = ({"noise_seed": int(dp.seed), "offsets": tuple(int(v) for v in offsets)}
                    if dp is not None else None)
+    # noise_multiplier 0 (clipping only): the optimizer draws no noise at all
+    opt_std = dp_std if dp is not None and dp.noise_multiplier > 0.0 else None
     if total and not transformed:
         opt_ops.append(Op("optimizer", "optimizer",
                           (params, grads, s[0], s[1], hyper, state, s[2], None, None, None,
-                           dp_std),
+                           opt_std),
                           (total, optimizer_kind, 0, 0, 0, 0, 0, noise_key), noise_extra))
     penalty = None
     if total and transformed:
@@ -614,7 +616,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
             reg_k = bool(l1 or l2)
             opt_ops.append(Op("optimizer", f"optimizer.layer{i}.{name}",
                               (params, grads, s[0], s[1], hyper, state, s[2], scale,
-                               penalty if reg_k else None, opt_work if reg_k else None, dp_std),
+                               penalty if reg_k else None, opt_work if reg_k else None, opt_std),
                               (size, optimizer_kind, int(offsets[k]), _f32_bits(l1),
                                _f32_bits(l2), _f32_bits(clipvalue or 0.0), k, noise_key),
                               {"segment": k, "l1": l1, "l2": l2,
