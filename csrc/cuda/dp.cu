@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "check.h"
+#include "dp_check.h"
 #include "fastmlp.h"
 #include "kernel_math.h"
 #include "launch.h"
@@ -72,12 +73,8 @@ dp_clip_factors_rows(float* __restrict__ acc, int64_t rows, float clip, float no
 
 void dp_row_sqnorms(const float* x, const float* dz, float* acc, int64_t rows, int64_t in,
                     int64_t out, bool bias, bool accumulate, cudaStream_t stream) {
-    FASTMLP_CHECK(rows >= 0 && in >= 0 && out >= 0,
-                  "dp_row_sqnorms: sizes must be >= 0, got rows=" << rows << ", in=" << in
-                                                                 << ", out=" << out);
+    check_dp_row_sqnorms_args(x, dz, acc, rows, in, out);  // dp_check.h
     if (rows == 0) return;
-    FASTMLP_CHECK(acc && (in == 0 || x) && (out == 0 || dz),
-                  "dp_row_sqnorms: x, dz or acc is null");
     dp_row_sqnorms_warp<<<detail::grid_stride_blocks(rows, kDpRowsPerBlock), kDpBlock, 0,
                           stream>>>(x, dz, acc, rows, in, out, bias, accumulate);
     detail::check_launch();
@@ -85,15 +82,7 @@ void dp_row_sqnorms(const float* x, const float* dz, float* acc, int64_t rows, i
 
 void dp_clip_factors(float* acc, int64_t rows, float clip, float noise_multiplier,
                      float grad_scale, float divisor, float* std_out, cudaStream_t stream) {
-    FASTMLP_CHECK(rows >= 0, "dp_clip_factors: rows must be >= 0, got " << rows);
-    // (A NaN fails these comparisons: it is refused too.)
-    FASTMLP_CHECK(clip > 0.0f, "dp_clip_factors: clip must be > 0, got " << clip);
-    FASTMLP_CHECK(noise_multiplier >= 0.0f,
-                  "dp_clip_factors: noise_multiplier must be >= 0, got " << noise_multiplier);
-    FASTMLP_CHECK(grad_scale > 0.0f,
-                  "dp_clip_factors: grad_scale must be > 0, got " << grad_scale);
-    FASTMLP_CHECK(divisor > 0.0f, "dp_clip_factors: divisor must be > 0, got " << divisor);
-    FASTMLP_CHECK(rows == 0 || acc, "dp_clip_factors: acc is null");
+    check_dp_clip_factors_args(acc, rows, clip, noise_multiplier, grad_scale, divisor);
     if (rows == 0 && !std_out) return;
     dp_clip_factors_rows<<<detail::grid_stride_blocks(rows, kDpBlock), kDpBlock, 0, stream>>>(
         acc, rows, clip, noise_multiplier, grad_scale, divisor, std_out);

@@ -675,6 +675,19 @@ def softmax_cross_entropy_fused(logits, labels, *, backward=True, out=None,
     return loss, res, hits, bad_row
 
 
+def _vector_out(op, out, size, dtype, device):
+    """``out``, or a new (size,) array of dtype on ``device`` ("cpu" / "cuda")."""
+    if out is not None:
+        return out
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        from ._interop import cupy_module, require_cuda
+        require_cuda(op)
+        return cupy_module().empty((size,), dtype)
+    return np.empty((size,), dtype)
+
+
 def random_permutation(n, seed, counter=0, *, out=None, device="cpu"):
     """A random permutation of ``[0, n)`` as int64, the same on every device: the
     permutation numbered ``counter`` of the stream ``seed`` (both unsigned 64-bit).
@@ -690,16 +703,8 @@ def random_permutation(n, seed, counter=0, *, out=None, device="cpu"):
     n = int(n)
     seed, counter = int(seed) & (2**64 - 1), int(counter) & (2**64 - 1)
     ck = Checker(op)
-    if out is None:
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"{op}: device must be 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda":
-            from ._interop import cupy_module, require_cuda
-            require_cuda(op)
-            out = cupy_module().empty((n,), np.int64)
-        else:
-            out = np.empty((n,), np.int64)
-    out = ck.array(out, "out", dtypes=(np.int64,), shape=(n,), writable=True)
+    out = ck.array(_vector_out(op, out, n, np.int64, device), "out", dtypes=(np.int64,),
+                   shape=(n,), writable=True)
     mod, extra, ctx = ck.backend(out)
     with ctx, _nvtx.annotate(op):
         mod.random_permutation(address(out), n, seed, counter, *extra)
@@ -726,16 +731,8 @@ def gaussian_noise(size, *, seed, step, offset=0, out=None, device="cpu"):
     seed = _int(op, seed, "'seed'") & (2**64 - 1)
     step = _int(op, step, "'step'") & (2**64 - 1)
     ck = Checker(op)
-    if out is None:
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"{op}: device must be 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda":
-            from ._interop import cupy_module, require_cuda
-            require_cuda(op)
-            out = cupy_module().empty((size,), np.float32)
-        else:
-            out = np.empty((size,), np.float32)
-    out = ck.array(out, "out", dtypes=(np.float32,), shape=(size,), writable=True)
+    out = ck.array(_vector_out(op, out, size, np.float32, device), "out",
+                   dtypes=(np.float32,), shape=(size,), writable=True)
     mod, extra, ctx = ck.backend(out)
     with ctx, _nvtx.annotate(op):
         mod.gaussian_noise(address(out), size, seed, step, offset, *extra)
