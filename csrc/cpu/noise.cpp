@@ -4,6 +4,9 @@
 #include "cpu/noise.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "check.h"
 #include "cpu/fpenv.h"
@@ -36,6 +39,61 @@ void noise_blocks(float* __restrict out, const float* __restrict grad, float noi
     }
 }
 
+// The versions of the block loop (cpu/noise.h), best first.
+using BlocksFn = void (*)(float*, const float*, float, uint64_t, int64_t, uint64_t, uint32_t,
+                          uint32_t);
+struct NoiseIsa {
+    const char* name;
+    BlocksFn run;
+    bool (*supported)();
+};
+#ifdef FASTMLP_NOISE_AVX512
+bool avx512_supported() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+}
+#endif
+const NoiseIsa kIsas[] = {
+#ifdef FASTMLP_NOISE_AVX512
+    {"avx512", &noise_blocks_avx512, &avx512_supported},
+#endif
+    {"generic", &noise_blocks, [] { return true; }},
+};
+
+bool isa_supported(const NoiseIsa& isa) { return isa.supported(); }
+
+const NoiseIsa* find_isa(const std::string& name) {
+    if (name == "auto") {
+        for (const NoiseIsa& isa : kIsas)
+            if (isa_supported(isa)) return &isa;
+    }
+    for (const NoiseIsa& isa : kIsas)
+        if (name == isa.name) return &isa;
+    return nullptr;
+}
+
+std::string isa_names() {
+    std::string s = "auto";
+    for (const NoiseIsa& isa : kIsas) s += std::string(", ") + isa.name;
+    return s;
+}
+
+// The version in use: FASTMLP_CPU_NOISE, or the best this CPU supports.
+const NoiseIsa*& current_isa() {
+    static const NoiseIsa* cur = [] {
+        const char* env = std::getenv("FASTMLP_CPU_NOISE");
+        const std::string name = env == nullptr || *env == '\0' ? "auto" : env;
+        const NoiseIsa* want = find_isa(name);
+        FASTMLP_CHECK(want != nullptr,
+                      "FASTMLP_CPU_NOISE=" << name << " is not one of: " << isa_names());
+        FASTMLP_CHECK(isa_supported(*want),
+                      "FASTMLP_CPU_NOISE=" << name << ": this CPU does not support it");
+        return want;
+    }();
+    return cur;
+}
+
 // Elements [e0, e1) of one counter block (e0 >> 2 == (e1 - 1) >> 2), scalar.
 void noise_partial(float* out, const float* grad, float noise_std, uint64_t e0, uint64_t e1,
                    uint64_t step, uint32_t k0, uint32_t k1) {
@@ -59,8 +117,8 @@ void gaussian_noise_fill(float* out, const float* grad, float noise_std, uint64_
     const uint64_t body_end = e1 & ~uint64_t{3};
     if (body_end > head_end) {
         const int64_t off = static_cast<int64_t>(head_end - e0);
-        noise_blocks(out + off, grad ? grad + off : nullptr, noise_std, head_end >> 2,
-                     static_cast<int64_t>((body_end - head_end) >> 2), step, k0, k1);
+        current_isa()->run(out + off, grad ? grad + off : nullptr, noise_std, head_end >> 2,
+                           static_cast<int64_t>((body_end - head_end) >> 2), step, k0, k1);
     }
     const uint64_t tail_start = std::max(head_end, body_end);
     if (e1 > tail_start) {
@@ -87,6 +145,25 @@ void gaussian_noise(float* out, int64_t size, uint64_t seed, uint64_t step, int6
                             step, k0, k1);
     };
     parallel_chunks(pieces, size >= 8192 ? pool_threads() : 1, piece);
+}
+
+std::string noise_isa() { return current_isa()->name; }
+
+std::string noise_isas_supported() {
+    std::string s;
+    for (const NoiseIsa& isa : kIsas)
+        if (isa_supported(isa)) s += std::string(s.empty() ? "" : ",") + isa.name;
+    return s;
+}
+
+std::string set_noise_isa(const std::string& name) {
+    const NoiseIsa* want = find_isa(name);
+    FASTMLP_CHECK(want != nullptr,
+                  "set_noise_isa: '" << name << "' is not one of: " << isa_names());
+    FASTMLP_CHECK(isa_supported(*want), "set_noise_isa: this CPU does not support '" << name << "'");
+    const std::string old = current_isa()->name;
+    current_isa() = want;
+    return old;
 }
 
 }  // namespace cpu
