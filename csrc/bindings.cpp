@@ -585,6 +585,8 @@ PYBIND11_MODULE(_C, mod) {
     cpu.def("noise_isa", &fastmlp::cpu::noise_isa);
     cpu.def("noise_isas_supported", &fastmlp::cpu::noise_isas_supported);
     cpu.def("set_noise_isa", &fastmlp::cpu::set_noise_isa);
+    cpu.def("noise_box_muller_mismatches", &fastmlp::cpu::noise_box_muller_mismatches,
+            py::call_guard<py::gil_scoped_release>());
 
 #ifdef FASTMLP_WITH_CUDA
     mod.attr("cuda_built") = true;

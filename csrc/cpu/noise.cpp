@@ -135,6 +135,7 @@ void gaussian_noise(float* out, int64_t size, uint64_t seed, uint64_t step, int6
     FASTMLP_CHECK(out, "gaussian_noise: null out");
     uint32_t k0, k1;
     noise_key(seed, &k0, &k1);
+    (void)current_isa();  // chosen (FASTMLP_CPU_NOISE checked) on the calling thread
     FlushDenormalScope fp_scope;  // cpu/fpenv.h (no denormal arises; as the other kernels)
     // Pieces of kNoiseChunk elements: each element is computed on its own, so
     // the split (and the thread count) does not change a bit.
@@ -154,6 +155,19 @@ std::string noise_isas_supported() {
     for (const NoiseIsa& isa : kIsas)
         if (isa_supported(isa)) s += std::string(s.empty() ? "" : ",") + isa.name;
     return s;
+}
+
+int64_t noise_box_muller_mismatches(const std::string& isa) {
+    const NoiseIsa* want = find_isa(isa);
+    FASTMLP_CHECK(want != nullptr && want->run != &noise_blocks,
+                  "noise_box_muller_mismatches: '" << isa << "' has no vector Box-Muller");
+    FASTMLP_CHECK(isa_supported(*want),
+                  "noise_box_muller_mismatches: this CPU does not support '" << isa << "'");
+#ifdef FASTMLP_NOISE_AVX512
+    return noise_box_muller_mismatches_avx512();
+#else
+    return 0;
+#endif
 }
 
 std::string set_noise_isa(const std::string& name) {

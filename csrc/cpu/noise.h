@@ -33,6 +33,10 @@ void gaussian_noise_fill(float* out, const float* grad, float noise_std, uint64_
 #define FASTMLP_NOISE_AVX512 1
 void noise_blocks_avx512(float* out, const float* grad, float noise_std, uint64_t b0, int64_t nb,
                          uint64_t step, uint32_t k0, uint32_t k1);
+// Test-only: the AVX-512 Box-Muller against the scalar box_muller
+// (kernel_math.h) on all 2^25 values of each word's uniform (log and angle):
+// the number of lanes that differ in any bit (0 expected).
+int64_t noise_box_muller_mismatches_avx512();
 #endif
 
 }  // namespace cpu
