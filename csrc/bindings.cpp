@@ -582,6 +582,11 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("row_scale") = py::none());
     cpu.def("gemm_isas_supported", &fastmlp::cpu::gemm_isas_supported);
     cpu.def("set_gemm_isa", &fastmlp::cpu::set_gemm_isa);
+    cpu.def("noise_isa", &fastmlp::cpu::noise_isa);
+    cpu.def("noise_isas_supported", &fastmlp::cpu::noise_isas_supported);
+    cpu.def("set_noise_isa", &fastmlp::cpu::set_noise_isa);
+    cpu.def("noise_box_muller_mismatches", &fastmlp::cpu::noise_box_muller_mismatches,
+            py::call_guard<py::gil_scoped_release>());
 
 #ifdef FASTMLP_WITH_CUDA
     mod.attr("cuda_built") = true;

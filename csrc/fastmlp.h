@@ -343,6 +343,15 @@ bool flush_denormal_supported();
 std::string gemm_isa();
 std::string gemm_isas_supported();
 std::string set_gemm_isa(const std::string& name);
+// The same for the Gaussian noise generator's block loop (cpu/noise.h):
+// "avx512" or "generic"; FASTMLP_CPU_NOISE=avx512|generic|auto overrides the
+// default (the best supported).
+std::string noise_isa();
+std::string noise_isas_supported();
+std::string set_noise_isa(const std::string& name);
+// Test-only: the vector Box-Muller of `isa` ("avx512") against the scalar one on
+// every uniform each word can give; returns the number of lanes that differ.
+int64_t noise_box_muller_mismatches(const std::string& isa);
 
 // The optimizer updates with their constants already computed (the engine's
 // per-step table; sgd_step / adam_step compute them, then call these).

@@ -18,6 +18,7 @@ import pytest
 from helpers import assert_close, normal
 
 import fastmlp as fm
+from fastmlp import _C
 from fastmlp import reference as ref
 
 ULP = 2.0**-23
@@ -157,6 +158,110 @@ def _step(mod, kind, p, g, st, kw):
     if kind == "adam":
         return mod.adam_step(p, g, st[0], st[1], **kw)
     return mod.rmsprop_step(p, g, st[0], st[1], st[2], **kw)
+
+
+# ---------------------------------------------------- the CPU's instruction sets
+# cpu/noise.cpp picks the block loop at run time: the explicit AVX-512 one
+# (cpu/noise_avx512.cpp) or the generic loop; both must give the scalar floats.
+
+NOISE_ISAS = _C.cpu.noise_isas_supported().split(",")
+VECTOR_ISAS = [isa for isa in NOISE_ISAS if isa != "generic"]
+
+
+@pytest.fixture
+def noise_isa_restore():
+    old = _C.cpu.noise_isa()
+    yield
+    _C.cpu.set_noise_isa(old)
+
+
+def _noise_isa(isa, size, **kw):
+    old = _C.cpu.set_noise_isa(isa)
+    try:
+        return fm.ops.gaussian_noise(size, **kw)
+    finally:
+        _C.cpu.set_noise_isa(old)
+
+
+def test_noise_isas_reported(noise_isa_restore):
+    assert "generic" in NOISE_ISAS
+    assert _C.cpu.noise_isa() in NOISE_ISAS
+    assert _C.cpu.set_noise_isa("auto") in NOISE_ISAS
+    assert _C.cpu.noise_isa() == NOISE_ISAS[0]  # the best supported
+    with pytest.raises(ValueError, match="is not one of"):
+        _C.cpu.set_noise_isa("sse9")
+    with pytest.raises(ValueError, match="no vector Box-Muller"):
+        _C.cpu.noise_box_muller_mismatches("generic")
+
+
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+def test_noise_isa_box_muller_exhaustive(isa):
+    """The vector Box-Muller against the scalar one on every uniform a word can give
+    (2^25 values for the log, 2^25 for the angle), bit for bit."""
+    assert _C.cpu.noise_box_muller_mismatches(isa) == 0
+
+
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+def test_noise_isa_equals_generic(isa):
+    """Bit for bit against the generic loop: sizes around the vector loop's 16 and
+    64-block groups and the 2048-element pieces, offsets of every residue mod 4 and
+    across a 2^32-block carry of the counter, several seeds and steps."""
+    rng = np.random.default_rng(17)
+    sizes = [1, 3, 4, 5, 63, 64, 65, 127, 255, 256, 257, 1023, 2048, 2049, 4096 + 61, 70001]
+    offsets = [0, 1, 2, 3, 61, 2045, 4 * 2**32 - 9, 4 * (2**32 - 37) + 2, 2**40 + 7]
+    streams = [(0, 0), (1, 1), (2**64 - 1, 2**64 - 1), (12345, 2**32 - 1), (7, 2**40 + 5)]
+    for seed, step in streams:
+        for size in sizes:
+            for offset in offsets + [int(rng.integers(0, 2**50))]:
+                kw = dict(seed=seed, step=step, offset=offset)
+                got = _noise_isa(isa, size, **kw)
+                want = _noise_isa("generic", size, **kw)
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
+                                              f"{isa} size={size} {kw}")
+    for seed in rng.integers(0, 2**63, 20):  # longer runs, random streams
+        kw = dict(seed=int(seed), step=int(rng.integers(0, 2**63)),
+                  offset=int(rng.integers(0, 2**45)))
+        np.testing.assert_array_equal(_noise_isa(isa, 100_003, **kw).view(np.uint32),
+                                      _noise_isa("generic", 100_003, **kw).view(np.uint32))
+
+
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adam", "adamw", "rmsprop-centered-momentum"])
+def test_optimizer_noise_isa_equals_generic(isa, rng, opt, noise_isa_restore):
+    """The optimizer steps with noise (the fused gradient step of the vector loop) equal
+    the generic loop's bit for bit, at chunk and block edges."""
+    kind, kw = OPTS[opt]
+    for size, offset in ((5, 3), (2048 + 67, 1), (40_003, 2**33 + 2), (70_001, 0)):
+        p0, g, st0 = normal(rng, size), normal(rng, size, 0.5), _state(rng, kind, size)
+        step = dict(kw, l2=2**-4, clipvalue=0.8, noise_std=np.array([0.37], np.float32),
+                    noise_seed=5, noise_step=2**32 + 3, noise_offset=offset)
+        runs = []
+        for name in (isa, "generic"):
+            _C.cpu.set_noise_isa(name)
+            p, st = p0.copy(), [s.copy() for s in st0]
+            _step(fm.ops, kind, p, g, st, step)
+            runs.append([p] + st)
+        for a, b in zip(*runs):
+            np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_noise_isa_environment_variable():
+    """FASTMLP_CPU_NOISE chooses the loop at load time; a bad value is an error on
+    first use."""
+    import os
+    import subprocess
+    import sys
+    code = ("import fastmlp as fm; fm.ops.gaussian_noise(10, seed=1, step=1); "
+            "print(fm._C.cpu.noise_isa())")
+    for name in NOISE_ISAS:
+        env = dict(os.environ, FASTMLP_CPU_NOISE=name)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.strip() == name
+    env = dict(os.environ, FASTMLP_CPU_NOISE="sse9")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "FASTMLP_CPU_NOISE=sse9" in out.stderr
 
 
 def _run(backend, kind, p0, g, st0, kw):

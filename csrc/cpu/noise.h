@@ -21,5 +21,23 @@ constexpr int64_t kNoiseChunk = 2048;
 void gaussian_noise_fill(float* out, const float* grad, float noise_std, uint64_t e0, int64_t n,
                          uint64_t step, uint32_t k0, uint32_t k1);
 
+// The loop over whole counter blocks: out[4 b + j] = z_j of block b0 + b for b
+// in [0, nb) (then the gradient step when grad is not null), the floats of the
+// scalar gaussian_noise4 bit for bit. Two versions, chosen once at run time
+// from the CPU's features (cpu/noise.cpp): an explicit AVX-512 one
+// (cpu/noise_avx512.cpp, 16 blocks per iteration) and the generic loop
+// (vectorised by the compiler for each target_clones target). The
+// FASTMLP_CPU_NOISE environment variable (avx512 | generic | auto) and
+// set_noise_isa (fastmlp.h) override the choice.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTMLP_NOISE_AVX512 1
+void noise_blocks_avx512(float* out, const float* grad, float noise_std, uint64_t b0, int64_t nb,
+                         uint64_t step, uint32_t k0, uint32_t k1);
+// Test-only: the AVX-512 Box-Muller against the scalar box_muller
+// (kernel_math.h) on all 2^25 values of each word's uniform (log and angle):
+// the number of lanes that differ in any bit (0 expected).
+int64_t noise_box_muller_mismatches_avx512();
+#endif
+
 }  // namespace cpu
 }  // namespace fastmlp

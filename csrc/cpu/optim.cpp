@@ -300,6 +300,9 @@ bool run_transformed(int64_t size, const GradTransform& t, Range range) {
     FASTMLP_CHECK(!t.noise.std || t.noise.step, "optimizer step: noise needs the step counter");
     FASTMLP_CHECK(t.noise.offset >= 0, "optimizer step: noise offset must be >= 0, got "
                                            << t.noise.offset);
+    // The noise loop's instruction set is chosen (FASTMLP_CPU_NOISE read and
+    // checked) here, on the calling thread, not first in a worker.
+    if (t.noise.std) (void)noise_isa();
     const int64_t want = (size + kPenaltyBlockMin - 1) / kPenaltyBlockMin;
     const int64_t nblocks = std::min(kPenaltyBlocks, std::max<int64_t>(1, want));
     std::array<PenaltySums, kPenaltyBlocks> sums;
