@@ -849,13 +849,17 @@ inline void dropout_key(uint64_t seed, uint64_t layer, uint32_t* k0, uint32_t* k
     *k1 = k.v[1];
 }
 
-FASTMLP_HOSTDEV uint32_t dropout_bits(uint64_t e, uint64_t step, uint32_t k0, uint32_t k1) {
-    const uint64_t block = e >> 2;
-    const Philox4 r = philox4x32_10(
+// The four words of counter block `block` at step `step`: the counter is (block,
+// step) as four 32-bit words (dropout's mask bits and DP-SGD's noise draw from it).
+FASTMLP_ACT_INLINE Philox4 philox_block(uint64_t block, uint64_t step, uint32_t k0, uint32_t k1) {
+    return philox4x32_10(
         Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
                  static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}},
         k0, k1);
-    return r.v[e & 3u];
+}
+
+FASTMLP_HOSTDEV uint32_t dropout_bits(uint64_t e, uint64_t step, uint32_t k0, uint32_t k1) {
+    return philox_block(e >> 2, step, k0, k1).v[e & 3u];
 }
 
 // The multiplier of element e: 0 (dropped) or scale (kept). Applied as t * m,
@@ -987,10 +991,7 @@ FASTMLP_ACT_INLINE void box_muller(uint32_t v1, uint32_t v2, float* z0, float* z
 // The four normals of counter block `block` (elements 4 block .. 4 block + 3).
 FASTMLP_ACT_INLINE void gaussian_noise4(uint64_t block, uint64_t step, uint32_t k0, uint32_t k1,
                                      float z[4]) {
-    const Philox4 r = philox4x32_10(
-        Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-                 static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}},
-        k0, k1);
+    const Philox4 r = philox_block(block, step, k0, k1);
     box_muller(r.v[0], r.v[1], &z[0], &z[1]);
     box_muller(r.v[2], r.v[3], &z[2], &z[3]);
 }
@@ -1001,10 +1002,7 @@ FASTMLP_ACT_INLINE void gaussian_noise4(uint64_t block, uint64_t step, uint32_t 
 // would live in local memory on the GPU).
 FASTMLP_HOSTDEV float gaussian_noise(uint64_t e, uint64_t step, uint32_t k0, uint32_t k1) {
     const uint64_t block = e >> 2;
-    const Philox4 r = philox4x32_10(
-        Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-                 static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}},
-        k0, k1);
+    const Philox4 r = philox_block(block, step, k0, k1);
     const bool second = (e & 2u) != 0;
     float z0, z1;
     box_muller(second ? r.v[2] : r.v[0], second ? r.v[3] : r.v[1], &z0, &z1);
