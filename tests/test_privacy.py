@@ -284,7 +284,7 @@ def test_poisson_sampling_batches_and_divisor(monkeypatch):
     model.compile(opt, loss="sparse_categorical_crossentropy")
     from fastmlp import trainer
 
-    pois = trainer._Poisson(opt, n, b, 0, 2, math.ceil(n / b))
+    pois = trainer._Poisson(opt, n, b, 2, math.ceil(n / b))
     sizes = np.concatenate(list(pois.sizes.values()))
     assert (sizes == 0).any() and len(set(sizes.tolist())) > 2
     order = np.zeros(pois.steps * pois.capacity, np.int64)
@@ -296,6 +296,9 @@ def test_poisson_sampling_batches_and_divisor(monkeypatch):
     h = model.fit(x, y, epochs=2, batch_size=b, verbose=0, poisson_sampling=True)
     assert h.params["poisson_sampling"] and np.all(np.isfinite(h.history["loss"]))
     assert opt.iterations == 2 * math.ceil(n / b)
+    # a later fit draws new batches (the counter is the optimizer's step number)
+    later = trainer._Poisson(opt, n, b, 2, math.ceil(n / b))
+    assert not all(np.array_equal(later.sizes[e], pois.sizes[e]) for e in (0, 1))
 
 
 @pytest.mark.parametrize("poisson", [False, True])

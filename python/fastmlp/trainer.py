@@ -144,7 +144,7 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
     opt = model.optimizer
     private = is_private(opt)
     # every epoch's batch sizes up front (a callback may move the first epoch)
-    poisson = _Poisson(opt, n, batch_size, 0, epochs, steps) if poisson_sampling else None
+    poisson = _Poisson(opt, n, batch_size, epochs, steps) if poisson_sampling else None
     host_data = model.device == "cuda" and not is_cupy(x)
     name, why = _engine.choose(model.device, opt, host_data)
     eval_batch = min(EVAL_BATCH, max(1, len(val[0]))) if val is not None else 0
@@ -254,20 +254,22 @@ class _Poisson:
     accountant's assumption), so batches vary in size (and may be empty). The draw
     comes from NumPy's Philox generator keyed by the optimizer's noise seed (secret by
     default: the guarantee's amplification by sampling assumes nobody knows the batches)
-    and the epoch: a step's size from Binomial(n, q), then its rows uniformly without
-    replacement (the same distribution as independent coins). ``capacity``: the largest
-    batch of all the fit's epochs, drawn up front so the arena is sized once."""
+    with the number of the epoch's first optimizer step as its counter (fresh batches in
+    every epoch of every fit): a step's size from Binomial(n, q), then its rows uniformly
+    without replacement (the same distribution as independent coins). ``capacity``: the
+    largest batch of all the fit's epochs, drawn up front so the arena is sized once."""
 
-    def __init__(self, opt, n, batch, first_epoch, epochs, steps):
+    def __init__(self, opt, n, batch, epochs, steps):
         self.opt, self.n, self.steps = opt, n, steps
         self.q = min(1.0, batch / n)
-        self.sizes = {e: self._rng(e).binomial(n, self.q, size=steps)
-                      for e in range(first_epoch, epochs)}
+        self.first_step = opt.iterations  # the optimizer's steps before this fit
+        self.sizes = {e: self._rng(e).binomial(n, self.q, size=steps) for e in range(epochs)}
         self.capacity = max(1, max((int(s.max()) for s in self.sizes.values()), default=1))
 
     def _rng(self, epoch):
         key = np.array([self.opt._noise_seed & (2 ** 64 - 1), 0x504F4953], np.uint64)  # "POIS"
-        return np.random.Generator(np.random.Philox(counter=[epoch, 0, 0, 0], key=key))
+        counter = self.first_step + epoch * self.steps
+        return np.random.Generator(np.random.Philox(counter=[counter, 0, 0, 0], key=key))
 
     def fill(self, order, epoch):
         """Writes the epoch's batches into ``order`` (step s's rows at s * capacity) and
