@@ -344,7 +344,11 @@ class RDPAccountant:
         return epsilon_from_rdp(self._orders, self.rdp(), delta)[0]
 
     def get_config(self) -> dict:
-        return {"orders": list(self._orders), "history": self.history}
+        """{"history": ...}, and "orders" when they are not DEFAULT_ORDERS."""
+        config = {"history": self.history}
+        if tuple(self._orders) != tuple(DEFAULT_ORDERS):
+            config["orders"] = list(self._orders)
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "RDPAccountant":

@@ -91,6 +91,11 @@ class _DP:
             config["seed"] = self.seed
         return config
 
+    def __repr__(self):
+        config = {k: v for k, v in self.get_config().items() if k != "accounting"}
+        args = ", ".join(f"{k}={v!r}" for k, v in config.items())
+        return f"{type(self).__name__}({args})"
+
     def epsilon(self, delta) -> float:
         """The privacy spent by the steps taken so far, at ``delta``."""
         return float(self.accountant.epsilon(delta))
