@@ -198,7 +198,7 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
                 t.noise.std = f32(10);
                 t.noise.key0 = static_cast<uint32_t>(static_cast<uint64_t>(d[7]));
                 t.noise.key1 = static_cast<uint32_t>(static_cast<uint64_t>(d[7]) >> 32);
-                t.noise.step = &state(5)->rng_step;
+                t.noise.step = state(5) ? &state(5)->rng_step : nullptr;  // checked by the kernels
                 t.noise.offset = off;
             }
             Dev::optimizer(d[1], at(0), at(1), at(2), at(3), at(6), d[0],

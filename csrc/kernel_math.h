@@ -41,9 +41,12 @@ namespace fastmlp {
 // expressions.
 #if defined(__CUDA_ARCH__)
 FASTMLP_HOSTDEV float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+// sqrtf follows nvcc's -prec-sqrt (approximate under --use_fast_math); this does not.
+FASTMLP_HOSTDEV float sqrt_rn(float x) { return __fsqrt_rn(x); }
 FASTMLP_HOSTDEV float sub_mul(float p, float a, float b) { return __fmaf_rn(-a, b, p); }
 #else
 FASTMLP_HOSTDEV float mul_rn(float a, float b) { return a * b; }
+FASTMLP_HOSTDEV float sqrt_rn(float x) { return std::sqrt(x); }
 FASTMLP_HOSTDEV float sub_mul(float p, float a, float b) { return p - a * b; }
 #endif
 
@@ -295,14 +298,20 @@ FASTMLP_ACT_INLINE float noise_grad_step(float g, float noise_std, float z) {
 // the caller (1 when t.scale is null: g * 1 == g exactly); noise_std
 // (*t.noise.std, read once) and z (the element's gaussian_noise) are read only
 // when t.noise.std is not null.
-FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, float scale,
-                                     float noise_std, float z) {
-    if (t.noise.std) g = noise_grad_step(g, noise_std, z);
+// The steps after the noise (a loop that applied the noise itself calls this).
+FASTMLP_HOSTDEV float transform_grad_after_noise(float g, float w, const GradTransform& t,
+                                                 float scale) {
     if (t.l1 != 0.0f) g = l1_grad_step(g, w, t.l1);
     if (t.l2 != 0.0f) g = l2_grad_step(g, w, t.l2);
     g = mul_rn(g, scale);
     if (t.clipvalue > 0.0f) g = clipvalue_step(g, t.clipvalue);
     return g;
+}
+
+FASTMLP_HOSTDEV float transform_grad(float g, float w, const GradTransform& t, float scale,
+                                     float noise_std, float z) {
+    if (t.noise.std) g = noise_grad_step(g, noise_std, z);
+    return transform_grad_after_noise(g, w, t, scale);
 }
 
 // transform_grad with its steps fixed at compile time: the caller has tested
@@ -878,7 +887,7 @@ FASTMLP_HOSTDEV float dropout_multiplier(uint64_t e, uint64_t step, uint32_t thr
 // function of (seed, step, e): any element is computed directly, on any device.
 //
 // Every step below is an integer operation, an exact float operation, or an
-// explicit fma_rn / mul_rn / sqrtf (correctly rounded on both devices), in a
+// explicit fma_rn / mul_rn / sqrt_rn (correctly rounded on both devices), in a
 // fixed order: the CPU (scalar or any SIMD width) and the GPU compute the same
 // floats bit for bit. Accuracy against float64 Box-Muller of the same bits
 // (fastmlp.reference.gaussian_noise, tests/test_noise.py): a few ulp.
@@ -981,7 +990,7 @@ FASTMLP_ACT_INLINE void noise_cos_sin(int32_t x, float* c, float* s) {
 
 // Box-Muller of two words: z0 = r cos(2 pi u2), z1 = r sin(2 pi u2), r = sqrt(-2 log u1).
 FASTMLP_ACT_INLINE void box_muller(uint32_t v1, uint32_t v2, float* z0, float* z1) {
-    const float r = sqrtf(noise_minus_2log(noise_uniform_odd(v1)));
+    const float r = sqrt_rn(noise_minus_2log(noise_uniform_odd(v1)));
     float c, s;
     noise_cos_sin(noise_uniform_odd(v2), &c, &s);
     *z0 = mul_rn(r, c);

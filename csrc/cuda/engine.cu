@@ -149,31 +149,34 @@ __device__ __forceinline__ void note_nonfinite_param(EngineState* state, int64_t
     if (state->nonfinite_param_step < 0) state->nonfinite_param_step = step;
 }
 
+template <bool kNoise>
 __global__ void __launch_bounds__(kOptBlock)
 sgd_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
                    float* __restrict__ buf, int64_t size, const StepHyper* __restrict__ hyper,
                    EngineState* state, GradTransform t) {
     const int64_t step = state->step;
-    if (cuda::sgd_loop(param, grad, buf, size, hyper[step].sgd, t))
+    if (cuda::sgd_loop<kNoise>(param, grad, buf, size, hyper[step].sgd, t))
         note_nonfinite_param(state, step);
 }
 
+template <bool kNoise>
 __global__ void __launch_bounds__(kOptBlock)
 adam_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
                     float* __restrict__ m, float* __restrict__ v, int64_t size,
                     const StepHyper* __restrict__ hyper, EngineState* state, GradTransform t) {
     const int64_t step = state->step;
-    if (cuda::adam_loop(param, grad, m, v, size, hyper[step].adam, t))
+    if (cuda::adam_loop<kNoise>(param, grad, m, v, size, hyper[step].adam, t))
         note_nonfinite_param(state, step);
 }
 
+template <bool kNoise>
 __global__ void __launch_bounds__(kOptBlock)
 rmsprop_step_table_f32(float* __restrict__ param, const float* __restrict__ grad,
                        float* __restrict__ sq, float* __restrict__ buf, float* __restrict__ gavg,
                        int64_t size, const StepHyper* __restrict__ hyper, EngineState* state,
                        GradTransform t) {
     const int64_t step = state->step;
-    if (cuda::rmsprop_loop(param, grad, sq, buf, gavg, size, hyper[step].rmsprop, t))
+    if (cuda::rmsprop_loop<kNoise>(param, grad, sq, buf, gavg, size, hyper[step].rmsprop, t))
         note_nonfinite_param(state, step);
 }
 
@@ -350,19 +353,35 @@ struct CudaDev {
         FASTMLP_CHECK(t.penalty == nullptr || t.work != nullptr,
                       "engine optimizer: a penalty needs the work buffer");
         const unsigned int blocks = cuda::detail::grid_stride_blocks(size, kOptBlock);
+        FASTMLP_CHECK(t.noise.std == nullptr || t.noise.step != nullptr,
+                      "engine optimizer: noise needs the step counter");
+        // The noisy kernels are separate instantiations (optim_loops.cuh transformed_loop).
+        const bool noisy = t.noise.std != nullptr;
         if (kind == kSgd) {
             // s0 may be null: momentum 0 (checked per step on the device).
-            sgd_step_table_f32<<<blocks, kOptBlock, 0, stream>>>(params, grads, s0, size, hyper,
-                                                                 state, t);
+            if (noisy)
+                sgd_step_table_f32<true><<<blocks, kOptBlock, 0, stream>>>(params, grads, s0,
+                                                                           size, hyper, state, t);
+            else
+                sgd_step_table_f32<false><<<blocks, kOptBlock, 0, stream>>>(params, grads, s0,
+                                                                            size, hyper, state, t);
         } else if (kind == kAdam) {
             FASTMLP_CHECK(s0 != nullptr && s1 != nullptr,
                           "engine optimizer: Adam needs the m and v buffers");
-            adam_step_table_f32<<<blocks, kOptBlock, 0, stream>>>(params, grads, s0, s1, size,
-                                                                  hyper, state, t);
+            if (noisy)
+                adam_step_table_f32<true><<<blocks, kOptBlock, 0, stream>>>(
+                    params, grads, s0, s1, size, hyper, state, t);
+            else
+                adam_step_table_f32<false><<<blocks, kOptBlock, 0, stream>>>(
+                    params, grads, s0, s1, size, hyper, state, t);
         } else {
             FASTMLP_CHECK(s0 != nullptr, "engine optimizer: RMSprop needs its square_avg buffer");
-            rmsprop_step_table_f32<<<blocks, kOptBlock, 0, stream>>>(params, grads, s0, s1, s2,
-                                                                     size, hyper, state, t);
+            if (noisy)
+                rmsprop_step_table_f32<true><<<blocks, kOptBlock, 0, stream>>>(
+                    params, grads, s0, s1, s2, size, hyper, state, t);
+            else
+                rmsprop_step_table_f32<false><<<blocks, kOptBlock, 0, stream>>>(
+                    params, grads, s0, s1, s2, size, hyper, state, t);
         }
         cuda::detail::check_launch();
         if (t.penalty != nullptr) {  // the blocks' partial penalties, summed in order
@@ -485,7 +504,9 @@ public:
             throw;
         }
         // A plan has three lists and a handful of row counts (full batch,
-        // last batch, evaluation batch): no reallocation in steady state.
+        // last batch, evaluation batch): no reallocation in steady state. DP-SGD's
+        // Poisson sampling is the exception: one graph per distinct batch size
+        // (~100 at an expected batch of 256), each captured once.
         slots_.reserve(16);
     }
 

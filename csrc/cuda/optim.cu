@@ -29,23 +29,26 @@ static_assert(kBlock % 32 == 0 && kBlock <= 1024, "optim_loops.cuh's block reduc
 static_assert(detail::kMaxGridBlocks <= kOptimizerMaxBlocks,
               "a penalty needs one work double per block of the loop's grid");
 
+template <bool kNoise>
 __global__ void __launch_bounds__(kBlock)
 sgd_step_f32(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ buf,
              int64_t size, SgdHyper h, GradTransform t) {
-    sgd_loop(param, grad, buf, size, h, t);
+    sgd_loop<kNoise>(param, grad, buf, size, h, t);
 }
 
+template <bool kNoise>
 __global__ void __launch_bounds__(kBlock)
 adam_step_f32(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ m,
               float* __restrict__ v, int64_t size, AdamHyper h, GradTransform t) {
-    adam_loop(param, grad, m, v, size, h, t);
+    adam_loop<kNoise>(param, grad, m, v, size, h, t);
 }
 
+template <bool kNoise>
 __global__ void __launch_bounds__(kBlock)
 rmsprop_step_f32(float* __restrict__ param, const float* __restrict__ grad,
                  float* __restrict__ sq, float* __restrict__ buf, float* __restrict__ gavg,
                  int64_t size, RmspropHyper h, GradTransform t) {
-    rmsprop_loop(param, grad, sq, buf, gavg, size, h, t);
+    rmsprop_loop<kNoise>(param, grad, sq, buf, gavg, size, h, t);
 }
 
 // The checks shared by the per-call launchers; a penalty of 0 elements is 0.
@@ -98,8 +101,11 @@ void sgd_step(float* param, const float* grad, float* buf, int64_t size, float l
     h.weight_decay = weight_decay;
     h.nesterov = nesterov;
     const unsigned int blocks = detail::grid_stride_blocks(size, kBlock);
-    sgd_step_f32<<<blocks, kBlock, 0, stream>>>(param, grad, momentum != 0.0f ? buf : nullptr,
-                                                size, h, t);
+    float* b = momentum != 0.0f ? buf : nullptr;
+    if (t.noise.std)
+        sgd_step_f32<true><<<blocks, kBlock, 0, stream>>>(param, grad, b, size, h, t);
+    else
+        sgd_step_f32<false><<<blocks, kBlock, 0, stream>>>(param, grad, b, size, h, t);
     detail::check_launch();
     finish_transform(t, blocks, stream);
 }
@@ -114,7 +120,10 @@ void adam_step(float* param, const float* grad, float* m, float* v, int64_t size
                   "adam_step: param, grad, m or v is null");
     const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, step);
     const unsigned int blocks = detail::grid_stride_blocks(size, kBlock);
-    adam_step_f32<<<blocks, kBlock, 0, stream>>>(param, grad, m, v, size, h, t);
+    if (t.noise.std)
+        adam_step_f32<true><<<blocks, kBlock, 0, stream>>>(param, grad, m, v, size, h, t);
+    else
+        adam_step_f32<false><<<blocks, kBlock, 0, stream>>>(param, grad, m, v, size, h, t);
     detail::check_launch();
     finish_transform(t, blocks, stream);
 }
@@ -133,9 +142,12 @@ void rmsprop_step(float* param, const float* grad, float* sq, float* buf, float*
     FASTMLP_CHECK(param != nullptr && grad != nullptr && sq != nullptr,
                   "rmsprop_step: param, grad or square_avg is null");
     const unsigned int blocks = detail::grid_stride_blocks(size, kBlock);
-    rmsprop_step_f32<<<blocks, kBlock, 0, stream>>>(param, grad, sq,
-                                                    h.momentum != 0.0f ? buf : nullptr,
-                                                    centered ? gavg : nullptr, size, h, t);
+    float* b = h.momentum != 0.0f ? buf : nullptr;
+    float* a = centered ? gavg : nullptr;
+    if (t.noise.std)
+        rmsprop_step_f32<true><<<blocks, kBlock, 0, stream>>>(param, grad, sq, b, a, size, h, t);
+    else
+        rmsprop_step_f32<false><<<blocks, kBlock, 0, stream>>>(param, grad, sq, b, a, size, h, t);
     detail::check_launch();
     finish_transform(t, blocks, stream);
 }
