@@ -18,6 +18,7 @@
 #include "fastmlp.h"
 #include "kernel_math.h"
 #include "launch.h"
+#include "warp.h"
 
 namespace fastmlp {
 namespace cuda {
@@ -25,7 +26,6 @@ namespace {
 
 constexpr int kDpBlock = 256;
 constexpr int kDpRowsPerBlock = kDpBlock / detail::kWarpSize;
-constexpr unsigned int kFullMask = 0xffffffffu;
 static_assert(kDpLanes == detail::kWarpSize, "the CPU's lane order is the warp's");
 static_assert(kDpBlock % detail::kWarpSize == 0, "whole warps: one row each");
 

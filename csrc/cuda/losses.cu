@@ -23,6 +23,7 @@
 #include "check.h"
 #include "fastmlp.h"
 #include "launch.h"
+#include "warp.h"
 #include "loss_math.h"
 
 namespace fastmlp {
@@ -37,7 +38,6 @@ static_assert(kRowBlock % kWarpSize == 0, "one row per warp needs whole warps");
 constexpr int kReduceBlock = 1024;
 static_assert(kReduceBlock % kWarpSize == 0 && kReduceBlock / kWarpSize <= kWarpSize,
               "the per-warp sums must fit in one warp for the final reduction");
-constexpr unsigned int kFullMask = 0xffffffffu;
 
 // loss_row's column policy on the GPU: lane l visits columns l, l + 32, ...;
 // sum / max are xor butterflies (every lane ends with the same value, in a
@@ -49,17 +49,13 @@ struct WarpLanes {
     FASTMLP_HOSTDEV int64_t step() const { return kWarpSize; }
     FASTMLP_HOSTDEV float sum(float v) const {
 #ifdef __CUDA_ARCH__
-#pragma unroll
-        for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-            v += __shfl_xor_sync(kFullMask, v, offset);
+        v = warp_sum(v);
 #endif
         return v;
     }
     FASTMLP_HOSTDEV float max(float v) const {
 #ifdef __CUDA_ARCH__
-#pragma unroll
-        for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-            v = fastmlp::max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
+        v = warp_max(v);
 #endif
         return v;
     }
@@ -94,12 +90,6 @@ loss_fused_rows_f32(const float* __restrict__ pred, const void* __restrict__ lab
     }
 }
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-        v += __shfl_xor_sync(kFullMask, v, offset);
-    return v;
-}
 
 // *loss = (sum_r row_loss(r)) / rows, summed in double in a fixed order by one
 // block. rows > 0.
@@ -110,12 +100,12 @@ loss_fused_reduce_f32(const float* __restrict__ row_loss, float* __restrict__ lo
     const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
     double s = 0.0;
     for (int64_t r = threadIdx.x; r < rows; r += kReduceBlock) s += row_loss[r];
-    s = warp_sum_f64(s);
+    s = warp_sum(s);
     if (lane == 0) warp_sums[warp] = s;
     __syncthreads();  // every warp's sum is in shared memory before warp 0 reads them
     if (warp == 0) {  // warp-uniform: all 32 lanes of warp 0 take part in the shuffles
         double v = lane < kReduceBlock / kWarpSize ? warp_sums[lane] : 0.0;
-        v = warp_sum_f64(v);
+        v = warp_sum(v);
         if (lane == 0) *loss = static_cast<float>(v / static_cast<double>(rows));
     }
 }

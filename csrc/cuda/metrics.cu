@@ -19,6 +19,7 @@
 #include "fastmlp.h"
 #include "kernel_math.h"
 #include "launch.h"
+#include "warp.h"
 #include "metric_math.h"
 
 namespace fastmlp {
@@ -30,57 +31,11 @@ using detail::kWarpSize;
 constexpr int kRowBlock = 256;                          // threads per block of the row kernel
 constexpr int kWarpsPerBlock = kRowBlock / kWarpSize;   // rows in flight per block
 static_assert(kRowBlock % kWarpSize == 0, "one row per warp needs whole warps");
-constexpr unsigned int kFullMask = 0xffffffffu;
 
 constexpr int kReduceBlock = 1024;
 static_assert(kReduceBlock % kWarpSize == 0 && kReduceBlock / kWarpSize <= kWarpSize,
               "the per-warp sums must fit in one warp for the final reduction");
 
-// Fixed xor butterflies (every lane ends with the same value, in a fixed
-// order). All 32 lanes must call these.
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-        v = fastmlp::max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
-    return v;
-}
-
-template <typename V>
-__device__ __forceinline__ V warp_sum(V v) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-        v += __shfl_xor_sync(kFullMask, v, offset);
-    return v;
-}
-
-// The warp's first maximum of the non-NaN values (lanes hold their own, from
-// metric_argmax_visit over ascending columns), in every lane: the larger value
-// wins, equal values go to the lower column -- a strict total order on the
-// candidates, so the result does not depend on the pairing (softmax_xent.cu's
-// warp_first_argmax). kMetricNoIndex when the row has no non-NaN value.
-__device__ __forceinline__ int64_t warp_first_argmax(float best_v, int64_t best_i) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-        const float other_v = __shfl_xor_sync(kFullMask, best_v, offset);
-        const int64_t other_i = __shfl_xor_sync(kFullMask, best_i, offset);
-        const bool take = other_i != kMetricNoIndex &&
-                          (best_i == kMetricNoIndex || other_v > best_v ||
-                           (other_v == best_v && other_i < best_i));
-        if (take) {
-            best_v = other_v;
-            best_i = other_i;
-        }
-    }
-    return best_i;
-}
-
-// The warp's row index and the number of warps in the grid, 64-bit.
-__device__ __forceinline__ int64_t global_warp() {
-    return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
-}
-__device__ __forceinline__ int64_t grid_warps() {
-    return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-}
 
 // The metric values of every row into scratch (metric_math.h), p into
 // probs_out unless null. KIND: the label kind (binary / abs / sq exist only
@@ -113,7 +68,7 @@ metrics_rows_f32(const float* __restrict__ pred, const void* __restrict__ labels
         }
         if constexpr (T == OutputTransform::kSoftmax) mx = warp_max(mx);
         const bool any_nan = __any_sync(kFullMask, nan);
-        const int64_t best = warp_first_argmax(best_v, best_i);
+        const int64_t best = warp_first_argmax<kMetricNoIndex>(best_v, best_i);
         int64_t t = -1;
         if constexpr (kFloatLabels) {
             // The float label row's first maximum, when a hit metric needs it
@@ -128,7 +83,7 @@ metrics_rows_f32(const float* __restrict__ pred, const void* __restrict__ labels
                     y_nan |= yc != yc;
                     metric_argmax_visit(yc, c, y_best_v, y_best_i);
                 }
-                const int64_t yb = warp_first_argmax(y_best_v, y_best_i);
+                const int64_t yb = warp_first_argmax<kMetricNoIndex>(y_best_v, y_best_i);
                 t = __any_sync(kFullMask, y_nan) || yb == kMetricNoIndex ? -1 : yb;
             }
         } else {

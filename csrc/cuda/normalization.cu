@@ -30,6 +30,7 @@
 #include "fastmlp.h"
 #include "kernel_math.h"
 #include "launch.h"
+#include "warp.h"
 
 namespace fastmlp {
 namespace cuda {
@@ -45,24 +46,7 @@ static_assert(kStripCols == kWarpSize, "a warp must cover one row segment of the
 constexpr int kRowThreads = 256;                       // LN: 8 warps, one row each
 static_assert(kRowThreads % kWarpSize == 0, "one row per warp needs whole warps");
 constexpr int kElemThreads = 256;                      // BN inference: elementwise
-constexpr unsigned int kFullMask = 0xffffffffu;
 
-// Fixed xor butterfly: every lane ends with the same value (a + b == b + a
-// exactly), in an order that does not depend on scheduling. All 32 lanes
-// must call it (the callers' row loops are warp-uniform).
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-        v += __shfl_xor_sync(kFullMask, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ int64_t global_warp() {
-    return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
-}
-__device__ __forceinline__ int64_t grid_warps() {
-    return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-}
 
 // The per-column sums of a strip block: thread (tx, ty) holds its partials
 // a, b; returns in threads ty == 0 the sums over ty = 0..kStripRows-1 in that

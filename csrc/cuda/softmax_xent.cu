@@ -30,6 +30,7 @@
 #include "check.h"
 #include "fastmlp.h"
 #include "launch.h"
+#include "warp.h"
 #include "kernel_math.h"
 
 namespace fastmlp {
@@ -41,24 +42,7 @@ using detail::kWarpSize;
 constexpr int kRowBlock = 256;                          // threads per block of the row kernels
 constexpr int kWarpsPerBlock = kRowBlock / kWarpSize;   // rows in flight per block
 static_assert(kRowBlock % kWarpSize == 0, "one row per warp needs whole warps");
-constexpr unsigned int kFullMask = 0xffffffffu;
 
-// Fixed xor butterflies: every lane ends with the same value, and the order of
-// the operations is fixed, so the result is deterministic. All 32 lanes must
-// call these (the callers' loops are warp-uniform).
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-        v = fastmlp::max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
-    return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-        v += __shfl_xor_sync(kFullMask, v, offset);
-    return v;
-}
 
 template <LabelKind KIND>
 __device__ __forceinline__ int64_t load_class_label(const void* labels, int64_t row) {
@@ -71,13 +55,6 @@ __device__ __forceinline__ bool label_in_range(int64_t label, int64_t cols) {
     return label >= 0 && label < cols;
 }
 
-// The warp's row index and the number of warps in the grid, 64-bit.
-__device__ __forceinline__ int64_t global_warp() {
-    return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
-}
-__device__ __forceinline__ int64_t grid_warps() {
-    return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-}
 
 // probs(r, :) = softmax(logits(r, :)); row_loss(r) = -sum_c label(r, c) * log_softmax(r, c).
 template <LabelKind KIND>
@@ -237,28 +214,12 @@ __device__ __forceinline__ void argmax_visit(float x, int64_t c, float& best_v, 
     }
 }
 
-// The warp's first maximum, in every lane. All 32 lanes must call it.
-__device__ __forceinline__ int64_t warp_first_argmax(float best_v, int64_t best_i) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-        const float other_v = __shfl_xor_sync(kFullMask, best_v, offset);
-        const int64_t other_i = __shfl_xor_sync(kFullMask, best_i, offset);
-        const bool take = other_i != kNoIndex &&
-                          (best_i == kNoIndex || other_v > best_v ||
-                           (other_v == best_v && other_i < best_i));
-        if (take) {
-            best_v = other_v;
-            best_i = other_i;
-        }
-    }
-    return best_i;
-}
 
 // The CPU's first_argmax of a row with cols >= 1 columns: the warp's first
 // maximum, except that a NaN at column 0 wins. `first` is lane 0's value of
 // column 0 (other lanes' values are ignored).
 __device__ __forceinline__ int64_t row_first_argmax(float best_v, int64_t best_i, float first) {
-    const int64_t best = warp_first_argmax(best_v, best_i);
+    const int64_t best = warp_first_argmax<kNoIndex>(best_v, best_i);
     const float v0 = __shfl_sync(kFullMask, first, 0);
     return v0 != v0 ? 0 : best;   // a non-NaN column 0 is a candidate, so best is set
 }
