@@ -98,8 +98,11 @@ class Optimizer:
                                  f"{config['lr']!r}: {type(e).__name__}: {e}") from None
         return cls(**config)
 
+    _repr_hidden: tuple[str, ...] = ()  # configuration keys repr leaves out (state, not settings)
+
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()
+                         if k not in self._repr_hidden)
         return f"{type(self).__name__}({args})"
 
     # -- state --------------------------------------------------------------------------

@@ -63,6 +63,8 @@ class _DP:
     multiplier, delta, the noise seed and the accountant (the steps taken so far, with
     their sampling rate)."""
 
+    _repr_hidden = ("accounting",)  # the accountant's history: state, not a setting
+
     def _init_dp(self, l2_norm_clip, noise_multiplier, delta, seed, accounting):
         name = type(self).__name__
         if not (float(l2_norm_clip) > 0.0 and math.isfinite(float(l2_norm_clip))):
@@ -90,11 +92,6 @@ class _DP:
         if self.seed is not None:
             config["seed"] = self.seed
         return config
-
-    def __repr__(self):
-        config = {k: v for k, v in self.get_config().items() if k != "accounting"}
-        args = ", ".join(f"{k}={v!r}" for k, v in config.items())
-        return f"{type(self).__name__}({args})"
 
     def epsilon(self, delta) -> float:
         """The privacy spent by the steps taken so far, at ``delta``."""
