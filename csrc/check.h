@@ -5,11 +5,20 @@
 // CUDA_CHECK throws std::runtime_error (RuntimeError) with the CUDA error text.
 #pragma once
 
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 
 namespace fastmlp {
+
+// Whether the na floats at a and the nb floats at b overlap (a null or empty
+// one overlaps nothing), computed from the distance so that no size overflows.
+inline bool floats_overlap(const void* a, uint64_t na, const void* b, uint64_t nb) {
+    if (a == nullptr || b == nullptr || na == 0 || nb == 0) return false;
+    const uintptr_t x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+    return x <= y ? (y - x) / sizeof(float) < na : (x - y) / sizeof(float) < nb;
+}
 
 [[noreturn]] inline void fail_check(const char* file, int line, const std::string& msg) {
     std::ostringstream os;

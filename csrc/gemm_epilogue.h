@@ -35,11 +35,8 @@ inline void check_gemm_epilogue(const GemmEpilogue& ep, bool trans_b, int64_t m,
                   "gemm_ex: ld_mask must be >= n=" << n << ", got " << ep.ld_mask);
     if (ep.row_scale_k == nullptr || k == 0) return;
     auto overlaps = [&](const float* p, int64_t count) {
-        const uintptr_t s0 = reinterpret_cast<uintptr_t>(ep.row_scale_k);
-        const uintptr_t s1 = s0 + static_cast<uintptr_t>(k) * sizeof(float);
-        const uintptr_t p0 = reinterpret_cast<uintptr_t>(p);
-        const uintptr_t p1 = p0 + static_cast<uintptr_t>(count) * sizeof(float);
-        return p != nullptr && count > 0 && s0 < p1 && p0 < s1;
+        return count > 0 && floats_overlap(ep.row_scale_k, static_cast<uint64_t>(k), p,
+                                           static_cast<uint64_t>(count));
     };
     FASTMLP_CHECK(!overlaps(ep.colsum_b, n), "gemm_ex: row_scale_k overlaps colsum_b");
     FASTMLP_CHECK(m == 0 || n == 0 || !overlaps(c, (m - 1) * ldc + n),

@@ -339,14 +339,9 @@ inline void check_loss_args(const float* pred, const void* labels, LabelKind lab
     FASTMLP_CHECK(loss && bad_row, op << ": null loss or bad_row");
     if (rows > 0) {
         FASTMLP_CHECK(pred && labels && row_loss, op << ": null pred, labels or row_loss");
-        if (dpred) {
-            // |dpred - pred| in floats against rows * cols (fits int64: checked above).
-            const uintptr_t a = reinterpret_cast<uintptr_t>(dpred);
-            const uintptr_t b = reinterpret_cast<uintptr_t>(pred);
-            const uintptr_t distance = a > b ? a - b : b - a;
-            FASTMLP_CHECK(distance / sizeof(float) >= static_cast<uint64_t>(rows * cols),
-                          op << ": dpred must not overlap pred");
-        }
+        // rows * cols fits int64: checked above.
+        const uint64_t n = static_cast<uint64_t>(rows * cols);
+        FASTMLP_CHECK(!floats_overlap(dpred, n, pred, n), op << ": dpred must not overlap pred");
     }
 }
 

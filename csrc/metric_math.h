@@ -103,15 +103,10 @@ inline void check_metric_args(const float* pred, const void* labels, LabelKind l
     if (rows > 0) {
         FASTMLP_CHECK(pred != nullptr && labels != nullptr && row_scratch != nullptr,
                       op << ": pred, labels or row_scratch is null");
-        if (probs_out != nullptr) {
-            // |probs_out - pred| in floats against rows * cols (which fits
-            // int64: checked above), compared so that nothing overflows.
-            const uintptr_t a = reinterpret_cast<uintptr_t>(probs_out);
-            const uintptr_t b = reinterpret_cast<uintptr_t>(pred);
-            const uintptr_t distance = a > b ? a - b : b - a;
-            FASTMLP_CHECK(distance / sizeof(float) >= static_cast<uint64_t>(rows * cols),
-                          op << ": probs_out must not overlap pred");
-        }
+        // rows * cols fits int64: checked above.
+        const uint64_t n = static_cast<uint64_t>(rows * cols);
+        FASTMLP_CHECK(!floats_overlap(probs_out, n, pred, n),
+                      op << ": probs_out must not overlap pred");
     }
 }
 

@@ -487,13 +487,9 @@ void softmax_xent_fused(const float* logits, const void* labels, LabelKind kind,
         FASTMLP_CHECK(row_loss != nullptr && row_hits != nullptr,
                       "softmax_xent_fused: row_loss or row_hits is null");
         // out and logits must not overlap: the kernel reads a logits row three
-        // times and marks both __restrict__. |out - logits| in bytes against
-        // the 4 * rows * cols bytes of each, compared as |d| / 4 < rows * cols
-        // so nothing overflows (rows * cols fits int64: checked above).
-        const uintptr_t a = reinterpret_cast<uintptr_t>(out);
-        const uintptr_t b = reinterpret_cast<uintptr_t>(logits);
-        const uintptr_t distance = a > b ? a - b : b - a;
-        FASTMLP_CHECK(distance / sizeof(float) >= static_cast<uint64_t>(rows * cols),
+        // times and marks both __restrict__ (rows * cols fits int64: checked above).
+        const uint64_t n = static_cast<uint64_t>(rows * cols);
+        FASTMLP_CHECK(!floats_overlap(out, n, logits, n),
                       "softmax_xent_fused: out must not overlap logits");
     }
 
