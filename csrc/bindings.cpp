@@ -313,6 +313,43 @@ fastmlp::GradTransform grad_transform(const TransformTuple& tr) {
                                 uintptr_t std_out EXTRA_PARAM) {                             \
         NS::dp_clip_factors(ptr<float>(acc), rows, clip, noise_multiplier, grad_scale,       \
                             divisor, ptr<float>(std_out) EXTRA_ARG);                         \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    /* [issue 18] interpretability: baseline, targets, targets_out: 0 = null */              \
+    M.def("target_seed", [](uintptr_t logits, uintptr_t targets, uintptr_t out, int64_t rows, \
+                            int64_t cols, int32_t transform EXTRA_PARAM) {                   \
+        NS::target_seed(ptr<const float>(logits), ptr<const int32_t>(targets), ptr<float>(out), \
+                        rows, cols, transform EXTRA_ARG);                                    \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("ig_interpolate", [](uintptr_t x, uintptr_t baseline, uintptr_t alphas,            \
+                               uintptr_t targets, uintptr_t out, uintptr_t targets_out,      \
+                               int64_t images, int64_t cols, int64_t steps, uintptr_t step,  \
+                               int64_t batch, int64_t rows EXTRA_PARAM) {                    \
+        NS::ig_interpolate(ptr<const float>(x), ptr<const float>(baseline),                  \
+                           ptr<const float>(alphas), ptr<const int32_t>(targets),            \
+                           ptr<float>(out), ptr<int32_t>(targets_out), images, cols, steps,  \
+                           ptr<const int64_t>(step), batch, rows EXTRA_ARG);                 \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("ig_accumulate", [](uintptr_t grads, uintptr_t x, uintptr_t baseline,              \
+                              uintptr_t weights, uintptr_t out, int64_t images, int64_t cols, \
+                              int64_t steps, uintptr_t step, int64_t batch, int64_t rows,    \
+                              bool multiply, bool absolute EXTRA_PARAM) {                    \
+        NS::ig_accumulate(ptr<const float>(grads), ptr<const float>(x),                      \
+                          ptr<const float>(baseline), ptr<const float>(weights),             \
+                          ptr<float>(out), images, cols, steps, ptr<const int64_t>(step),    \
+                          batch, rows, multiply, absolute EXTRA_ARG);                        \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    /* [issue 18] adversarial examples; step: 0 = null (no random start) */                  \
+    M.def("adv_init", [](uintptr_t x, uintptr_t adv, int64_t rows, int64_t cols, float eps,  \
+                         float lo, float hi, uintptr_t step, uint32_t key0,                  \
+                         uint32_t key1 EXTRA_PARAM) {                                        \
+        NS::adv_init(ptr<const float>(x), ptr<float>(adv), rows, cols, eps, lo, hi,          \
+                     ptr<const int64_t>(step), key0, key1 EXTRA_ARG);                        \
+    }, py::call_guard<py::gil_scoped_release>());                                            \
+    M.def("adv_step", [](uintptr_t x, uintptr_t adv, uintptr_t grad, int64_t rows,           \
+                         int64_t cols, float eps, float alpha, float lo, float hi,           \
+                         bool project EXTRA_PARAM) {                                         \
+        NS::adv_step(ptr<const float>(x), ptr<float>(adv), ptr<const float>(grad), rows,     \
+                     cols, eps, alpha, lo, hi, project EXTRA_ARG);                           \
     }, py::call_guard<py::gil_scoped_release>());
 
 #define FASTMLP_NOTHING
@@ -532,6 +569,14 @@ void bind_engine(py::module_& mod) {
     mod.def("noise_key", [](uint64_t seed) {
         uint32_t k0 = 0, k1 = 0;
         fastmlp::noise_key(seed, &k0, &k1);
+        return std::make_tuple(k0, k1);
+    }, py::arg("seed"));
+
+    // [issue 18] The key of the adversarial random start of seed `seed`
+    // (kernel_math.h adversarial_key).
+    mod.def("adversarial_key", [](uint64_t seed) {
+        uint32_t k0 = 0, k1 = 0;
+        fastmlp::adversarial_key(seed, &k0, &k1);
         return std::make_tuple(k0, k1);
     }, py::arg("seed"));
 

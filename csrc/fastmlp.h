@@ -242,6 +242,41 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
 //   noise_multiplier * clip / divisor (one float, device memory on CUDA; written
 //   also when rows == 0). grad_scale, divisor > 0; clip > 0; noise_multiplier >= 0.
 //   A NaN acc gives a NaN scale.
+// target_seed [issue 18]: the gradient seed of an explanation, out(r, j) =
+//   d f_t(z_r) / d z_rj for the logits row z_r, t = targets[r] (int32) and the
+//   transform f (OutputTransform): none -> (j == t); sigmoid -> sigmoid'(z_rt) at
+//   j == t (kernel_math.h sigmoid_seed), else 0; softmax -> p_t ((j == t) - p_j),
+//   p = the max-subtracted row softmax (softmax_seed). A target outside [0, cols)
+//   gives a row of zeros (never read out of bounds; the Python op refuses it
+//   first). out must not overlap logits.
+// ig_interpolate [issue 18]: integrated gradients' path points. Virtual row v of
+//   images * steps is image i = v / steps at point m = v % steps; this call
+//   writes rows r < rows of out (rows, cols) from v = (*step) * batch + r:
+//   out(r, c) = ig_point(x(i, c), baseline, alphas[m]) (kernel_math.h: Captum's
+//   b + alpha (x - b), each operation rounded; baseline null = zeros), and
+//   targets_out[r] = targets[i] when targets != null (targets_out then required).
+//   A v outside [0, images * steps) is skipped (its row left untouched). step
+//   points to one int64, device memory on CUDA, read by the kernel (a CUDA
+//   Graph replays the launch with a changing step). steps >= 1. out must not
+//   overlap x, baseline, alphas; targets_out not targets.
+// ig_accumulate [issue 18]: the quadrature over the path points that
+//   ig_interpolate wrote for the same (*step, batch, rows): grads (rows, cols),
+//   batch % steps == 0, rows % steps == 0. Images i = i0 + k, i0 = (*step) *
+//   batch / steps, k < rows / steps (i >= images skipped): s = sum over m =
+//   0..steps-1 in order of mul_rn(weights[m], grads((k steps + m), c)) (float,
+//   from 0); out(i, c) = ig_attribution(s, x(i, c), baseline, multiply,
+//   absolute) ((x - b) s with multiply, |.| with absolute). out (images, cols)
+//   must not overlap grads, x, baseline, weights.
+// adv_init [issue 18]: the attack's start, element e = r * cols + c: adv[e] =
+//   adv_clamp(x[e] + mul_rn(eps, adv_uniform(dropout_bits(e, *step, key0,
+//   key1))), lo, hi) (a uniform in (-1, 1), kernel_math.h; keys from
+//   adversarial_key(seed)); step null: adv[e] = adv_clamp(x[e], lo, hi) (no
+//   random start). step: one int64, device memory on CUDA. eps >= 0 finite,
+//   lo <= hi (+-inf allowed). adv may be x exactly, not a partial overlap.
+// adv_step [issue 18]: FGSM / PGD's step, in place: adv[e] = adv_step_value(x[e],
+//   adv[e], grad[e], eps, alpha, lo, hi, project) (kernel_math.h: adv + alpha
+//   sign(grad), projected into x +- eps with project, clamped to [lo, hi]).
+//   eps, alpha >= 0 finite, lo <= hi. x and grad must not overlap adv.
 #define FASTMLP_DECLARE_OPS(FASTMLP_STREAM_ARG)                                        \
     void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, \
               const float* a, int64_t lda, const float* b, int64_t ldb, float beta,     \
@@ -316,7 +351,22 @@ enum class Precision : int { kFp32 = 0, kTf32 = 1 };
     void dp_row_sqnorms(const float* x, const float* dz, float* acc, int64_t rows, int64_t in, \
                         int64_t out, bool bias, bool accumulate FASTMLP_STREAM_ARG);           \
     void dp_clip_factors(float* acc, int64_t rows, float clip, float noise_multiplier,      \
-                         float grad_scale, float divisor, float* std_out FASTMLP_STREAM_ARG);
+                         float grad_scale, float divisor, float* std_out FASTMLP_STREAM_ARG); \
+    void target_seed(const float* logits, const int32_t* targets, float* out, int64_t rows, \
+                     int64_t cols, int32_t transform FASTMLP_STREAM_ARG);                  \
+    void ig_interpolate(const float* x, const float* baseline, const float* alphas,        \
+                        const int32_t* targets, float* out, int32_t* targets_out,          \
+                        int64_t images, int64_t cols, int64_t steps, const int64_t* step,  \
+                        int64_t batch, int64_t rows FASTMLP_STREAM_ARG);                   \
+    void ig_accumulate(const float* grads, const float* x, const float* baseline,          \
+                       const float* weights, float* out, int64_t images, int64_t cols,     \
+                       int64_t steps, const int64_t* step, int64_t batch, int64_t rows,    \
+                       bool multiply, bool absolute FASTMLP_STREAM_ARG);                   \
+    void adv_init(const float* x, float* adv, int64_t rows, int64_t cols, float eps,       \
+                  float lo, float hi, const int64_t* step, uint32_t key0,                  \
+                  uint32_t key1 FASTMLP_STREAM_ARG);                                       \
+    void adv_step(const float* x, float* adv, const float* grad, int64_t rows, int64_t cols, \
+                  float eps, float alpha, float lo, float hi, bool project FASTMLP_STREAM_ARG);
 
 struct SgdHyper;   // kernel_math.h
 struct AdamHyper;

@@ -902,6 +902,17 @@ inline void noise_key(uint64_t seed, uint32_t* k0, uint32_t* k1) {
     *k1 = k.v[1];
 }
 
+// [issue 18] The key of the adversarial attacks' random start (adv_init) of
+// `seed`: the tag "ADVS" keeps it apart from the noise, dropout and shuffling
+// streams of the same seed.
+inline void adversarial_key(uint64_t seed, uint32_t* k0, uint32_t* k1) {
+    const Philox4 k = philox4x32_10(
+        Philox4{{0u, 0u, 0x41445653u /* "ADVS" */, 0u}},
+        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    *k0 = k.v[0];
+    *k1 = k.v[1];
+}
+
 FASTMLP_ACT_INLINE float bits_as_float(int32_t b) {
     float f;
     std::memcpy(&f, &b, 4);
@@ -1016,6 +1027,79 @@ FASTMLP_HOSTDEV float gaussian_noise(uint64_t e, uint64_t step, uint32_t k0, uin
     float z0, z1;
     box_muller(second ? r.v[2] : r.v[0], second ? r.v[3] : r.v[1], &z0, &z1);
     return (e & 1u) ? z1 : z0;
+}
+
+// ---- Interpretability and adversarial examples (issue 18) -----------------------
+// The per-element rules of target_seed, ig_interpolate, ig_accumulate, adv_init
+// and adv_step (fastmlp.h states the contracts). Every product that must round
+// on its own is a mul_rn, so nvcc cannot fuse it into an FMA with the add that
+// follows; the CPU files are compiled with -ffp-contract=off for the same reason.
+// ig_* and adv_* are exact float32 sequences: the CPU, the GPU and the NumPy
+// reference (float32 arithmetic, correctly rounded) agree bit for bit.
+
+// sigmoid'(z) = s(z) (1 - s(z)), computed as s(z) s(-z): 1 - s(z) cancels for
+// z >~ 17 (s rounds to 1 and the product to 0), s(-z) = 1 / (1 + e^z) does not.
+FASTMLP_ACT_INLINE float sigmoid_seed(float z) { return mul_rn(sigmoidf(z), sigmoidf(-z)); }
+
+// d softmax(z)_t / d z_j = p_t ((j == t) - p_j): for j != t the difference is
+// -p_j exactly, for j == t it is 1 - p_t (exact for p_t >= 1/2, Sterbenz), so
+// the one rounding is the product's.
+FASTMLP_HOSTDEV float softmax_seed(float p_t, float p_j, bool is_target) {
+    return mul_rn(p_t, (is_target ? 1.0f : 0.0f) - p_j);
+}
+
+// Integrated gradients' path point: Captum's baseline + alpha (input - baseline),
+// each operation rounded to float. Without a baseline (zeros): alpha (x - 0).
+FASTMLP_HOSTDEV float ig_point(float x, const float* baseline, int64_t e, float alpha) {
+    if (baseline == nullptr) return mul_rn(alpha, x - 0.0f);
+    const float b = baseline[e];
+    return b + mul_rn(alpha, x - b);
+}
+
+// One attribution from the weighted gradient sum s: (x - b) s with multiply
+// (integrated gradients, gradient x input), s alone without (saliency); |.| with
+// absolute.
+FASTMLP_HOSTDEV float ig_attribution(float s, float x, const float* baseline, int64_t e,
+                                     bool multiply, bool absolute) {
+    const float a = multiply ? mul_rn(x - (baseline ? baseline[e] : 0.0f), s) : s;
+    return absolute ? fabsf(a) : a;
+}
+
+// The first virtual row / image of a call (ig_interpolate / ig_accumulate): step *
+// per_step, or `limit` (nothing to do) when the step lies outside [0, limit /
+// per_step]; never overflows. step is read from memory by the kernels.
+FASTMLP_HOSTDEV int64_t ig_first(int64_t step, int64_t per_step, int64_t limit) {
+    if (step < 0 || (per_step > 0 && step > limit / per_step)) return limit;
+    return step * per_step;
+}
+
+// torch.clamp(v, lo, hi) for lo <= hi: NaN stays NaN (both compares are false).
+FASTMLP_HOSTDEV float adv_clamp(float v, float lo, float hi) {
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// The random start's uniform in (-1, 1) from 32 random bits: (2 (bits >> 8) + 1)
+// 2^-24 - 1 = k 2^-24 with the odd integer k = 2 (bits >> 8) + 1 - 2^24, |k| <
+// 2^24: formed as an integer, then converted and scaled exactly (the 25-bit
+// 2 (bits >> 8) + 1 itself does not fit a float). Never 0, symmetric about 0.
+FASTMLP_HOSTDEV float adv_uniform(uint32_t bits) {
+    const int32_t k = static_cast<int32_t>(((bits >> 8) << 1) | 1u) - (int32_t{1} << 24);
+    return mul_rn(static_cast<float>(k), 5.9604644775390625e-8f);  // * 2^-24, exact
+}
+
+// torch.sign, except that NaN gives NaN (torch's CPU kernel gives 0): +1, -1,
+// 0 for +-0 (+0, as torch).
+FASTMLP_HOSTDEV float adv_sign(float g) {
+    return g > 0.0f ? 1.0f : (g < 0.0f ? -1.0f : (g == g ? 0.0f : g));
+}
+
+// One FGSM / PGD step of an element (torchattacks): t = adv + alpha sign(g); with
+// project, t = x + clamp(t - x, -eps, eps); then clamp(t, lo, hi).
+FASTMLP_HOSTDEV float adv_step_value(float x, float adv, float g, float eps, float alpha,
+                                     float lo, float hi, bool project) {
+    float t = adv + mul_rn(alpha, adv_sign(g));  // alpha * sign is exact
+    if (project) t = x + adv_clamp(t - x, -eps, eps);
+    return adv_clamp(t, lo, hi);
 }
 
 }  // namespace fastmlp
