@@ -33,6 +33,7 @@ __all__ = [
     "METRIC_FLAGS", "metric_sums", "roc_auc",
     "LOSS_KINDS", "loss_forward_backward",
     "dp_row_sqnorms", "dp_clip_factors",
+    "target_seed", "ig_interpolate", "ig_accumulate", "adversarial_init", "adversarial_step",
 ]
 
 _LABEL_INT32, _LABEL_INT64, _LABEL_ONEHOT = 0, 1, 2
@@ -1405,3 +1406,252 @@ def dp_clip_factors(sqnorms, *, clip, noise_multiplier=0.0, grad_scale, divisor,
         mod.dp_clip_factors(address(sqnorms), sqnorms.shape[0], clip, noise_multiplier,
                             grad_scale, divisor, _addr(std_out), *extra)
     return sqnorms
+
+
+# --------------------------------------------------------------- explain, adversarial [issue 18]
+
+_OUTPUT_TRANSFORMS = {"none": 0, "sigmoid": 1, "softmax": 2}
+
+
+def _step_arg(ck, step, like):
+    """``(int64 (1,) array on like's device holding the step, its value or None)``:
+    ``step`` is an int >= 0 or a 1-element int64 array on the data's device (read by
+    the kernel, so an engine can pass a view of its step counter; see Dropout.step)."""
+    op = ck.op
+    if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+        s = int(step)
+        if s < 0:
+            raise ValueError(f"{op}: 'step' must be >= 0, got {s}")
+        arr = ck.empty((1,), np.int64, like)
+        arr[...] = s
+        return arr, s
+    if isinstance(step, (bool, numbers.Number)):
+        raise ValueError(f"{op}: 'step' must be an integer or a (1,) int64 array, got {step!r}")
+    return ck.array(step, "step", dtypes=(np.int64,), shape=(1,)), None
+
+
+def _zeros_out(ck, out, name, shape, dtype, like):
+    """``out`` checked (dtype, shape, writable), or a new zero-filled array."""
+    if out is None:
+        arr = ck.empty(shape, dtype, like)
+        arr.fill(0)
+        return arr
+    return ck.array(out, name, dtypes=(dtype,), shape=shape, writable=True)
+
+
+def _size(op, name, value, default):
+    """An optional size argument: ``default`` when None, else an int >= 0."""
+    if value is None:
+        return default
+    v = _int(op, value, f"'{name}'")
+    if v < 0:
+        raise ValueError(f"{op}: '{name}' must be >= 0, got {v}")
+    return v
+
+
+def target_seed(logits, targets, *, transform="none", out=None):
+    """The gradient seed of an explanation: ``out[r, j] = d f(z_r)[t_r] / d z_r[j]``.
+
+    ``logits`` (n, c) float32 holds the model's last pre-transform values z, ``targets``
+    (n,) int32 the class t_r explained in each row, ``transform`` the output transform
+    f: ``"none"`` (out is one-hot at t), ``"sigmoid"`` (``sigmoid'(z[t])`` at t, 0
+    elsewhere) or ``"softmax"`` (``p_t ((j == t) - p_j)`` with p the row softmax).
+    Backpropagating ``out`` through the model gives the gradient of the explained
+    output with respect to the input. A target outside [0, c) is a ValueError naming
+    the first bad row. Returns the (n, c) float32 ``out``.
+    """
+    op = "target_seed"
+    code = _OUTPUT_TRANSFORMS.get(transform) if isinstance(transform, str) else None
+    if code is None:
+        raise ValueError(f"{op}: 'transform' must be one of {sorted(_OUTPUT_TRANSFORMS)}, "
+                         f"got {transform!r}")
+    ck = Checker(op)
+    logits = ck.f32(logits, "logits", ndim=2)
+    n, c = logits.shape
+    targets = ck.array(targets, "targets", dtypes=(np.int32,), shape=(n,))
+    host = targets.get() if is_cupy(targets) else targets
+    bad = np.flatnonzero((host < 0) | (host >= c))
+    if bad.size:
+        r = int(bad[0])
+        raise ValueError(f"{op}: targets[{r}] = {int(host[r])} is outside [0, {c})")
+    out = ck.out(out, "out", (n, c), like=logits)
+    ck.no_overlap(out, "out", (logits, "logits"), (targets, "targets"))
+    mod, extra, ctx = ck.backend(logits)
+    with ctx, _nvtx.annotate(op):
+        mod.target_seed(address(logits), address(targets), address(out), n, c, code, *extra)
+    return out
+
+
+def ig_interpolate(x, alphas, *, baseline=None, targets=None, step=0, batch=None, rows=None,
+                   out=None, targets_out=None):
+    """Integrated gradients' path points ``baseline + alpha (x - baseline)``.
+
+    ``x`` (images, cols) float32, ``alphas`` (steps,) float32 (the quadrature's
+    points), ``baseline`` (images, cols) or None (zeros: then ``alpha * x``). Virtual
+    row v of ``images * steps`` is image ``v // steps`` at ``alphas[v % steps]``; this
+    call writes ``rows`` rows of ``out`` (rows, cols), virtual rows ``step * batch``
+    on (a row past the end is left untouched). ``batch`` defaults to
+    ``images * steps``; ``rows`` to what is left of the batch (``step`` an int), or
+    ``min(batch, images * steps)`` when ``step`` is a (1,) int64 array (read by the
+    kernel). Each operation is rounded to float32 (Captum's formula). With
+    ``targets`` ((images,) int32), ``targets_out[r]`` (rows,) int32 gets the row's
+    image's target, and ``(out, targets_out)`` is returned; else ``out``.
+    """
+    op = "ig_interpolate"
+    ck = Checker(op)
+    x = ck.f32(x, "x", ndim=2)
+    images, cols = x.shape
+    alphas = ck.f32(alphas, "alphas", ndim=1)
+    steps = alphas.shape[0]
+    if steps < 1:
+        raise ValueError(f"{op}: 'alphas' must hold at least one path point, got shape (0,)")
+    if baseline is not None:
+        baseline = ck.f32(baseline, "baseline", shape=(images, cols))
+    if targets is not None:
+        targets = ck.array(targets, "targets", dtypes=(np.int32,), shape=(images,))
+    total = images * steps
+    batch = _size(op, "batch", batch, total)
+    step_arr, s = _step_arg(ck, step, x)
+    left = total if s is None else max(0, total - s * batch)
+    rows = _size(op, "rows", rows, min(batch, left))
+    out = _zeros_out(ck, out, "out", (rows, cols), np.float32, x)
+    ck.no_overlap(out, "out", (x, "x"), (baseline, "baseline"), (alphas, "alphas"),
+                  (step_arr, "step"), (targets, "targets"))
+    if targets is not None:
+        targets_out = _zeros_out(ck, targets_out, "targets_out", (rows,), np.int32, x)
+        ck.no_overlap(targets_out, "targets_out", (targets, "targets"), (out, "out"),
+                      (step_arr, "step"))
+    elif targets_out is not None:
+        raise ValueError(f"{op}: 'targets_out' given without 'targets'")
+    mod, extra, ctx = ck.backend(x)
+    with ctx, _nvtx.annotate(op):
+        mod.ig_interpolate(address(x), _addr(baseline), address(alphas), _addr(targets),
+                           address(out), _addr(targets_out), images, cols, steps,
+                           address(step_arr), batch, rows, *extra)
+    return out if targets is None else (out, targets_out)
+
+
+def ig_accumulate(grads, x, weights, *, baseline=None, multiply=True, absolute=False, step=0,
+                  batch=None, out=None):
+    """The attributions from the gradients at the path points :func:`ig_interpolate` made.
+
+    ``grads`` (rows, cols) float32 are the gradients at the ``rows`` path points of the
+    call with the same ``step`` and ``batch`` (``batch`` defaults to ``rows``); both
+    must be multiples of ``steps = len(weights)``. For each image i of the call
+    (``step * batch / steps`` on) and column c: ``s = sum_m weights[m] *
+    grads[k * steps + m, c]`` (float32, in m order), then ``a = (x - baseline) * s``
+    with ``multiply`` (baseline None: zeros), else ``a = s``, and ``out[i, c] = |a|``
+    with ``absolute``, else ``a``. Saliency: steps 1, weights [1], multiply False,
+    absolute True; gradient x input: steps 1, weights [1]. ``out`` (images, cols)
+    float32, zeros when None; images past the end are skipped. Returns ``out``.
+    """
+    op = "ig_accumulate"
+    ck = Checker(op)
+    grads = ck.f32(grads, "grads", ndim=2)
+    rows, cols = grads.shape
+    x = ck.f32(x, "x", ndim=2)
+    images = x.shape[0]
+    if x.shape[1] != cols:
+        raise ValueError(f"{op}: 'x' must have {cols} columns like 'grads' of shape "
+                         f"{tuple(grads.shape)}, got shape {tuple(x.shape)}")
+    weights = ck.f32(weights, "weights", ndim=1)
+    steps = weights.shape[0]
+    if steps < 1:
+        raise ValueError(f"{op}: 'weights' must hold at least one weight, got shape (0,)")
+    if baseline is not None:
+        baseline = ck.f32(baseline, "baseline", shape=x.shape)
+    batch = _size(op, "batch", batch, rows)
+    if rows % steps or batch % steps:
+        raise ValueError(f"{op}: the rows of 'grads' ({rows}) and batch ({batch}) must be "
+                         f"multiples of steps = len(weights) = {steps}")
+    step_arr, _ = _step_arg(ck, step, x)
+    out = _zeros_out(ck, out, "out", (images, cols), np.float32, x)
+    ck.no_overlap(out, "out", (grads, "grads"), (x, "x"), (baseline, "baseline"),
+                  (weights, "weights"), (step_arr, "step"))
+    mod, extra, ctx = ck.backend(x)
+    with ctx, _nvtx.annotate(op):
+        mod.ig_accumulate(address(grads), address(x), _addr(baseline), address(weights),
+                          address(out), images, cols, steps, address(step_arr), batch, rows,
+                          bool(multiply), bool(absolute), *extra)
+    return out
+
+
+def _finite_nonneg(op, name, value):
+    """``value`` as a float, or ValueError when it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{op}: '{name}' must be a finite number >= 0, got {value!r}")
+    v = float(value)
+    if not (0.0 <= v < float("inf")):  # also refuses NaN
+        raise ValueError(f"{op}: '{name}' must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def _clip_range(op, clip):
+    """``(lo, hi)`` of ``clip``: None -> no clipping (-inf, inf); else a pair whose ends
+    are numbers (None: unbounded) with lo <= hi."""
+    if clip is None:
+        return float("-inf"), float("inf")
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+        raise ValueError(f"{op}: 'clip' must be None or a pair (lo, hi), got {clip!r}")
+    lo = float("-inf") if clip[0] is None else float(clip[0])
+    hi = float("inf") if clip[1] is None else float(clip[1])
+    if not lo <= hi:  # also refuses NaN
+        raise ValueError(f"{op}: 'clip' must have lo <= hi, got {clip!r}")
+    return lo, hi
+
+
+def adversarial_init(x, *, eps, clip=(0.0, 1.0), seed=None, step=0, out=None):
+    """The starting point of an attack: ``clip(x + eps * u)``.
+
+    Without ``seed`` (FGSM, PGD without random start) a clipped copy of ``x``; with
+    it, ``u`` is uniform in (-1, 1) per element, drawn from Philox under
+    ``_C.adversarial_key(seed)`` at ``step`` (an int or a (1,) int64 array on the
+    data's device), the same numbers on the CPU and the GPU. ``clip`` = (lo, hi)
+    (torch.clamp; None: no clipping). ``eps`` a finite number >= 0. ``x`` float32
+    of any shape; ``out`` (like x, may be x itself) is returned.
+    """
+    op = "adversarial_init"
+    eps = _finite_nonneg(op, "eps", eps)
+    lo, hi = _clip_range(op, clip)
+    ck = Checker(op)
+    x = ck.f32(x, "x")
+    rows, cols = _rows_cols(x)
+    out = ck.out(out, "out", x.shape, like=x)
+    ck.no_overlap(out, "out", (x, "x"), allow_same=True)
+    step_arr, k0, k1 = None, 0, 0
+    if seed is not None:
+        seed = _int(op, seed, "seed") & (2**64 - 1)
+        step_arr, _ = _step_arg(ck, step, x)
+        k0, k1 = _C.adversarial_key(seed)
+    mod, extra, ctx = ck.backend(x)
+    with ctx, _nvtx.annotate(op):
+        mod.adv_init(address(x), address(out), rows, cols, eps, lo, hi, _addr(step_arr), k0, k1,
+                     *extra)
+    return out
+
+
+def adversarial_step(x, adv, grad, *, eps, alpha, clip=(0.0, 1.0), project=True):
+    """One FGSM / PGD step, in place on ``adv``; returns it.
+
+    ``adv = clip(t)`` with ``t = adv + alpha * sign(grad)`` and, with ``project``,
+    ``t = x + clamp(t - x, -eps, eps)`` (torchattacks' PGD; sign(NaN) = NaN).
+    ``x``, ``adv``, ``grad`` float32 of one shape; ``adv`` must not overlap ``x`` or
+    ``grad``. ``eps``, ``alpha`` finite numbers >= 0; ``clip`` as
+    :func:`adversarial_init`. FGSM = ``adversarial_init`` without seed, then one
+    step with ``alpha = eps, project=False``.
+    """
+    op = "adversarial_step"
+    eps = _finite_nonneg(op, "eps", eps)
+    alpha = _finite_nonneg(op, "alpha", alpha)
+    lo, hi = _clip_range(op, clip)
+    ck = Checker(op)
+    x = ck.f32(x, "x")
+    adv = ck.f32(adv, "adv", shape=x.shape, writable=True)
+    grad = ck.f32(grad, "grad", shape=x.shape)
+    ck.no_overlap(adv, "adv", (x, "x"), (grad, "grad"))
+    rows, cols = _rows_cols(x)
+    mod, extra, ctx = ck.backend(x)
+    with ctx, _nvtx.annotate(op):
+        mod.adv_step(address(x), address(adv), address(grad), rows, cols, eps, alpha, lo, hi,
+                     bool(project), *extra)
+    return adv

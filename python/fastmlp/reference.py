@@ -66,6 +66,13 @@ __all__ = [
     "loss_forward_backward",
     "dp_row_sqnorms",
     "dp_clip_factors",
+    "target_seed",
+    "ig_interpolate",
+    "ig_accumulate",
+    "adversarial_key",
+    "adversarial_uniform",
+    "adversarial_init",
+    "adversarial_step",
 ]
 
 _cupy = None  # the cupy module once imported; False when it cannot be imported
@@ -1059,3 +1066,183 @@ def dp_clip_factors(sqnorms, *, clip, noise_multiplier=0.0, grad_scale, divisor,
         _check_out(std_out, (1,), "std_out")
         std_out[0] = noise_multiplier * clip / divisor
     return sqnorms
+
+
+# --------------------------------------------------------------- explain, adversarial [issue 18]
+
+
+def _step_value(step):
+    """The int of a step given as an int or a 1-element array (NumPy or CuPy)."""
+    return int(step[0]) if hasattr(step, "shape") else int(step)
+
+
+def target_seed(logits, targets, *, transform="none", out=None):
+    """``d f(z_r)[t_r] / d z_r`` per row r in float64 math: ``"none"`` one-hot at t,
+    ``"sigmoid"`` ``s(z_t) s(-z_t)`` (= s (1 - s)) at t and 0 elsewhere, ``"softmax"``
+    ``p_t (onehot - p)`` with p the max-subtracted row softmax. A row whose target is
+    outside [0, c) is all zeros. The result has ``logits``' dtype (or ``out``'s)."""
+    xp = _xp(logits, targets, out)
+    if transform not in ("none", "sigmoid", "softmax"):
+        raise ValueError(f"unknown transform {transform!r}")
+    n, c = logits.shape
+    _check_out(out, (n, c))
+    z = logits.astype(xp.float64)
+    t = targets.astype(xp.int64)
+    valid = (t >= 0) & (t < c)
+    onehot = (xp.arange(c)[None, :] == t[:, None]) & valid[:, None]
+    g = xp.zeros((n, c), dtype=xp.float64)
+    if n and c:
+        tc = xp.where(valid, t, 0)
+        zt = z[xp.arange(n), tc]
+        if transform == "none":
+            g = onehot.astype(xp.float64)
+        elif transform == "sigmoid":
+            d = 1.0 / (1.0 + xp.exp(-zt)) / (1.0 + xp.exp(zt))
+            g = xp.where(onehot, d[:, None], 0.0)
+        else:
+            e = xp.exp(z - z.max(axis=1, keepdims=True))
+            p = e / e.sum(axis=1, keepdims=True)
+            pt = p[xp.arange(n), tc]
+            g = xp.where(valid[:, None], pt[:, None] * (onehot - p), 0.0)
+    if out is None:
+        return g.astype(logits.dtype)
+    out[...] = g
+    return out
+
+
+def ig_interpolate(x, alphas, *, baseline=None, targets=None, step=0, batch=None, rows=None,
+                   out=None, targets_out=None):
+    """Virtual rows ``step * batch`` .. (+ rows) of the path points of x: row v is image
+    ``i = v // steps`` at ``a = alphas[v % steps]``, ``b + a * (x[i] - b)`` (baseline
+    None: ``a * (x[i] - 0)``), each operation in float32 (NumPy's float32 arithmetic
+    rounds each one correctly, as the kernels). Rows past ``images * steps`` stay as
+    they were (zeros in a new ``out``). Returns out, or (out, targets_out) with targets."""
+    xp = _xp(x, alphas, baseline, out)
+    f32 = xp.float32
+    images, cols = x.shape
+    steps = alphas.shape[0]
+    total = images * steps
+    s = _step_value(step)
+    batch = total if batch is None else int(batch)
+    if rows is None:
+        rows = min(batch, max(0, total - s * batch))
+    if out is None:
+        out = xp.zeros((rows, cols), dtype=f32)
+    _check_out(out, (rows, cols))
+    v = s * batch + xp.arange(rows, dtype=xp.int64)
+    keep = (v >= 0) & (v < total)
+    i, m = v[keep] // steps, v[keep] % steps
+    xi = x.astype(f32)[i]
+    a = alphas.astype(f32)[m][:, None]
+    if baseline is None:
+        pts = a * (xi - f32(0.0))
+    else:
+        b = baseline.astype(f32)[i]
+        pts = b + a * (xi - b)
+    out[keep] = pts
+    if targets is None:
+        return out
+    if targets_out is None:
+        targets_out = xp.zeros((rows,), dtype=xp.int32)
+    _check_out(targets_out, (rows,), "targets_out")
+    targets_out[keep] = targets[i]
+    return out, targets_out
+
+
+def ig_accumulate(grads, x, weights, *, baseline=None, multiply=True, absolute=False, step=0,
+                  batch=None, out=None):
+    """For images i0 = step * batch / steps .. (+ rows / steps, up to the last image):
+    ``s = sum_m weights[m] * grads[k * steps + m]`` accumulated in float32 from 0 in m
+    order, ``a = (x[i] - b) * s`` with multiply (b = baseline or 0) else s, ``|a|`` with
+    absolute; written to ``out[i]`` (a new float32 zeros (images, cols) when None)."""
+    xp = _xp(grads, x, weights, baseline, out)
+    f32 = xp.float32
+    rows, cols = grads.shape
+    images, steps = x.shape[0], weights.shape[0]
+    batch = rows if batch is None else int(batch)
+    if rows % steps or batch % steps:
+        raise ValueError(f"rows ({rows}) and batch ({batch}) must be multiples of steps ({steps})")
+    i0 = _step_value(step) * (batch // steps)
+    n = max(0, min(rows // steps, images - i0))
+    if out is None:
+        out = xp.zeros((images, cols), dtype=f32)
+    _check_out(out, (images, cols))
+    if n == 0:
+        return out
+    g = grads.astype(f32)[:n * steps].reshape(n, steps, cols)
+    w = weights.astype(f32)
+    s = xp.zeros((n, cols), dtype=f32)
+    for m in range(steps):
+        s = s + w[m] * g[:, m, :]
+    a = s
+    if multiply:
+        xi = x.astype(f32)[i0:i0 + n]
+        b = f32(0.0) if baseline is None else baseline.astype(f32)[i0:i0 + n]
+        a = (xi - b) * s
+    out[i0:i0 + n] = xp.abs(a) if absolute else a
+    return out
+
+
+def adversarial_key(seed):
+    """The adversarial random start's key (k0, k1) of ``seed`` (kernel_math.h)."""
+    seed = int(seed) & (2**64 - 1)
+    k = philox4x32_10((0, 0, 0x41445653, 0), (seed & _M32, seed >> 32))
+    return int(k[0]), int(k[1])
+
+
+def _clamp(xp, t, lo, hi):
+    """torch.clamp(t, lo, hi) in t's dtype: NaN stays NaN."""
+    lo, hi = t.dtype.type(lo), t.dtype.type(hi)
+    return xp.where(t < lo, lo, xp.where(t > hi, hi, t))
+
+
+def _clip_pair(clip):
+    if clip is None:
+        return -np.inf, np.inf
+    lo = -np.inf if clip[0] is None else float(clip[0])
+    hi = np.inf if clip[1] is None else float(clip[1])
+    return lo, hi
+
+
+def adversarial_uniform(size, seed, step, *, xp=np):
+    """The random start's uniforms of elements 0..size-1, float32 in (-1, 1): Philox4x32-10
+    of counter (e // 4 as two words, step as two words) under adversarial_key(seed), lane
+    e % 4 (dropout's layout), mapped to ``(2 (bits >> 8) + 1) 2^-24 - 1`` (exact)."""
+    step = _step_value(step) & (2**64 - 1)
+    k0, k1 = adversarial_key(seed)
+    nb = (size + 3) // 4
+    b = xp.arange(nb, dtype=xp.uint64)
+    r = _xp_philox(xp, (b, b >> xp.uint64(32), step & _M32, step >> 32), (k0, k1))
+    bits = xp.stack([xp.broadcast_to(v, (nb,)) for v in r], axis=1).reshape(-1)[:size]
+    k = (2 * (bits >> xp.uint64(8)) + 1).astype(xp.int64) - 2**24
+    return k.astype(xp.float32) * xp.float32(2.0**-24)
+
+
+def adversarial_init(x, *, eps, clip=(0.0, 1.0), seed=None, step=0, out=None):
+    """``clamp(x + eps * u, lo, hi)`` in float32 (u: :func:`adversarial_uniform`), or
+    without seed the clipped copy ``clamp(x, lo, hi)``. Written to ``out`` when given."""
+    xp = _xp(x, out)
+    f32 = xp.float32
+    lo, hi = _clip_pair(clip)
+    t = x.astype(f32)
+    if seed is not None:
+        u = adversarial_uniform(t.size, seed, step, xp=xp).reshape(t.shape)
+        t = t + f32(eps) * u
+    return _store(_clamp(xp, t, lo, hi), out)
+
+
+def adversarial_step(x, adv, grad, *, eps, alpha, clip=(0.0, 1.0), project=True):
+    """In place: ``t = adv + alpha * sign(grad)`` (sign(NaN) = NaN), with project ``t = x +
+    clamp(t - x, -eps, eps)`` (torchattacks' PGD), then ``adv = clamp(t, lo, hi)``; all in
+    float32. Returns adv."""
+    xp = _xp(x, adv, grad)
+    f32 = xp.float32
+    lo, hi = _clip_pair(clip)
+    g = grad.astype(f32)
+    sign = xp.where(g > 0, f32(1), xp.where(g < 0, f32(-1), xp.where(g == g, f32(0), g)))
+    t = adv.astype(f32) + f32(alpha) * sign
+    if project:
+        xf = x.astype(f32)
+        t = xf + _clamp(xp, t - xf, -float(f32(eps)), float(f32(eps)))
+    adv[...] = _clamp(xp, t, lo, hi)
+    return adv
