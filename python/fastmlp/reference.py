@@ -1097,7 +1097,8 @@ def target_seed(logits, targets, *, transform="none", out=None):
         if transform == "none":
             g = onehot.astype(xp.float64)
         elif transform == "sigmoid":
-            d = 1.0 / (1.0 + xp.exp(-zt)) / (1.0 + xp.exp(zt))
+            q = xp.exp(-xp.abs(zt))  # s(z) s(-z) = e^-|z| / (1 + e^-|z|)^2: no overflow
+            d = q / (1.0 + q) ** 2
             g = xp.where(onehot, d[:, None], 0.0)
         else:
             e = xp.exp(z - z.max(axis=1, keepdims=True))
