@@ -109,6 +109,34 @@ namespace engine {
 //             parameters: no extra read)
 // store       buf: src, dst, state      dim: cols, batch
 //             rows 0..n of src to rows b*s.. of dst (predict's output)
+// Interpretability and adversarial examples (issue 18): the input-gradient
+// passes run forward in inference mode (no dropout, BatchNormalization's moving
+// statistics) and backward down to the input.
+// target_seed buf: logits, targets, out      dim: classes, transform
+//             out = d f_t(logits) / d logits per row, t = targets[r], f the
+//             output transform (OutputTransform)           target_seed
+// ig_interp   buf: x_src, baseline-, alphas, targets_src-, x_dst, targets_dst-,
+//             state
+//             dim: features, steps, batch, images (source rows)
+//             the batch's path points of integrated gradients: virtual rows
+//             b*s.. (b = batch, s = state.step) of images * steps, row v =
+//             baseline_i + alphas[m] (x_i - baseline_i), i = v / steps,
+//             m = v % steps; targets_dst[r] = targets_src[i]  ig_interpolate
+// ig_sum      buf: grads, x_src, baseline-, weights, out, state
+//             dim: features, steps, batch, images, multiply, absolute
+//             out[i] = (x_i - baseline_i if multiply) * sum_m weights[m] *
+//             grads[(i - i0) steps + m] (|.| if absolute) for the batch's
+//             images i0 = b*s / steps ..                  ig_accumulate
+// adv_init    buf: x, adv, state
+//             dim: features, eps, lo, hi (float bits), random start, key
+//             (key0 | key1 << 32), counter (0: state.rng_step, 1: state.step)
+//             adv = clamp(x + eps * U(-1, 1), lo, hi) (no U without random
+//             start)                                       adv_init
+// adv_step    buf: x, adv, grad
+//             dim: features, eps, alpha, lo, hi (float bits), project
+//             adv = clamp(x + clamp(adv + alpha sign(grad) - x, -eps, eps),
+//             lo, hi) (FGSM, project 0: clamp(adv + alpha sign(grad), lo, hi)),
+//             in place                                     adv_step
 // step_end    buf: state, scalars-, penalty-
 //             dim: penalty segments, metrics (1: add scalars.metric[])
 //             loss_sum += loss * n, correct += hits, penalty_sum +=
@@ -133,7 +161,12 @@ namespace engine {
     X(ln_bwd)              \
     X(optimizer)           \
     X(store)               \
-    X(step_end)
+    X(step_end)            \
+    X(target_seed)         \
+    X(ig_interp)           \
+    X(ig_sum)              \
+    X(adv_init)            \
+    X(adv_step)
 
 enum class OpCode : int32_t {
 #define FASTMLP_OPCODE_ENUM(name) name,
@@ -158,7 +191,10 @@ struct PlanOp {
 };
 
 // The op lists of a plan.
-enum OpList : int { kTrain = 0, kEvaluate = 1, kPredict = 2, kNumLists = 3 };
+// (kAttribute: attributions of an input's outputs; kAttack: adversarial
+// examples, stored.)
+enum OpList : int { kTrain = 0, kEvaluate = 1, kPredict = 2, kAttribute = 3, kAttack = 4,
+                    kNumLists = 5 };
 
 // Engine memory (device memory on CUDA), one per bound plan.
 struct EngineState {

@@ -49,6 +49,8 @@ unsigned optional_buffers(OpCode code) {
                    (1u << 10);
         case OpCode::dp_norms: return 1u << 3;
         case OpCode::step_end: return (1u << 1) | (1u << 2);
+        case OpCode::ig_interp: return (1u << 1) | (1u << 3) | (1u << 5);
+        case OpCode::ig_sum: return 1u << 2;
         default: return 0u;
     }
 }

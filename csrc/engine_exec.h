@@ -22,6 +22,8 @@
 //             stream)            (pointers already offset to the segment)
 //   store(src, dst, state, rows, cols, batch, stream)
 //   step_end(state, scalars, penalty, segments, metrics, rows, stream)
+//   target_seed / ig_interpolate / ig_accumulate / adv_init / adv_step
+//                                 fastmlp.h's ops, + stream
 // where state / hyper / scalars point into engine memory (read on the device
 // on CUDA: the step index is never a launch argument).
 #pragma once
@@ -211,6 +213,36 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
         case OpCode::step_end:
             Dev::step_end(state(0), static_cast<const StepScalars*>(buf(1)),
                           static_cast<const double*>(buf(2)), d[0], d[1] != 0, n, stream);
+            break;
+        case OpCode::target_seed:
+            Dev::target_seed(f32(0), static_cast<const int32_t*>(buf(1)), f32(2), n, d[0],
+                             static_cast<int32_t>(d[1]), stream);
+            break;
+        case OpCode::ig_interp:
+            // The batch's first virtual row is state.step * batch: read on the device.
+            Dev::ig_interpolate(f32(0), f32(1), f32(2), static_cast<const int32_t*>(buf(3)),
+                                f32(4), static_cast<int32_t*>(buf(5)), d[3], d[0], d[1],
+                                &state(6)->step, d[2], n, stream);
+            break;
+        case OpCode::ig_sum:
+            Dev::ig_accumulate(f32(0), f32(1), f32(2), f32(3), f32(4), d[3], d[0], d[1],
+                               &state(5)->step, d[2], n, d[4] != 0, d[5] != 0, stream);
+            break;
+        case OpCode::adv_init: {
+            // The random start's counter: the optimizer step (training: a fresh
+            // draw every step of every epoch) or the pass's step (an attack or
+            // an evaluation: the same draw for the same call and seed).
+            const int64_t* counter = nullptr;
+            if (d[4] != 0) counter = d[6] != 0 ? &state(2)->step : &state(2)->rng_step;
+            Dev::adv_init(f32(0), f32(1), n, d[0], dim_float(d[1]), dim_float(d[2]),
+                          dim_float(d[3]), counter,
+                          static_cast<uint32_t>(static_cast<uint64_t>(d[5])),
+                          static_cast<uint32_t>(static_cast<uint64_t>(d[5]) >> 32), stream);
+            break;
+        }
+        case OpCode::adv_step:
+            Dev::adv_step(f32(0), f32(1), f32(2), n, d[0], dim_float(d[1]), dim_float(d[2]),
+                          dim_float(d[3]), dim_float(d[4]), d[5] != 0, stream);
             break;
     }
 }

@@ -312,6 +312,39 @@ struct CudaDev {
                               stream);
     }
 
+    static void target_seed(const float* logits, const int32_t* targets, float* out,
+                            int64_t rows, int64_t cols, int32_t transform, Stream stream) {
+        cuda::target_seed(logits, targets, out, rows, cols, transform, stream);
+    }
+
+    static void ig_interpolate(const float* x, const float* baseline, const float* alphas,
+                               const int32_t* targets, float* out, int32_t* targets_out,
+                               int64_t images, int64_t cols, int64_t steps, const int64_t* step,
+                               int64_t batch, int64_t rows, Stream stream) {
+        cuda::ig_interpolate(x, baseline, alphas, targets, out, targets_out, images, cols, steps,
+                             step, batch, rows, stream);
+    }
+
+    static void ig_accumulate(const float* grads, const float* x, const float* baseline,
+                              const float* weights, float* out, int64_t images, int64_t cols,
+                              int64_t steps, const int64_t* step, int64_t batch, int64_t rows,
+                              bool multiply, bool absolute, Stream stream) {
+        cuda::ig_accumulate(grads, x, baseline, weights, out, images, cols, steps, step, batch,
+                            rows, multiply, absolute, stream);
+    }
+
+    static void adv_init(const float* x, float* adv, int64_t rows, int64_t cols, float eps,
+                         float lo, float hi, const int64_t* step, uint32_t key0, uint32_t key1,
+                         Stream stream) {
+        cuda::adv_init(x, adv, rows, cols, eps, lo, hi, step, key0, key1, stream);
+    }
+
+    static void adv_step(const float* x, float* adv, const float* grad, int64_t rows,
+                         int64_t cols, float eps, float alpha, float lo, float hi, bool project,
+                         Stream stream) {
+        cuda::adv_step(x, adv, grad, rows, cols, eps, alpha, lo, hi, project, stream);
+    }
+
     static void gather(const float* x_src, const void* y_src, const int64_t* order, float* x_dst,
                        void* y_dst, const EngineState* state, int64_t n, int64_t features,
                        int64_t label_bytes, int64_t batch, int64_t source_rows, Stream stream) {
