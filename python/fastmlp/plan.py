@@ -10,7 +10,21 @@ a table of buffers (:class:`Buf`) and three op lists (:class:`Op`) over them --
   regularizers or clipping the clip op, then one update per parameter tensor),
   ``step_end`` (the pass's sums, next step);
 * ``EVALUATE``: gather, forward, loss, metrics, ``step_end``;
-* ``PREDICT``: gather, forward (+ softmax), store the rows of the output.
+* ``PREDICT``: gather, forward (+ softmax), store the rows of the output;
+* ``ATTRIBUTE`` (:mod:`fastmlp.explain`): the path points of a batch of images
+  (``ig_interp``), the forward in inference mode, the gradient of each row's target
+  output (``target_seed``), backward down to the input, the attributions
+  (``ig_sum``);
+* ``ATTACK`` (:mod:`fastmlp.adversarial`): gather, the attack, store the adversarial
+  rows.
+
+An attack (:class:`AttackSpec`: FGSM or PGD) is a prefix of ops: the start point
+(``adv_init``), then per attack step the forward in inference mode (dropout off,
+BatchNormalization's moving statistics), the loss and its gradient, backward to the
+input and the sign step (``adv_step``). Adversarial training puts it before the
+training step's forward (which then reads the adversarial rows), adversarial
+evaluation before the evaluation's. :meth:`StepPlan.use` swaps such a variant of a
+list in, over the same buffers (every plan has the few the variants need).
 
 Each layer class has one place below (``_stages``, then its branch in ``forward``
 and ``backward``): Dense is one GEMM with bias, activation and a following Dropout
@@ -38,13 +52,14 @@ import numpy as np
 from . import _C
 from ._act_codes import ACTIVATIONS, NEEDS_INPUT
 
-__all__ = ["Buf", "DPSpec", "Op", "StepPlan", "build_plan", "validate", "ROWS", "TRAIN", "EVALUATE",
-           "PREDICT", "OPCODES"]
+__all__ = ["AttackSpec", "Buf", "DPSpec", "Op", "StepPlan", "build_plan", "validate", "ROWS",
+           "TRAIN", "EVALUATE", "PREDICT", "ATTRIBUTE", "ATTACK", "OPCODES"]
 
 # The opcodes of csrc/engine.h, by name (their order is the C++ enum's).
 OPCODES = tuple(_C.engine_opcodes)
-TRAIN, EVALUATE, PREDICT = 0, 1, 2
-LIST_NAMES = {TRAIN: "train", EVALUATE: "evaluate", PREDICT: "predict"}
+TRAIN, EVALUATE, PREDICT, ATTRIBUTE, ATTACK = 0, 1, 2, 3, 4
+LIST_NAMES = {TRAIN: "train", EVALUATE: "evaluate", PREDICT: "predict",
+              ATTRIBUTE: "attribute", ATTACK: "attack"}
 ROWS = "rows"
 SIZES = dict(_C.engine_sizes)  # bytes of EngineState, StepScalars, StepHyper
 
@@ -110,6 +125,26 @@ class StepPlan:
     param_names: tuple = ()      # the trainable weights' buffers, in Keras order ("layer0.kernel")
     stat_names: tuple = ()       # the other weights' buffers (views of "stats")
     dp: DPSpec | None = None     # DP-SGD's settings (None: ordinary training)
+    # the variant each list holds (use()): an AttackSpec or None for TRAIN / EVALUATE /
+    # ATTACK, (steps, multiply, absolute, baseline) for ATTRIBUTE; and a counter per
+    # list bumped when it changes (the engines reload a changed list)
+    variants: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    make_list: object = field(default=None, repr=False, compare=False)
+
+    def use(self, lst: int, variant=None) -> bool:
+        """Put the ``variant`` of op list ``lst`` in place (see :func:`build_plan`'s
+        ``make_list``): an :class:`AttackSpec` (or None: none) for TRAIN, EVALUATE and
+        ATTACK, ``(steps, multiply, absolute, baseline)`` for ATTRIBUTE. Returns whether
+        the list changed."""
+        if lst in self.lists and self.variants.get(lst, None) == variant:
+            return False
+        ops = self.make_list(lst, variant)
+        validate_list(self, lst, ops)
+        self.lists[lst] = ops
+        self.variants[lst] = variant
+        self.versions[lst] = self.versions.get(lst, 0) + 1
+        return True
 
     def buf(self, name: str) -> Buf:
         for b in self.bufs:
@@ -155,6 +190,24 @@ class DPSpec:
     clip: float
     noise_multiplier: float
     divisor: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """An attack in a step (FGSM, PGD: :mod:`fastmlp.adversarial`): start at the clean
+    rows (``random_start``: plus uniform noise in [-eps, eps]), then ``steps`` times
+    ``adv = clamp(x + clamp(adv + alpha * sign(grad) - x, -eps, eps), lo, hi)`` with
+    grad the gradient of the compiled loss with respect to the input (``project``
+    False: no projection onto the eps-ball, FGSM). ``lo`` / ``hi``: the clip range
+    (+-inf: none); ``seed``: the random start's stream."""
+    eps: float
+    alpha: float
+    steps: int
+    lo: float = 0.0
+    hi: float = 1.0
+    random_start: bool = False
+    project: bool = True
     seed: int = 0
 
 
@@ -361,8 +414,8 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     stages = _stages(layers, fused)
     # the forward buffers of each stage: input, output, what its backward reads
     a = xb
-    fwd_in, fwd_out, preact, stats = {}, {}, {}, {}
-    for st in stages:
+    fwd_in, fwd_out, preact, stats, dinput, zero_mean = {}, {}, {}, {}, {}, {}
+    for k, st in enumerate(stages):
         i, layer = st.index, st.layer
         fwd_in[i] = a
         fwd_out[i] = b.add(f"layer{i}.out", "act", (ROWS, layer.output_dim))
@@ -374,12 +427,30 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
             shape = (layer.input_dim,) if st.kind == "bn" else (ROWS,)
             stats[i] = (b.add(f"layer{i}.mean", "scratch", shape),
                         b.add(f"layer{i}.invstd", "scratch", shape))
+            if st.kind == "bn":  # the inference-mode backward (see backward())
+                zero_mean[i] = b.add(f"layer{i}.zero_mean", "const", (layer.input_dim,))
+        # (a normalization layer's backward writes a dx even first, where it is unused)
+        if (k > 0 and st.kind == "dense") or st.kind in ("bn", "ln"):
+            dinput[i] = b.add(f"layer{i}.dinput", "act", (ROWS, layer.input_dim))
         a = fwd_out[i]
     logits = a
     dlogits = b.add("loss.dlogits", "act", (ROWS, classes))  # probs in evaluate / predict
     row_loss = b.add("loss.row_loss", "scratch", (ROWS,))
     row_hits = b.add("loss.row_hits", "scratch", (ROWS,), np.int32)
     zeros = b.add("predict.labels", "const", (ROWS,), np.int32)  # zeros: softmax needs labels
+    # Input gradients (issue 18): the gradient with respect to the batch's rows, the
+    # adversarial rows, each row's target output, and the inputs of the attributions
+    # and the attacks (bound per call).
+    input_grad = b.add("input.grad", "act", (ROWS, features))
+    adv_x = b.add("adv.x", "act", (ROWS, features))
+    row_targets = b.add("explain.row_targets", "act", (ROWS,), np.int32)
+    ex_x = b.add("explain.x", "input", ("data", features))
+    ex_base = b.add("explain.baseline", "input", ("data", features))
+    ex_targets = b.add("explain.targets", "input", ("data",), np.int32)
+    ex_alphas = b.add("explain.alphas", "input", ("steps",))
+    ex_weights = b.add("explain.weights", "input", ("steps",))
+    ex_out = b.add("explain.out", "input", ("data", features))
+    attack_out = b.add("attack.out", "input", ("data", features))
     want_metrics = [m for m in metrics if not (use_xent and m.kind == "argmax")]
     flags = 0
     for m in want_metrics:
@@ -416,10 +487,14 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
         return Op("gather", name, (x, y, order_id, batch_x, batch_y, state),
                   (features, lb, 0, 0))  # the batch and the source rows: set per pass
 
-    def forward(training):
-        """(ops, output buffer). In inference a Dropout stage is no op: the next stage
+    def forward(mode, x0=xb):
+        """(ops, output buffer, aliases) of the forward pass over the rows in ``x0``.
+        ``mode``: "train" (dropout on, batch statistics, the pre-activations kept),
+        "infer" (dropout off, moving statistics) or "grad" (inference, keeping what a
+        backward pass reads). In inference a Dropout stage is no op: the next stage
         reads its input (``alias``)."""
-        ops, alias = [], {}
+        training, keep = mode == "train", mode != "infer"
+        ops, alias = [], {xb: x0}
         for st in stages:
             i, layer = st.index, st.layer
             x, y = alias.get(fwd_in[i], fwd_in[i]), fwd_out[i]
@@ -432,7 +507,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                 code = _act_code(st.act)
                 ops.append(Op("dense_fwd", f"layer{i}.forward",
                               (x, weight[i, "kernel"], weight.get((i, "bias")), y,
-                               preact.get(i) if training else None, st_buf),
+                               preact.get(i) if keep else None, st_buf),
                               (layer.input_dim, layer.units, code, precision) + drop,
                               extra))
             elif st.kind in ("act", "dropout"):
@@ -450,26 +525,35 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                 ops.append(Op("ln_fwd", f"layer{i}.forward",
                               (x, weight.get((i, "gamma")), weight.get((i, "beta")), y,
                                *stats[i]), (layer.input_dim, _f32_bits(layer.epsilon))))
-        return ops, alias.get(logits, logits)
+        return ops, alias.get(logits, logits), alias
 
-    def backward():
-        """The gradient from dlogits back through the stages. ``done``: whether g is
+    def backward(mode="train", alias=None, dx0=None):
+        """The gradient from dlogits back through the stages. ``mode`` "train": the
+        weights' gradients, and the inputs' gradients as far back as a trained weight
+        lies; "grad": no weight gradient, every input's gradient down to the rows
+        (into ``dx0``), after a "grad" forward (``alias``: its aliases) -- dropout off,
+        BatchNormalization's backward its inference-mode scale. ``done``: whether g is
         already the gradient of the stage's pre-activation (the next Dense's backward
         GEMM applied this stage's activation and dropout in its epilogue)."""
+        grad_only = mode == "grad"
+        alias = alias or {}
         ops, g, done = [], dlogits, False
-        has_params = [any(layer.trainable_names()) for layer in
-                      (st.layer for st in stages)]
+        # a Dropout is the identity in inference: its stage has no backward
+        sts = [st for st in stages if not (grad_only and st.kind == "dropout")]
+        has_params = [any(layer.trainable_names()) for layer in (st.layer for st in sts)]
         # DP-SGD: the per-example norms of every Dense layer (their dz and input) are
         # summed before any weight gradient, whose GEMM then scales dz's rows by the
         # clip factors: the dW / db ops move after the chain of dX ops.
         weight_ops, norm_ops = [], []
-        for k in range(len(stages) - 1, -1, -1):
-            st = stages[k]
+        for k in range(len(sts) - 1, -1, -1):
+            st = sts[k]
             i, layer = st.index, st.layer
-            need_dx = any(has_params[:k])  # a trained weight lies before this stage
-            drop, extra = dropout_dims(st.dropout)
+            need_dx = grad_only or any(has_params[:k])  # a trained weight lies before
+            drop, extra = dropout_dims(None if grad_only else st.dropout)
             st_buf = state if extra else None
-            x = fwd_in[i]
+            x = alias.get(fwd_in[i], fwd_in[i])
+            # the gradient with respect to this stage's input
+            dx = dx0 if k == 0 and grad_only else dinput.get(i)
             if st.kind == "dense":
                 code = _act_code(st.act)
                 if not done and (code or extra):
@@ -477,7 +561,9 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                     ops.append(Op("act_bwd", f"layer{i}.backward.act",
                                   (g, saved, g, st_buf),
                                   (layer.units, code, int(i in preact), 0) + drop, extra))
-                if dp is None:
+                if grad_only:
+                    pass
+                elif dp is None:
                     ops.append(Op("dense_bwd_w", f"layer{i}.backward.dW",
                                   (x, g, grad[i, "kernel"], grad.get((i, "bias"))),
                                   (layer.input_dim, layer.units, 0, precision)))
@@ -494,12 +580,12 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                                          (layer.input_dim, layer.units, 0, precision)))
                 if not need_dx:
                     break
-                dx = b.add(f"layer{i}.dinput", "act", (ROWS, layer.input_dim))
-                prev = stages[k - 1]
-                if prev.kind == "dense":  # its activation and dropout in this GEMM's epilogue
+                prev = sts[k - 1] if k > 0 else None
+                if prev is not None and prev.kind == "dense":
+                    # its activation and dropout in this GEMM's epilogue
                     p = prev.index
                     pcode = _act_code(prev.act)
-                    pdrop, pextra = dropout_dims(prev.dropout)
+                    pdrop, pextra = dropout_dims(None if grad_only else prev.dropout)
                     saved = preact.get(p, fwd_out[p] if pcode else None)
                     ops.append(Op("dense_bwd_x", f"layer{i}.backward.dX",
                                   (g, weight[i, "kernel"], saved, dx,
@@ -517,21 +603,36 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                 if not need_dx:
                     break
                 code = _act_code(st.act) if st.kind == "act" else 0
+                out = dx if dx is not None else g  # in place, except into dx0
                 ops.append(Op("act_bwd", f"layer{i}.backward",
-                              (g, x if code else None, g, st_buf),
+                              (g, x if code else None, out, st_buf),
                               (layer.input_dim, code, 1, 0) + drop, extra))
-                done = False
+                g, done = out, False
+            elif st.kind == "bn" and grad_only:
+                # In inference BatchNormalization is y = (x - mean) * gamma / sqrt(var +
+                # eps) + beta with the moving statistics: dx = dy * gamma / sqrt(var +
+                # eps), which is its inference forward of dy with mean 0 and no beta.
+                ops.append(Op("bn_fwd", f"layer{i}.backward",
+                              (g, weight.get((i, "gamma")), None, dx, None, None, zero_mean[i],
+                               weight[i, "moving_variance"]),
+                              (layer.input_dim, 0, _f32_bits(layer.epsilon),
+                               _f32_bits(layer.momentum))))
+                g, done = dx, False
             else:  # bn, ln: the weights' gradients, and dx when something before trains
                 if not (layer.trainable_names() or need_dx):
                     break
-                dx = b.add(f"layer{i}.dinput", "act", (ROWS, layer.input_dim))
                 ops.append(Op(f"{st.kind}_bwd", f"layer{i}.backward",
                               (g, x, weight.get((i, "gamma")), *stats[i], dx,
-                               grad.get((i, "gamma")), grad.get((i, "beta"))),
+                               None if grad_only else grad.get((i, "gamma")),
+                               None if grad_only else grad.get((i, "beta"))),
                               (layer.input_dim,)))
                 if not need_dx:
                     break
                 g, done = dx, False
+        if grad_only and g != dx0:
+            # no stage wrote the rows' gradient (only dropout stages): it is dlogits
+            ops.append(Op("act_bwd", "input.backward", (g, None, dx0, None),
+                          (features, 0, 1, 0, 0, 0, 0)))
         if dp is not None and norm_ops:
             # the last norms op turns the sums into the clip factors and the noise's scale
             k = norm_ops[-1]
@@ -544,7 +645,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
             ops += weight_ops
         return ops
 
-    def loss_ops(out, y, training, lst):
+    def loss_ops(out, y, training, lst, metrics_too=True):
         """The loss (and dlogits when training), then the metrics of the step."""
         ops = []
         if use_xent:
@@ -552,12 +653,14 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                           (classes, kind, int(training))))
         else:
             ops.append(Op("loss", "loss",
-                          (out, y, swb if training else None, dlogits if training else None,
-                           row_loss, scalars),
+                          (out, y, swb if training and metrics_too else None,
+                           dlogits if training else None, row_loss, scalars),
                           (classes, kind, LOSS_KINDS[loss_kind], _f32_bits(loss.delta),
                            _f32_bits(loss.label_smoothing), int(training)),
                           {"kind": loss_kind, "delta": loss.delta,
                            "label_smoothing": loss.label_smoothing}))
+        if not metrics_too:
+            return ops
         if want_metrics:
             ops.append(Op("metrics", "metrics", (out, y, metric_probs, metric_scratch, scalars),
                           (classes, kind, flags, transform, TOP_K, _f32_bits(0.5)),
@@ -567,6 +670,32 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
             scores, targets = auc_bufs[lst]
             ops.append(Op("store", "auc.scores", (metric_probs, scores, state), (classes, 0)))
             ops.append(Op("store", "auc.labels", (y, targets, state), (classes, 0)))
+        return ops
+
+    def attack_ops(spec, counter):
+        """An attack on the batch (batch.x, batch.y) into adv.x: the start point, then
+        per step the forward in inference mode, the loss's gradient (mean over the
+        rows: its sign is what counts), backward to the rows and the sign step.
+        ``counter``: 0 draws the random start from the optimizer step number (training),
+        1 from the pass's step."""
+        key = 0
+        if spec.random_start:
+            k0, k1 = _C.adversarial_key(int(spec.seed) & (2 ** 64 - 1))
+            key = int(np.array(k0 | (k1 << 32), np.uint64).view(np.int64))
+        eps, lo, hi = _f32_bits(spec.eps), _f32_bits(spec.lo), _f32_bits(spec.hi)
+        ops = [Op("adv_init", "attack.init", (xb, adv_x, state),
+                  (features, eps, lo, hi, int(spec.random_start), key, counter),
+                  {"seed": int(spec.seed), "random": bool(spec.random_start),
+                   "counter": counter})]
+        for s in range(spec.steps):
+            fwd, out, alias = forward("grad", adv_x)
+            ops += [Op(o.code, f"attack{s}.{o.name}", o.bufs, o.dims, o.extra) for o in fwd]
+            ops += [Op(o.code, f"attack{s}.{o.name}", o.bufs, o.dims, o.extra)
+                    for o in loss_ops(out, yb, True, None, metrics_too=False)]
+            ops += [Op(o.code, f"attack{s}.{o.name}", o.bufs, o.dims, o.extra)
+                    for o in backward("grad", alias, input_grad)]
+            ops.append(Op("adv_step", f"attack{s}.step", (xb, adv_x, input_grad),
+                          (features, eps, _f32_bits(spec.alpha), lo, hi, int(spec.project))))
         return ops
 
     # The optimizer: one update over the flat parameters, or, with a gradient transform
@@ -623,63 +752,129 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                                "clipvalue": float(clipvalue or 0.0), "noise": noise_extra}))
     penalty_id = penalty if total and transformed and any_reg else None
 
-    fwd_train, _ = forward(True)
-    train = [gather("gather", x_train, y_train, order, xb, yb, label_bytes)]
-    if sample_weight:
-        # the sample weights: a gather of one-float "rows" in the same order
-        train.append(Op("gather", "gather.sw", (sw_train, None, order, swb, None, state),
-                        (1, 0, 0, 0)))
-    train += fwd_train
-    train += loss_ops(logits, yb, True, "train")
-    train += backward()
-    train += opt_ops
-    train.append(Op("step_end", "step_end", (state, scalars, penalty_id),
-                    (nseg if penalty_id is not None else 0, int(bool(want_metrics)))))
+    def train_list(adv):
+        x_in = xb if adv is None else adv_x
+        ops = [gather("gather", x_train, y_train, order, xb, yb, label_bytes)]
+        if sample_weight:
+            # the sample weights: a gather of one-float "rows" in the same order
+            ops.append(Op("gather", "gather.sw", (sw_train, None, order, swb, None, state),
+                          (1, 0, 0, 0)))
+        if adv is not None:
+            ops += attack_ops(adv, 0)
+        fwd, _, alias = forward("train", x_in)
+        ops += fwd
+        ops += loss_ops(logits, yb, True, "train")
+        ops += backward("train", alias)
+        ops += opt_ops
+        ops.append(Op("step_end", "step_end", (state, scalars, penalty_id),
+                      (nseg if penalty_id is not None else 0, int(bool(want_metrics)))))
+        return ops
 
-    inference, out = forward(False)
-    evaluate = [gather("gather", x_eval, y_eval, None, xb, yb, label_bytes)] + inference
-    evaluate += loss_ops(out, yb, False, "eval")
-    evaluate.append(Op("step_end", "step_end", (state, scalars, None),
-                       (0, int(bool(want_metrics)))))
+    def evaluate_list(adv):
+        ops = [gather("gather", x_eval, y_eval, None, xb, yb, label_bytes)]
+        if adv is not None:
+            ops += attack_ops(adv, 1)
+        inference, out, _ = forward("infer", xb if adv is None else adv_x)
+        ops += inference
+        ops += loss_ops(out, yb, False, "eval")
+        ops.append(Op("step_end", "step_end", (state, scalars, None),
+                      (0, int(bool(want_metrics)))))
+        return ops
 
-    predict = [gather("gather", x_pred, None, None, xb, None, 0)] + inference
-    result = out
-    if softmax:
-        predict.append(Op("xent", "softmax", (out, zeros, dlogits, row_loss, row_hits,
+    def predict_list():
+        inference, out, _ = forward("infer")
+        ops = [gather("gather", x_pred, None, None, xb, None, 0)] + inference
+        result = out
+        if softmax:
+            ops.append(Op("xent", "softmax", (out, zeros, dlogits, row_loss, row_hits,
                                              scalars), (classes, 0, 0)))
-        result = dlogits
-    elif fused == "sigmoid":
-        predict.append(Op("act_fwd", "sigmoid", (out, dlogits, None),
+            result = dlogits
+        elif fused == "sigmoid":
+            ops.append(Op("act_fwd", "sigmoid", (out, dlogits, None),
                           (classes, ACTIVATIONS["sigmoid"], 0, 0, 0, 0, 0)))
-        result = dlogits
-    predict.append(Op("store", "store", (result, out_pred, state), (classes, 0)))
-    predict.append(Op("step_end", "step_end", (state, None, None), (0, 0)))
+            result = dlogits
+        ops.append(Op("store", "store", (result, out_pred, state), (classes, 0)))
+        ops.append(Op("step_end", "step_end", (state, None, None), (0, 0)))
+        return ops
 
-    plan = StepPlan(bufs=b.bufs, lists={TRAIN: train, EVALUATE: evaluate, PREDICT: predict},
-                    layers=tuple(layers), features=features, classes=classes,
-                    label_dtype=label_dtype, label_cols=label_cols, opt_kind=optimizer_kind,
-                    opt_buffers=opt_bufs, param_sizes=tuple(sizes), precision=precision,
-                    output_transform=fused,
+    def attack_list(adv):
+        """The adversarial rows of eval.x / eval.y into attack.out."""
+        ops = [gather("gather", x_eval, y_eval, None, xb, yb, label_bytes)]
+        ops += attack_ops(adv, 1)
+        ops.append(Op("store", "store", (adv_x, attack_out, state), (features, 0)))
+        ops.append(Op("step_end", "step_end", (state, None, None), (0, 0)))
+        return ops
+
+    def attribute_list(variant):
+        """Attributions of explain.x: ``steps`` path points per image (a batch holds
+        whole images), the gradient of each row's target output (the output after the
+        transform the loss fuses: predict's columns), their weighted sum per image
+        (times x - baseline when ``multiply``, absolute when ``absolute``)."""
+        steps, multiply, absolute, baseline = variant
+        base = ex_base if baseline else None
+        fwd, out, alias = forward("grad")
+        ops = [Op("ig_interp", "explain.interpolate",
+                  (ex_x, base, ex_alphas, ex_targets, xb, row_targets, state),
+                  (features, steps, 0, 0))]
+        ops += fwd
+        ops.append(Op("target_seed", "explain.seed", (out, row_targets, dlogits),
+                      (classes, transform)))
+        ops += backward("grad", alias, input_grad)
+        ops.append(Op("ig_sum", "explain.sum",
+                      (input_grad, ex_x, base if multiply else None, ex_weights, ex_out, state),
+                      (features, steps, 0, 0, int(multiply), int(absolute))))
+        ops.append(Op("step_end", "step_end", (state, None, None), (0, 0)))
+        return ops
+
+    def make_list(lst, variant):
+        if lst == TRAIN:
+            if variant is not None and dp is not None:
+                raise ValueError("plan: adversarial training with a DP optimizer is not "
+                                 "supported (the attack's rows are not covered by the "
+                                 "per-example clipping as planned); use one or the other")
+            return train_list(variant)
+        if lst == EVALUATE:
+            return evaluate_list(variant)
+        if lst == PREDICT:
+            return predict_list()
+        if lst == ATTACK:
+            if variant is None:
+                raise ValueError("plan: the attack list needs an AttackSpec")
+            return attack_list(variant)
+        if lst == ATTRIBUTE:
+            return attribute_list(variant or (1, False, False, False))
+        raise ValueError(f"plan: unknown op list {lst}")
+
+    plan = StepPlan(bufs=b.bufs, lists={}, layers=tuple(layers), features=features,
+                    classes=classes, label_dtype=label_dtype, label_cols=label_cols,
+                    opt_kind=optimizer_kind, opt_buffers=opt_bufs, param_sizes=tuple(sizes),
+                    precision=precision, output_transform=fused,
                     loss_kind="xent" if use_xent else loss_kind, metrics=metrics,
                     sample_weight=bool(sample_weight),
                     reg_segments=nseg if any_reg else 0,
                     param_names=tuple(f"layer{i}.{n}" for i, n, _ in trainable),
-                    stat_names=tuple(f"layer{i}.{n}" for i, n, _ in fixed), dp=dp)
+                    stat_names=tuple(f"layer{i}.{n}" for i, n, _ in fixed), dp=dp,
+                    make_list=make_list)
+    for lst in (TRAIN, EVALUATE, PREDICT, ATTRIBUTE):
+        plan.use(lst, None)
     validate(plan)
     return plan
 
 
 def with_batch(ops, batch: int, rows: int):
     """The ops with the batch size filled in where an op indexes rows by step
-    (gather: dims[2]; store: dims[1]) and the pass's source rows (gather: dims[3])."""
+    (gather, ig_interp, ig_sum: dims[2]; store: dims[1]) and the pass's source rows
+    (gather: dims[3]; ig_interp, ig_sum: the images, dims[3], ``rows`` / steps)."""
     out = []
     for op in ops:
         dims = list(op.dims)
         if op.code == "gather":
             dims[2], dims[3] = batch, rows
+        elif op.code in ("ig_interp", "ig_sum"):
+            dims[2], dims[3] = batch, rows // max(1, dims[1])
         elif op.code == "store":
             dims[1] = batch
-        out.append(Op(op.code, op.name, op.bufs, tuple(dims)))
+        out.append(Op(op.code, op.name, op.bufs, tuple(dims), op.extra))
     return out
 
 
@@ -689,15 +884,19 @@ _READS = {"gather": (0, 1, 2, 5), "dense_fwd": (0, 1, 2, 5), "xent": (0, 1),
           "act_fwd": (0, 2), "act_bwd": (0, 1, 3), "dense_bwd_w": (0, 1, 4), "dp_norms": (0, 1),
           "dense_bwd_x": (0, 1, 2, 4), "bn_fwd": (0, 1, 2, 6, 7), "bn_bwd": (0, 1, 2, 3, 4),
           "ln_fwd": (0, 1, 2), "ln_bwd": (0, 1, 2, 3, 4),
-          "optimizer": (0, 1, 2, 3, 4, 5, 6, 7, 10), "store": (0, 2), "step_end": (0, 1, 2)}
+          "optimizer": (0, 1, 2, 3, 4, 5, 6, 7, 10), "store": (0, 2), "step_end": (0, 1, 2),
+          "target_seed": (0, 1), "ig_interp": (0, 1, 2, 3, 6), "ig_sum": (0, 1, 2, 3, 5),
+          "adv_init": (0, 2), "adv_step": (0, 1, 2)}
 _WRITES = {"gather": (3, 4), "dense_fwd": (3, 4), "xent": (2, 3, 4, 5), "act_fwd": (1,),
            "loss": (3, 4, 5), "metrics": (2, 3, 4), "clip": (4, 5),
            "act_bwd": (2,), "dense_bwd_w": (2, 3), "dense_bwd_x": (3,), "dp_norms": (2, 3),
            "bn_fwd": (3, 4, 5, 6, 7), "bn_bwd": (5, 6, 7), "ln_fwd": (3, 4, 5),
-           "ln_bwd": (5, 6, 7), "optimizer": (0, 2, 3, 6, 8, 9), "store": (1,), "step_end": (0,)}
+           "ln_bwd": (5, 6, 7), "optimizer": (0, 2, 3, 6, 8, 9), "store": (1,), "step_end": (0,),
+           "target_seed": (2,), "ig_interp": (4, 5), "ig_sum": (4,), "adv_init": (1,),
+           "adv_step": (1,)}
 # Ops that update a buffer in place by design (the others' outputs never overlap
 # their inputs: the kernels' __restrict__ contract).
-_IN_PLACE = ("act_bwd", "bn_fwd", "optimizer", "step_end", "dp_norms")
+_IN_PLACE = ("act_bwd", "bn_fwd", "optimizer", "step_end", "dp_norms", "adv_step")
 # Written before any list runs: parameters, statistics, optimizer state, inputs,
 # engine memory.
 _PRESET = ("param", "stat", "state", "input", "hyper", "metric", "const", "table")
@@ -708,31 +907,36 @@ def validate(plan: StepPlan) -> None:
     written before it is read within a list, and an op's output never overlapping
     its own inputs (the kernels' __restrict__ contract) except where an op works in
     place by design (_IN_PLACE)."""
-    n = len(plan.bufs)
     for lst, ops in plan.lists.items():
-        written = {b.id for b in plan.bufs if b.role in _PRESET}
-        written |= {b.id for b in plan.bufs if b.base is not None
-                    and plan.buf(b.base).role in _PRESET}
-        for op in ops:
-            where = f"plan ({LIST_NAMES[lst]}): op {op.name!r} ({op.code})"
-            if op.code not in OPCODES:
-                raise ValueError(f"{where}: unknown opcode")
-            for bid in op.bufs:
-                if bid is not None and not 0 <= bid < n:
-                    raise ValueError(f"{where}: buffer id {bid} out of range")
-            for pos in _READS[op.code]:
-                bid = op.bufs[pos] if pos < len(op.bufs) else None
-                if bid is not None and bid not in written:
-                    raise ValueError(f"{where} reads {plan.bufs[bid].name!r} before any op "
-                                     "writes it")
-            outs = {op.bufs[p] for p in _WRITES[op.code] if p < len(op.bufs)} - {None}
-            if op.code not in _IN_PLACE:
-                ins = {op.bufs[p] for p in _READS[op.code] if p < len(op.bufs)} - {None}
-                if outs & ins:
-                    raise ValueError(f"{where}: writes its own input "
-                                     f"{[plan.bufs[i].name for i in outs & ins]}")
-            for bid in outs:
-                written.add(bid)
-                base = plan.bufs[bid].base
-                if base is not None:
-                    written.add(plan.buf(base).id)
+        validate_list(plan, lst, ops)
+
+
+def validate_list(plan: StepPlan, lst: int, ops) -> None:
+    """:func:`validate` of one op list."""
+    n = len(plan.bufs)
+    written = {b.id for b in plan.bufs if b.role in _PRESET}
+    written |= {b.id for b in plan.bufs if b.base is not None
+                and plan.buf(b.base).role in _PRESET}
+    for op in ops:
+        where = f"plan ({LIST_NAMES[lst]}): op {op.name!r} ({op.code})"
+        if op.code not in OPCODES:
+            raise ValueError(f"{where}: unknown opcode")
+        for bid in op.bufs:
+            if bid is not None and not 0 <= bid < n:
+                raise ValueError(f"{where}: buffer id {bid} out of range")
+        for pos in _READS[op.code]:
+            bid = op.bufs[pos] if pos < len(op.bufs) else None
+            if bid is not None and bid not in written:
+                raise ValueError(f"{where} reads {plan.bufs[bid].name!r} before any op "
+                                 "writes it")
+        outs = {op.bufs[p] for p in _WRITES[op.code] if p < len(op.bufs)} - {None}
+        if op.code not in _IN_PLACE:
+            ins = {op.bufs[p] for p in _READS[op.code] if p < len(op.bufs)} - {None}
+            if outs & ins:
+                raise ValueError(f"{where}: writes its own input "
+                                 f"{[plan.bufs[i].name for i in outs & ins]}")
+        for bid in outs:
+            written.add(bid)
+            base = plan.bufs[bid].base
+            if base is not None:
+                written.add(plan.buf(base).id)

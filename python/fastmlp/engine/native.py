@@ -86,10 +86,11 @@ class NativeEngine(Engine):
     def prepare(self, lst, batch, rows):
         """Give the engine op list ``lst`` for passes over ``rows`` rows in batches of
         ``batch``. (A changed list drops that list's captured graphs.)"""
-        if self._batch.get(lst) != (batch, rows):
+        key = (batch, rows, self.plan.versions.get(lst, 0))  # a new variant: reload
+        if self._batch.get(lst) != key:
             self._e.set_ops(lst, [op.native() for op in
                                   with_batch(self.plan.lists[lst], batch, rows)])
-            self._batch[lst] = (batch, rows)
+            self._batch[lst] = key
 
     def run(self, lst, rows, batch, first, count, source_rows=None):
         self.prepare(lst, batch, rows if source_rows is None else source_rows)

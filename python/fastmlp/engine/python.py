@@ -21,6 +21,7 @@ from .base import Engine
 _PRECISION = {0: "fp32", 1: "tf32"}
 _SLOTS = tuple(SLOTS)  # the metrics kernel's sums, in their order
 _ACTS = {code: name for name, code in reversed(list(ops.ACTIVATIONS.items()))}  # canonical names
+_TRANSFORMS = ("none", "sigmoid", "softmax")  # OutputTransform codes
 
 
 def _float(bits: int) -> float:
@@ -189,6 +190,26 @@ class PythonExecutor(Engine):
                     st["bad_row"] = bad
             st["step"] += 1
             st["rng_step"] += 1
+        elif code == "target_seed":
+            ops.target_seed(b[0][:n], b[1][:n], transform=_TRANSFORMS[d[1]], out=b[2][:n])
+        elif code == "ig_interp":
+            ops.ig_interpolate(b[0], b[2], baseline=b[1], targets=b[3],
+                               step=self._state["step"], batch=batch, rows=n, out=b[4][:n],
+                               targets_out=None if b[5] is None else b[5][:n])
+        elif code == "ig_sum":
+            ops.ig_accumulate(b[0][:n], b[1], b[3], baseline=b[2], multiply=bool(d[4]),
+                              absolute=bool(d[5]), step=self._state["step"], batch=batch,
+                              out=b[4])
+        elif code == "adv_init":
+            e = op.extra
+            counter = self._state["step"] if e["counter"] else self._state["rng_step"]
+            ops.adversarial_init(b[0][:n], eps=_float(d[1]), clip=(_float(d[2]), _float(d[3])),
+                                 seed=e["seed"] if e["random"] else None, step=counter,
+                                 out=b[1][:n])
+        elif code == "adv_step":
+            ops.adversarial_step(b[0][:n], b[1][:n], b[2][:n], eps=_float(d[1]),
+                                 alpha=_float(d[2]), clip=(_float(d[3]), _float(d[4])),
+                                 project=bool(d[5]))
         else:
             raise ValueError(f"python executor: no rule for opcode {code!r}")
 
