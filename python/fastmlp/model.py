@@ -341,7 +341,7 @@ class Sequential:
             validation_split: float = 0.0, shuffle: bool = True, verbose: int = 1,
             callbacks=None, device: str = "auto", initial_epoch: int = 0,
             check_finite: bool = True, sample_weight=None, class_weight=None,
-            poisson_sampling: bool = False) -> History:
+            poisson_sampling: bool = False, adversarial=None) -> History:
         """Train for ``epochs`` epochs; returns a History (``history.history`` holds the
         per-epoch ``loss``, the metrics and their ``val_*`` twins).
 
@@ -360,6 +360,11 @@ class Sequential:
         epoch; ``poisson_sampling=True`` then draws each step's batch by Poisson sampling
         (every row joins with probability batch_size / rows: batches of varying size, as
         the accountant assumes; ``shuffle`` is ignored) instead of shuffled fixed batches.
+        ``adversarial``: ``fm.adversarial.FGSM(...)`` or ``fm.adversarial.PGD(...)``
+        trains on the adversarial rows of each batch instead of the batch (adversarial
+        training, Madry et al. 2018), made in the training step with the current
+        weights; the validation metrics stay on the clean rows (``evaluate(...,
+        adversarial=)`` gives the robust ones).
         """
         self._require_compiled("fit")
         epochs = _int_arg(epochs, "epochs", "fit", 0)
@@ -380,6 +385,15 @@ class Sequential:
         shuffle = _bool_arg(shuffle, "shuffle", "fit")
         check_finite = _bool_arg(check_finite, "check_finite", "fit")
         poisson_sampling = _bool_arg(poisson_sampling, "poisson_sampling", "fit")
+        from .adversarial import as_spec
+
+        adversarial = as_spec(adversarial, "fit")
+        if adversarial is not None:
+            from .privacy import is_private
+
+            if is_private(self.optimizer):
+                raise ValueError("fit: adversarial training with a DP optimizer (fm.privacy) "
+                                 "is not supported; use one or the other")
         if poisson_sampling:
             from .privacy import is_private
 
@@ -430,7 +444,8 @@ class Sequential:
         return _trainer.fit(self, x, y, epochs=epochs, batch_size=batch_size, val=val,
                             shuffle=shuffle, verbose=verbose, callbacks=cbs,
                             initial_epoch=initial_epoch, history=history,
-                            sample_weight=sample_weight, poisson_sampling=poisson_sampling)
+                            sample_weight=sample_weight, poisson_sampling=poisson_sampling,
+                            adversarial=adversarial)
 
     def _sample_weights(self, sample_weight, class_weight, y, check_finite):
         """fit's per-sample loss weights on y's device (None: unweighted): sample_weight
@@ -473,14 +488,20 @@ class Sequential:
 
     # -- evaluate / predict -------------------------------------------------------------
     def evaluate(self, x, y, batch_size: int | None = None, verbose: int = 0,
-                 check_finite: bool = True) -> dict:
+                 check_finite: bool = True, adversarial=None) -> dict:
         """``{"loss": mean loss, "accuracy": ...}`` over (x, y), on the model's device.
-        ``check_finite`` as in :meth:`fit`."""
+        ``check_finite`` as in :meth:`fit`. ``adversarial``: ``fm.adversarial.FGSM(...)``
+        or ``fm.adversarial.PGD(...)``: the loss and metrics of the adversarial rows of
+        (x, y) (robust accuracy), each batch attacked on the device."""
+        from .adversarial import as_spec
+
         self._require_compiled("evaluate")
         verbose = _verbose_arg(verbose, "evaluate")
         check_finite = _bool_arg(check_finite, "check_finite", "evaluate")
+        adversarial = as_spec(adversarial, "evaluate")
         x, y = self._prepare_xy(x, y, "x", "y", "evaluate", check_finite)
-        logs = _trainer.evaluate(self, x, y, self._batch_arg(batch_size, "evaluate"))
+        logs = _trainer.evaluate(self, x, y, self._batch_arg(batch_size, "evaluate"),
+                                 adversarial=adversarial)
         if verbose:
             print(_trainer.format_logs(logs))
         return logs

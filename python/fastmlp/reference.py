@@ -73,6 +73,11 @@ __all__ = [
     "adversarial_uniform",
     "adversarial_init",
     "adversarial_step",
+    "model_predict",
+    "model_input_gradient",
+    "saliency",
+    "gradient_x_input",
+    "integrated_gradients",
 ]
 
 _cupy = None  # the cupy module once imported; False when it cannot be imported
@@ -1247,3 +1252,129 @@ def adversarial_step(x, adv, grad, *, eps, alpha, clip=(0.0, 1.0), project=True)
         t = xf + _clamp(xp, t - xf, -float(f32(eps)), float(f32(eps)))
     adv[...] = _clamp(xp, t, lo, hi)
     return adv
+
+
+# ---- Whole-model input gradients (issue 18: fm.explain's and fm.adversarial's checks) ----
+# An independent float64 computation: the layers' inference-mode forward pass (dropout off,
+# BatchNormalization's moving statistics, every activation applied, the softmax too), then
+# the chain rule back to the input, layer by layer, with no kernel of fastmlp involved.
+
+
+def _layer_weights(xp, layer):
+    return {n: xp.asarray(w, dtype=xp.float64) for n, w in
+            zip(layer.weight_names(), layer.weights())}
+
+
+def _softmax_rows(xp, z):
+    e = xp.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def model_predict(layers, x):
+    """The output of a stack of fastmlp layers for the rows of ``x`` in float64, as
+    ``Sequential.predict`` computes it in float32 (inference mode)."""
+    return _model_forward(layers, x)[0]
+
+
+def _model_forward(layers, x):
+    from .layers import (Activation, BatchNormalization, Dense, Dropout,  # noqa: PLC0415
+                         LayerNormalization)
+
+    xp = _xp(x)
+    a = xp.asarray(x, dtype=xp.float64)
+    tape = []
+    for layer in layers:
+        w = _layer_weights(xp, layer)
+        if isinstance(layer, Dropout):
+            tape.append(("id", None))
+            continue
+        if isinstance(layer, Dense):
+            z = a @ w["kernel"] + (w["bias"] if "bias" in w else 0.0)
+            tape.append(("dense", (w["kernel"],)))
+            a = z
+            act = layer.activation
+        elif isinstance(layer, Activation):
+            act = layer.activation
+        elif isinstance(layer, BatchNormalization):
+            scale = w.get("gamma", 1.0) / xp.sqrt(w["moving_variance"] + layer.epsilon)
+            a = (a - w["moving_mean"]) * scale + w.get("beta", 0.0)
+            tape.append(("scale", (scale,)))
+            continue
+        elif isinstance(layer, LayerNormalization):
+            mu = a.mean(axis=1, keepdims=True)
+            inv = 1.0 / xp.sqrt(((a - mu) ** 2).mean(axis=1, keepdims=True) + layer.epsilon)
+            xhat = (a - mu) * inv
+            tape.append(("ln", (xhat, inv, w.get("gamma", None))))
+            a = xhat * w.get("gamma", 1.0) + w.get("beta", 0.0)
+            continue
+        else:
+            raise ValueError(f"reference: no rule for layer {layer!r}")
+        if act == "softmax":
+            a = _softmax_rows(xp, a)
+            tape.append(("softmax", (a,)))
+        elif act not in (None, "linear"):
+            tape.append(("act", (a, _code(act))))
+            a = _act(xp, a, _code(act))
+    return a, tape
+
+
+def model_input_gradient(layers, x, dout):
+    """``d sum(output * dout) / d x`` in float64 for the rows of ``x``: the input
+    gradient of the output seeded with ``dout`` (rows, outputs); ``output`` as
+    :func:`model_predict`."""
+    xp = _xp(x)
+    _, tape = _model_forward(layers, x)
+    g = xp.asarray(dout, dtype=xp.float64)
+    for kind, saved in reversed(tape):
+        if kind == "dense":
+            g = g @ saved[0].T
+        elif kind == "softmax":
+            p = saved[0]
+            g = p * (g - (g * p).sum(axis=1, keepdims=True))
+        elif kind == "act":
+            g = _grad_from_input(xp, g, saved[0], saved[1])
+        elif kind == "scale":
+            g = g * saved[0]
+        elif kind == "ln":
+            xhat, inv, gamma = saved
+            gh = g * gamma if gamma is not None else g
+            g = inv * (gh - gh.mean(axis=1, keepdims=True)
+                       - xhat * (gh * xhat).mean(axis=1, keepdims=True))
+    return g
+
+
+def _target_seed64(xp, x, targets, classes):
+    dout = xp.zeros((len(x), classes), dtype=xp.float64)
+    dout[xp.arange(len(x)), xp.asarray(targets)] = 1.0
+    return dout
+
+
+def saliency(layers, x, targets, abs=True):
+    """float64 ``d output[r, targets[r]] / d x[r]`` per row (absolute with ``abs``)."""
+    xp = _xp(x)
+    g = model_input_gradient(layers, x, _target_seed64(xp, x, targets,
+                                                       layers[-1].output_dim))
+    return xp.abs(g) if abs else g
+
+
+def gradient_x_input(layers, x, targets):
+    """float64 ``x * d output[r, targets[r]] / d x``."""
+    return _f64(x) * saliency(layers, x, targets, abs=False)
+
+
+def _f64(x):
+    xp = _xp(x)
+    return xp.asarray(x, dtype=xp.float64)
+
+
+def integrated_gradients(layers, x, targets, alphas, weights, baseline=None):
+    """float64 integrated gradients with the quadrature (alphas, weights): ``(x - b) *
+    sum_m weights[m] * grad(b + alphas[m] (x - b))``, one gradient pass per point."""
+    xp = _xp(x)
+    x64 = _f64(x)
+    b = xp.zeros_like(x64) if baseline is None else xp.broadcast_to(
+        xp.asarray(baseline, dtype=xp.float64), x64.shape)
+    total = xp.zeros_like(x64)
+    for a, w in zip(alphas, weights):
+        total += float(w) * saliency(layers, b + float(a) * (x64 - b), targets, abs=False)
+    return (x64 - b) * total

@@ -22,7 +22,7 @@ import numpy as np
 from . import _nvtx, engine as _engine, ops
 from ._interop import cupy_module, is_cupy
 from .metrics import SLOTS
-from .plan import EVALUATE, PREDICT, TRAIN, build_plan
+from .plan import ATTACK, ATTRIBUTE, EVALUATE, PREDICT, TRAIN, build_plan
 
 # evaluate / predict / validation batch when none is given: large enough to keep the
 # GEMMs efficient, small enough that the workspaces stay a few MB for usual widths.
@@ -132,11 +132,14 @@ def _labels_host(y):
 
 
 def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, initial_epoch,
-        history, desc_fmt="Epoch {}/{}", sample_weight=None, poisson_sampling=False):
+        history, desc_fmt="Epoch {}/{}", sample_weight=None, poisson_sampling=False,
+        adversarial=None):
     """Train ``model`` on prepared (x, y) (on the model's device, or on the host when
     too large for the GPU); ``val`` is prepared (x_val, y_val) or None;
     ``sample_weight``: prepared (n,) float32 weights of the samples' losses, or None;
-    ``poisson_sampling``: DP-SGD's exact sampling (see :class:`_Poisson`)."""
+    ``poisson_sampling``: DP-SGD's exact sampling (see :class:`_Poisson`);
+    ``adversarial``: a :class:`fastmlp.plan.AttackSpec` (each batch replaced by its
+    adversarial rows, made in the training step) or None."""
     from .privacy import is_private
 
     n = len(x)
@@ -153,6 +156,8 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
                  sample_weight=sample_weight is not None,
                  dp_divisor=float(batch_size) if poisson else 0.0)
     eng = bound.engine(name, opt)
+    bound.plan.use(TRAIN, adversarial)
+    bound.plan.use(EVALUATE, None)  # validation is on the clean rows
     if poisson and bound.plan.has("train.auc_scores"):
         raise ValueError("fit: the 'auc' metric is not available with poisson_sampling=True "
                          "(it stores one prediction per row of a fixed pass); evaluate it "
@@ -178,6 +183,8 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
     history.params.update({"epochs": epochs, "steps": steps, "batch_size": batch_size,
                            "samples": n, "device": model.device, "engine": eng.name,
                            "engine_reason": why})
+    if adversarial is not None:
+        history.params["adversarial"] = adversarial
     delta = None
     if private:
         delta = opt.delta if opt.delta is not None else 1.0 / n
@@ -427,12 +434,14 @@ def _evaluation_engine(model, bound, x):
     return bound.engine(name, model.optimizer)
 
 
-def evaluate(model, x, y, batch_size) -> dict:
-    """``{"loss", <metrics>}`` over prepared (x, y)."""
+def evaluate(model, x, y, batch_size, adversarial=None) -> dict:
+    """``{"loss", <metrics>}`` over prepared (x, y); ``adversarial``: an
+    :class:`fastmlp.plan.AttackSpec` (the metrics of the rows it makes) or None."""
     n = len(x)
     if n == 0:
         raise ValueError("evaluate: no samples")
     bound = bind(model, min(batch_size, n), sample_weight=_bound_sample_weight(model))
+    bound.plan.use(EVALUATE, adversarial)
     eng = _evaluation_engine(model, bound, x)
     eng.bind(eval_x=x, eval_y=y)
     _bind_auc(bound, eng, "eval", n, bound.arena.xp)
@@ -482,6 +491,56 @@ def predict(model, x, batch_size):
     eng.run(PREDICT, n, batch_size, 0, math.ceil(n / batch_size))
     eng.synchronize()
     eng.bind(predict_x=None, predict_out=None)
+    return out
+
+
+def attack(model, x, y, spec, batch_size):
+    """The adversarial rows of prepared (x, y) under ``spec`` (an
+    :class:`fastmlp.plan.AttackSpec`), on the model's device."""
+    n = len(x)
+    xp = cupy_module() if model.device == "cuda" else np
+    out = xp.empty((n, model.input_dim), np.float32)
+    if n == 0:
+        return out
+    bound = bind(model, min(batch_size, n), sample_weight=_bound_sample_weight(model))
+    bound.plan.use(ATTACK, spec)
+    eng = _evaluation_engine(model, bound, x)
+    eng.bind(eval_x=x, eval_y=y, attack_out=out)
+    steps = math.ceil(n / batch_size)
+    eng.prepare(ATTACK, batch_size, n)
+    eng.begin_pass()
+    eng.run(ATTACK, n, batch_size, 0, steps)
+    eng.synchronize()
+    eng.bind(attack_out=None)
+    return out
+
+
+def attribute(model, x, targets, baseline, alphas, weights, *, multiply, absolute,
+              batch_rows=EVAL_BATCH):
+    """Attributions of the rows of prepared ``x`` (float32 on the model's device) for
+    output columns ``targets`` (int32): ``len(alphas)`` path points per row
+    ``baseline + alphas[m] (x - baseline)`` (``baseline`` None: zeros), the gradient
+    of each point's target output, summed with ``weights`` (times ``x - baseline``
+    when ``multiply``, absolute values when ``absolute``). One engine pass over all
+    points of all rows, whole rows per step (about ``batch_rows`` points)."""
+    n, steps = len(x), len(alphas)
+    xp = cupy_module() if model.device == "cuda" else np
+    out = xp.zeros((n, model.input_dim), np.float32)
+    if n == 0:
+        return out
+    per_step = max(1, min(n, batch_rows // steps))  # images per engine step
+    batch, rows = per_step * steps, n * steps
+    bound = bind(model, batch, sample_weight=_bound_sample_weight(model))
+    bound.plan.use(ATTRIBUTE, (steps, bool(multiply), bool(absolute), baseline is not None))
+    eng = bound.engine(_engine.choose(model.device)[0], model.optimizer)
+    eng.bind(explain_x=x, explain_baseline=baseline, explain_targets=targets,
+             explain_alphas=alphas, explain_weights=weights, explain_out=out)
+    eng.prepare(ATTRIBUTE, batch, rows)
+    eng.begin_pass()
+    eng.run(ATTRIBUTE, rows, batch, 0, math.ceil(rows / batch))
+    eng.synchronize()
+    eng.bind(explain_x=None, explain_baseline=None, explain_targets=None, explain_alphas=None,
+             explain_weights=None, explain_out=None)
     return out
 
 
