@@ -2,7 +2,10 @@
 
     fastmlp train                      # 784-128-10 on Fashion-MNIST, Adam 1e-3, batch 32, 10 epochs
     fastmlp train --hidden 256 128 --epochs 5 --device cuda --save model.safetensors
+    fastmlp train --adversarial pgd --eps 0.1 --save robust.safetensors
     fastmlp evaluate model.safetensors
+    fastmlp evaluate model.safetensors --adversarial pgd --eps 0.1
+    fastmlp explain model.safetensors --index 0 5 9 --method integrated_gradients --out fig.png
     fastmlp info
 """
 from __future__ import annotations
@@ -75,12 +78,50 @@ def _parser():
     t.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
                    help="0 quiet, 1 a progress bar per epoch, 2 one line per epoch")
 
+    _add_attack_args(t, "train on the adversarial rows of each batch (adversarial training)")
+
     e = sub.add_parser("evaluate", help="evaluate a saved model on the test split")
     e.add_argument("model", help="a file written by model.save / fastmlp train --save")
     _add_data_args(e)
+    _add_attack_args(e, "also report the accuracy on adversarial test rows (robust "
+                        "accuracy)")
+
+    x = sub.add_parser("explain", help="attribution heat maps of test images (PNG)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("model", help="a file written by model.save / fastmlp train --save")
+    _add_data_args(x)
+    x.add_argument("--index", type=int, nargs="+", default=[0], metavar="I",
+                   help="test images to explain")
+    x.add_argument("--method", choices=("integrated_gradients", "saliency",
+                                        "gradient_x_input"), default="integrated_gradients")
+    x.add_argument("--target", type=int, default=None,
+                   help="output column to explain (default: each image's predicted class)")
+    x.add_argument("--steps", type=int, default=50, help="integrated gradients' steps")
+    x.add_argument("--out", metavar="PATH", default="explain.png", help="the figure's file")
 
     sub.add_parser("info", help="version, backends, GPU and build options")
     return parser
+
+
+def _add_attack_args(p, what):
+    p.add_argument("--adversarial", choices=("fgsm", "pgd"), default=None, help=what)
+    p.add_argument("--eps", type=float, default=0.1,
+                   help="the attack's L-infinity radius (inputs are scaled to [0, 1])")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="PGD's step size (default: 2.5 * eps / steps, Madry et al.)")
+    p.add_argument("--attack-steps", type=int, default=10, help="PGD's steps")
+
+
+def _attack(args):
+    """The fm.adversarial configuration the arguments name (None: none)."""
+    import fastmlp as fm
+
+    if args.adversarial is None:
+        return None
+    if args.adversarial == "fgsm":
+        return fm.adversarial.FGSM(args.eps)
+    alpha = args.alpha if args.alpha is not None else 2.5 * args.eps / args.attack_steps
+    return fm.adversarial.PGD(args.eps, alpha, steps=args.attack_steps)
 
 
 def _version() -> str:
@@ -126,22 +167,31 @@ def _train(args) -> int:
           f"{args.epochs} epochs, {len(x_train)} samples"
           + (f" ({args.validation_split:g} held out for validation)"
              if args.validation_split else ""), flush=True)
+    attack = _attack(args)
+    if attack is not None:
+        print(f"adversarial training: {attack!r}", flush=True)
     t0 = time.perf_counter()
     history = model.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
                         validation_split=args.validation_split, verbose=args.verbose,
-                        device=args.device)
+                        device=args.device, adversarial=attack)
     total = time.perf_counter() - t0
     times = history.history["time"]
     print(f"trained on {model.device} in {total:.1f} s ({np.median(times):.2f} s/epoch median)")
     result = model.evaluate(x_test, y_test)
     print(f"test loss {result['loss']:.4f} - test accuracy {result['accuracy']:.4f}")
+    if attack is not None:
+        robust = model.evaluate(x_test, y_test, adversarial=attack)
+        print(f"robust test loss {robust['loss']:.4f} - robust test accuracy "
+              f"{robust['accuracy']:.4f} ({attack!r})")
     if args.save:
         model.save(args.save)
         print(f"saved {args.save}")
     return 0
 
 
-def _evaluate(args) -> int:
+def _saved_model(args):
+    """The saved model (compiled for class labels when it was saved without), on the
+    device the arguments name, and the test split."""
     import fastmlp as fm
 
     model = fm.load_model(args.model)
@@ -152,9 +202,41 @@ def _evaluate(args) -> int:
     if device == "auto":
         device = "cuda" if fm.backends()["cuda"] else "cpu"
     model.to(device)
+    return model, x_test, y_test
+
+
+def _evaluate(args) -> int:
+    model, x_test, y_test = _saved_model(args)
     result = model.evaluate(x_test, y_test)
     print(f"{args.model}: test loss {result['loss']:.4f} - test accuracy "
           f"{result['accuracy']:.4f} ({args.dataset}, {len(x_test)} samples, {model.device})")
+    attack = _attack(args)
+    if attack is not None:
+        robust = model.evaluate(x_test, y_test, adversarial=attack)
+        print(f"{args.model}: robust test loss {robust['loss']:.4f} - robust test accuracy "
+              f"{robust['accuracy']:.4f} ({attack!r})")
+    return 0
+
+
+def _explain(args) -> int:
+    import fastmlp as fm
+
+    model, x_test, _ = _saved_model(args)
+    bad = [i for i in args.index if not 0 <= i < len(x_test)]
+    if bad:
+        raise ValueError(f"--index {bad[0]} is not a test image (0..{len(x_test) - 1})")
+    x = x_test[args.index]
+    if args.method == "integrated_gradients":
+        attr = fm.explain.integrated_gradients(model, x, args.target, steps=args.steps)
+    else:
+        attr = getattr(fm.explain, args.method)(model, x, args.target)
+    probs = model.predict(x)
+    side = int(round(np.sqrt(x.shape[1])))
+    shape = (side, side) if side * side == x.shape[1] else (1, x.shape[1])
+    titles = [f"#{i}: class {int(np.argmax(p))} ({float(np.max(p)):.2f})"
+              for i, p in zip(args.index, probs)]
+    fm.explain.plot(attr, x, shape=shape, path=args.out, titles=titles)
+    print(f"{args.model}: {args.method} of test images {args.index} -> {args.out}")
     return 0
 
 
@@ -178,10 +260,11 @@ def _info(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "info": _info}[args.command]
+    handler = {"train": _train, "evaluate": _evaluate, "explain": _explain,
+               "info": _info}[args.command]
     try:
         return handler(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
         print(f"fastmlp {args.command}: error: {e}", file=sys.stderr)
         return 2
 
