@@ -95,3 +95,30 @@ def test_train_with_the_layer_flags(tmp_path, capsys):
     assert [type(l).__name__ for l in model.layers] == [
         "Dense", "BatchNormalization", "Activation", "Dropout", "Dense"]
     assert model.layers[2].activation == "gelu" and model.layers[3].rate == 0.2
+
+
+def test_adversarial_train_evaluate_and_explain(tmp_path, capsys):
+    """`train --adversarial pgd`, then `evaluate --adversarial` (robust accuracy, the
+    same number train printed) and `explain` (a PNG of attribution heat maps)."""
+    path = tmp_path / "robust.safetensors"
+    rc = main(["train", "--epochs", "1", "--limit", "3000", "--device", "cpu", "--verbose", "0",
+               "--adversarial", "pgd", "--eps", "0.1", "--attack-steps", "3", "--save",
+               str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "adversarial training: PGD(eps=0.1, alpha=0.0833333" in out and "steps=3" in out
+    robust = [l for l in out.splitlines() if l.startswith("robust test loss")][0]
+    acc = float(robust.split("robust test accuracy ")[1].split()[0])
+    assert 0.2 < acc < 0.9, out
+    rc = main(["evaluate", str(path), "--device", "cpu", "--adversarial", "fgsm", "--eps",
+               "0.1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "robust test accuracy" in out and "FGSM(eps=0.1" in out, out
+    png = tmp_path / "fig.png"
+    rc = main(["explain", str(path), "--device", "cpu", "--index", "0", "5", "9", "--method",
+               "integrated_gradients", "--steps", "16", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"-> {png}" in out
+    assert main(["explain", str(path), "--index", "10000"]) == 2
+    assert "--index 10000 is not a test image" in capsys.readouterr().err
