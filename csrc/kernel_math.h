@@ -1035,7 +1035,8 @@ FASTMLP_HOSTDEV float gaussian_noise(uint64_t e, uint64_t step, uint32_t k0, uin
 // on its own is a mul_rn, so nvcc cannot fuse it into an FMA with the add that
 // follows; the CPU files are compiled with -ffp-contract=off for the same reason.
 // ig_* and adv_* are exact float32 sequences: the CPU, the GPU and the NumPy
-// reference (float32 arithmetic, correctly rounded) agree bit for bit.
+// reference (float32 arithmetic, correctly rounded) agree bit for bit, absent
+// denormals (the CPU kernels flush them by default: cpu/fpenv.h).
 
 // sigmoid'(z) = s(z) (1 - s(z)), computed as s(z) s(-z): 1 - s(z) cancels for
 // z >~ 17 (s rounds to 1 and the product to 0), s(-z) = 1 / (1 + e^z) does not.

@@ -3,7 +3,8 @@
 // (adv_step). fastmlp.h states the contracts; the element rules are
 // kernel_math.h's (adv_uniform, adv_clamp, adv_step_value), shared with the CPU
 // (cpu/adversarial.cpp): exact float32 operation sequences and the same Philox
-// bits, so both devices compute the same floats bit for bit. Grid-stride
+// bits, so both devices compute the same floats bit for bit (absent denormals:
+// the CPU flushes them by default, cpu/fpenv.h). Grid-stride
 // elementwise loops; adv_init reads *step from device memory in the kernel, so
 // a CUDA Graph replays it with a new step.
 #include <cuda_runtime.h>

@@ -10,7 +10,8 @@
 // is in lane order, not column order, and expf is CUDA's: the values agree with
 // the CPU's to a few ulp, not bit for bit. ig_interpolate / ig_accumulate:
 // grid-stride loops over the output elements; their float32 rules are exact
-// operation sequences (mul_rn), equal to the CPU's bit for bit. Both read *step
+// operation sequences (mul_rn), equal to the CPU's bit for bit (absent denormals:
+// the CPU flushes them by default, cpu/fpenv.h). Both read *step
 // from device memory in the kernel, so a CUDA Graph replays them with a new step.
 #include <cuda_runtime.h>
 #include <math_constants.h>
