@@ -233,3 +233,28 @@ CASES += [
         weighted="sample", metrics=("binary_accuracy",), fit=dict(epochs=2, batch_size=32)),
 ]
 BY_ID = {c.id: c for c in CASES}
+# Issue 18: adversarial training (the attack's ops before the training step's forward).
+def _PGD(**kw):
+    return fm.adversarial.PGD(0.1, 0.04, **{"steps": 2, "clip": None, "seed": 5, **kw})
+
+
+CASES += [
+    Case("adv-pgd-dropout-bn-ln", lambda: [
+        fm.Dense(24, activation="relu", input_dim=37), fm.Dropout(0.2),
+        fm.BatchNormalization(), fm.Dense(11, activation="gelu"), fm.LayerNormalization(),
+        fm.Dense(7, activation="softmax")], OPTIMIZERS["adam"],
+         fit=dict(epochs=2, batch_size=32, validation_split=0.2, adversarial=_PGD())),
+    Case("adv-fgsm-bce-weighted", lambda: [
+        fm.Dense(16, activation="tanh", input_dim=37), fm.Dense(3, activation="sigmoid")],
+        OPTIMIZERS["sgd-nesterov"], classes=3, loss="binary_crossentropy", target="binary",
+        weighted="sample", metrics=("binary_accuracy",),
+        fit=dict(epochs=2, batch_size=32, adversarial=fm.adversarial.FGSM(0.2, clip=(-3, 3)))),
+    Case("adv-pgd-mse-clip", lambda: [
+        fm.Dense(16, activation="silu", input_dim=37), fm.Dense(3)], OPTIMIZERS["adam"],
+        classes=3, loss="mse", target="regression", metrics=("mae",),
+        fit=dict(epochs=2, batch_size=25, adversarial=_PGD(steps=3, clip=(-2.0, 2.0)))),
+    Case("adv-pgd-smoothing-no-random-start", _two(), OPTIMIZERS["adam"],
+         loss=lambda: fm.losses.SparseCategoricalCrossentropy(label_smoothing=0.1),
+         fit=dict(epochs=2, batch_size=32, adversarial=_PGD(random_start=False))),
+]
+BY_ID = {c.id: c for c in CASES}
