@@ -563,9 +563,17 @@ def test_robustness_section_rows_are_complete_and_reported(monkeypatch, run):
     for r, batch in zip(ours[2:], (8, 16)):
         assert r["checked"] and r["batch"] == batch and r["adv_overhead"] > 0
         assert {"fastmlp plain", "PyTorch PGD-10", "PyTorch plain"} <= set(r["vs"])
-        assert r["loss"] > report._peer_row(bench.rows, r, "fastmlp plain")["loss"]
+        plain = report._peer_row(bench.rows, r, "fastmlp plain")
+        assert r["first_epoch_loss"] > plain["first_epoch_loss"]
         assert r["torch_adv_overhead"] > 0
     md = epoch_report(bench)
     assert "## Robustness: attributions and adversarial training (issue 18)" in md
     assert "| integrated_gradients (50 steps, gausslegendre) |" in md
     assert "| 784-128-10 relu, 24 images, B=8 |" in md and "B=16 |" in md
+
+
+def test_adversarial_epochs_whose_attack_did_not_raise_the_loss_fail(run):
+    assert run.adv_loss_error({"adv": [2.9, 2.3], "plain": [2.4, 2.3]}, "adv", "plain") is None
+    assert "did not run" in run.adv_loss_error({"adv": [2.4], "plain": [2.4]}, "adv", "plain")
+    assert "epoch losses" in run.adv_loss_error({"adv": [float("nan")], "plain": [2.4]},
+                                                "adv", "plain")
