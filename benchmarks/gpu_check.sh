@@ -215,7 +215,7 @@ BENCH_LEFT=$((BUDGET - SECONDS))
 BENCH_CAP=$((BENCH_LEFT < 240 ? BENCH_LEFT : 240))
 run_step "benchmarks (run.py --quick)" 240 "$OUT/bench.log" \
     "${TABLE_ENV[@]}" python3 benchmarks/run.py --quick --device cuda --out "$OUT/bench" \
-    --sections epoch,training,gemm,memory,layers,losses,privacy --budget-s $((BENCH_CAP > 90 ? BENCH_CAP - 45 : 45))
+    --sections epoch,training,gemm,memory,layers,losses,privacy,robustness --budget-s $((BENCH_CAP > 90 ? BENCH_CAP - 45 : 45))
 cat "$OUT/bench/results.md" 2>/dev/null
 
 # ---- 7. summary -------------------------------------------------------------------------

@@ -306,6 +306,57 @@ def markdown(res) -> str:
                 _num(vs["Opacus"]["ratio"], 2) + "x" if "Opacus" in vs else "–",
                 _check(r)]) + " |")
 
+    attr = [r for r in rows if r["section"] == "robustness" and r["impl"] == "fastmlp"
+            and r["op"] != "adv_train"]
+    adv = [r for r in rows if r["section"] == "robustness" and r["impl"] == "fastmlp"
+           and r["op"] == "adv_train"]
+    if attr or adv:
+        out += ["", "## Robustness: attributions and adversarial training (issue 18)", "",
+                "Attributions: fm.explain on the 784-128-10 relu softmax model against Captum on "
+                "a torch.nn.Sequential with the same weights, random [0, 1) images, random target "
+                "classes; one call over all the images, alternating, timed per image. Captum's "
+                "IG runs with internal_batch_size = 20 x 50 points (about fastmlp's 1024 per "
+                "pass) and with its default (all points at once); the faster is the peer (`Captum "
+                "variant`). Both outputs are checked: fastmlp against fastmlp.reference (float64), "
+                "Captum against fastmlp (max abs difference / max abs value < 1e-3). "
+                "Adversarial training: one fit() epoch with fm.adversarial.PGD (eps 0.1, alpha "
+                "0.025, 10 steps, random start) against one plain epoch (Adam 1e-3, random "
+                "images and labels), alternating, and the same two as PyTorch eager loops "
+                "(torchattacks' PGD update, autograd.grad with respect to the rows). `overhead` = "
+                "the adversarial epoch / the plain epoch per library (ideal ~11x: ten attack "
+                "passes and the training step); `vs X` = X's time / fastmlp's.", ""]
+    if attr:
+        out += ["| op | problem | fastmlp images/s | fastmlp µs/image (min–max) | Captum images/s "
+                "| Captum µs/image (min–max) | Captum variant | vs Captum | check |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in attr:
+            cap = _peer_row(rows, r, "Captum") if "Captum" in (r.get("vs") or {}) else None
+            out.append("| " + " | ".join([
+                f"{r['op']} ({r['variant']})", r["shape"], f"{r['images_per_s']:.0f}",
+                _ms(r, 1e6, 1), f"{cap['images_per_s']:.0f}" if cap else "–",
+                _ms(cap, 1e6, 1) if cap else "–", cap["peer_variant"] if cap else "–",
+                _num(r["vs"]["Captum"]["ratio"], 2) + "x" if cap else "–",
+                _check(r) + ("" if cap is None or cap.get("checked", True)
+                             else f"; Captum {_check(cap)}")]) + " |")
+    if adv:
+        if attr:
+            out.append("")
+        out += ["| problem | fastmlp PGD-10 s/epoch (min–max) | fastmlp plain s/epoch | overhead "
+                "| PyTorch PGD-10 s/epoch (min–max) | PyTorch plain s/epoch | PyTorch overhead "
+                "| vs PyTorch PGD-10 | check |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in adv:
+            vs = r.get("vs") or {}
+            plain = _peer_row(rows, r, "fastmlp plain") if "fastmlp plain" in vs else None
+            tadv = _peer_row(rows, r, "PyTorch PGD-10") if "PyTorch PGD-10" in vs else None
+            tplain = _peer_row(rows, r, "PyTorch plain") if "PyTorch plain" in vs else None
+            out.append("| " + " | ".join([
+                r["shape"], _ms(r, 1, 3), _ms(plain, 1, 3) if plain else "–",
+                _num(r.get("adv_overhead"), 2) + "x", _ms(tadv, 1, 3) if tadv else "–",
+                _ms(tplain, 1, 3) if tplain else "–",
+                _num(r.get("torch_adv_overhead"), 2) + "x" if r.get("torch_adv_overhead") else "–",
+                _num(vs["PyTorch PGD-10"]["ratio"], 2) + "x" if tadv else "–",
+                _check(r)]) + " |")
+
     den = [r for r in rows if r["section"] == "denormal" and "vs" in r]
     if den:
         out += ["", "## Denormal data", "",

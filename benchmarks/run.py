@@ -61,6 +61,19 @@ Sections (each device):
             PyTorch: an eager Adam loop and Opacus's DP Adam (GradSampleModule hooks, fixed
             batches, when opacus imports). Committed as results/<device>/privacy.{md,json},
             run alone like the layers section;
+  robustness (issue 18) attributions: fm.explain.integrated_gradients (50 Gauss-Legendre
+            points) and saliency of 256 random images on the 784-128-10 relu softmax model
+            (weights of fm.set_seed(0), random targets), images/s, vs Captum's
+            IntegratedGradients / Saliency on a torch.nn.Sequential with the same weights (IG:
+            internal_batch_size 20 x 50 points, about fastmlp's 1024 per pass, and Captum's
+            default all-at-once, the faster kept and named), alternating; fastmlp checked
+            against fastmlp.reference (float64), Captum against fastmlp (< 1e-3). Then one fit
+            epoch with PGD-10 adversarial training (fm.adversarial.PGD eps 0.1, alpha 0.025,
+            random start) vs one plain epoch, 8192 random images at batch 128 and 32 (--quick:
+            4096 at 128), Adam, and the same two as PyTorch eager loops (torchattacks' PGD
+            update), alternating; the adversarial / plain ratio per library (ideal ~11x).
+            Committed as results/<device>/robustness.{md,json}, run alone like the layers
+            section;
   training  784-128-10 + Adam, time per step and per Fashion-MNIST epoch at
             batch 32, 128, 1024 vs a PyTorch eager loop on the same device;
   epoch     one real Fashion-MNIST epoch at batch 32, 128, 1024, fit() on device
@@ -120,7 +133,7 @@ import report  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASHION_MNIST_TRAIN = 60000
 SECTIONS = ["ceilings", "gemm", "memory", "layers", "losses", "denormal", "training", "epoch",
-            "privacy"]
+            "privacy", "robustness"]
 GEMM_TOL = 1e-4  # FP32 lands near 1e-6 for k <= 8192; TF32 (~3e-4) cannot pass
 
 # -- the layers section (issue 15) -------------------------------------------------------------
@@ -201,6 +214,28 @@ def load_torch(dev):
         torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     return torch, ""
+
+
+# -- the robustness section (issue 18) ------------------------------------------------------------
+IG_STEPS = 50  # integrated gradients' points per image (Captum's default n_steps)
+IG_CAPTUM_ROWS = 20  # Captum's internal_batch_size = 20 x 50 points: ~fastmlp's 1024 per pass
+# fastmlp's attributions against fastmlp.reference in float64 (~1e-6 here) and against
+# Captum's float32 ones (the issue's bound: max abs difference / max abs value).
+ATTR_REF_TOL, CAPTUM_TOL = 1e-4, 1e-3
+PGD_EPS, PGD_ALPHA, PGD_STEPS = 0.1, 0.025, 10
+
+def adv_loss_error(losses, adv, plain):
+    """None when the epoch losses ({name: [loss per epoch, warm-up first]}) are finite and
+    the first adversarial epoch's loss is above the first plain one's (the attack ran: from
+    the same fresh weights, the attacked rows cost more), else what is wrong. Only the
+    first epoch: later ones keep training the same model, and on random labels both
+    collapse towards the uniform output (loss ln 10), where the attack has no gradient."""
+    if not all(math.isfinite(v) for vs in losses.values() for v in vs):
+        return f"epoch losses {losses}"
+    if not losses[adv][0] > losses[plain][0]:
+        return (f"first-epoch loss with the attack {losses[adv][0]:.4f} is not above the plain "
+                f"one {losses[plain][0]:.4f}: the attack did not run")
+    return None
 
 
 # -- the epoch section (the training-engine issue) -------------------------------------------------
@@ -1739,6 +1774,239 @@ class Bench:
                                  H.summarize(samples[name]), loss=losses[name],
                                  checked=math.isfinite(losses[name]))
                 for name in runners}
+
+    # -- robustness (attributions and adversarial training, issue 18) -----------------------
+    def robustness_cases(self):
+        """(images of the attribution rows, [(batch, rows) of the adversarial-training epochs])."""
+        return (256, [(128, 4096)]) if self.quick else (256, [(128, 8192), (32, 8192)])
+
+    def run_robustness(self):
+        """Attribution throughput against Captum, then the PGD-10 adversarial-training
+        epoch against the plain epoch, both libraries; see the module doc."""
+        images, adv_cases = self.robustness_cases()
+        rounds = 5 if self.quick else 9
+        self.attribution_rows(images, rounds)
+        for batch, n in adv_cases:
+            self.adv_train_rows(batch, n, rounds)
+
+    def _alternate_seconds(self, runners, rounds, per):
+        """{name: [seconds / per]} over rounds, one call of every runner in turn per round
+        after a warm-up round, each call timed to a device sync (both libraries)."""
+        samples = {k: [] for k in runners}
+        for r in range(rounds + 1):
+            for name, fn in runners.items():
+                t0 = time.perf_counter()
+                fn()
+                self.dev.sync()
+                if self.torch is not None:
+                    self._torch_sync()
+                if r:
+                    samples[name].append((time.perf_counter() - t0) / per)
+        return samples
+
+    def _torch_copy(self, model, softmax):
+        """The torch.nn.Sequential of a 784-128-10 relu fastmlp model, with its weights."""
+        torch, nn = self.torch, self.torch.nn
+        w0, b0, w1, b1 = (self.dev.to_host(w) for w in model.get_weights())
+        net = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10),
+                            *([nn.Softmax(dim=1)] if softmax else []))
+        with torch.no_grad():
+            for lin, w, b in ((net[0], w0, b0), (net[2], w1, b1)):
+                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
+                lin.bias.copy_(torch.from_numpy(np.asarray(b)))
+        return net.to(self.dev.kind)
+
+    def attribution_rows(self, n, rounds):
+        """Integrated gradients (IG_STEPS Gauss-Legendre points) and saliency of n random
+        images on the 784-128-10 relu softmax model: fastmlp against Captum on the same
+        weights, time per image. Each attribution is checked against fastmlp.reference
+        (float64) and against Captum's before it is timed."""
+        import fastmlp as fm
+        from fastmlp import reference as ref
+        dev = self.dev
+        fm.set_seed(0)
+        model = fm.Sequential([fm.Dense(128, activation="relu", input_dim=784),
+                               fm.Dense(10, activation="softmax")]).to(dev.kind)
+        x_host = self.rng.random((n, 784), dtype=np.float32)
+        t_host = self.rng.integers(0, 10, n).astype(np.int64)
+        x = dev.asarray(x_host)
+        alphas, weights = fm.explain.quadrature("gausslegendre", IG_STEPS)
+        ours = {"integrated_gradients": lambda: fm.explain.integrated_gradients(
+                    model, x, t_host, steps=IG_STEPS, method="gausslegendre"),
+                "saliency": lambda: fm.explain.saliency(model, x, t_host)}
+        wants = {"integrated_gradients": lambda ls: ref.integrated_gradients(
+                     ls, x_host, t_host, alphas, weights),
+                 "saliency": lambda ls: ref.saliency(ls, x_host, t_host)}
+        peers, variants = {}, {}
+        captum = None
+        if self.torch is not None:
+            try:
+                import captum
+                import captum.attr
+            except Exception as e:  # not installed, or refuses this torch
+                log(f"   Captum not measured: {type(e).__name__}: {e}")
+                captum = None
+        if captum is not None:
+            torch = self.torch
+            net = self._torch_copy(model, softmax=True)
+            xt = torch.from_numpy(x_host).to(dev.kind)
+            tt = torch.from_numpy(t_host).to(dev.kind)
+            ig, sal = captum.attr.IntegratedGradients(net), captum.attr.Saliency(net)
+            chunk = IG_CAPTUM_ROWS * IG_STEPS
+            peers["integrated_gradients"] = {
+                f"internal_batch_size={chunk} ({IG_CAPTUM_ROWS} images x {IG_STEPS} points per "
+                "pass, about fastmlp's 1024)": lambda: ig.attribute(
+                    xt, target=tt, n_steps=IG_STEPS, method="gausslegendre",
+                    internal_batch_size=chunk),
+                "internal_batch_size=None (all points in one pass, Captum's default)":
+                    lambda: ig.attribute(xt, target=tt, n_steps=IG_STEPS, method="gausslegendre")}
+            peers["saliency"] = {"Saliency (abs=True)": lambda: sal.attribute(xt, target=tt)}
+        for op, fn in ours.items():
+            got = dev.to_host(fn())
+            error, rel_err = None, None
+            try:
+                model.to("cpu")  # the reference reads the weights on the host (CPU: no-op)
+                want = wants[op](model.layers)
+                model.to(dev.kind)
+                rel_err = H.check(f"{op} vs fastmlp.reference", got, want, ATTR_REF_TOL)
+            except H.CheckFailed as e:
+                error = str(e)
+            peer_errs = {}
+            for variant, pfn in peers.get(op, {}).items():
+                peer_errs[variant] = H.rel_err(got, pfn().detach().cpu().numpy())
+            runners = {"fastmlp": fn, **peers.get(op, {})}
+            samples = self._alternate_seconds(runners, rounds, n)
+            label = (f"{IG_STEPS} steps, gausslegendre" if op == "integrated_gradients"
+                     else "abs, 1 pass")
+            shape = f"784-128-10 relu softmax, {n} images"
+            t = H.summarize(samples["fastmlp"])
+            row = H.make_row("robustness", op, shape, label, "fastmlp", t,
+                             images=n, images_per_s=1.0 / t["median_s"],
+                             checked=error is None, error=error, rel_err=rel_err)
+            prow = {}
+            if peers.get(op):
+                meds = {v: statistics.median(samples[v]) for v in peers[op]}
+                best = min(meds, key=meds.get)
+                perr = peer_errs[best]
+                ok = all(e < CAPTUM_TOL for e in peer_errs.values())
+                prow["Captum"] = H.make_row(
+                    "robustness", op, shape, label, "Captum", H.summarize(samples[best]),
+                    images=n, images_per_s=1.0 / statistics.median(samples[best]),
+                    peer_variant=f"captum {captum.__version__} {best}", candidates=meds,
+                    rel_err_vs_fastmlp={v: e for v, e in peer_errs.items()},
+                    checked=ok, rel_err=perr,
+                    error=None if ok else f"Captum and fastmlp disagree: {peer_errs}")
+            self._finish(row, prow)
+            log(f"  {op:20s} fastmlp {row['images_per_s']:9.0f} images/s" +
+                "".join(f"  Captum {p['images_per_s']:9.0f} images/s ({p['peer_variant']})"
+                        for p in prow.values()) + ("" if error is None else f"  FAIL {error}"))
+
+    def adv_train_rows(self, batch, n, rounds):
+        """One fit() epoch with PGD-10 adversarial training against one plain epoch on the
+        same 784-128-10 relu model and n random images, alternating; then the same two
+        as PyTorch eager loops. Per row: seconds per epoch; adv_overhead = adv / plain
+        (ideal ~ PGD_STEPS + 1: the attack's forward + input-gradient passes, then the
+        training step)."""
+        import fastmlp as fm
+        dev = self.dev
+        device = dev.kind
+        x_host = self.rng.random((n, 784), dtype=np.float32)
+        y_host = self.rng.integers(0, 10, n).astype(np.int64)
+        x, y = dev.asarray(x_host), dev.asarray(y_host)
+        steps = -(-n // batch)
+        attack = fm.adversarial.PGD(PGD_EPS, PGD_ALPHA, PGD_STEPS, seed=0)
+        models, losses = {}, {}
+        for name in ("PGD-10", "plain"):
+            fm.set_seed(0)
+            m = fm.Sequential([fm.Dense(128, activation="relu", input_dim=784), fm.Dense(10)])
+            m.compile(optimizer=fm.optim.Adam(lr=1e-3), loss="sparse_categorical_crossentropy")
+            models[name] = m
+
+        def fit(name):
+            def run():
+                h = models[name].fit(x, y, epochs=1, batch_size=batch, shuffle=True, verbose=0,
+                                     device=device, adversarial=attack if name == "PGD-10" else None)
+                losses.setdefault(name, []).append(float(h.history["loss"][-1]))
+            return run
+
+        samples = self._alternate_seconds({k: fit(k) for k in models}, rounds, 1)
+        error = adv_loss_error(losses, "PGD-10", "plain")
+        shape = f"784-128-10 relu, {n} images, B={batch}"
+        label = (f"PGD-{PGD_STEPS} (eps {PGD_EPS}, alpha {PGD_ALPHA}, random start), "
+                 "Adam, fit()")
+        t = H.summarize(samples["PGD-10"])
+        row = H.make_row("robustness", "adv_train", shape, label, "fastmlp", t, batch=batch,
+                         rows=n, steps_per_epoch=steps, loss=losses["PGD-10"][-1],
+                         first_epoch_loss=losses["PGD-10"][0],
+                         checked=error is None, error=error, rel_err=None)
+        peers = {"fastmlp plain": H.make_row("robustness", "adv_train", shape, "Adam, fit()",
+                                             "fastmlp plain", H.summarize(samples["plain"]),
+                                             loss=losses["plain"][-1],
+                                             first_epoch_loss=losses["plain"][0], checked=True)}
+        row["adv_overhead"] = t["median_s"] / peers["fastmlp plain"]["median_s"]
+        row["ideal_overhead"] = PGD_STEPS + 1
+        if self.torch is not None:
+            peers.update(self.torch_adv_train(batch, rounds, x_host, y_host, shape, label))
+            row["torch_adv_overhead"] = (peers["PyTorch PGD-10"]["median_s"] /
+                                         peers["PyTorch plain"]["median_s"])
+        self._finish(row, peers)
+        log(f"  adv B={batch:4d} fastmlp PGD-10 {t['median_s']:.3f} s/epoch  x{row['adv_overhead']:.2f}"
+            " of plain" + "".join(f"  {k} {v['median_s']:.3f}" for k, v in peers.items())
+            + ("" if error is None else f"  FAIL {error}"))
+
+    def torch_adv_train(self, batch, rounds, x_host, y_host, shape, label):
+        """A PyTorch eager epoch with PGD-10 adversarial training (torchattacks' update: a
+        uniform start in the eps-ball, then per step the loss, autograd.grad with respect
+        to the rows, a sign step, the projection and the clamp to [0, 1]; then the Adam
+        step on the attacked rows) and its plain epoch, alternating; data on the device,
+        shuffled batches indexed there."""
+        torch, tdev = self.torch, self.dev.kind
+        X, Y = torch.from_numpy(x_host).to(tdev), torch.from_numpy(y_host).to(tdev)
+        n = len(X)
+        losses = {}
+
+        def make(name):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                        torch.nn.Linear(128, 10)).to(tdev)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            loss_fn = torch.nn.CrossEntropyLoss()
+
+            def pgd(xb, yb):
+                adv = torch.clamp(xb + torch.empty_like(xb).uniform_(-PGD_EPS, PGD_EPS), 0, 1)
+                for _ in range(PGD_STEPS):
+                    adv.requires_grad_(True)
+                    g, = torch.autograd.grad(loss_fn(model(adv), yb), adv)
+                    adv = adv.detach() + PGD_ALPHA * g.sign()
+                    adv = torch.clamp(xb + torch.clamp(adv - xb, -PGD_EPS, PGD_EPS), 0, 1)
+                return adv.detach()
+
+            def epoch():
+                total = torch.zeros((), device=tdev)
+                perm = torch.randperm(n, device=tdev)
+                for i in range(0, n, batch):
+                    idx = perm[i:i + batch]
+                    xb, yb = X[idx], Y[idx]
+                    if name == "PyTorch PGD-10":
+                        xb = pgd(xb, yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(xb), yb)
+                    loss.backward()
+                    opt.step()
+                    total += loss.detach() * len(idx)
+                losses.setdefault(name, []).append(float(total) / n)
+            return epoch
+
+        names = ("PyTorch PGD-10", "PyTorch plain")
+        samples = self._alternate_seconds({k: make(k) for k in names}, rounds, 1)
+        error = adv_loss_error(losses, "PyTorch PGD-10", "PyTorch plain")
+        variants = {"PyTorch PGD-10": label.replace("fit()", "eager loop"),
+                    "PyTorch plain": "Adam, eager loop"}
+        return {k: H.make_row("robustness", "adv_train", shape, variants[k], k,
+                              H.summarize(samples[k]), loss=losses[k][-1],
+                              first_epoch_loss=losses[k][0], checked=error is None,
+                              rel_err=None, error=error)
+                for k in names}
 
     # -- Fashion-MNIST epochs and time to accuracy ------------------------------------------
     def run_epoch(self):

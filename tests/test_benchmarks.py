@@ -535,3 +535,45 @@ def test_privacy_section_rows_are_complete_and_reported(monkeypatch, run):
     md = epoch_report(bench)
     assert "## Privacy: the DP-SGD step against the plain step (issue 17)" in md
     assert "| 8 |" in md and "| 16 |" in md
+
+
+# -- the robustness section (issue 18) ------------------------------------------------------------
+
+def test_robustness_section_rows_are_complete_and_reported(monkeypatch, run):
+    """Attribution rows (IG, saliency) against Captum when it imports, checked against the
+    float64 reference and Captum; adversarial-training epochs against plain ones, both
+    libraries, the overhead ratios, and the report's tables."""
+    pytest.importorskip("torch")
+    bench = run.Bench(harness.CpuDevice(), quick=True)
+    monkeypatch.setattr(bench, "robustness_cases", lambda: (6, [(8, 24), (16, 32)]))
+    bench.run_robustness()
+    assert not bench.failures
+    ours = [r for r in bench.rows if r["section"] == "robustness" and r["impl"] == "fastmlp"]
+    assert [r["op"] for r in ours] == ["integrated_gradients", "saliency", "adv_train",
+                                       "adv_train"]
+    for r in ours[:2]:
+        assert r["checked"] and r["rel_err"] < 1e-4 and r["images"] == 6
+        assert r["images_per_s"] == pytest.approx(1 / r["median_s"])
+        if "Captum" in r["vs"]:
+            cap = report._peer_row(bench.rows, r, "Captum")
+            assert cap["checked"] and cap["rel_err"] < 1e-3
+            assert cap["peer_variant"].split(" ", 2)[2] in cap["candidates"]
+    if "Captum" in ours[0]["vs"]:
+        assert len(report._peer_row(bench.rows, ours[0], "Captum")["candidates"]) == 2
+    for r, batch in zip(ours[2:], (8, 16)):
+        assert r["checked"] and r["batch"] == batch and r["adv_overhead"] > 0
+        assert {"fastmlp plain", "PyTorch PGD-10", "PyTorch plain"} <= set(r["vs"])
+        plain = report._peer_row(bench.rows, r, "fastmlp plain")
+        assert r["first_epoch_loss"] > plain["first_epoch_loss"]
+        assert r["torch_adv_overhead"] > 0
+    md = epoch_report(bench)
+    assert "## Robustness: attributions and adversarial training (issue 18)" in md
+    assert "| integrated_gradients (50 steps, gausslegendre) |" in md
+    assert "| 784-128-10 relu, 24 images, B=8 |" in md and "B=16 |" in md
+
+
+def test_adversarial_epochs_whose_attack_did_not_raise_the_loss_fail(run):
+    assert run.adv_loss_error({"adv": [2.9, 2.3], "plain": [2.4, 2.3]}, "adv", "plain") is None
+    assert "did not run" in run.adv_loss_error({"adv": [2.4], "plain": [2.4]}, "adv", "plain")
+    assert "epoch losses" in run.adv_loss_error({"adv": [float("nan")], "plain": [2.4]},
+                                                "adv", "plain")
