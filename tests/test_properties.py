@@ -180,3 +180,56 @@ def test_softmax_cross_entropy_property(data, n, c, onehot_labels):
         f64(probs), f64(labels) if onehot_labels else labels
     )
     assert_close(grad, want_grad, ulp_tol(want_grad, 4), "dlogits")
+
+
+# -- issue 18: the attacks' and the attributions' elementwise kernels -----------------------
+
+
+@FAST
+@given(data=st.data(), n=dims, f=dims, eps=st.floats(0.0, 2.0, width=32),
+       alpha=st.floats(0.0009765625, 1.0, width=32), project=st.booleans(),
+       clip=st.sampled_from([(0.0, 1.0), (-1.5, 0.5), None]))
+def test_adversarial_step_property(data, n, f, eps, alpha, project, clip):
+    """The sign step equals the float32 reference bit for bit, stays in the clip range
+    and, projected, in the eps-ball around x (up to the rounding of x + delta)."""
+    x = data.draw(arrays((n, f), floats(-2.0, 2.0)))
+    adv0 = data.draw(arrays((n, f), floats(-2.0, 2.0)))
+    g = data.draw(arrays((n, f)))
+    got = fm.ops.adversarial_step(x, adv0.copy(), g, eps=eps, alpha=alpha, clip=clip,
+                                  project=project)
+    want = ref.adversarial_step(x, adv0.copy(), g, eps=eps, alpha=alpha, clip=clip,
+                                project=project)
+    np.testing.assert_array_equal(got, want)
+    lo, hi = clip if clip is not None else (-np.inf, np.inf)
+    assert np.all((got >= lo) & (got <= hi))
+    if project and clip is None:
+        bound = np.float32(eps) + np.spacing(np.abs(x) + np.float32(eps)) + 1e-30
+        assert np.all(np.abs(got.astype(np.float64) - x) <= bound)
+
+
+@FAST
+@given(data=st.data(), images=st.integers(0, 9), f=dims, steps=st.integers(1, 6),
+       per_batch=st.integers(1, 4), multiply=st.booleans(), absolute=st.booleans(),
+       with_base=st.booleans())
+def test_integrated_gradients_kernels_property(data, images, f, steps, per_batch, multiply,
+                                               absolute, with_base):
+    """Interpolating and summing batch by batch equals one call over everything, and
+    both equal the float32 reference bit for bit."""
+    x = data.draw(arrays((images, f), floats(-3.0, 3.0)))
+    base = data.draw(arrays((images, f), floats(-1.0, 1.0))) if with_base else None
+    alphas = np.linspace(0, 1, steps).astype(np.float32)
+    weights = data.draw(arrays((steps,), floats(0.0, 1.0)))
+    rows = images * steps
+    grads = data.draw(arrays((rows, f)))
+    whole = fm.ops.ig_interpolate(x, alphas, baseline=base)
+    np.testing.assert_array_equal(whole, ref.ig_interpolate(x, alphas, baseline=base))
+    batch = per_batch * steps
+    out = np.zeros((images, f), np.float32)
+    for s in range(-(-rows // batch)):
+        part = fm.ops.ig_interpolate(x, alphas, baseline=base, step=s, batch=batch)
+        np.testing.assert_array_equal(part, whole[s * batch:s * batch + len(part)])
+        fm.ops.ig_accumulate(grads[s * batch:(s + 1) * batch], x, weights, baseline=base,
+                             multiply=multiply, absolute=absolute, step=s, batch=batch, out=out)
+    want = ref.ig_accumulate(grads, x, weights, baseline=base, multiply=multiply,
+                             absolute=absolute)
+    np.testing.assert_array_equal(out, want)
