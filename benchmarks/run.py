@@ -1720,6 +1720,14 @@ class Bench:
                 " of plain" + "".join(f"  {k} {v['median_s'] * 1e3:8.3f}" for k, v in peers.items())
                 + ("" if error is None else f"  FAIL {error}"))
 
+    def _torch_mlp_adam(self):
+        """The 784-128-10 relu model in PyTorch (seed 0) on the device and its Adam 1e-3."""
+        torch = self.torch
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                    torch.nn.Linear(128, 10)).to(self.dev.kind)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
     def torch_dp(self, batch, steps, rounds, x_host, y_host):
         """PyTorch eager Adam and Opacus's DP Adam (when it imports) on the same model and
         data, alternating; fixed batches in order of a shuffled DataLoader, per-step time."""
@@ -1729,10 +1737,7 @@ class Bench:
         runners = {}
 
         def make(private):
-            torch.manual_seed(0)
-            model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
-                                        torch.nn.Linear(128, 10)).to(tdev)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            model, opt = self._torch_mlp_adam()
             loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
             if private:
                 from opacus import PrivacyEngine
@@ -1966,10 +1971,7 @@ class Bench:
         losses = {}
 
         def make(name):
-            torch.manual_seed(0)
-            model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
-                                        torch.nn.Linear(128, 10)).to(tdev)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            model, opt = self._torch_mlp_adam()
             loss_fn = torch.nn.CrossEntropyLoss()
 
             def pgd(xb, yb):

@@ -486,12 +486,18 @@ def predict(model, x, batch_size):
     bound = bind(model, min(batch_size, n), sample_weight=_bound_sample_weight(model))
     eng = bound.engine(_engine.choose(model.device)[0], model.optimizer)
     eng.bind(predict_x=x, predict_out=out)
-    eng.prepare(PREDICT, batch_size, n)
-    eng.begin_pass()
-    eng.run(PREDICT, n, batch_size, 0, math.ceil(n / batch_size))
-    eng.synchronize()
+    _store_pass(eng, PREDICT, batch_size, n)
     eng.bind(predict_x=None, predict_out=None)
     return out
+
+
+def _store_pass(eng, lst, batch, rows):
+    """One pass of op list ``lst`` (predict, attack, attribute: a list that stores its
+    results) over ``rows`` rows in batches of ``batch``, finished when it returns."""
+    eng.prepare(lst, batch, rows)
+    eng.begin_pass()
+    eng.run(lst, rows, batch, 0, math.ceil(rows / batch))
+    eng.synchronize()
 
 
 def attack(model, x, y, spec, batch_size):
@@ -506,11 +512,7 @@ def attack(model, x, y, spec, batch_size):
     bound.plan.use(ATTACK, spec)
     eng = _evaluation_engine(model, bound, x)
     eng.bind(eval_x=x, eval_y=y, attack_out=out)
-    steps = math.ceil(n / batch_size)
-    eng.prepare(ATTACK, batch_size, n)
-    eng.begin_pass()
-    eng.run(ATTACK, n, batch_size, 0, steps)
-    eng.synchronize()
+    _store_pass(eng, ATTACK, batch_size, n)
     eng.bind(attack_out=None)
     return out
 
@@ -535,10 +537,7 @@ def attribute(model, x, targets, baseline, alphas, weights, *, multiply, absolut
     eng = bound.engine(_engine.choose(model.device)[0], model.optimizer)
     eng.bind(explain_x=x, explain_baseline=baseline, explain_targets=targets,
              explain_alphas=alphas, explain_weights=weights, explain_out=out)
-    eng.prepare(ATTRIBUTE, batch, rows)
-    eng.begin_pass()
-    eng.run(ATTRIBUTE, rows, batch, 0, math.ceil(rows / batch))
-    eng.synchronize()
+    _store_pass(eng, ATTRIBUTE, batch, rows)
     eng.bind(explain_x=None, explain_baseline=None, explain_targets=None, explain_alphas=None,
              explain_weights=None, explain_out=None)
     return out
