@@ -1,7 +1,7 @@
 // The step plan as the C++ engines see it, and the engine interface.
 //
 // fastmlp/plan.py compiles a model into op lists (training step, evaluation
-// step, prediction step) over a table of buffers; an engine runs a list for
+// step, prediction step, attribution step, attack step) over a table of buffers; an engine runs a list for
 // many steps with no Python per op: the CPU engine (cpu/engine.cpp) as a plain
 // loop, the CUDA engine (cuda/engine.cu) by replaying one CUDA Graph per
 // (list, rows). Both dispatch every op through the one switch in

@@ -1,7 +1,7 @@
 """The step plan: a model compiled into data.
 
 ``build_plan`` turns the layers, the loss and the optimizer into a :class:`StepPlan`:
-a table of buffers (:class:`Buf`) and three op lists (:class:`Op`) over them --
+a table of buffers (:class:`Buf`) and five op lists (:class:`Op`) over them --
 
 * ``TRAIN``: one optimizer step: gather the batch (and its sample weights), forward
   per layer, the fused loss (loss + dlogits: the softmax-cross-entropy op with its
