@@ -230,11 +230,15 @@ def _explain(args) -> int:
         attr = fm.explain.integrated_gradients(model, x, args.target, steps=args.steps)
     else:
         attr = getattr(fm.explain, args.method)(model, x, args.target)
-    probs = model.predict(x)
+    from .plan import output_activation
+
+    out = model.predict(x)
     side = int(round(np.sqrt(x.shape[1])))
     shape = (side, side) if side * side == x.shape[1] else (1, x.shape[1])
-    titles = [f"#{i}: class {int(np.argmax(p))} ({float(np.max(p)):.2f})"
-              for i, p in zip(args.index, probs)]
+    # the explained output: a probability after a softmax / sigmoid, else a raw score
+    what = "p" if output_activation(model.layers) in ("softmax", "sigmoid") else "score"
+    titles = [f"#{i}: class {int(np.argmax(o))} ({what} {float(np.max(o)):.2f})"
+              for i, o in zip(args.index, out)]
     fm.explain.plot(attr, x, shape=shape, path=args.out, titles=titles)
     print(f"{args.model}: {args.method} of test images {args.index} -> {args.out}")
     return 0
