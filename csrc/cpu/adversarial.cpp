@@ -6,6 +6,7 @@
 // and the random bits are dropout's Philox counter layout (dropout_bits) under
 // adversarial_key(seed), so both devices draw the same start. Compiled with
 // -ffp-contract=off (CMakeLists.txt): x + eps u rounds the product first.
+#include <algorithm>
 #include <cstdint>
 
 #include "adversarial_check.h"
@@ -28,8 +29,7 @@ void adv_init_random(const float* x, float* adv, int64_t e0, int64_t e1, float e
     while (e < e1) {
         const uint64_t block = static_cast<uint64_t>(e) >> 2;
         const Philox4 r = philox_block(block, step, key0, key1);
-        const int64_t end = static_cast<int64_t>(block * 4 + 4) < e1
-                                ? static_cast<int64_t>(block * 4 + 4) : e1;
+        const int64_t end = std::min(static_cast<int64_t>(block * 4 + 4), e1);
         for (; e < end; ++e)
             adv[e] = adv_clamp(x[e] + mul_rn(eps, adv_uniform(r.v[e & 3])), lo, hi);
     }

@@ -58,12 +58,6 @@ class _Attack:
     def spec(self) -> AttackSpec:
         raise NotImplementedError
 
-    def __eq__(self, other):
-        return type(other) is type(self) and other.spec() == self.spec()
-
-    def __hash__(self):
-        return hash(self.spec())
-
 
 class FGSM(_Attack):
     """The fast gradient sign method: one step of size ``eps`` from ``x``."""

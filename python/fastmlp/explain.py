@@ -75,10 +75,7 @@ def _rows(model, x, where):
     from .model import _as_input, _check_finite
 
     want_cupy = is_cupy(_as_input(x, "x"))
-    x = model._prepare_x(x, "x")
-    if x.dtype.kind not in "f":
-        x = x.astype(np.float32)
-    x = model._place(x, np.float32)
+    x = model._place(model._prepare_x(x, "x"), np.float32)
     _check_finite(x, "x", where)
     return x, want_cupy
 

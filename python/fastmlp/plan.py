@@ -687,13 +687,12 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                   (features, eps, lo, hi, int(spec.random_start), key, counter),
                   {"seed": int(spec.seed), "random": bool(spec.random_start),
                    "counter": counter})]
+        # one step's gradient ops, the same in every step (named per step)
+        fwd, out, alias = forward("grad", adv_x)
+        grad_ops = (fwd + loss_ops(out, yb, True, None, metrics_too=False)
+                    + backward("grad", alias, input_grad))
         for s in range(spec.steps):
-            fwd, out, alias = forward("grad", adv_x)
-            ops += [Op(o.code, f"attack{s}.{o.name}", o.bufs, o.dims, o.extra) for o in fwd]
-            ops += [Op(o.code, f"attack{s}.{o.name}", o.bufs, o.dims, o.extra)
-                    for o in loss_ops(out, yb, True, None, metrics_too=False)]
-            ops += [Op(o.code, f"attack{s}.{o.name}", o.bufs, o.dims, o.extra)
-                    for o in backward("grad", alias, input_grad)]
+            ops += [Op(o.code, f"attack{s}.{o.name}", o.bufs, o.dims, o.extra) for o in grad_ops]
             ops.append(Op("adv_step", f"attack{s}.step", (xb, adv_x, input_grad),
                           (features, eps, _f32_bits(spec.alpha), lo, hi, int(spec.project))))
         return ops
@@ -856,8 +855,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
                     stat_names=tuple(f"layer{i}.{n}" for i, n, _ in fixed), dp=dp,
                     make_list=make_list)
     for lst in (TRAIN, EVALUATE, PREDICT, ATTRIBUTE):
-        plan.use(lst, None)
-    validate(plan)
+        plan.use(lst, None)  # validates each list
     return plan
 
 
