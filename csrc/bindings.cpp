@@ -4,6 +4,7 @@
 // layer (fastmlp/_interop.py) has already validated dtype, shape, contiguity
 // and device, so this file only converts and forwards. Plain C++: pybind11
 // never goes through nvcc. The GIL is released around every kernel call.
+#include <pybind11/functional.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -525,6 +526,9 @@ void bind_engine(py::module_& mod) {
             e.set_ops(list, to_plan_ops(ops));
         })
         .def("set_buffers", &Engine::set_buffers)
+        // The allreduce op's all-reduce: fn(data address, count, stream address), or
+        // None. Called from the engine's thread with the GIL taken.
+        .def("set_allreduce", &Engine::set_allreduce, py::arg("fn").none(true))
         .def("set_schedule", &Engine::set_schedule)
         .def("begin_pass", &Engine::begin_pass)
         .def("state", [](Engine& e, int buf) {

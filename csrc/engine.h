@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -137,6 +138,16 @@ namespace engine {
 //             adv = clamp(x + clamp(adv + alpha sign(grad) - x, -eps, eps),
 //             lo, hi) (FGSM, project 0: clamp(adv + alpha sign(grad), lo, hi)),
 //             in place                                     adv_step
+// Data-parallel training (issue 19): the gradients of a step, averaged over
+// the processes, weighted by their rows.
+// allreduce   buf: grads        dim: count
+//             grads holds count + 1 floats (the flat gradients, then one slot):
+//             grads[i] *= n, grads[count] = n, then the engine's all-reduce
+//             hook sums the count + 1 floats over the processes in place (MPI
+//             on the CPU, NCCL on the engine's stream on CUDA: captured into
+//             the step's graph), then grads[i] /= grads[count] (when > 0). So
+//             every process holds sum_p n_p g_p / sum_p n_p: the gradient of
+//             the mean loss over all processes' rows of the step.
 // step_end    buf: state, scalars-, penalty-
 //             dim: penalty segments, metrics (1: add scalars.metric[])
 //             loss_sum += loss * n, correct += hits, penalty_sum +=
@@ -166,7 +177,8 @@ namespace engine {
     X(ig_interp)           \
     X(ig_sum)              \
     X(adv_init)            \
-    X(adv_step)
+    X(adv_step)            \
+    X(allreduce)
 
 enum class OpCode : int32_t {
 #define FASTMLP_OPCODE_ENUM(name) name,
@@ -235,6 +247,13 @@ struct StepHyper {
 
 enum OptKind : int64_t { kSgd = 0, kAdam = 1, kRmsprop = 2 };
 
+// The all-reduce of the allreduce op: sums `count` floats at `data` (engine
+// memory) over the processes, in place; `stream` is the engine's CUDA stream (0
+// on the CPU). fastmlp/distributed.py provides it (mpi4py on the CPU, CuPy's
+// NCCL on CUDA); a Python function, called with the GIL taken (pybind11's
+// std::function wrapper takes it).
+using AllreduceHook = std::function<void(std::uintptr_t data, int64_t count, std::uintptr_t stream)>;
+
 // One bound plan on one device. Pointers are addresses in the engine's
 // memory (host for the CPU engine, device for CUDA); nothing is allocated
 // here: plan.py allocates every buffer (CuPy's pool on the GPU).
@@ -276,6 +295,9 @@ public:
     virtual void synchronize() = 0;
     // Graphs captured so far (CUDA), for tests.
     virtual int64_t graphs_captured() const { return 0; }
+    // The all-reduce the allreduce op calls (empty: none; a list with the op
+    // then refuses to run).
+    void set_allreduce(AllreduceHook hook) { allreduce_ = std::move(hook); }
 
 protected:
     // Copies between host memory and engine memory (device on CUDA), ordered
@@ -294,6 +316,7 @@ protected:
     std::vector<void*> bufs_;
     int64_t schedule_steps_ = 0;  // entries of the optimizer table (set_schedule)
     int64_t schedule_step0_ = 1;  // its first optimizer step number
+    AllreduceHook allreduce_;
 };
 
 // The engines (cpu/engine.cpp, cuda/engine.cu).

@@ -71,6 +71,10 @@ void Engine::check_run(int list, int64_t first, int64_t count) const {
                                                    << ") needs buffer " << id
                                                    << ", which is not bound");
         }
+        if (op.code == OpCode::allreduce)
+            FASTMLP_CHECK(static_cast<bool>(allreduce_),
+                          "engine: op " << i << " (allreduce) needs the processes' all-reduce, "
+                                        "which is not set (fastmlp.distributed)");
         if (op.code == OpCode::optimizer)
             FASTMLP_CHECK(first + count <= schedule_steps_,
                           "engine: steps " << first << ".." << first + count - 1

@@ -24,6 +24,7 @@
 //   step_end(state, scalars, penalty, segments, metrics, rows, stream)
 //   target_seed / ig_interpolate / ig_accumulate / adv_init / adv_step
 //                                 fastmlp.h's ops, + stream
+//   allreduce(grads, count, rows, hook, stream)   engine.h's allreduce op
 // where state / hyper / scalars point into engine memory (read on the device
 // on CUDA: the step index is never a launch argument).
 #pragma once
@@ -58,8 +59,11 @@ inline DropoutSpec dim_dropout(const int64_t* d, EngineState* state) {
     return s;
 }
 
+// `allreduce`: the engine's all-reduce hook (the allreduce op's; may be empty
+// for lists without it: check_run refuses a list that needs it).
 template <class Dev>
-void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Stream stream) {
+void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Stream stream,
+            const AllreduceHook& allreduce) {
     auto buf = [&](int i) -> void* { return op.buf[i] < 0 ? nullptr : table[op.buf[i]]; };
     auto f32 = [&](int i) { return static_cast<float*>(buf(i)); };
     auto state = [&](int i) { return static_cast<EngineState*>(buf(i)); };
@@ -243,6 +247,9 @@ void run_op(const PlanOp& op, void* const* table, int64_t n, typename Dev::Strea
         case OpCode::adv_step:
             Dev::adv_step(f32(0), f32(1), f32(2), n, d[0], dim_float(d[1]), dim_float(d[2]),
                           dim_float(d[3]), dim_float(d[4]), d[5] != 0, stream);
+            break;
+        case OpCode::allreduce:
+            Dev::allreduce(f32(0), d[0], n, allreduce, stream);
             break;
     }
 }

@@ -170,6 +170,24 @@ struct CpuDev {
         if (bad && st->nonfinite_param_step < 0) st->nonfinite_param_step = st->step;
     }
 
+    // engine.h's allreduce: the step's gradients times its rows, summed over the
+    // processes with the row counts (the hook: MPI), divided by the total rows.
+    static void allreduce(float* grads, int64_t count, int64_t rows, const AllreduceHook& hook,
+                          Stream) {
+        const float n = static_cast<float>(rows);
+        const bool threads = count >= (int64_t{1} << 15);
+        cpu::parallel_range(count, threads, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) grads[i] *= n;
+        });
+        grads[count] = n;
+        hook(reinterpret_cast<std::uintptr_t>(grads), count + 1, 0);
+        const float total = grads[count];
+        if (!(total > 0.0f)) return;  // no rows anywhere: the gradients are zero
+        cpu::parallel_range(count, threads, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) grads[i] /= total;
+        });
+    }
+
     static void store(const float* src, float* dst, const EngineState* st, int64_t rows,
                       int64_t cols, int64_t batch, Stream) {
         std::memcpy(dst + st->step * batch * cols, src, rows * cols * sizeof(float));
@@ -239,7 +257,7 @@ public:
                         table[op.buf[4]] = static_cast<char*>(bufs_[op.buf[1]]) + row0 * op.dim[1];
                     continue;
                 }
-                run_op<CpuDev>(op, table.data(), n, 0);
+                run_op<CpuDev>(op, table.data(), n, 0, allreduce_);
             }
             // Training stops after the step whose loss or updated parameters
             // are not finite (fit reports it); an evaluation runs to the end

@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -116,6 +117,33 @@ gather_batch_rows(const float* __restrict__ x_src, const void* __restrict__ y_sr
                            static_cast<const uint8_t*>(y_src) + src * label_bytes, label_bytes,
                            label_unit);
     }
+}
+
+// ---- The gradient all-reduce's scaling (engine.h allreduce) ----
+// Before the sum: g[i] *= rows and the slot g[count] = rows; after it: g[i] /=
+// g[count], the processes' total rows, read on the device (a graph replays the
+// step whatever the other processes' rows were). Grid-stride: at most
+// kScaleMaxBlocks blocks of kOptBlock threads.
+constexpr int kScaleMaxBlocks = 1024;
+
+__global__ void __launch_bounds__(kOptBlock)
+allreduce_prescale(float* __restrict__ g, int64_t count, int64_t rows) {
+    const float n = static_cast<float>(rows);
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+         i += stride)
+        g[i] *= n;
+    if (blockIdx.x == 0 && threadIdx.x == 0) g[count] = n;
+}
+
+__global__ void __launch_bounds__(kOptBlock)
+allreduce_normalize(float* __restrict__ g, int64_t count) {
+    const float total = g[count];
+    if (!(total > 0.0f)) return;  // no rows anywhere: the gradients are zero
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+         i += stride)
+        g[i] /= total;
 }
 
 // dst(state->step * batch + r, :) = src(r, :) for r < n (predict's output).
@@ -442,6 +470,21 @@ struct CudaDev {
         cuda::detail::check_launch();
     }
 
+    // engine.h's allreduce: the hook (CuPy's NCCL) is called on the engine's
+    // stream, so under capture its all-reduce kernel is recorded into the step's
+    // graph between the two scaling kernels.
+    static void allreduce(float* grads, int64_t count, int64_t rows, const AllreduceHook& hook,
+                          Stream stream) {
+        const int blocks = static_cast<int>(
+            std::min<int64_t>(kScaleMaxBlocks, cuda::detail::ceil_div(count + 1, kOptBlock)));
+        allreduce_prescale<<<blocks, kOptBlock, 0, stream>>>(grads, count, rows);
+        cuda::detail::check_launch();
+        hook(reinterpret_cast<std::uintptr_t>(grads), count + 1,
+             reinterpret_cast<std::uintptr_t>(stream));
+        allreduce_normalize<<<blocks, kOptBlock, 0, stream>>>(grads, count);
+        cuda::detail::check_launch();
+    }
+
     static void step_end(EngineState* state, const StepScalars* scalars, const double* penalty,
                          int64_t segments, bool metrics, int64_t n, Stream stream) {
         FASTMLP_CHECK(state != nullptr, "engine step_end: the state buffer is missing");
@@ -682,7 +725,7 @@ private:
 
     void run_ops(int list, int64_t n) {
         void* const* table = bufs_.data();
-        for (const PlanOp& op : ops_[list]) run_op<CudaDev>(op, table, n, stream_);
+        for (const PlanOp& op : ops_[list]) run_op<CudaDev>(op, table, n, stream_, allreduce_);
     }
 
     void capture(Slot& slot, int list, int64_t n) {

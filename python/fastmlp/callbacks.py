@@ -20,6 +20,18 @@ __all__ = ["Callback", "History", "EarlyStopping", "ModelCheckpoint", "BackupAnd
            "LearningRateScheduler", "ReduceLROnPlateau", "CSVLogger"]
 
 
+def _is_root() -> bool:
+    """Whether this process writes files and prints (rank 0 of a distributed fit)."""
+    from .distributed import is_root
+
+    return is_root()
+
+
+def _print(*args, **kw):
+    if _is_root():
+        print(*args, **kw)
+
+
 class Callback:
     model = None
 
@@ -127,7 +139,7 @@ class EarlyStopping(_Monitor):
         if self.restore_best_weights and self.best_weights is not None:
             self.model.set_weights(self.best_weights)
         if self.verbose and self.stopped_epoch is not None:
-            print(f"EarlyStopping: stopped after epoch {self.stopped_epoch + 1}; best "
+            _print(f"EarlyStopping: stopped after epoch {self.stopped_epoch + 1}; best "
                   f"{self.monitor} = {self.best:.4f} at epoch {self.best_epoch + 1}")
 
 
@@ -155,6 +167,8 @@ class ModelCheckpoint(_Monitor):
             if not self._improved(value):
                 return
             self.best = value
+        if not _is_root():  # distributed: rank 0 writes (every process keeps `best`)
+            return
         path = self.filepath.format(epoch=epoch + 1, **logs)
         self.model.save(path, include_optimizer=self.include_optimizer)
         self.saved.append(path)
@@ -198,11 +212,13 @@ class BackupAndRestore(Callback):
     def on_epoch_end(self, epoch, logs=None):
         from .saving import save_backup
 
+        if not _is_root():  # distributed: rank 0 writes, every process restores
+            return
         os.makedirs(self.backup_dir, exist_ok=True)
         save_backup(self.model, self.path, epoch + 1)
 
     def on_train_end(self, logs=None):
-        if not self.delete_checkpoint:
+        if not self.delete_checkpoint or not _is_root():
             return
         try:
             os.remove(self.path)
@@ -277,7 +293,7 @@ class LearningRateScheduler(Callback):
         lr = _check_lr(self._call_schedule(epoch, _current_lr(self.model, who)), who, epoch)
         self.model.optimizer.lr = lr
         if self.verbose:
-            print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting learning rate to {lr}.")
+            _print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting learning rate to {lr}.")
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -343,7 +359,7 @@ class ReduceLROnPlateau(_Monitor):
                 new_lr = max(lr * self.factor, self.min_lr)
                 self.model.optimizer.lr = new_lr
                 if self.verbose:
-                    print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate "
+                    _print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate "
                           f"to {new_lr}.")
                 self.cooldown_counter = self.cooldown
                 self.wait = 0
@@ -378,6 +394,8 @@ class CSVLogger(Callback):
 
     def on_train_begin(self, logs=None):
         self.append_header = True
+        if not _is_root():  # distributed: rank 0 writes the file
+            return
         if self.append and os.path.exists(self.filename):
             with open(self.filename, newline="") as f:
                 self.append_header = not f.readline()
@@ -397,6 +415,8 @@ class CSVLogger(Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
+        if not _is_root():
+            return
         if self.csv_file is None or self.csv_file.closed:
             raise ValueError("CSVLogger: the file is not open (on_train_begin opens it)")
         if self.keys is None:

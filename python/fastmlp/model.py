@@ -592,11 +592,15 @@ class Sequential:
     def save(self, path, include_optimizer: bool = True) -> None:
         """Write the model to ``path`` (safetensors; see :mod:`fastmlp.saving`): the
         weights, the configuration and, with ``include_optimizer``, the optimizer state
-        and the shuffling position, so that ``fit`` continues exactly."""
+        and the shuffling position, so that ``fit`` continues exactly. Distributed
+        (:mod:`fastmlp.distributed`): only rank 0 writes (the others hold the same
+        weights); on the other ranks this does nothing."""
+        from .distributed import is_root
         from .saving import save_model
 
         self._require_built("save")
-        save_model(self, path, include_optimizer=include_optimizer)
+        if is_root():
+            save_model(self, path, include_optimizer=include_optimizer)
 
     def export(self, path, format="onnx", opset=None) -> None:
         """Write the model for inference elsewhere: ``format="onnx"`` (the only one) writes

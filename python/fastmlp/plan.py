@@ -6,7 +6,8 @@ a table of buffers (:class:`Buf`) and five op lists (:class:`Op`) over them --
 * ``TRAIN``: one optimizer step: gather the batch (and its sample weights), forward
   per layer, the fused loss (loss + dlogits: the softmax-cross-entropy op with its
   arg-max hits, or the loss op of any other loss), the metrics op when metrics need
-  it, backward per layer, the optimizer (one update over all parameters; with
+  it, backward per layer, in distributed training the gradients' all-reduce over the
+  processes (``allreduce``), the optimizer (one update over all parameters; with
   regularizers or clipping the clip op, then one update per parameter tensor),
   ``step_end`` (the pass's sums, next step);
 * ``EVALUATE``: gather, forward, loss, metrics, ``step_end``;
@@ -319,7 +320,7 @@ def _regularizer_coefficients(layer, name):
 def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, precision: int,
                seed: int = 0, *, loss=None, metrics=(), sample_weight: bool = False,
                clipnorm=None, global_clipnorm=None, clipvalue=None,
-               work_doubles=(0, 0), dp=None) -> StepPlan:
+               work_doubles=(0, 0), dp=None, dist: bool = False, rank: int = 0) -> StepPlan:
     """The plan of a layer stack with ``loss`` on its output.
 
     ``optimizer_kind``: 0 SGD, 1 Adam/AdamW, 2 RMSprop; ``optimizer_buffers``: the
@@ -333,7 +334,11 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     ``global_clipnorm`` / ``clipvalue``: the optimizer's gradient clipping;
     ``work_doubles``: (clip, optimizer) scratch sizes in doubles for the clip op and a
     regularized optimizer op (the device's needs: the kernels' work functions);
-    ``dp``: a :class:`DPSpec` (DP-SGD: per-example clipping and Gaussian noise) or None.
+    ``dp``: a :class:`DPSpec` (DP-SGD: per-example clipping and Gaussian noise) or None;
+    ``dist``: data-parallel training (:mod:`fastmlp.distributed`): the training step
+    all-reduces the gradients (the ``allreduce`` op, before any clipping and the
+    update), and ``rank``, the process's, keys its dropout masks and adversarial random
+    starts (rank 0's are one process's).
     """
     from . import losses as _losses
     from .metrics import FLAGS, SLOTS, TOP_K
@@ -357,6 +362,9 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     softmax = fused == "softmax"
     if dp is not None:
         _check_dp_layers(layers, clipnorm, global_clipnorm, clipvalue)
+        if dist:
+            raise ValueError("plan: DP-SGD is not supported in distributed training (each "
+                             "process would add its own noise); train it in one process")
     use_xent = (loss_kind == "cce_logits" and loss.label_smoothing == 0.0 and not sample_weight)
     metrics = tuple(metrics)
     transform = {"softmax": 2, "sigmoid": 1}.get(fused, 0)
@@ -372,7 +380,8 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     sizes = [int(np.prod(shape)) for _, _, shape in trainable]
     total = sum(sizes)
     params = b.add("params", "param", (total,))
-    grads = b.add("grads", "grad", (total,))
+    # distributed: one more float, the all-reduce's row count (engine.h allreduce)
+    grads = b.add("grads", "grad", (total + int(bool(dist)),))
     opt_bufs = tuple(optimizer_buffers)
     opt_ids = [b.add(f"opt.{name}", "state", (total,)) for name in opt_bufs]
     weight, grad = {}, {}
@@ -477,7 +486,7 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
             return (0, 0, 0), None
         layer = layers[j]
         threshold, scale = dropout_constants(layer.rate)
-        dseed = seed if layer.seed is None else layer.seed
+        dseed = rank_seed(seed if layer.seed is None else layer.seed, rank)
         k0, k1 = _C.dropout_key(dseed, j)
         key = int(np.array(k0 | (k1 << 32), np.uint64).view(np.int64))
         return (threshold, _f32_bits(scale), key), {"rate": layer.rate, "seed": dseed,
@@ -679,13 +688,15 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
         ``counter``: 0 draws the random start from the optimizer step number (training),
         1 from the pass's step."""
         key = 0
+        # training: each process's own random starts; evaluation: the rows' own
+        aseed = rank_seed(spec.seed, rank) if counter == 0 else int(spec.seed)
         if spec.random_start:
-            k0, k1 = _C.adversarial_key(int(spec.seed) & (2 ** 64 - 1))
+            k0, k1 = _C.adversarial_key(aseed & (2 ** 64 - 1))
             key = int(np.array(k0 | (k1 << 32), np.uint64).view(np.int64))
         eps, lo, hi = _f32_bits(spec.eps), _f32_bits(spec.lo), _f32_bits(spec.hi)
         ops = [Op("adv_init", "attack.init", (xb, adv_x, state),
                   (features, eps, lo, hi, int(spec.random_start), key, counter),
-                  {"seed": int(spec.seed), "random": bool(spec.random_start),
+                  {"seed": aseed, "random": bool(spec.random_start),
                    "counter": counter})]
         # one step's gradient ops, the same in every step (named per step)
         fwd, out, alias = forward("grad", adv_x)
@@ -764,6 +775,8 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
         ops += fwd
         ops += loss_ops(logits, yb, True, "train")
         ops += backward("train", alias)
+        if dist and total:
+            ops.append(Op("allreduce", "allreduce", (grads,), (total,)))
         ops += opt_ops
         ops.append(Op("step_end", "step_end", (state, scalars, penalty_id),
                       (nseg if penalty_id is not None else 0, int(bool(want_metrics)))))
@@ -859,6 +872,14 @@ def build_plan(layers, optimizer_kind: int, optimizer_buffers, label_dtype, prec
     return plan
 
 
+def rank_seed(seed, rank: int) -> int:
+    """Process ``rank``'s seed for draws that must differ between the processes of a
+    distributed fit (dropout masks, adversarial random starts): ``seed`` itself on rank
+    0, so one process draws as when not distributed."""
+    seed = int(seed) & (2 ** 64 - 1)
+    return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) & (2 ** 64 - 1)
+
+
 def with_batch(ops, batch: int, rows: int):
     """The ops with the batch size filled in where an op indexes rows by step
     (gather, ig_interp, ig_sum: dims[2]; store: dims[1]) and the pass's source rows
@@ -884,17 +905,18 @@ _READS = {"gather": (0, 1, 2, 5), "dense_fwd": (0, 1, 2, 5), "xent": (0, 1),
           "ln_fwd": (0, 1, 2), "ln_bwd": (0, 1, 2, 3, 4),
           "optimizer": (0, 1, 2, 3, 4, 5, 6, 7, 10), "store": (0, 2), "step_end": (0, 1, 2),
           "target_seed": (0, 1), "ig_interp": (0, 1, 2, 3, 6), "ig_sum": (0, 1, 2, 3, 5),
-          "adv_init": (0, 2), "adv_step": (0, 1, 2)}
+          "adv_init": (0, 2), "adv_step": (0, 1, 2), "allreduce": (0,)}
 _WRITES = {"gather": (3, 4), "dense_fwd": (3, 4), "xent": (2, 3, 4, 5), "act_fwd": (1,),
            "loss": (3, 4, 5), "metrics": (2, 3, 4), "clip": (4, 5),
            "act_bwd": (2,), "dense_bwd_w": (2, 3), "dense_bwd_x": (3,), "dp_norms": (2, 3),
            "bn_fwd": (3, 4, 5, 6, 7), "bn_bwd": (5, 6, 7), "ln_fwd": (3, 4, 5),
            "ln_bwd": (5, 6, 7), "optimizer": (0, 2, 3, 6, 8, 9), "store": (1,), "step_end": (0,),
            "target_seed": (2,), "ig_interp": (4, 5), "ig_sum": (4,), "adv_init": (1,),
-           "adv_step": (1,)}
+           "adv_step": (1,), "allreduce": (0,)}
 # Ops that update a buffer in place by design (the others' outputs never overlap
 # their inputs: the kernels' __restrict__ contract).
-_IN_PLACE = ("act_bwd", "bn_fwd", "optimizer", "step_end", "dp_norms", "adv_step")
+_IN_PLACE = ("act_bwd", "bn_fwd", "optimizer", "step_end", "dp_norms", "adv_step",
+             "allreduce")
 # Written before any list runs: parameters, statistics, optimizer state, inputs,
 # engine memory.
 _PRESET = ("param", "stat", "state", "input", "hyper", "metric", "const", "table")

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from . import _nvtx, engine as _engine, ops
+from . import _nvtx, distributed as _dist, engine as _engine, ops
 from ._interop import cupy_module, is_cupy
 from .metrics import SLOTS
 from .plan import ATTACK, ATTRIBUTE, EVALUATE, PREDICT, TRAIN, build_plan
@@ -62,10 +62,11 @@ def _dp_spec(model, divisor=0.0):
     return DPSpec(opt.l2_norm_clip, opt.noise_multiplier, float(divisor), opt._noise_seed)
 
 
-def _plan_key(model, sample_weight=False, dp=None):
+def _plan_key(model, sample_weight=False, dp=None, world=None):
     opt, loss = model.optimizer, model.loss
     clip = tuple(getattr(opt, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
-    return (model.device, dp,
+    dist = None if world is None else (world.size, world.rank)
+    return (model.device, dp, dist,
             tuple((id(l),) + l.signature() for l in model.layers), model._shuffle_seed,
             id(opt), type(opt).__name__, tuple(getattr(opt, "_buffers", ())), clip,
             None if loss is None else loss.signature(), tuple(model.metrics),
@@ -82,13 +83,15 @@ def _work_doubles(device, total, segments):
 
 
 def bind(model, capacity: int, max_steps: int = 1, sample_weight: bool = False,
-         dp_divisor=None) -> _Bound:
+         dp_divisor=None, world=None) -> _Bound:
     """The model's bound plan for batches of up to ``capacity`` rows and passes of up
     to ``max_steps`` steps: rebuilt when the model changed (layers, optimizer, loss,
     metrics, device, matmul precision, sample weights, DP settings) or needs more room;
     the layers and the optimizer then hold views into its arena. ``dp_divisor``: DP-SGD's
     divisor of the noisy sum (0: the step's rows; None: the bound plan's, for evaluation
-    and prediction, which do not run the training list)."""
+    and prediction, which do not run the training list). ``world``: a
+    :class:`fastmlp.distributed.World` to train over (the plan all-reduces the gradients);
+    None: this process alone, or, for evaluation and prediction, the bound plan's."""
     from .metrics import resolve
 
     opt, loss = model.optimizer, model.loss
@@ -97,7 +100,9 @@ def bind(model, capacity: int, max_steps: int = 1, sample_weight: bool = False,
         bound_dp = model._bound.plan.dp  # keep the divisor fit bound, if the rest agrees
         if bound_dp is not None and dataclasses.replace(bound_dp, divisor=0.0) == dp:
             dp = bound_dp
-    key = _plan_key(model, sample_weight, dp)
+    if world is None and model._bound is not None and model._bound.key[2] is not None:
+        world = _dist.active()  # evaluate / predict keep the distributed plan fit bound
+    key = _plan_key(model, sample_weight, dp, world)
     b = model._bound
     if b is None or b.key != key or not b.arena.fits(capacity, max_steps):
         if b is not None and b.key == key:  # grow, never shrink: no thrashing
@@ -115,7 +120,8 @@ def bind(model, capacity: int, max_steps: int = 1, sample_weight: bool = False,
                           global_clipnorm=getattr(opt, "global_clipnorm", None),
                           clipvalue=getattr(opt, "clipvalue", None),
                           work_doubles=_work_doubles(model.device, total,
-                                                     len(model.params())), dp=dp)
+                                                     len(model.params())), dp=dp,
+                          dist=world is not None, rank=0 if world is None else world.rank)
         arena = _engine.Arena(plan, model.device, capacity, max_steps)
         arena.adopt(model.layers, opt)
         b = model._bound = _Bound(key, plan, arena)
@@ -131,21 +137,113 @@ def _labels_host(y):
 # ----------------------------------------------------------------------------- fit
 
 
-def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, initial_epoch,
-        history, desc_fmt="Epoch {}/{}", sample_weight=None, poisson_sampling=False,
-        adversarial=None):
+def fit(model, x, y, **kw):
     """Train ``model`` on prepared (x, y) (on the model's device, or on the host when
     too large for the GPU); ``val`` is prepared (x_val, y_val) or None;
     ``sample_weight``: prepared (n,) float32 weights of the samples' losses, or None;
     ``poisson_sampling``: DP-SGD's exact sampling (see :class:`_Poisson`);
     ``adversarial``: a :class:`fastmlp.plan.AttackSpec` (each batch replaced by its
-    adversarial rows, made in the training step) or None."""
+    adversarial rows, made in the training step) or None. Distributed
+    (:mod:`fastmlp.distributed`): over the processes of the world, an exception
+    aborting them all."""
+    world = _dist.active()
+    if world is None:
+        return _fit(model, x, y, world=None, **kw)
+    try:
+        return _fit(model, x, y, world=world, **kw)
+    except BaseException as e:
+        _dist.abort_on_error(e)
+        raise
+
+
+def shard_positions(n: int, size: int, rank: int, batch: int) -> np.ndarray:
+    """Where process ``rank`` of ``size`` finds its rows in an epoch's row order of ``n``
+    rows, step after step: step t's ``batch`` positions ``t*size*batch + rank*batch ..``;
+    the last global batch (m < size*batch rows) split as evenly as possible (the first
+    m % size processes take one row more)."""
+    gb = size * batch
+    full = n // gb
+    pos = (np.arange(full, dtype=np.int64)[:, None] * gb + rank * batch
+           + np.arange(batch, dtype=np.int64)).reshape(-1)
+    m = n - full * gb
+    if m:
+        base, extra = divmod(m, size)
+        start = full * gb + rank * base + min(rank, extra)
+        pos = np.concatenate([pos, np.arange(start, start + base + (rank < extra),
+                                             dtype=np.int64)])
+    return pos
+
+
+def shard_range(n: int, size: int, rank: int) -> tuple:
+    """Process ``rank``'s contiguous share [lo, hi) of ``n`` rows (evaluation)."""
+    return rank * n // size, (rank + 1) * n // size
+
+
+def _sync_from_root(model, bound, world):
+    """Every process takes rank 0's weights, optimizer state and step count (a fit
+    starts from the same model everywhere, whatever each process initialised)."""
+    arena = bound.arena
+    names = ["params"] + (["stats"] if bound.plan.stat_names else []) + \
+        [f"opt.{n}" for n in bound.plan.opt_buffers]
+    for name in names:
+        arr = arena.named(name)
+        if arr is None or arr.size == 0:
+            continue
+        host = np.ascontiguousarray(_labels_host(arr))
+        world.bcast(host)
+        arr[...] = arena.xp.asarray(host)
+
+
+def _average_stats(bound, world):
+    """The mean over the processes of the weights the optimizer does not train
+    (BatchNormalization's moving statistics: each process's follow its own batches)."""
+    if not bound.plan.stat_names:
+        return
+    arr = bound.arena.named("stats")
+    host = np.ascontiguousarray(_labels_host(arr), dtype=np.float64)
+    world.allreduce(host)
+    arr[...] = bound.arena.xp.asarray((host / world.size).astype(np.float32))
+
+
+def _reduce_state(world, st) -> dict:
+    """The pass sums of every process's state added up (the same dict everywhere)."""
+    if world is None:
+        return st
+    vec = np.array([st["loss_sum"], st["correct"], st.get("penalty_sum", 0.0)]
+                   + list(st["metric"]), np.float64)
+    world.allreduce(vec)
+    return {**st, "loss_sum": float(vec[0]), "correct": int(vec[1]),
+            "penalty_sum": float(vec[2]), "metric": [float(v) for v in vec[3:]]}
+
+
+def _fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, initial_epoch,
+         history, desc_fmt="Epoch {}/{}", sample_weight=None, poisson_sampling=False,
+         adversarial=None, world=None):
     from .privacy import is_private
 
     n = len(x)
-    steps = math.ceil(n / batch_size)
     opt = model.optimizer
     private = is_private(opt)
+    positions = None
+    if world is not None:
+        if private:
+            raise ValueError("fit: a DP optimizer (fm.privacy) is not supported in "
+                             "distributed training (each process would add its own noise); "
+                             "train it in one process")
+        if world.rank != 0:
+            verbose = 0
+        # the same seeds, step count and shuffling position everywhere (rank 0's)
+        model._shuffle_seed, model._shuffle_count, opt.iterations = world.bcast_object(
+            (model._shuffle_seed, model._shuffle_count, opt.iterations))
+        positions = shard_positions(n, world.size, world.rank, batch_size)
+        steps = math.ceil(n / (world.size * batch_size))
+        rows = len(positions)  # this process's rows of an epoch
+        # a process whose share of the last global batch is empty runs that step on no
+        # rows (its gradient is zero, its row count 0): it still joins the all-reduce
+        empty_last = steps > 0 and rows == (steps - 1) * batch_size
+    else:
+        steps = math.ceil(n / batch_size)
+        rows, empty_last = n, False
     # every epoch's batch sizes up front (a callback may move the first epoch)
     poisson = _Poisson(opt, n, batch_size, epochs, steps) if poisson_sampling else None
     host_data = model.device == "cuda" and not is_cupy(x)
@@ -154,8 +252,11 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
     capacity = poisson.capacity if poisson else min(batch_size, n)
     bound = bind(model, max(capacity, eval_batch), steps,
                  sample_weight=sample_weight is not None,
-                 dp_divisor=float(batch_size) if poisson else 0.0)
+                 dp_divisor=float(batch_size) if poisson else 0.0, world=world)
     eng = bound.engine(name, opt)
+    if world is not None:
+        _sync_from_root(model, bound, world)
+        eng.set_allreduce(world.engine_hook(model.device))
     bound.plan.use(TRAIN, adversarial)
     bound.plan.use(EVALUATE, None)  # validation is on the clean rows
     if poisson and bound.plan.has("train.auc_scores"):
@@ -170,19 +271,32 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
         order = bound.orders.get((xp.__name__, n))
         if order is None:
             order = bound.orders[(xp.__name__, n)] = xp.empty((n,), np.int64)
-    eng.bind(train_x=x, train_y=y, train_order=order)
+    local = None  # distributed: this process's rows of the epoch's order, step by step
+    if world is not None:
+        key = ("shard", xp.__name__, n, world.size, world.rank, batch_size)
+        if key not in bound.orders:
+            pos = xp.asarray(positions)
+            bound.orders[key] = (pos, pos if order is None else xp.empty_like(pos))
+        shard_pos, local = bound.orders[key]
+    eng.bind(train_x=x, train_y=y, train_order=order if local is None else local)
     if sample_weight is not None:
         eng.bind(train_sw=sample_weight)
-    _bind_auc(bound, eng, "train", n, bound.arena.xp)
+    _bind_auc(bound, eng, "train", rows, bound.arena.xp)
     eng.prepare(TRAIN, batch_size, n)
     if val is not None:
+        val_n = len(val[0])
+        if world is not None:  # this process's share of the validation rows
+            lo, hi = shard_range(val_n, world.size, world.rank)
+            val = (val[0][lo:hi], val[1][lo:hi])
         val_eng = _evaluation_engine(model, bound, val[0])
-        val_eng.bind(eval_x=val[0], eval_y=val[1])
-        _bind_auc(bound, val_eng, "eval", len(val[0]), bound.arena.xp)
-        val_eng.prepare(EVALUATE, eval_batch, len(val[0]))
+        if len(val[0]):
+            val_eng.bind(eval_x=val[0], eval_y=val[1])
+            _bind_auc(bound, val_eng, "eval", len(val[0]), bound.arena.xp)
+            val_eng.prepare(EVALUATE, eval_batch, len(val[0]))
     history.params.update({"epochs": epochs, "steps": steps, "batch_size": batch_size,
                            "samples": n, "device": model.device, "engine": eng.name,
-                           "engine_reason": why})
+                           "engine_reason": why,
+                           "processes": 1 if world is None else world.size})
     if adversarial is not None:
         history.params["adversarial"] = adversarial
     delta = None
@@ -211,18 +325,27 @@ def fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, in
                         ops.random_permutation(n, model._shuffle_seed, model._shuffle_count,
                                                out=order)
                         model._shuffle_count += 1
-                    logs = _train_epoch(model, eng, n, batch_size, steps, verbose, desc)
+                        if local is not None:
+                            xp.take(order, shard_pos, out=local)
+                    logs = _train_epoch(model, eng, rows, batch_size, steps, verbose, desc,
+                                        source_rows=n, empty_last=empty_last, world=world,
+                                        total=n)
             finally:
                 if private:  # the steps taken spent privacy, even when a step failed
                     opt.accountant.step(opt.noise_multiplier, min(1.0, batch_size / n),
                                         opt.iterations - taken)
             if private:
                 logs["epsilon"] = opt.epsilon(delta)
+            if world is not None:
+                _average_stats(bound, world)
             if val is not None:
                 with _nvtx.annotate("validation"):
-                    v = _evaluate_pass(model, val_eng, val[0], val[1], eval_batch)
+                    v = _evaluate_pass(model, val_eng, val[0], val[1], eval_batch, world=world,
+                                       total=val_n)
                 logs.update({"val_" + k: value for k, value in v.items()})
         logs["time"] = time.perf_counter() - t0
+        if world is not None:  # the slowest process's: the same History everywhere
+            logs["time"] = float(world.allreduce(np.array([logs["time"]]), "max")[0])
         if verbose == 2:
             print(f"{desc} - " + format_logs(logs), flush=True)
         for cb in callbacks:
@@ -295,9 +418,13 @@ class _Poisson:
         return [int(k) for k in sizes]
 
 
-def _train_epoch(model, eng, n, batch, steps, verbose, desc, poisson=None) -> dict:
-    """One training pass; ``poisson``: (capacity, the steps' batch sizes) of Poisson
-    sampling, run one engine call per step (step s reads its rows from s * capacity)."""
+def _train_epoch(model, eng, n, batch, steps, verbose, desc, poisson=None, source_rows=None,
+                 empty_last=False, world=None, total=None) -> dict:
+    """One training pass over ``n`` rows; ``poisson``: (capacity, the steps' batch sizes)
+    of Poisson sampling, run one engine call per step (step s reads its rows from s *
+    capacity). Distributed (``world``): ``n`` is this process's rows of the epoch (of
+    ``source_rows`` in the data, ``total`` in all processes' shares), and
+    ``empty_last``: its last step has no rows (it still joins the all-reduce)."""
     opt = model.optimizer
     eng.set_schedule(learning_rates(opt, steps), opt.iterations + 1, opt)
     eng.begin_pass()
@@ -308,11 +435,12 @@ def _train_epoch(model, eng, n, batch, steps, verbose, desc, poisson=None) -> di
     bar = _progress(steps, desc) if verbose == 1 else None
     last_shown = time.perf_counter()
     first = 0
+    full = steps - 1 if empty_last else steps
     try:
         while first < steps:
-            count = min(chunk, steps - first)
+            count = min(chunk, full - first) if first < full else 1
             with _nvtx.annotate("train_steps"):
-                done = eng.run(TRAIN, n, batch, first, count)
+                done = eng.run(TRAIN, n, batch, first, count, source_rows=source_rows)
             opt.iterations += done
             first += done
             now = time.perf_counter()
@@ -323,11 +451,12 @@ def _train_epoch(model, eng, n, batch, steps, verbose, desc, poisson=None) -> di
                 if show:
                     last_shown = now
                     bar.update(first - bar.n)
-                    bar.set_postfix(_logs(model, eng, st, min(n, first * batch), "train",
-                                          auc=False), refresh=False)
+                    bar.set_postfix(_logs(model, eng, st, max(1, min(n, first * batch)),
+                                          "train", auc=False), refresh=False)
         st = eng.state()
         _check_finite_state(model, st, desc)
-        logs = _logs(model, eng, st, n, "train")
+        logs = _logs(model, eng, _reduce_state(world, st), n if world is None else total,
+                     "train", world=world, local_rows=n)
         if bar is not None:
             bar.update(steps - bar.n)
             bar.set_postfix(logs, refresh=True)
@@ -363,10 +492,12 @@ def _train_epoch_poisson(model, eng, n, steps, verbose, desc, capacity, sizes) -
             bar.close()
 
 
-def _logs(model, eng, st, seen, lst, auc=True, penalty=None) -> dict:
+def _logs(model, eng, st, seen, lst, auc=True, penalty=None, world=None,
+          local_rows=None) -> dict:
     """The pass's logs from the engine state: the mean loss (with the regularization
     penalty), then the metrics in compile's order (``auc`` over the stored predictions,
-    only at the end of a pass)."""
+    only at the end of a pass). Distributed (``world``): ``st`` holds every process's
+    sums, ``seen`` their rows, ``local_rows`` this process's (its stored predictions)."""
     loss = (st["loss_sum"] + st.get("penalty_sum", 0.0)) / seen
     if penalty is not None:
         loss += penalty
@@ -376,6 +507,11 @@ def _logs(model, eng, st, seen, lst, auc=True, penalty=None) -> dict:
     for m in metrics:
         if m.kind == "auc":
             if auc:
+                if world is not None:
+                    logs[m.name] = _auc(*(world.allgather_rows(
+                        _labels_host(_auc_rows(eng, f"{lst}.auc_{part}", local_rows)))
+                        for part in ("scores", "labels")))
+                    continue
                 scores = eng.arena.named(f"{lst}.auc_scores")
                 labels = eng.arena.named(f"{lst}.auc_labels")
                 logs[m.name] = _auc(scores[:seen], labels[:seen])
@@ -384,6 +520,15 @@ def _logs(model, eng, st, seen, lst, auc=True, penalty=None) -> dict:
         else:
             logs[m.name] = st["metric"][SLOTS[m.kind]] / seen
     return logs
+
+
+def _auc_rows(eng, name, rows):
+    """The first ``rows`` rows of a pass's stored predictions or targets (none bound: a
+    process with no rows of the pass)."""
+    arr = eng.arena.named(name)
+    if arr is None or rows == 0:
+        return np.zeros((0, eng.plan.classes), np.float32)
+    return arr[:rows]
 
 
 def _auc(scores, labels) -> float:
@@ -436,16 +581,26 @@ def _evaluation_engine(model, bound, x):
 
 def evaluate(model, x, y, batch_size, adversarial=None) -> dict:
     """``{"loss", <metrics>}`` over prepared (x, y); ``adversarial``: an
-    :class:`fastmlp.plan.AttackSpec` (the metrics of the rows it makes) or None."""
+    :class:`fastmlp.plan.AttackSpec` (the metrics of the rows it makes) or None.
+    Distributed: each process evaluates its share of the rows; the sums are added up."""
     n = len(x)
     if n == 0:
         raise ValueError("evaluate: no samples")
-    bound = bind(model, min(batch_size, n), sample_weight=_bound_sample_weight(model))
-    bound.plan.use(EVALUATE, adversarial)
-    eng = _evaluation_engine(model, bound, x)
-    eng.bind(eval_x=x, eval_y=y)
-    _bind_auc(bound, eng, "eval", n, bound.arena.xp)
-    return _evaluate_pass(model, eng, x, y, batch_size)
+    world = _dist.active()
+    try:
+        bound = bind(model, min(batch_size, n), sample_weight=_bound_sample_weight(model))
+        bound.plan.use(EVALUATE, adversarial)
+        if world is not None:
+            lo, hi = shard_range(n, world.size, world.rank)
+            x, y = x[lo:hi], y[lo:hi]
+        eng = _evaluation_engine(model, bound, x)
+        if len(x):
+            eng.bind(eval_x=x, eval_y=y)
+            _bind_auc(bound, eng, "eval", len(x), bound.arena.xp)
+        return _evaluate_pass(model, eng, x, y, batch_size, world=world, total=n)
+    except BaseException as e:
+        _dist.abort_on_error(e)
+        raise
 
 
 def _bound_sample_weight(model) -> bool:
@@ -467,13 +622,22 @@ def penalty(model) -> float:
     return total
 
 
-def _evaluate_pass(model, eng, x, y, batch_size) -> dict:
+def _evaluate_pass(model, eng, x, y, batch_size, world=None, total=None) -> dict:
+    """The logs of one evaluation pass over the bound (x, y); distributed (``world``):
+    over this process's share (maybe empty) of ``total`` rows, the sums added up."""
     n = len(x)
-    eng.prepare(EVALUATE, batch_size, n)
-    eng.begin_pass()
-    eng.run(EVALUATE, n, batch_size, 0, math.ceil(n / batch_size))
-    st = eng.state()
-    return _logs(model, eng, st, n, "eval", penalty=penalty(model))
+    if n:
+        eng.prepare(EVALUATE, batch_size, n)
+        eng.begin_pass()
+        eng.run(EVALUATE, n, batch_size, 0, math.ceil(n / batch_size))
+        st = eng.state()
+    else:
+        st = {"loss_sum": 0.0, "correct": 0, "penalty_sum": 0.0,
+              "metric": [0.0] * len(SLOTS)}
+    if world is None:
+        return _logs(model, eng, st, n, "eval", penalty=penalty(model))
+    return _logs(model, eng, _reduce_state(world, st), total, "eval", penalty=penalty(model),
+                 world=world, local_rows=n)
 
 
 def predict(model, x, batch_size):

@@ -46,5 +46,11 @@ class Engine:
     def synchronize(self) -> None:
         pass
 
+    def set_allreduce(self, fn) -> None:
+        """The all-reduce of the training list's ``allreduce`` op (distributed training):
+        ``fn(address, count, stream)`` sums ``count`` float32 at ``address`` over the
+        processes in place (:meth:`fastmlp.distributed.World.engine_hook`); None: none."""
+        raise NotImplementedError
+
     def graphs_captured(self) -> int:
         return 0

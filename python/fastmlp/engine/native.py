@@ -102,6 +102,9 @@ class NativeEngine(Engine):
     def state(self):
         return self._e.state(self._state_id)
 
+    def set_allreduce(self, fn):
+        self._e.set_allreduce(fn)
+
     def synchronize(self):
         self._e.synchronize()
 

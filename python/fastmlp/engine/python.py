@@ -39,6 +39,7 @@ class PythonExecutor(Engine):
         self._scalars = None
         self._metric = [0.0] * len(_SLOTS)
         self._lrs, self._step0 = [], 1
+        self._allreduce = None
 
     @staticmethod
     def _fresh_state():
@@ -55,6 +56,9 @@ class PythonExecutor(Engine):
 
     def state(self):
         return dict(self._state)
+
+    def set_allreduce(self, fn):
+        self._allreduce = fn
 
     def synchronize(self):
         if self.arena.device == "cuda":
@@ -210,6 +214,23 @@ class PythonExecutor(Engine):
             ops.adversarial_step(b[0][:n], b[1][:n], b[2][:n], eps=_float(d[1]),
                                  alpha=_float(d[2]), clip=(_float(d[3]), _float(d[4])),
                                  project=bool(d[5]))
+        elif code == "allreduce":
+            # engine.h allreduce: times the rows, summed with the row counts, divided
+            g, count = b[0], d[0]
+            if self._allreduce is None:
+                raise ValueError("engine: op allreduce needs the processes' all-reduce, which "
+                                 "is not set (fastmlp.distributed)")
+            g[:count] *= np.float32(n)
+            g[count] = n
+            stream = 0
+            if is_cupy(g):
+                stream = cupy_module().cuda.get_current_stream().ptr
+            from .._interop import address
+
+            self._allreduce(address(g), count + 1, stream)
+            total = g[count:count + 1]
+            if float(total[0]) > 0.0:
+                g[:count] /= total
         else:
             raise ValueError(f"python executor: no rule for opcode {code!r}")
 
