@@ -1,8 +1,8 @@
 """fastmlp: dense neural networks trained with hand-written C++ and CUDA kernels."""
 from __future__ import annotations
 
-from . import (_C, _nvtx, adversarial, callbacks, datasets, explain, layers, losses, metrics,
-               ops, optim, privacy, reference, regularizers)
+from . import (_C, _nvtx, adversarial, callbacks, datasets, distributed, explain, layers,
+               losses, metrics, ops, optim, privacy, reference, regularizers)
 from ._interop import cuda_status, cupy_module
 from ._random import set_seed
 from .layers import Activation, BatchNormalization, Dense, Dropout, LayerNormalization
@@ -14,7 +14,8 @@ __all__ = ["backends", "ops", "reference", "set_seed", "set_matmul_precision",
            "get_matmul_precision", "set_num_threads", "get_num_threads", "set_flush_denormal",
            "get_flush_denormal", "Dense", "Activation", "Dropout", "BatchNormalization",
            "LayerNormalization", "Sequential", "load_model",
-           "adversarial", "callbacks", "datasets", "explain", "layers", "losses", "metrics", "optim",
+           "adversarial", "callbacks", "datasets", "distributed", "explain", "layers", "losses",
+           "metrics", "optim",
            "privacy", "regularizers",
            "__version__"]
 

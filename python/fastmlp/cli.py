@@ -3,6 +3,7 @@
     fastmlp train                      # 784-128-10 on Fashion-MNIST, Adam 1e-3, batch 32, 10 epochs
     fastmlp train --hidden 256 128 --epochs 5 --device cuda --save model.safetensors
     fastmlp train --adversarial pgd --eps 0.1 --save robust.safetensors
+    mpiexec -n 4 fastmlp train         # data-parallel over 4 processes (batch 32 each)
     fastmlp evaluate model.safetensors
     fastmlp evaluate model.safetensors --adversarial pgd --eps 0.1
     fastmlp explain model.safetensors --index 0 5 9 --method integrated_gradients --out fig.png
@@ -135,6 +136,10 @@ def _train(args) -> int:
 
     if args.epochs < 1 or args.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1")
+    if fm.distributed.launched_by_mpi():  # mpiexec -n N fastmlp train: data-parallel
+        fm.distributed.init()
+    # distributed: rank 0 prints (and saves: model.save writes on rank 0 only)
+    say = print if fm.distributed.is_root() else (lambda *a, **k: None)
     fm.set_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = _load(args.dataset, args.data)
     if args.limit is not None:
@@ -163,29 +168,32 @@ def _train(args) -> int:
     extras += [f"Dropout({args.dropout})"] if args.hidden and args.dropout else []
     if extras:
         sizes += f" ({', '.join(extras)})"
-    print(f"fastmlp train: {args.dataset} {sizes} {opt!r} batch {args.batch_size}, "
-          f"{args.epochs} epochs, {len(x_train)} samples"
+    procs = fm.distributed.size()
+    per = f" per process x {procs} processes" if procs > 1 else ""
+    say(f"fastmlp train: {args.dataset} {sizes} {opt!r} batch {args.batch_size}{per}, "
+        f"{args.epochs} epochs, {len(x_train)} samples"
           + (f" ({args.validation_split:g} held out for validation)"
              if args.validation_split else ""), flush=True)
     attack = _attack(args)
     if attack is not None:
-        print(f"adversarial training: {attack!r}", flush=True)
+        say(f"adversarial training: {attack!r}", flush=True)
     t0 = time.perf_counter()
     history = model.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
                         validation_split=args.validation_split, verbose=args.verbose,
                         device=args.device, adversarial=attack)
     total = time.perf_counter() - t0
     times = history.history["time"]
-    print(f"trained on {model.device} in {total:.1f} s ({np.median(times):.2f} s/epoch median)")
+    say(f"trained on {model.device}{f' x {procs} processes' if procs > 1 else ''} in "
+        f"{total:.1f} s ({np.median(times):.2f} s/epoch median)")
     result = model.evaluate(x_test, y_test)
-    print(f"test loss {result['loss']:.4f} - test accuracy {result['accuracy']:.4f}")
+    say(f"test loss {result['loss']:.4f} - test accuracy {result['accuracy']:.4f}")
     if attack is not None:
         robust = model.evaluate(x_test, y_test, adversarial=attack)
-        print(f"robust test loss {robust['loss']:.4f} - robust test accuracy "
-              f"{robust['accuracy']:.4f} ({attack!r})")
+        say(f"robust test loss {robust['loss']:.4f} - robust test accuracy "
+            f"{robust['accuracy']:.4f} ({attack!r})")
     if args.save:
         model.save(args.save)
-        print(f"saved {args.save}")
+        say(f"saved {args.save}")
     return 0
 
 
