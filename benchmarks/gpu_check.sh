@@ -161,7 +161,7 @@ RESERVE=$((TUNE_BUDGET_S + 30 + 150))
 # time, what it cut is the long tail of op-shape twins, not the training path.
 GPU_TESTS=(tests/test_ops.py tests/test_engine_gpu.py tests/test_train_gpu.py tests/test_gpu.py
            tests/test_fused.py tests/test_layers.py tests/test_privacy.py tests/test_explain.py
-           tests/test_adversarial.py tests/test_gemm_cuda.py)
+           tests/test_adversarial.py tests/test_distributed.py tests/test_gemm_cuda.py)
 for f in tests/test_*.py; do
     [[ " ${GPU_TESTS[*]} " == *" $f "* ]] || GPU_TESTS+=("$f")
 done
