@@ -144,8 +144,8 @@ namespace engine {
 //             grads holds count + 1 floats (the flat gradients, then one slot):
 //             grads[i] *= n, grads[count] = n, then the engine's all-reduce
 //             hook sums the count + 1 floats over the processes in place (MPI
-//             on the CPU, NCCL on the engine's stream on CUDA: captured into
-//             the step's graph), then grads[i] /= grads[count] (when > 0). So
+//             on the CPU, NCCL on the engine's stream on CUDA, run eagerly
+//             between the step's graphs), then grads[i] /= grads[count] (when > 0). So
 //             every process holds sum_p n_p g_p / sum_p n_p: the gradient of
 //             the mean loss over all processes' rows of the step.
 // step_end    buf: state, scalars-, penalty-

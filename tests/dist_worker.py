@@ -36,7 +36,8 @@ def main(cfg_path, out):
     fm.distributed.init()
     rank = fm.distributed.rank()
     fm.set_seed(cfg.get("seed", 0))
-    x, y = data(cfg["n"], cfg["features"], cfg["classes"])
+    n = cfg["n"] if rank == 0 else cfg.get("n_others", cfg["n"])
+    x, y = data(n, cfg["features"], cfg["classes"])
     model = model_of(cfg)
     extra = {}
     callbacks = []

@@ -187,6 +187,20 @@ def test_one_process_world_equals_plain_training():
     assert ev["accuracy"] == b.evaluate(x, y)["accuracy"]
 
 
+@pytest.mark.parametrize("shuffles", [(False, True), (True, False)])
+def test_shuffling_changes_between_fits(shuffles):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(150, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 150).astype(np.int32)
+    a, b = _tiny(fm.optim.Adam(lr=0.01)), _tiny(fm.optim.Adam(lr=0.01))
+    for shuffle in shuffles:
+        a.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=shuffle)
+        with D._using(D.LocalWorld()):
+            b.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=shuffle)
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_engine_equals_python_executor_with_the_allreduce(monkeypatch):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(57, 4)).astype(np.float32)
@@ -344,6 +358,16 @@ def test_exception_on_one_process_aborts_all(tmp_path):
     text = r.stdout + r.stderr
     assert "process 1 of 2 failed" in text and "rank 1 fails on purpose" in text
     assert not (out / "rank0.npz").exists()  # rank 0 did not finish on its own
+
+
+@needs_mpi
+def test_processes_with_different_data_abort_instead_of_hanging(tmp_path):
+    cfg = {**BASE, "optimizer": "sgd", "n": 200, "n_others": 150}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = mpirun(2, [sys.executable, str(WORKER), str(tmp_path / "cfg.json"), str(tmp_path)],
+               tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert "the processes disagree on rows (150 .. 200)" in r.stdout + r.stderr
 
 
 @needs_mpi

@@ -8,7 +8,8 @@
 // optimizer constants of step s are hyper[s] (a table the host writes once
 // per pass), and the only per-step launch value, the step's row count n, is
 // part of the graph key. So a pass captures at most two training graphs: the
-// full batch and the last partial one.
+// full batch and the last partial one. (Distributed training splits a step's
+// graph at its all-reduce, which runs eagerly between the parts: see Slot.)
 //
 // Streams: the engine works on its own non-blocking stream. CUDA forbids
 // capturing the legacy default stream, which is CuPy's default (Stream.null),
@@ -470,9 +471,9 @@ struct CudaDev {
         cuda::detail::check_launch();
     }
 
-    // engine.h's allreduce: the hook (CuPy's NCCL) is called on the engine's
-    // stream, so under capture its all-reduce kernel is recorded into the step's
-    // graph between the two scaling kernels.
+    // engine.h's allreduce: the hook (CuPy's NCCL) enqueues the all-reduce on
+    // the engine's stream between the two scaling kernels. Never captured: the
+    // engine runs allreduce ops eagerly between a step's graphs (see Slot).
     static void allreduce(float* grads, int64_t count, int64_t rows, const AllreduceHook& hook,
                           Stream stream) {
         const int blocks = static_cast<int>(
@@ -696,18 +697,26 @@ protected:
 
 private:
     // One (list, rows) key: warmed after its first (eager) step, captured at
-    // its second, replayed from the third on.
+    // its second, replayed from the third on. A step is one graph, or, in a
+    // list with allreduce ops (distributed training), one graph per run of ops
+    // between them: the all-reduce itself always runs eagerly between the
+    // graphs. NCCL could be captured, but it requires every process to
+    // capture or replay the same collectives together, and the processes'
+    // row counts -- hence their graph keys -- differ in an epoch's last step;
+    // eager, the all-reduce is the same call on every process (and no Python
+    // runs inside a capture). graphs[k] / execs[k]: segment k (null: empty).
     struct Slot {
         int list;
         int64_t rows;
-        cudaGraph_t graph;
-        cudaGraphExec_t exec;
+        bool captured;
+        std::vector<cudaGraph_t> graphs;
+        std::vector<cudaGraphExec_t> execs;
     };
 
     void run_step(int list, int64_t n) {
         Slot* slot = find_slot(list, n);
-        if (slot != nullptr && slot->exec != nullptr) {
-            CUDA_CHECK(cudaGraphLaunch(slot->exec, stream_));
+        if (slot != nullptr && slot->captured) {
+            replay(*slot, list, n);
             return;
         }
         if (slot == nullptr || !use_graphs_) {
@@ -716,11 +725,11 @@ private:
             // (e.g. a GEMM configuration's shared-memory attribute), which
             // must not happen for the first time inside a capture.
             run_ops(list, n);
-            if (slot == nullptr && use_graphs_) slots_.push_back(Slot{list, n, nullptr, nullptr});
+            if (slot == nullptr && use_graphs_) slots_.push_back(Slot{list, n, false, {}, {}});
             return;
         }
         capture(*slot, list, n);
-        CUDA_CHECK(cudaGraphLaunch(slot->exec, stream_));
+        replay(*slot, list, n);
     }
 
     void run_ops(int list, int64_t n) {
@@ -728,21 +737,51 @@ private:
         for (const PlanOp& op : ops_[list]) run_op<CudaDev>(op, table, n, stream_, allreduce_);
     }
 
+    // The segments' graphs, with the allreduce ops between them run eagerly.
+    void replay(const Slot& slot, int list, int64_t n) {
+        const std::vector<PlanOp>& ops = ops_[list];
+        size_t seg = 0;
+        for (size_t i = 0; i <= ops.size(); ++i) {
+            if (i < ops.size() && ops[i].code != OpCode::allreduce) continue;
+            if (slot.execs[seg] != nullptr) CUDA_CHECK(cudaGraphLaunch(slot.execs[seg], stream_));
+            ++seg;
+            if (i < ops.size()) run_op<CudaDev>(ops[i], bufs_.data(), n, stream_, allreduce_);
+        }
+    }
+
+    // Captures each segment of the list's ops (runs of ops between allreduce
+    // ops); nothing runs: replay() then launches them.
     void capture(Slot& slot, int list, int64_t n) {
-        cudaGraph_t graph = nullptr;
-        {
-            CaptureGuard capture(stream_);
-            run_ops(list, n);
-            graph = capture.finish();
+        const std::vector<PlanOp>& ops = ops_[list];
+        std::vector<cudaGraph_t> graphs;
+        std::vector<cudaGraphExec_t> execs;
+        try {
+            size_t begin = 0;
+            for (size_t i = 0; i <= ops.size(); ++i) {
+                if (i < ops.size() && ops[i].code != OpCode::allreduce) continue;
+                graphs.push_back(nullptr);
+                execs.push_back(nullptr);
+                if (i > begin) {
+                    {
+                        CaptureGuard capture(stream_);
+                        for (size_t k = begin; k < i; ++k)
+                            run_op<CudaDev>(ops[k], bufs_.data(), n, stream_, allreduce_);
+                        graphs.back() = capture.finish();
+                    }
+                    CUDA_CHECK(cudaGraphInstantiate(&execs.back(), graphs.back(), 0));
+                }
+                begin = i + 1;
+            }
+        } catch (...) {
+            for (cudaGraphExec_t e : execs)
+                if (e != nullptr) cudaGraphExecDestroy(e);
+            for (cudaGraph_t g : graphs)
+                if (g != nullptr) cudaGraphDestroy(g);
+            throw;
         }
-        cudaGraphExec_t exec = nullptr;
-        const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
-        if (err != cudaSuccess) {
-            cudaGraphDestroy(graph);
-            CUDA_CHECK(err);
-        }
-        slot.graph = graph;
-        slot.exec = exec;
+        slot.graphs = std::move(graphs);
+        slot.execs = std::move(execs);
+        slot.captured = true;
         ++graphs_captured_;
     }
 
@@ -770,8 +809,10 @@ private:
                 slots_[kept++] = s;
                 continue;
             }
-            if (s.exec != nullptr) cudaGraphExecDestroy(s.exec);
-            if (s.graph != nullptr) cudaGraphDestroy(s.graph);
+            for (cudaGraphExec_t e : s.execs)
+                if (e != nullptr) cudaGraphExecDestroy(e);
+            for (cudaGraph_t g : s.graphs)
+                if (g != nullptr) cudaGraphDestroy(g);
         }
         slots_.resize(kept);
     }

@@ -175,6 +175,14 @@ class MPIWorld(World):
 
     def _nccl(self):
         if self._nccl_hook is None:
+            from ._interop import cupy_module
+
+            gpus = cupy_module().cuda.runtime.getDeviceCount()
+            if self.local_size > gpus:
+                raise RuntimeError(f"fastmlp.distributed: {self.local_size} processes on this "
+                                   f"node share {gpus} GPU(s); NCCL needs one GPU per "
+                                   "process: start at most as many processes per node as "
+                                   "it has GPUs (or train on the CPU: device='cpu')")
             nccl = _nccl_module()
             uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
             self._nccl_hook = _NcclHook(nccl.NcclCommunicator(self.size, uid, self.rank), nccl)
@@ -276,6 +284,7 @@ def _using(world):
         yield world
     finally:
         _world = previous
+        world.forced = False
 
 
 def fail_message(exc: BaseException) -> str:

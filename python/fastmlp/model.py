@@ -607,10 +607,12 @@ class Sequential:
         an ONNX graph (default opset 17; ``opset`` >= 17) with input ``"input"`` float32
         (batch, features) and output ``"output"``, computing what :meth:`predict` does
         (see :mod:`fastmlp.export`). Needs the ``onnx`` package (``pip install
-        fastmlp[onnx]``)."""
+        fastmlp[onnx]``). Distributed: only rank 0 writes, as :meth:`save`."""
+        from .distributed import is_root
         from .export import export
 
-        export(self, path, format=format, opset=opset)
+        if is_root():
+            export(self, path, format=format, opset=opset)
 
     def __repr__(self):
         return f"Sequential({self.layers!r})"

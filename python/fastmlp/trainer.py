@@ -179,6 +179,19 @@ def shard_range(n: int, size: int, rank: int) -> tuple:
     return rank * n // size, (rank + 1) * n // size
 
 
+def _check_same_everywhere(world, where, **values):
+    """ValueError (on every process) unless every process passed the same ``values``:
+    different data sizes or batch sizes would leave processes waiting for each other."""
+    names = list(values)
+    vec = np.array([values[k] for k in names], np.float64)
+    lo, hi = world.allreduce(vec.copy(), "min"), world.allreduce(vec.copy(), "max")
+    bad = [f"{k} ({int(a)} .. {int(b)})" for k, a, b in zip(names, lo, hi) if a != b]
+    if bad:
+        raise ValueError(f"{where}: the processes disagree on {', '.join(bad)}; a distributed "
+                         f"{where} needs the same data and arguments on every process (each "
+                         "process passes all the rows: it reads only its share)")
+
+
 def _sync_from_root(model, bound, world):
     """Every process takes rank 0's weights, optimizer state and step count (a fit
     starts from the same model everywhere, whatever each process initialised)."""
@@ -232,6 +245,9 @@ def _fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, i
                              "train it in one process")
         if world.rank != 0:
             verbose = 0
+        _check_same_everywhere(world, "fit", rows=n, batch_size=batch_size, epochs=epochs,
+                               initial_epoch=initial_epoch, features=int(x.shape[1]),
+                               validation_rows=-1 if val is None else len(val[0]))
         # the same seeds, step count and shuffling position everywhere (rank 0's)
         model._shuffle_seed, model._shuffle_count, opt.iterations = world.bcast_object(
             (model._shuffle_seed, model._shuffle_count, opt.iterations))
@@ -274,10 +290,12 @@ def _fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, i
     local = None  # distributed: this process's rows of the epoch's order, step by step
     if world is not None:
         key = ("shard", xp.__name__, n, world.size, world.rank, batch_size)
-        if key not in bound.orders:
+        if key not in bound.orders:  # the positions, and their rows of the shuffled order
             pos = xp.asarray(positions)
-            bound.orders[key] = (pos, pos if order is None else xp.empty_like(pos))
+            bound.orders[key] = (pos, xp.empty_like(pos))
         shard_pos, local = bound.orders[key]
+        if order is None:  # in order: the positions are the rows
+            local = shard_pos
     eng.bind(train_x=x, train_y=y, train_order=order if local is None else local)
     if sample_weight is not None:
         eng.bind(train_sw=sample_weight)
@@ -308,6 +326,12 @@ def _fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, i
     model._initial_epoch = initial_epoch  # a callback may move it (BackupAndRestore), as in Keras
     for cb in callbacks:
         cb.on_train_begin()
+    if world is not None:
+        # rank 0's state after the callbacks (BackupAndRestore may have restored a backup:
+        # rank 0's counts, also where the other processes cannot read its files)
+        model._initial_epoch, model._shuffle_count, opt.iterations = world.bcast_object(
+            (model._initial_epoch, model._shuffle_count, opt.iterations))
+        _sync_from_root(model, bound, world)
     for epoch in range(model._initial_epoch, epochs):
         for cb in callbacks:
             cb.on_epoch_begin(epoch)
@@ -591,6 +615,8 @@ def evaluate(model, x, y, batch_size, adversarial=None) -> dict:
         bound = bind(model, min(batch_size, n), sample_weight=_bound_sample_weight(model))
         bound.plan.use(EVALUATE, adversarial)
         if world is not None:
+            _check_same_everywhere(world, "evaluate", rows=n, batch_size=batch_size,
+                                   features=int(x.shape[1]))
             lo, hi = shard_range(n, world.size, world.rank)
             x, y = x[lo:hi], y[lo:hi]
         eng = _evaluation_engine(model, bound, x)
