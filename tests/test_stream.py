@@ -424,3 +424,24 @@ def test_the_python_executor_streams_alike(monkeypatch, rng):
     assert hb.params["engine"] == "python"
     same_history(ha, hb)
     same_weights(a, b)
+
+
+def test_adversarial_training_streams_alike(rng):
+    """fit(adversarial=...) on a dataset: each batch's adversarial rows are made in its
+    step, as in the in-memory fit (the attack's counter is the optimizer step)."""
+    x, y = data(rng, n=64)
+    xf = scaled(x)
+    a, b = mlp(), mlp()
+    pgd = fm.adversarial.PGD(eps=0.1, alpha=0.05, steps=2)
+    ha = a.fit(xf, y, epochs=2, batch_size=16, shuffle=False, adversarial=pgd, verbose=0,
+               device="cpu")
+    hb = b.fit(batches(xf, y, 16), epochs=2, adversarial=pgd, verbose=0, device="cpu")
+    same_history(ha, hb)
+    same_weights(a, b)
+
+
+def test_a_dp_optimizer_is_refused_for_a_gathered_memmap(tmp_path, rng):
+    x, y = data(rng, n=16)
+    with pytest.raises(ValueError, match="a DP optimizer .*does not apply to a memory-mapped"):
+        mlp(optimizer=fm.privacy.DPSGD(lr=0.1)).fit(as_memmap(tmp_path, x), y, verbose=0,
+                                                    device="cpu")
