@@ -445,3 +445,19 @@ def test_a_dp_optimizer_is_refused_for_a_gathered_memmap(tmp_path, rng):
     with pytest.raises(ValueError, match="a DP optimizer .*does not apply to a memory-mapped"):
         mlp(optimizer=fm.privacy.DPSGD(lr=0.1)).fit(as_memmap(tmp_path, x), y, verbose=0,
                                                     device="cpu")
+
+
+def test_evaluate_and_predict_of_a_dataset_equal_in_memory(backend, rng):
+    x, y = data(rng, n=90)
+    model = mlp(metrics=("accuracy", "sparse_top_k_categorical_accuracy"))
+    model.fit(x, y, epochs=1, verbose=0, device=device_of(backend))
+    ds = batches(x, y, 32)
+    assert model.evaluate(ds) == model.evaluate(x, y, batch_size=32)
+    assert model.evaluate(iter(ds), batch_size=40) == model.evaluate(x, y, batch_size=32)
+    np.testing.assert_array_equal(model.predict(b for b, _ in ds), backend.host(model.predict(x)))
+    np.testing.assert_array_equal(model.predict(ds), backend.host(model.predict(x)))
+    with pytest.raises(ValueError, match="evaluate: batch 1 of the dataset has 32 rows, more "
+                                         "than batch_size=20"):
+        model.evaluate(ds, batch_size=20)
+    with pytest.raises(ValueError, match="evaluate: 'y' is missing"):
+        model.evaluate(x)

@@ -32,6 +32,21 @@ __all__ = ["Sequential", "load_model"]
 _EVAL_BATCH = _trainer.EVAL_BATCH
 
 
+class _Default:
+    """A fit default that depends on the data (arrays or a dataset of batches), so that
+    an explicit None stays an error for arrays."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+_BATCH_DEFAULT = _Default("32 (arrays) / the first batch's rows (a dataset)")
+_SHUFFLE_DEFAULT = _Default("True (arrays)")
+
+
 # ------------------------------------------------------------------------- devices
 
 
@@ -339,8 +354,9 @@ class Sequential:
         return x, y
 
     # -- fit ----------------------------------------------------------------------------
-    def fit(self, x, y=None, epochs: int = 1, batch_size: int | None = None,
-            validation_data=None, validation_split: float = 0.0, shuffle: bool | None = None,
+    def fit(self, x, y=None, epochs: int = 1, batch_size: int = _BATCH_DEFAULT,
+            validation_data=None, validation_split: float = 0.0,
+            shuffle: bool = _SHUFFLE_DEFAULT,
             verbose: int = 1, callbacks=None, device: str = "auto", initial_epoch: int = 0,
             check_finite: bool = True, sample_weight=None, class_weight=None,
             poisson_sampling: bool = False, adversarial=None,
@@ -405,9 +421,10 @@ class Sequential:
                              "epochs is the number of the last epoch to run, counted from 0 "
                              "as in Keras")
         dataset = y is None
+        if batch_size is _BATCH_DEFAULT:
+            batch_size = None if dataset else 32
         if batch_size is not None or not dataset:
-            batch_size = _int_arg(32 if batch_size is None else batch_size, "batch_size",
-                                  "fit", 1)
+            batch_size = _int_arg(batch_size, "batch_size", "fit", 1)
         if steps_per_epoch is not None:
             if not dataset:
                 raise ValueError("fit: 'steps_per_epoch' applies to a dataset of batches "
@@ -417,13 +434,14 @@ class Sequential:
             return self._fit_dataset(x, epochs=epochs, batch_size=batch_size,
                                      steps_per_epoch=steps_per_epoch,
                                      validation_data=validation_data,
-                                     validation_split=validation_split, shuffle=shuffle,
+                                     validation_split=validation_split,
+                                     shuffle=None if shuffle is _SHUFFLE_DEFAULT else shuffle,
                                      verbose=verbose, callbacks=callbacks, device=device,
                                      initial_epoch=initial_epoch, check_finite=check_finite,
                                      sample_weight=sample_weight, class_weight=class_weight,
                                      poisson_sampling=poisson_sampling,
                                      adversarial=adversarial)
-        shuffle = True if shuffle is None else shuffle
+        shuffle = True if shuffle is _SHUFFLE_DEFAULT else shuffle
         if isinstance(validation_split, (bool, np.bool_)) \
                 or not isinstance(validation_split, (int, float, np.integer, np.floating)) \
                 or not 0.0 <= validation_split < 1.0:
@@ -604,7 +622,7 @@ class Sequential:
         return xp.ascontiguousarray(w, dtype=np.float32)
 
     # -- evaluate / predict -------------------------------------------------------------
-    def evaluate(self, x, y, batch_size: int | None = None, verbose: int = 0,
+    def evaluate(self, x, y=None, batch_size: int | None = None, verbose: int = 0,
                  check_finite: bool = True, adversarial=None) -> dict:
         """``{"loss": mean loss, "accuracy": ...}`` over (x, y), on the model's device.
         ``check_finite`` as in :meth:`fit`. ``adversarial``: ``fm.adversarial.FGSM(...)``
@@ -613,13 +631,27 @@ class Sequential:
         ``np.memmap`` (see :meth:`fit`): only a float32 C-contiguous one on the CPU is
         read in place (not scanned for NaN / Inf up front); any other is read in
         chunks of whole batches, each checked and converted (same result, bit for bit;
-        no ``adversarial``, no ``auc`` metric)."""
+        no ``adversarial``, no ``auc`` metric). ``x`` may also be an iterable of
+        ``(x, y)`` batches with ``y`` None (``batch_size``: the largest batch, default
+        the first batch's rows; no ``adversarial``, no ``auc``)."""
         from .adversarial import as_spec
 
         self._require_compiled("evaluate")
         verbose = _verbose_arg(verbose, "evaluate")
         check_finite = _bool_arg(check_finite, "check_finite", "evaluate")
         adversarial = as_spec(adversarial, "evaluate")
+        if y is None:
+            if not _stream.is_dataset(x):
+                raise ValueError("evaluate: 'y' is missing: pass evaluate(x, y) with arrays, or "
+                                 "an iterable of (x, y) batches as x (with y None)")
+            if adversarial is not None:
+                raise ValueError("evaluate: adversarial does not apply to a dataset of batches")
+            logs = _stream.evaluate_dataset(
+                self, x, None if batch_size is None else self._batch_arg(batch_size, "evaluate"),
+                check_finite)
+            if verbose:
+                print(_trainer.format_logs(logs))
+            return logs
         if isinstance(x, np.memmap) and _stream.needs_host_gather(self, self._prepare_x(x, "x")):
             if adversarial is not None:
                 raise ValueError("evaluate: adversarial does not apply to a memory-mapped x "
@@ -642,9 +674,12 @@ class Sequential:
         """The last layer's output for each row of ``x`` (softmax probabilities when the
         last activation is softmax). NumPy in -> NumPy out; CuPy in -> CuPy out.
         ``check_finite`` as in :meth:`fit`. ``x`` may be an ``np.memmap`` (see
-        :meth:`evaluate`); the output is then a NumPy array in memory."""
+        :meth:`evaluate`); the output is then a NumPy array in memory. ``x`` may also
+        be an iterable of x batches (or of (x, y) batches): their outputs concatenated."""
         self._require_built("predict")
         check_finite = _bool_arg(check_finite, "check_finite", "predict")
+        if _stream.is_dataset(x):
+            return _stream.predict_dataset(self, x, batch_size, check_finite)
         want_cupy = is_cupy(_as_input(x, "x"))
         x = self._prepare_x(x, "x")
         if _stream.needs_host_gather(self, x):

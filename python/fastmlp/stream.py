@@ -180,32 +180,32 @@ class Prefetcher:
         self._thread.join(timeout)
 
 
-def _check_pair(item, i):
+def _check_pair(item, i, where="fit"):
     if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise ValueError(f"fit: batch {i} of the dataset must be a tuple (x, y), got "
+        raise ValueError(f"{where}: batch {i} of the dataset must be a tuple (x, y), got "
                          f"{type(item).__name__}" + (f" of {len(item)} items"
                                                      if isinstance(item, (tuple, list)) else ""))
 
 
-def _prepare_batch(model, item, i, capacity, check_finite, device_id):
+def _prepare_batch(model, item, i, capacity, check_finite, device_id, where="fit"):
     """One dataset batch checked and converted (in the prefetch thread): (x float32,
     y as the loss takes it), C-contiguous, on the model's device. Messages name the
     batch (``i``, counted from 1 in the epoch, or in the fit with steps_per_epoch)."""
     from .model import _as_input, _check_finite
 
-    _check_pair(item, i)
+    _check_pair(item, i, where)
     name = f"x of batch {i}"
     x = model._prepare_x(item[0], name)
     rows = len(x)
     if rows == 0:
-        raise ValueError(f"fit: batch {i} of the dataset has no rows")
+        raise ValueError(f"{where}: batch {i} of the dataset has no rows")
     if rows > capacity:
-        raise ValueError(f"fit: batch {i} of the dataset has {rows} rows, more than "
+        raise ValueError(f"{where}: batch {i} of the dataset has {rows} rows, more than "
                          f"batch_size={capacity} (the largest batch to expect: pass a larger "
-                         "batch_size to fit)")
+                         f"batch_size to {where})")
     y = _as_input(item[1], f"y of batch {i}")
     if y.ndim == 0 or len(y) != rows:
-        raise ValueError(f"fit: batch {i} of the dataset has {rows} rows in x but "
+        raise ValueError(f"{where}: batch {i} of the dataset has {rows} rows in x but "
                          f"{'no rows' if y.ndim == 0 else len(y)} in y")
     y = model.loss.labels(y, rows, model.output_dim, where=f"y of batch {i}")
     x_float = x.dtype.kind == "f"
@@ -217,9 +217,9 @@ def _prepare_batch(model, item, i, capacity, check_finite, device_id):
     x = xp.ascontiguousarray(x, dtype=np.float32)
     if check_finite:
         if x_float:
-            _check_finite(x, name, "fit")
+            _check_finite(x, name, where)
         if y.dtype.kind == "f":
-            _check_finite(y, f"y of batch {i}", "fit")
+            _check_finite(y, f"y of batch {i}", where)
     if device_id is not None:  # on the prefetch thread's stream
         cp = cupy_module()
         x, y = cp.ascontiguousarray(cp.asarray(x)), cp.ascontiguousarray(cp.asarray(y))
@@ -609,3 +609,54 @@ def predict_host(model, x, batch_size, check_finite=True):
         part = _trainer.predict(model, xc, batch_size)
         out[lo:lo + len(xc)] = cupy_module().asnumpy(part) if is_cupy(part) else part
     return out
+
+
+def evaluate_dataset(model, dataset, batch_size=None, check_finite=True):
+    """``{"loss", <metrics>}`` over an iterable of (x, y) batches (read once, in this
+    thread): each batch checked as fit checks it, one engine pass per batch, the sums
+    added on the host -- the in-memory evaluation of the concatenated batches when they
+    are its batches. ``batch_size``: the largest batch (None: the first batch's rows)."""
+    it = iter(dataset)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("evaluate: the dataset gave no batch") from None
+    _check_pair(first, 1, "evaluate")
+    model._require_built("evaluate")
+    if batch_size is None:
+        batch_size = max(1, len(model._prepare_x(first[0], "x of batch 1")))
+    cap = int(batch_size)
+    bound = _trainer.bind(model, cap, sample_weight=_trainer._bound_sample_weight(model))
+    bound.plan.use(EVALUATE, None)
+    if bound.plan.has("eval.auc_scores"):
+        raise ValueError("evaluate: the 'auc' metric is not available for a dataset of batches "
+                         "(it stores one prediction per row of a fixed pass)")
+    eng = bound.engine(_engine.choose(model.device)[0], model.optimizer)
+    feed = _Feed(eng, "eval", cap)
+    device_id = cupy_module().cuda.Device().id if model.device == "cuda" else None
+    acc, seen = _fresh_sums(), 0
+    try:
+        for step, item in enumerate(itertools.chain([first], it)):
+            x, y = _prepare_batch(model, item, step + 1, cap, check_finite, device_id,
+                                  "evaluate")
+            source_rows = feed.put(x, y)
+            eng.begin_pass()
+            eng.run(EVALUATE, len(x), cap, 0, 1, source_rows=source_rows)
+            _add_sums(acc, eng.state(), step)
+            seen += len(x)
+    finally:
+        feed.release()
+    return _trainer._logs(model, eng, acc, seen, "eval", penalty=_trainer.penalty(model))
+
+
+def predict_dataset(model, dataset, batch_size, check_finite=True):
+    """The model's output for an iterable of x batches (or of (x, y) batches: y is
+    ignored), concatenated: NumPy, or CuPy when the batches are CuPy arrays."""
+    outs = []
+    for item in dataset:
+        x = item[0] if isinstance(item, (tuple, list)) and len(item) == 2 else item
+        outs.append(model.predict(x, batch_size=batch_size, check_finite=check_finite))
+    if not outs:
+        raise ValueError("predict: the dataset gave no batch")
+    xp = cupy_module() if is_cupy(outs[0]) else np
+    return xp.concatenate([xp.asarray(o) for o in outs])
