@@ -67,9 +67,9 @@ def _read_at_most(f, n: int) -> bytearray:
     return buf
 
 
-def _parse_idx(path: Path, f, what: str) -> np.ndarray:
-    """The IDX array in stream ``f`` (``what`` names it in messages): the header, then
-    at most one byte more than the header's sizes claim."""
+def _parse_header(path: Path, f, what: str):
+    """(shape, file dtype, header bytes) of the IDX header at the start of stream ``f``
+    (``what`` names the stream in messages)."""
     head = _read_at_most(f, 4)
     if len(head) < 4:
         raise ValueError(f"{path}: not an IDX file: {len(head)} bytes, shorter than the "
@@ -86,7 +86,13 @@ def _parse_idx(path: Path, f, what: str) -> np.ndarray:
         raise ValueError(f"{path}: truncated IDX header: rank {rank} needs {header} bytes, "
                          f"{what} has {4 + len(sizes)}")
     shape = tuple(int.from_bytes(sizes[4 * i: 4 * i + 4], "big") for i in range(rank))
-    dtype = _IDX_DTYPES[code]
+    return shape, _IDX_DTYPES[code], header
+
+
+def _parse_idx(path: Path, f, what: str) -> np.ndarray:
+    """The IDX array in stream ``f`` (``what`` names it in messages): the header, then
+    at most one byte more than the header's sizes claim."""
+    shape, dtype, header = _parse_header(path, f, what)
     # Python ints: 255 sizes of up to 2^32 - 1 would overflow int64 (np.prod).
     nbytes = math.prod(shape) * dtype.itemsize
     data = _read_at_most(f, nbytes + 1)  # one byte beyond the claim reveals trailing data
@@ -106,7 +112,7 @@ def _parse_idx(path: Path, f, what: str) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=False)
 
 
-def read_idx(path) -> np.ndarray:
+def read_idx(path, mmap: bool = False) -> np.ndarray:
     """Read an IDX file (raw or gzip-compressed) into a NumPy array.
 
     The magic number, the rank, the sizes and the data length are checked; a
@@ -114,11 +120,27 @@ def read_idx(path) -> np.ndarray:
     The result has the native byte order and the file's element type (uint8 for
     the MNIST files). It reads at most one byte more than the header's sizes claim,
     so a gzip bomb stops early.
+
+    ``mmap=True`` maps an uncompressed file instead of reading it: the result is a
+    read-only ``np.memmap`` (mode "r") over the file's data, after the same header
+    checks (the file's size must be the header's plus the data's bytes). Pages are
+    read when touched, so ``fit`` / ``evaluate`` / ``predict`` can train on data
+    larger than memory. The wider types keep the file's big-endian byte order
+    (dtype ``'>i2'``, ``'>i4'``, ``'>f4'``, ``'>f8'``; values are the same, NumPy
+    swaps on access); uint8 and int8 have none. (No data, a 0 among the sizes: a
+    read-only empty ndarray, as mmap cannot map 0 bytes.) A gzip file cannot be mapped:
+    ValueError (decompress it first, e.g. ``gunzip -k file.gz``).
     """
     path = Path(path)
     with open(path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"  # the gzip magic number, whatever the file is called
         raw.seek(0)
+        if mmap:
+            if gz:
+                raise ValueError(f"{path}: a gzip-compressed IDX file cannot be memory-mapped; "
+                                 f"decompress it first (e.g. gunzip -k {path.name}) and map "
+                                 "the raw file")
+            return _map_idx(path, raw)
         if not gz:
             return _parse_idx(path, raw, "the file")
         try:
@@ -126,6 +148,27 @@ def read_idx(path) -> np.ndarray:
                 return _parse_idx(path, f, "the decompressed file")
         except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
+
+
+def _map_idx(path: Path, raw) -> np.ndarray:
+    """The raw IDX file open as ``raw`` as a read-only np.memmap, after the header
+    checks of :func:`_parse_idx` (the data's length from the file's size: nothing of
+    the data is read here)."""
+    size = os.fstat(raw.fileno()).st_size
+    shape, dtype, header = _parse_header(path, raw, "the file")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if size != header + nbytes:
+        what_data = "truncated" if size < header + nbytes else "has trailing bytes"
+        raise ValueError(f"{path}: IDX data {what_data}: shape {shape} of {dtype.name} needs "
+                         f"{header + nbytes} bytes, the file has {size}")
+    if nbytes == 0:  # mmap cannot map zero bytes: an empty, read-only array instead
+        arr = np.zeros(shape, dtype)
+        arr.flags.writeable = False
+        return arr
+    try:
+        return np.memmap(path, dtype=dtype, mode="r", offset=header, shape=shape)
+    except ValueError as e:
+        raise ValueError(f"{path}: IDX shape {shape} is not one NumPy can hold ({e})") from None
 
 
 def search_dirs(name: str, path=None) -> list[Path]:

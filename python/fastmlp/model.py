@@ -20,6 +20,7 @@ import numpy as np
 from . import losses as _losses
 from . import ops as _ops
 from . import optim as _optim
+from . import stream as _stream
 from . import trainer as _trainer
 from ._interop import cuda_status, cupy_module, is_cupy, require_cuda
 from ._random import generator
@@ -29,6 +30,21 @@ from .layers import Activation, Dense, Layer
 __all__ = ["Sequential", "load_model"]
 
 _EVAL_BATCH = _trainer.EVAL_BATCH
+
+
+class _Default:
+    """A fit default that depends on the data (arrays or a dataset of batches), so that
+    an explicit None stays an error for arrays."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+_BATCH_DEFAULT = _Default("32 (arrays) / the first batch's rows (a dataset)")
+_SHUFFLE_DEFAULT = _Default("True (arrays)")
 
 
 # ------------------------------------------------------------------------- devices
@@ -317,6 +333,7 @@ class Sequential:
 
     def _prepare_xy(self, x, y, wx: str, wy: str, where: str, check_finite: bool, row0: int = 0):
         x = self._prepare_x(x, wx)
+        mapped = isinstance(x, np.memmap)  # never scanned whole: see fit's docstring
         y = _as_input(y, wy)
         if len(y) != len(x):
             raise ValueError(f"'{wx}' has {len(x)} samples but '{wy}' has {len(y)}")
@@ -330,18 +347,20 @@ class Sequential:
         else:
             x, y = self._place(x, np.float32), self._place(y, y.dtype)
         if check_finite:  # after the cast: float64 beyond float32's range is Inf here
-            if x_float:
+            if x_float and not mapped:
                 _check_finite(x, wx, where, row0)
             if y.dtype.kind == "f":
                 _check_finite(y, wy, where, row0)
         return x, y
 
     # -- fit ----------------------------------------------------------------------------
-    def fit(self, x, y, epochs: int = 1, batch_size: int = 32, validation_data=None,
-            validation_split: float = 0.0, shuffle: bool = True, verbose: int = 1,
-            callbacks=None, device: str = "auto", initial_epoch: int = 0,
+    def fit(self, x, y=None, epochs: int = 1, batch_size: int = _BATCH_DEFAULT,
+            validation_data=None, validation_split: float = 0.0,
+            shuffle: bool = _SHUFFLE_DEFAULT,
+            verbose: int = 1, callbacks=None, device: str = "auto", initial_epoch: int = 0,
             check_finite: bool = True, sample_weight=None, class_weight=None,
-            poisson_sampling: bool = False, adversarial=None) -> History:
+            poisson_sampling: bool = False, adversarial=None,
+            steps_per_epoch: int | None = None) -> History:
         """Train for ``epochs`` epochs; returns a History (``history.history`` holds the
         per-epoch ``loss``, the metrics and their ``val_*`` twins).
 
@@ -364,16 +383,65 @@ class Sequential:
         trains on the adversarial rows of each batch instead of the batch (adversarial
         training, Madry et al. 2018), made in the training step with the current
         weights; the validation metrics stay on the clean rows (``evaluate(...,
-        adversarial=)`` gives the robust ones).
+        adversarial=)`` gives the robust ones). ``batch_size`` defaults to 32 and
+        ``shuffle`` to True for arrays.
+
+        Data larger than memory (:mod:`fastmlp.stream`):
+
+        * ``x`` an ``np.memmap`` (e.g. ``fm.datasets.read_idx(path, mmap=True)``
+          reshaped to 2-D): only each batch's rows are read. A float32 C-contiguous
+          memmap on the CPU is read in place by the engine; any other (uint8 images,
+          float64, or a CUDA model) has its batches gathered on the host -- the same
+          rows in the same order as for an in-memory array -- and converted one by one
+          (sample_weight, class_weight, poisson_sampling and DP optimizers are not
+          available then). ``check_finite`` does not scan a memmap up front (that
+          would read the whole file): gathered batches are checked one by one, and a
+          NaN read in place shows as a non-finite loss (FloatingPointError), as any
+          diverging run.
+        * ``x`` an iterable of ``(x, y)`` batches (a generator, a list, an object with
+          ``__iter__``) and ``y`` None: a streamed fit. ``steps_per_epoch`` None:
+          each epoch iterates ``x`` afresh until it ends (a generator is used up after
+          one epoch: pass a re-iterable); an int: one iterator for the whole fit, that
+          many batches per epoch. ``batch_size``: the largest batch to expect (default:
+          the first batch's rows); smaller batches are fine. Each batch is checked
+          (labels, and NaN / Inf unless ``check_finite=False``); a background thread
+          reads and converts the next batch while the current step runs, and an
+          exception raised while reading is raised here. ``validation_data`` is
+          arrays; validation_split, shuffle, sample_weight, class_weight,
+          poisson_sampling, DP optimizers and the ``auc`` metric are not available.
         """
         self._require_compiled("fit")
+        if y is None and not _stream.is_dataset(x):
+            raise ValueError("fit: 'y' is missing: pass fit(x, y) with arrays, or an iterable "
+                             "of (x, y) batches as x (with y None)")
         epochs = _int_arg(epochs, "epochs", "fit", 0)
         initial_epoch = _int_arg(initial_epoch, "initial_epoch", "fit", 0)
         if initial_epoch > epochs:
             raise ValueError(f"fit: 'initial_epoch' ({initial_epoch}) is past 'epochs' ({epochs}): "
                              "epochs is the number of the last epoch to run, counted from 0 "
                              "as in Keras")
-        batch_size = _int_arg(batch_size, "batch_size", "fit", 1)
+        dataset = y is None
+        if batch_size is _BATCH_DEFAULT:
+            batch_size = None if dataset else 32
+        if batch_size is not None or not dataset:
+            batch_size = _int_arg(batch_size, "batch_size", "fit", 1)
+        if steps_per_epoch is not None:
+            if not dataset:
+                raise ValueError("fit: 'steps_per_epoch' applies to a dataset of batches "
+                                 "(fit(dataset)), not to arrays")
+            steps_per_epoch = _int_arg(steps_per_epoch, "steps_per_epoch", "fit", 1)
+        if dataset:
+            return self._fit_dataset(x, epochs=epochs, batch_size=batch_size,
+                                     steps_per_epoch=steps_per_epoch,
+                                     validation_data=validation_data,
+                                     validation_split=validation_split,
+                                     shuffle=None if shuffle is _SHUFFLE_DEFAULT else shuffle,
+                                     verbose=verbose, callbacks=callbacks, device=device,
+                                     initial_epoch=initial_epoch, check_finite=check_finite,
+                                     sample_weight=sample_weight, class_weight=class_weight,
+                                     poisson_sampling=poisson_sampling,
+                                     adversarial=adversarial)
+        shuffle = True if shuffle is _SHUFFLE_DEFAULT else shuffle
         if isinstance(validation_split, (bool, np.bool_)) \
                 or not isinstance(validation_split, (int, float, np.integer, np.floating)) \
                 or not 0.0 <= validation_split < 1.0:
@@ -422,6 +490,14 @@ class Sequential:
             x, y = x[:len(x) - n_val], y[:len(x) - n_val]
             if sample_weight is not None:
                 sample_weight = sample_weight[:len(x)]
+        if _stream.needs_host_gather(self, x):  # a memmap: batches gathered on the host
+            return self._fit_memmap(x, y, epochs=epochs, batch_size=batch_size,
+                                    validation_data=validation_data, val_names=val_names,
+                                    val_row0=val_row0, shuffle=shuffle, verbose=verbose,
+                                    callbacks=callbacks, initial_epoch=initial_epoch,
+                                    check_finite=check_finite, sample_weight=sample_weight,
+                                    class_weight=class_weight,
+                                    poisson_sampling=poisson_sampling, adversarial=adversarial)
         x, y = self._prepare_xy(x, y, "x", "y", "fit", check_finite)
         sample_weight = self._sample_weights(sample_weight, class_weight, y, check_finite)
         if len(x) == 0:
@@ -432,20 +508,79 @@ class Sequential:
                 raise ValueError("fit: validation_data must be a tuple (x_val, y_val)")
             val = self._prepare_xy(*validation_data, *val_names, "fit", check_finite, val_row0)
 
+        history, cbs = self._callbacks(callbacks)
+        return _trainer.fit(self, x, y, epochs=epochs, batch_size=batch_size, val=val,
+                            shuffle=shuffle, verbose=verbose, callbacks=cbs,
+                            initial_epoch=initial_epoch, history=history,
+                            sample_weight=sample_weight, poisson_sampling=poisson_sampling,
+                            adversarial=adversarial)
+
+    def _callbacks(self, callbacks):
+        """(History, the callbacks fit calls): History last, as Keras: it records what
+        the other callbacks add to the logs (LearningRateScheduler's learning_rate)."""
         history = History()
-        # History last, as Keras: it records what the other callbacks add to the logs
-        # (LearningRateScheduler's learning_rate)
         cbs: list[Callback] = list(callbacks or []) + [history]
         for cb in cbs:
             if not isinstance(cb, Callback):
                 raise TypeError(f"fit: callbacks must be fm.callbacks.Callback instances, got "
                                 f"{type(cb).__name__}")
             cb.set_model(self)
-        return _trainer.fit(self, x, y, epochs=epochs, batch_size=batch_size, val=val,
-                            shuffle=shuffle, verbose=verbose, callbacks=cbs,
-                            initial_epoch=initial_epoch, history=history,
-                            sample_weight=sample_weight, poisson_sampling=poisson_sampling,
-                            adversarial=adversarial)
+        return history, cbs
+
+    def _stream_val(self, validation_data, names, row0, check_finite):
+        """fit's validation data for a streamed fit: a memmap to gather on the host
+        (evaluated in chunks) or arrays prepared as in-memory fit prepares them."""
+        if validation_data is None:
+            return None
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise ValueError("fit: validation_data must be a tuple (x_val, y_val)")
+        xv = self._prepare_x(validation_data[0], names[0])
+        if _stream.needs_host_gather(self, xv):
+            yv = _stream.host_labels(self, validation_data[1], len(xv), names[1], "fit",
+                                     check_finite, row0)
+            return _stream.HostEval(xv, yv, check_finite, row0, names)
+        return _stream.ArrayEval(*self._prepare_xy(xv, validation_data[1], *names, "fit",
+                                                   check_finite, row0))
+
+    def _fit_dataset(self, dataset, *, epochs, batch_size, steps_per_epoch, validation_data,
+                     validation_split, shuffle, verbose, callbacks, device, initial_epoch,
+                     check_finite, sample_weight, class_weight, poisson_sampling, adversarial):
+        """fit(dataset): checks, then :func:`fastmlp.stream.fit_stream`."""
+        from .adversarial import as_spec
+
+        _stream.check_stream_options(self, "a dataset of batches (fit(dataset))",
+                                     sample_weight=sample_weight, class_weight=class_weight,
+                                     poisson_sampling=poisson_sampling,
+                                     validation_split=validation_split, shuffle=shuffle)
+        verbose = _verbose_arg(verbose, "fit")
+        check_finite = _bool_arg(check_finite, "check_finite", "fit")
+        adversarial = as_spec(adversarial, "fit")
+        self.to(_resolve_device(device, None))
+        history, cbs = self._callbacks(callbacks)
+
+        def val():  # called once the model is built (maybe by the first batch)
+            return self._stream_val(validation_data, ("x_val", "y_val"), 0, check_finite)
+
+        return _stream.fit_stream(self, dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                  batch_size=batch_size, val=val, verbose=verbose,
+                                  callbacks=cbs, initial_epoch=initial_epoch, history=history,
+                                  check_finite=check_finite, adversarial=adversarial)
+
+    def _fit_memmap(self, x, y, *, epochs, batch_size, validation_data, val_names, val_row0,
+                    shuffle, verbose, callbacks, initial_epoch, check_finite, sample_weight,
+                    class_weight, poisson_sampling, adversarial):
+        """fit on a memmap whose batches are gathered on the host: checks, then
+        :func:`fastmlp.stream.fit_memmap`."""
+        _stream.check_stream_options(self, "a memory-mapped x gathered on the host "
+                                     "(not float32 C-contiguous, or a CUDA model)",
+                                     sample_weight=sample_weight, class_weight=class_weight,
+                                     poisson_sampling=poisson_sampling)
+        val = self._stream_val(validation_data, val_names, val_row0, check_finite)
+        history, cbs = self._callbacks(callbacks)
+        return _stream.fit_memmap(self, x, y, epochs=epochs, batch_size=batch_size,
+                                  shuffle=shuffle, val=val, verbose=verbose, callbacks=cbs,
+                                  initial_epoch=initial_epoch, history=history,
+                                  check_finite=check_finite, adversarial=adversarial)
 
     def _sample_weights(self, sample_weight, class_weight, y, check_finite):
         """fit's per-sample loss weights on y's device (None: unweighted): sample_weight
@@ -487,18 +622,47 @@ class Sequential:
         return xp.ascontiguousarray(w, dtype=np.float32)
 
     # -- evaluate / predict -------------------------------------------------------------
-    def evaluate(self, x, y, batch_size: int | None = None, verbose: int = 0,
+    def evaluate(self, x, y=None, batch_size: int | None = None, verbose: int = 0,
                  check_finite: bool = True, adversarial=None) -> dict:
         """``{"loss": mean loss, "accuracy": ...}`` over (x, y), on the model's device.
         ``check_finite`` as in :meth:`fit`. ``adversarial``: ``fm.adversarial.FGSM(...)``
         or ``fm.adversarial.PGD(...)``: the loss and metrics of the adversarial rows of
-        (x, y) (robust accuracy), each batch attacked on the device."""
+        (x, y) (robust accuracy), each batch attacked on the device. ``x`` may be an
+        ``np.memmap`` (see :meth:`fit`): only a float32 C-contiguous one on the CPU is
+        read in place (not scanned for NaN / Inf up front); any other is read in
+        chunks of whole batches, each checked and converted (same result, bit for bit;
+        no ``adversarial``, no ``auc`` metric). ``x`` may also be an iterable of
+        ``(x, y)`` batches with ``y`` None (``batch_size``: the largest batch, default
+        the first batch's rows; no ``adversarial``, no ``auc``)."""
         from .adversarial import as_spec
 
         self._require_compiled("evaluate")
         verbose = _verbose_arg(verbose, "evaluate")
         check_finite = _bool_arg(check_finite, "check_finite", "evaluate")
         adversarial = as_spec(adversarial, "evaluate")
+        if y is None:
+            if not _stream.is_dataset(x):
+                raise ValueError("evaluate: 'y' is missing: pass evaluate(x, y) with arrays, or "
+                                 "an iterable of (x, y) batches as x (with y None)")
+            if adversarial is not None:
+                raise ValueError("evaluate: adversarial does not apply to a dataset of batches")
+            logs = _stream.evaluate_dataset(
+                self, x, None if batch_size is None else self._batch_arg(batch_size, "evaluate"),
+                check_finite)
+            if verbose:
+                print(_trainer.format_logs(logs))
+            return logs
+        if isinstance(x, np.memmap) and _stream.needs_host_gather(self, self._prepare_x(x, "x")):
+            if adversarial is not None:
+                raise ValueError("evaluate: adversarial does not apply to a memory-mapped x "
+                                 "gathered on the host; evaluate chunks of it as arrays")
+            x = self._prepare_x(x, "x")
+            y = _stream.host_labels(self, y, len(x), "y", "evaluate", check_finite)
+            logs = _stream.evaluate_host(self, x, y, self._batch_arg(batch_size, "evaluate"),
+                                         check_finite=check_finite)
+            if verbose:
+                print(_trainer.format_logs(logs))
+            return logs
         x, y = self._prepare_xy(x, y, "x", "y", "evaluate", check_finite)
         logs = _trainer.evaluate(self, x, y, self._batch_arg(batch_size, "evaluate"),
                                  adversarial=adversarial)
@@ -509,12 +673,19 @@ class Sequential:
     def predict(self, x, batch_size: int | None = None, check_finite: bool = True):
         """The last layer's output for each row of ``x`` (softmax probabilities when the
         last activation is softmax). NumPy in -> NumPy out; CuPy in -> CuPy out.
-        ``check_finite`` as in :meth:`fit`."""
+        ``check_finite`` as in :meth:`fit`. ``x`` may be an ``np.memmap`` (see
+        :meth:`evaluate`); the output is then a NumPy array in memory. ``x`` may also
+        be an iterable of x batches (or of (x, y) batches): their outputs concatenated."""
         self._require_built("predict")
         check_finite = _bool_arg(check_finite, "check_finite", "predict")
+        if _stream.is_dataset(x):
+            return _stream.predict_dataset(self, x, batch_size, check_finite)
         want_cupy = is_cupy(_as_input(x, "x"))
         x = self._prepare_x(x, "x")
-        x_float = x.dtype.kind == "f"
+        if _stream.needs_host_gather(self, x):
+            return _stream.predict_host(self, x, self._batch_arg(batch_size, "predict"),
+                                        check_finite)
+        x_float = x.dtype.kind == "f" and not isinstance(x, np.memmap)  # no scan of a memmap
         x = self._place(x, np.float32)
         if check_finite and x_float:
             _check_finite(x, "x", "predict")
