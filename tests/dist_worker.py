@@ -38,6 +38,23 @@ def main(cfg_path, out):
     fm.set_seed(cfg.get("seed", 0))
     n = cfg["n"] if rank == 0 else cfg.get("n_others", cfg["n"])
     x, y = data(n, cfg["features"], cfg["classes"])
+    source = cfg.get("input")  # how x reaches fit (None: a float32 array in memory)
+    if source in ("u8", "memmap_u8"):
+        x = np.random.default_rng(7).integers(0, 256, x.shape).astype(np.uint8)
+    if source in ("memmap_u8", "memmap_f32"):  # each process maps its own copy of the file
+        path = f"{out}/x{rank}.bin"
+        x.tofile(path)
+        x = np.memmap(path, dtype=x.dtype, mode="r", shape=x.shape)
+    fit_kw = {}
+    if source == "stream":  # this process's batches by the row rule (shuffle=False)
+        from fastmlp.trainer import shard_positions
+
+        b, size = cfg["batch"], fm.distributed.size()
+        pos = shard_positions(n, size, rank, b)
+        steps = -(-n // (size * b))
+        x = [(x[pos[s * b:(s + 1) * b]], y[pos[s * b:(s + 1) * b]]) for s in range(steps)]
+        y = None
+        fit_kw = {"steps_per_epoch": steps}
     model = model_of(cfg)
     extra = {}
     callbacks = []
@@ -55,12 +72,20 @@ def main(cfg_path, out):
         if rank == cfg["fail_outside"]:
             raise KeyError("an uncaught error outside fit")
         fm.distributed.barrier()  # the others wait here until the abort
-    val = (x[:cfg["val"]], y[:cfg["val"]]) if cfg.get("val") else None
-    history = model.fit(x, y, epochs=cfg["epochs"], batch_size=cfg["batch"],
-                        shuffle=cfg.get("shuffle", True), verbose=0, validation_data=val,
-                        callbacks=callbacks)
+    vx, vy = data(cfg["n"], cfg["features"], cfg["classes"])
+    val = (vx[:cfg["val"]], vy[:cfg["val"]]) if cfg.get("val") else None
+    if source == "stream":
+        x = x * cfg["epochs"]  # one iterator for the fit: the batches of every epoch
+        fit_kw["x"] = iter(x)
+        history = model.fit(epochs=cfg["epochs"], verbose=0, validation_data=val,
+                            callbacks=callbacks, **fit_kw)
+    else:
+        history = model.fit(x, y, epochs=cfg["epochs"], batch_size=cfg["batch"],
+                            shuffle=cfg.get("shuffle", True), verbose=0, validation_data=val,
+                            callbacks=callbacks)
     if cfg.get("evaluate"):
-        extra["evaluate"] = json.dumps(model.evaluate(x, y, batch_size=cfg.get("eval_batch")))
+        ex, ey = data(cfg["n"], cfg["features"], cfg["classes"])
+        extra["evaluate"] = json.dumps(model.evaluate(ex, ey, batch_size=cfg.get("eval_batch")))
     if cfg.get("checkpoint"):
         extra["saved"] = json.dumps(ckpt.saved)
     if cfg.get("save"):

@@ -282,6 +282,22 @@ def test_api_without_mpi(monkeypatch, tmp_path):
     assert D.launched_by_mpi()
 
 
+def test_memmap_batches_read_only_the_process_share():
+    from fastmlp.stream import MemmapBatches
+
+    x = np.arange(2 * 23, dtype=np.float32).reshape(23, 2)
+    y = np.arange(23)
+
+    class Rank1(D.LocalWorld):
+        rank, size = 1, 2
+    m = _tiny()
+    batches = list(MemmapBatches(m, x, y, 4, shuffle=False, world=Rank1()))
+    pos = shard_positions(23, 2, 1, 4)
+    assert len(batches) == 3  # ceil(23 / 8) steps; the last has 23 - 16 = 7 rows: 4 / 3
+    assert np.array_equal(np.concatenate([b[1] for b in batches]), pos)
+    assert [len(b[0]) for b in batches] == [4, 4, 3]
+
+
 def test_only_rank_zero_writes(tmp_path):
     class Rank1(D.LocalWorld):
         rank, size = 1, 2
@@ -320,6 +336,30 @@ def test_two_processes_equal_one_with_twice_the_batch(optimizer, n, shuffle, tmp
     h = json.loads(str(r0["history"]))
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         np.testing.assert_allclose(h[key], hist[key], rtol=1e-5, atol=1e-6)
+
+
+@needs_mpi
+@pytest.mark.parametrize("inputs,n,shuffle", [(("u8", "memmap_u8"), 961, True),
+                                              ((None, "memmap_f32"), 1000, True),
+                                              ((None, "stream"), 1000, False)])
+def test_memmap_and_streaming_equal_in_memory_bit_for_bit(inputs, n, shuffle, tmp_path):
+    # a uint8 memmap is gathered on the host batch by batch (n = 961: process 1's last
+    # step is empty), a float32 one read in place by the engine, a stream is each
+    # process's own batches; each equals the same data in memory, bit for bit
+    runs = []
+    for source in inputs:
+        cfg = {**BASE, "optimizer": "adam", "n": n, "shuffle": shuffle, "input": source,
+               "epochs": 2}
+        sub = tmp_path / str(source)
+        sub.mkdir()
+        runs.append(run_worker(2, cfg, sub))
+    (a0, a1), (b0, b1) = runs
+    for ref, got in ((a0, b0), (a1, b1)):
+        for wa, wb in zip(weights(ref), weights(got)):
+            assert np.array_equal(wa, wb)
+        ha, hb = json.loads(str(ref["history"])), json.loads(str(got["history"]))
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert ha[key] == hb[key]
 
 
 @needs_mpi

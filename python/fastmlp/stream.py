@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from . import _nvtx, engine as _engine, ops, trainer as _trainer
+from . import _nvtx, distributed as _dist, engine as _engine, ops, trainer as _trainer
 from ._interop import cupy_module, is_cupy
 from .plan import EVALUATE, TRAIN
 
@@ -80,13 +80,21 @@ class MemmapBatches:
     ``ops.random_permutation(n, model._shuffle_seed, model._shuffle_count)`` when
     ``shuffle`` (advancing the model's count, as the in-memory fit does), else
     ``0..n-1`` -- batch ``s`` being ``order[s * batch:(s + 1) * batch]``. Only those
-    rows of ``x`` are read."""
+    rows of ``x`` are read. Distributed (``world``): this process's batches of the
+    order (:func:`fastmlp.trainer.shard_positions`; the last may be empty)."""
 
-    def __init__(self, model, x, y, batch_size: int, shuffle: bool):
+    def __init__(self, model, x, y, batch_size: int, shuffle: bool, world=None):
         self.model, self.x, self.y = model, x, y
         self.batch, self.shuffle = int(batch_size), bool(shuffle)
+        self.positions = None
+        if world is not None:
+            self.positions = _trainer.shard_positions(len(x), world.size, world.rank,
+                                                      self.batch)
+            self.steps = math.ceil(len(x) / (world.size * self.batch))
 
     def __len__(self):
+        if self.positions is not None:
+            return self.steps
         return math.ceil(len(self.x) / self.batch)
 
     def __iter__(self):
@@ -99,6 +107,12 @@ class MemmapBatches:
 
     def _batches(self, order):
         n, b = len(self.x), self.batch
+        if self.positions is not None:
+            rows = self.positions if order is None else order[self.positions]
+            for s in range(self.steps):
+                idx = rows[s * b:(s + 1) * b]
+                yield self.x[idx], self.y[idx]
+            return
         for lo in range(0, n, b):
             idx = slice(lo, lo + b) if order is None else order[lo:lo + b]
             yield self.x[idx], self.y[idx]
@@ -187,7 +201,8 @@ def _check_pair(item, i, where="fit"):
                                                      if isinstance(item, (tuple, list)) else ""))
 
 
-def _prepare_batch(model, item, i, capacity, check_finite, device_id, where="fit"):
+def _prepare_batch(model, item, i, capacity, check_finite, device_id, where="fit",
+                   allow_empty=False):
     """One dataset batch checked and converted (in the prefetch thread): (x float32,
     y as the loss takes it), C-contiguous, on the model's device. Messages name the
     batch (``i``, counted from 1 in the epoch, or in the fit with steps_per_epoch)."""
@@ -197,7 +212,7 @@ def _prepare_batch(model, item, i, capacity, check_finite, device_id, where="fit
     name = f"x of batch {i}"
     x = model._prepare_x(item[0], name)
     rows = len(x)
-    if rows == 0:
+    if rows == 0 and not allow_empty:  # (a process's empty share of a last global batch)
         raise ValueError(f"{where}: batch {i} of the dataset has no rows")
     if rows > capacity:
         raise ValueError(f"{where}: batch {i} of the dataset has {rows} rows, more than "
@@ -244,6 +259,9 @@ class _Feed:
         """Binds batch (x, y); returns the rows of the bound arrays (the pass's source rows)."""
         k = len(x)
         if not self.cuda:
+            if k == 0:  # an empty step reads nothing, but its buffers must be bound
+                x = np.zeros((1,) + x.shape[1:], np.float32)
+                y = np.zeros((1,) + y.shape[1:], y.dtype)
             self.eng.bind(**{f"{self.lst}_x": x, f"{self.lst}_y": y})
             return k
         cp = cupy_module()
@@ -285,10 +303,12 @@ def _add_sums(acc: dict, st: dict, step: int) -> None:
     acc["step"] = step + 1
 
 
-def _finish_epoch_state(model, st: dict) -> dict:
-    """The epoch's summed state before its logs are made. Identity for now; the place
-    where distributed training combines (all-reduces) the workers' sums."""
-    return st
+def _finish_epoch_state(model, st: dict, seen: int, world=None):
+    """The epoch's summed state and rows before its logs are made: distributed, every
+    process's added up."""
+    if world is None:
+        return st, seen
+    return _trainer._reduce_state(world, st), int(world.allreduce(np.array([seen]))[0])
 
 
 def _train_step(model, eng, feed, x, y, capacity) -> dict:
@@ -303,7 +323,8 @@ def _train_step(model, eng, feed, x, y, capacity) -> dict:
     return eng.state()
 
 
-def _stream_epoch(model, eng, feed, pf, count, capacity, verbose, desc, epoch, steps_hint):
+def _stream_epoch(model, eng, feed, pf, count, capacity, verbose, desc, epoch, steps_hint,
+                  world=None):
     """One epoch over the prefetched batches: ``count`` of them (steps_per_epoch) or
     until the prefetcher ends. Returns (logs, steps run, rows seen)."""
     acc, seen, s = _fresh_sums(), 0, 0
@@ -338,8 +359,9 @@ def _stream_epoch(model, eng, feed, pf, count, capacity, verbose, desc, epoch, s
                 "it afresh (iter(dataset)), and a generator is used up after one epoch: "
                 "pass a dataset that can be iterated again (a list, an object whose "
                 "__iter__ starts over) or steps_per_epoch (one iterator for the whole fit)")
-        acc = _finish_epoch_state(model, acc)
-        logs = _trainer._logs(model, eng, acc, seen, "train")
+        local = seen
+        acc, seen = _finish_epoch_state(model, acc, seen, world)
+        logs = _trainer._logs(model, eng, acc, seen, "train", world=world, local_rows=local)
         if bar is not None:
             bar.set_postfix(logs, refresh=True)
         return logs, s, seen
@@ -376,9 +398,19 @@ def check_stream_options(model, source: str, *, sample_weight=None, class_weight
         _refuse("shuffle (the dataset decides its order)", source)
 
 
-def fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None, val=None,
-               verbose=1, callbacks=(), initial_epoch=0, history, check_finite=True,
-               adversarial=None, desc_fmt="Epoch {}/{}", samples=None):
+def fit_stream(model, source, **kw):
+    """:func:`_fit_stream`; distributed, an exception aborts every process."""
+    world = _dist.active()
+    try:
+        return _fit_stream(model, source, world=world, **kw)
+    except BaseException as e:
+        _dist.abort_on_error(e)
+        raise
+
+
+def _fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None, val=None,
+                verbose=1, callbacks=(), initial_epoch=0, history, check_finite=True,
+                adversarial=None, desc_fmt="Epoch {}/{}", samples=None, world=None):
     """Train ``model`` on the batches of ``source`` (an iterable of (x, y) batches; a
     :class:`MemmapBatches`). ``steps_per_epoch`` None: every epoch iterates ``source``
     afresh until it ends; S: one iterator for the whole fit, S batches per epoch.
@@ -386,8 +418,23 @@ def fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None, 
     ``val``: an :class:`ArrayEval` (arrays on the model's device), a :class:`HostEval`
     (a memmap evaluated in chunks), None, or a callable giving one of these once the
     model is built. ``samples``: the rows
-    of an epoch when known (History params)."""
+    of an epoch when known (History params). Distributed (``world``): each process
+    trains on its own batches (a dataset: its own shard, ``steps_per_epoch`` required;
+    a memmap: its share of each global batch), the gradients all-reduced."""
     opt = model.optimizer
+    if world is not None:
+        if steps_per_epoch is None and not isinstance(source, MemmapBatches):
+            raise ValueError("fit: a distributed fit on a dataset of batches needs "
+                             "steps_per_epoch (every process must take the same number of "
+                             "steps; each process's dataset is its own share of the data)")
+        _trainer._check_same_everywhere(world, "fit", epochs=epochs,
+                                        initial_epoch=initial_epoch,
+                                        steps_per_epoch=steps_per_epoch or -1,
+                                        features=model.input_dim if model.built else -1)
+        if world.rank != 0:
+            verbose = 0
+        model._shuffle_seed, model._shuffle_count, opt.iterations = world.bcast_object(
+            (model._shuffle_seed, model._shuffle_count, opt.iterations))
     pending = None  # the first epoch's (or the fit's) iterator, when its first batch was read
     if batch_size is None or not model.built:
         # the first batch sets the batch size and builds the model (read here, not in the
@@ -407,8 +454,10 @@ def fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None, 
         val = val()
     eval_batch = val.eval_batch if val is not None else 0
     name, why = _engine.choose(model.device, opt)
-    bound = _trainer.bind(model, max(capacity, eval_batch), 1)
+    bound = _trainer.bind(model, max(capacity, eval_batch), 1, world=world)
     eng = bound.engine(name, opt)
+    if world is not None:
+        eng.set_allreduce(world.engine_hook(model.device))
     bound.plan.use(TRAIN, adversarial)
     bound.plan.use(EVALUATE, None)  # validation is on the clean rows
     if bound.plan.has("train.auc_scores"):
@@ -424,13 +473,16 @@ def fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None, 
         (len(source) if hasattr(source, "__len__") else None)
     history.params.update({"epochs": epochs, "steps": steps_hint, "batch_size": capacity,
                            "samples": samples, "device": model.device, "engine": eng.name,
-                           "engine_reason": why})
+                           "engine_reason": why,
+                           "processes": 1 if world is None else world.size})
     if adversarial is not None:
         history.params["adversarial"] = adversarial
     device_id = cupy_module().cuda.Device().id if model.device == "cuda" else None
+    empty_ok = world is not None and isinstance(source, MemmapBatches)
 
     def prepare(i, item):
-        return _prepare_batch(model, item, i, capacity, check_finite, device_id)
+        return _prepare_batch(model, item, i, capacity, check_finite, device_id,
+                              allow_empty=empty_ok)
 
     model.stop_training = False
     model._initial_epoch = initial_epoch  # a callback may move it (BackupAndRestore)
@@ -438,6 +490,10 @@ def fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None, 
     try:
         for cb in callbacks:
             cb.on_train_begin()
+        if world is not None:  # rank 0's state after the callbacks (as trainer.fit)
+            model._initial_epoch, model._shuffle_count, opt.iterations = world.bcast_object(
+                (model._initial_epoch, model._shuffle_count, opt.iterations))
+            _trainer._sync_from_root(model, bound, world)
         if steps_per_epoch is not None:  # one iterator, exactly the batches the epochs take
             shared = Prefetcher(pending if pending is not None else iter(source), prepare,
                                 limit=steps_per_epoch * max(0, epochs - model._initial_epoch),
@@ -456,7 +512,7 @@ def fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None, 
                 try:
                     logs, steps, seen = _stream_epoch(model, eng, feed, pf, steps_per_epoch,
                                                       capacity, verbose, desc, epoch,
-                                                      steps_hint)
+                                                      steps_hint, world)
                 finally:
                     if pf is not shared:
                         pf.close()
@@ -464,11 +520,15 @@ def fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None, 
                     history.params["steps"] = steps_hint = steps
                 if history.params.get("samples") is None:
                     history.params["samples"] = seen
+                if world is not None:
+                    _trainer._average_stats(bound, world)
                 if val is not None:
                     with _nvtx.annotate("validation"):
                         v = val.evaluate(model)
                     logs.update({"val_" + k: value for k, value in v.items()})
             logs["time"] = time.perf_counter() - t0
+            if world is not None:  # the slowest process's: the same History everywhere
+                logs["time"] = float(world.allreduce(np.array([logs["time"]]), "max")[0])
             if verbose == 2:
                 print(f"{desc} - " + _trainer.format_logs(logs), flush=True)
             for cb in callbacks:
@@ -494,12 +554,18 @@ class ArrayEval:
         self.eng = None
 
     def setup(self, model, bound):
+        self.world, self.total = _dist.active(), len(self.x)
+        if self.world is not None:  # this process's share of the rows
+            lo, hi = _trainer.shard_range(self.total, self.world.size, self.world.rank)
+            self.x, self.y = self.x[lo:hi], self.y[lo:hi]
         self.eng = _trainer._evaluation_engine(model, bound, self.x)
-        self.eng.bind(eval_x=self.x, eval_y=self.y)
-        self.eng.prepare(EVALUATE, self.eval_batch, len(self.x))
+        if len(self.x):
+            self.eng.bind(eval_x=self.x, eval_y=self.y)
+            self.eng.prepare(EVALUATE, self.eval_batch, len(self.x))
 
     def evaluate(self, model):
-        return _trainer._evaluate_pass(model, self.eng, self.x, self.y, self.eval_batch)
+        return _trainer._evaluate_pass(model, self.eng, self.x, self.y, self.eval_batch,
+                                       world=self.world, total=self.total)
 
 
 class HostEval:
@@ -541,7 +607,7 @@ def fit_memmap(model, x, y, *, epochs, batch_size, shuffle, val, verbose, callba
     if n == 0:
         raise ValueError("fit: 'x' has no samples")
     y = host_labels(model, y, n, "y", "fit", check_finite)
-    source = MemmapBatches(model, x, y, batch_size, shuffle)
+    source = MemmapBatches(model, x, y, batch_size, shuffle, _dist.active())
     return fit_stream(model, source, epochs=epochs, batch_size=min(batch_size, n), val=val,
                       verbose=verbose, callbacks=callbacks, initial_epoch=initial_epoch,
                       history=history, check_finite=check_finite, adversarial=adversarial,
@@ -560,9 +626,23 @@ def evaluate_host(model, x, y, batch_size, where="evaluate", check_finite=True, 
     n = len(x)
     if n == 0:
         raise ValueError(f"{where}: no samples")
+    world = _dist.active()
+    try:
+        return _evaluate_host(model, x, y, batch_size, where, check_finite, row0, name, world)
+    except BaseException as e:
+        _dist.abort_on_error(e)
+        raise
+
+
+def _evaluate_host(model, x, y, batch_size, where, check_finite, row0, name, world):
     from .model import _check_finite
 
-    cap = min(batch_size, n)
+    n = total = len(x)
+    if world is not None:  # this process's share of the rows (a memmap slice: a view)
+        _trainer._check_same_everywhere(world, where, rows=n, batch_size=batch_size)
+        lo, hi = _trainer.shard_range(n, world.size, world.rank)
+        x, y, row0, n = x[lo:hi], y[lo:hi], row0 + lo, hi - lo
+    cap = max(1, min(batch_size, n))
     bound = _trainer.bind(model, cap, sample_weight=_trainer._bound_sample_weight(model))
     bound.plan.use(EVALUATE, None)
     if bound.plan.has("eval.auc_scores"):
@@ -591,7 +671,9 @@ def evaluate_host(model, x, y, batch_size, where="evaluate", check_finite=True, 
                 step += 1
     finally:
         feed.release()
-    return _trainer._logs(model, eng, acc, n, "eval", penalty=_trainer.penalty(model))
+    if world is not None:
+        acc = _trainer._reduce_state(world, acc)
+    return _trainer._logs(model, eng, acc, total, "eval", penalty=_trainer.penalty(model))
 
 
 def predict_host(model, x, batch_size, check_finite=True):
@@ -615,7 +697,16 @@ def evaluate_dataset(model, dataset, batch_size=None, check_finite=True):
     """``{"loss", <metrics>}`` over an iterable of (x, y) batches (read once, in this
     thread): each batch checked as fit checks it, one engine pass per batch, the sums
     added on the host -- the in-memory evaluation of the concatenated batches when they
-    are its batches. ``batch_size``: the largest batch (None: the first batch's rows)."""
+    are its batches. ``batch_size``: the largest batch (None: the first batch's rows).
+    Distributed: each process's dataset is its share; the sums are added up."""
+    try:
+        return _evaluate_dataset(model, dataset, batch_size, check_finite)
+    except BaseException as e:
+        _dist.abort_on_error(e)
+        raise
+
+
+def _evaluate_dataset(model, dataset, batch_size, check_finite):
     it = iter(dataset)
     try:
         first = next(it)
@@ -646,6 +737,7 @@ def evaluate_dataset(model, dataset, batch_size=None, check_finite=True):
             seen += len(x)
     finally:
         feed.release()
+    acc, seen = _finish_epoch_state(model, acc, seen, _dist.active())
     return _trainer._logs(model, eng, acc, seen, "eval", penalty=_trainer.penalty(model))
 
 
