@@ -400,24 +400,25 @@ def test_exception_on_one_process_aborts_all(tmp_path):
     assert not (out / "rank0.npz").exists()  # rank 0 did not finish on its own
 
 
-@needs_mpi
-def test_processes_with_different_data_abort_instead_of_hanging(tmp_path):
-    cfg = {**BASE, "optimizer": "sgd", "n": 200, "n_others": 150}
+def failing_run(cfg, tmp_path):
+    """The output of a 2-process run that must fail (bounded: a hang fails the test)."""
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     r = mpirun(2, [sys.executable, str(WORKER), str(tmp_path / "cfg.json"), str(tmp_path)],
                tmp_path, timeout=120)
     assert r.returncode != 0
-    assert "the processes disagree on rows (150 .. 200)" in r.stdout + r.stderr
+    return r.stdout + r.stderr
+
+
+@needs_mpi
+def test_processes_with_different_data_abort_instead_of_hanging(tmp_path):
+    out = failing_run({**BASE, "optimizer": "sgd", "n": 200, "n_others": 150}, tmp_path)
+    assert "the processes disagree on rows (150 .. 200)" in out
 
 
 @needs_mpi
 def test_uncaught_exception_outside_fit_aborts_all(tmp_path):
-    cfg = {**BASE, "optimizer": "sgd", "n": 200, "fail_outside": 1}
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    r = mpirun(2, [sys.executable, str(WORKER), str(tmp_path / "cfg.json"), str(tmp_path)],
-               tmp_path, timeout=120)
-    assert r.returncode != 0
-    assert "an uncaught error outside fit" in r.stdout + r.stderr
+    out = failing_run({**BASE, "optimizer": "sgd", "n": 200, "fail_outside": 1}, tmp_path)
+    assert "an uncaught error outside fit" in out
 
 
 @needs_mpi

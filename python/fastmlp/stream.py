@@ -471,12 +471,8 @@ def _fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None,
         val.setup(model, bound)
     steps_hint = steps_per_epoch if steps_per_epoch is not None else \
         (len(source) if hasattr(source, "__len__") else None)
-    history.params.update({"epochs": epochs, "steps": steps_hint, "batch_size": capacity,
-                           "samples": samples, "device": model.device, "engine": eng.name,
-                           "engine_reason": why,
-                           "processes": 1 if world is None else world.size})
-    if adversarial is not None:
-        history.params["adversarial"] = adversarial
+    _trainer.record_params(history, model, eng, why, world, adversarial, epochs=epochs,
+                           steps=steps_hint, batch_size=capacity, samples=samples)
     device_id = cupy_module().cuda.Device().id if model.device == "cuda" else None
     empty_ok = world is not None and isinstance(source, MemmapBatches)
 
@@ -490,10 +486,8 @@ def _fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None,
     try:
         for cb in callbacks:
             cb.on_train_begin()
-        if world is not None:  # rank 0's state after the callbacks (as trainer.fit)
-            model._initial_epoch, model._shuffle_count, opt.iterations = world.bcast_object(
-                (model._initial_epoch, model._shuffle_count, opt.iterations))
-            _trainer._sync_from_root(model, bound, world)
+        if world is not None:
+            _trainer.sync_after_train_begin(model, bound, world)
         if steps_per_epoch is not None:  # one iterator, exactly the batches the epochs take
             shared = Prefetcher(pending if pending is not None else iter(source), prepare,
                                 limit=steps_per_epoch * max(0, epochs - model._initial_epoch),
@@ -526,9 +520,7 @@ def _fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None,
                     with _nvtx.annotate("validation"):
                         v = val.evaluate(model)
                     logs.update({"val_" + k: value for k, value in v.items()})
-            logs["time"] = time.perf_counter() - t0
-            if world is not None:  # the slowest process's: the same History everywhere
-                logs["time"] = float(world.allreduce(np.array([logs["time"]]), "max")[0])
+            logs["time"] = _trainer.epoch_time(world, t0)
             if verbose == 2:
                 print(f"{desc} - " + _trainer.format_logs(logs), flush=True)
             for cb in callbacks:

@@ -192,6 +192,33 @@ def _check_same_everywhere(world, where, **values):
                          "process passes all the rows: it reads only its share)")
 
 
+def record_params(history, model, eng, why, world, adversarial, **params):
+    """``History.params`` of a fit: ``params`` (epochs, steps, batch_size, samples), the
+    device, the engine and why, the processes, the attack."""
+    history.params.update(params)
+    history.params.update({"device": model.device, "engine": eng.name, "engine_reason": why,
+                           "processes": 1 if world is None else world.size})
+    if adversarial is not None:
+        history.params["adversarial"] = adversarial
+
+
+def sync_after_train_begin(model, bound, world):
+    """Distributed: every process takes rank 0's state once the callbacks' on_train_begin
+    ran (BackupAndRestore may have restored rank 0's backup, also where the other
+    processes cannot read its files)."""
+    opt = model.optimizer
+    model._initial_epoch, model._shuffle_count, opt.iterations = world.bcast_object(
+        (model._initial_epoch, model._shuffle_count, opt.iterations))
+    _sync_from_root(model, bound, world)
+
+
+def epoch_time(world, t0) -> float:
+    """The epoch's seconds since ``t0``; distributed, the slowest process's (the same
+    History everywhere)."""
+    t = time.perf_counter() - t0
+    return t if world is None else float(world.allreduce(np.array([t]), "max")[0])
+
+
 def _sync_from_root(model, bound, world):
     """Every process takes rank 0's weights, optimizer state and step count (a fit
     starts from the same model everywhere, whatever each process initialised)."""
@@ -311,12 +338,8 @@ def _fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, i
             val_eng.bind(eval_x=val[0], eval_y=val[1])
             _bind_auc(bound, val_eng, "eval", len(val[0]), bound.arena.xp)
             val_eng.prepare(EVALUATE, eval_batch, len(val[0]))
-    history.params.update({"epochs": epochs, "steps": steps, "batch_size": batch_size,
-                           "samples": n, "device": model.device, "engine": eng.name,
-                           "engine_reason": why,
-                           "processes": 1 if world is None else world.size})
-    if adversarial is not None:
-        history.params["adversarial"] = adversarial
+    record_params(history, model, eng, why, world, adversarial, epochs=epochs, steps=steps,
+                  batch_size=batch_size, samples=n)
     delta = None
     if private:
         delta = opt.delta if opt.delta is not None else 1.0 / n
@@ -327,11 +350,7 @@ def _fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, i
     for cb in callbacks:
         cb.on_train_begin()
     if world is not None:
-        # rank 0's state after the callbacks (BackupAndRestore may have restored a backup:
-        # rank 0's counts, also where the other processes cannot read its files)
-        model._initial_epoch, model._shuffle_count, opt.iterations = world.bcast_object(
-            (model._initial_epoch, model._shuffle_count, opt.iterations))
-        _sync_from_root(model, bound, world)
+        sync_after_train_begin(model, bound, world)
     for epoch in range(model._initial_epoch, epochs):
         for cb in callbacks:
             cb.on_epoch_begin(epoch)
@@ -367,9 +386,7 @@ def _fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, i
                     v = _evaluate_pass(model, val_eng, val[0], val[1], eval_batch, world=world,
                                        total=val_n)
                 logs.update({"val_" + k: value for k, value in v.items()})
-        logs["time"] = time.perf_counter() - t0
-        if world is not None:  # the slowest process's: the same History everywhere
-            logs["time"] = float(world.allreduce(np.array([logs["time"]]), "max")[0])
+        logs["time"] = epoch_time(world, t0)
         if verbose == 2:
             print(f"{desc} - " + format_logs(logs), flush=True)
         for cb in callbacks:
