@@ -386,6 +386,12 @@ class Sequential:
         adversarial=)`` gives the robust ones). ``batch_size`` defaults to 32 and
         ``shuffle`` to True for arrays.
 
+        Distributed (:func:`fastmlp.distributed.init` under ``mpiexec``): every process
+        calls fit with the same data and arguments; ``batch_size`` is per process, each
+        process trains on its share of every global batch, the gradients are averaged
+        over the processes each step, and only rank 0 prints and writes files (see
+        :mod:`fastmlp.distributed`).
+
         Data larger than memory (:mod:`fastmlp.stream`):
 
         * ``x`` an ``np.memmap`` (e.g. ``fm.datasets.read_idx(path, mmap=True)``
