@@ -547,13 +547,8 @@ class ArrayEval:
 
     def setup(self, model, bound):
         self.world, self.total = _dist.active(), len(self.x)
-        if self.world is not None:  # this process's share of the rows
-            lo, hi = _trainer.shard_range(self.total, self.world.size, self.world.rank)
-            self.x, self.y = self.x[lo:hi], self.y[lo:hi]
-        self.eng = _trainer._evaluation_engine(model, bound, self.x)
-        if len(self.x):
-            self.eng.bind(eval_x=self.x, eval_y=self.y)
-            self.eng.prepare(EVALUATE, self.eval_batch, len(self.x))
+        self.eng, self.x, self.y = _trainer.evaluation_share(model, bound, self.x, self.y,
+                                                             self.eval_batch, self.world)
 
     def evaluate(self, model):
         return _trainer._evaluate_pass(model, self.eng, self.x, self.y, self.eval_batch,

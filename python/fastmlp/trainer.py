@@ -330,14 +330,8 @@ def _fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, i
     eng.prepare(TRAIN, batch_size, n)
     if val is not None:
         val_n = len(val[0])
-        if world is not None:  # this process's share of the validation rows
-            lo, hi = shard_range(val_n, world.size, world.rank)
-            val = (val[0][lo:hi], val[1][lo:hi])
-        val_eng = _evaluation_engine(model, bound, val[0])
-        if len(val[0]):
-            val_eng.bind(eval_x=val[0], eval_y=val[1])
-            _bind_auc(bound, val_eng, "eval", len(val[0]), bound.arena.xp)
-            val_eng.prepare(EVALUATE, eval_batch, len(val[0]))
+        val_eng, vx, vy = evaluation_share(model, bound, val[0], val[1], eval_batch, world)
+        val = (vx, vy)  # this process's share
     record_params(history, model, eng, why, world, adversarial, epochs=epochs, steps=steps,
                   batch_size=batch_size, samples=n)
     delta = None
@@ -615,6 +609,21 @@ def _check_finite_state(model, st, desc):
 # ----------------------------------------------------------------------------- evaluate / predict
 
 
+def evaluation_share(model, bound, x, y, batch, world):
+    """(engine, x, y) of an evaluation pass over prepared (x, y) in batches of ``batch``:
+    distributed (``world``), over this process's share of the rows (maybe none: then
+    nothing is bound and the pass adds nothing)."""
+    if world is not None:
+        lo, hi = shard_range(len(x), world.size, world.rank)
+        x, y = x[lo:hi], y[lo:hi]
+    eng = _evaluation_engine(model, bound, x)
+    if len(x):
+        eng.bind(eval_x=x, eval_y=y)
+        _bind_auc(bound, eng, "eval", len(x), bound.arena.xp)
+        eng.prepare(EVALUATE, batch, len(x))
+    return eng, x, y
+
+
 def _evaluation_engine(model, bound, x):
     name, _ = _engine.choose(model.device, None, model.device == "cuda" and not is_cupy(x))
     return bound.engine(name, model.optimizer)
@@ -634,12 +643,7 @@ def evaluate(model, x, y, batch_size, adversarial=None) -> dict:
         if world is not None:
             _check_same_everywhere(world, "evaluate", rows=n, batch_size=batch_size,
                                    features=int(x.shape[1]))
-            lo, hi = shard_range(n, world.size, world.rank)
-            x, y = x[lo:hi], y[lo:hi]
-        eng = _evaluation_engine(model, bound, x)
-        if len(x):
-            eng.bind(eval_x=x, eval_y=y)
-            _bind_auc(bound, eng, "eval", len(x), bound.arena.xp)
+        eng, x, y = evaluation_share(model, bound, x, y, batch_size, world)
         return _evaluate_pass(model, eng, x, y, batch_size, world=world, total=n)
     except BaseException as e:
         _dist.abort_on_error(e)
