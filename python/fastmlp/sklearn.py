@@ -1,0 +1,678 @@
+"""scikit-learn estimators on fastmlp's engine: ``MLPClassifier`` and ``MLPRegressor``.
+
+Drop-in replacements for ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor``
+(the ``"adam"`` and ``"sgd"`` solvers), with scikit-learn's parameter names, defaults
+and meanings, its fitted attributes and methods, so they work in pipelines,
+cross-validation and grid searches unchanged. Training runs on fastmlp's CPU engine or,
+with ``device="auto"`` and a usable GPU, its CUDA engine; this module adds no kernels:
+it builds a :class:`fastmlp.Sequential` and fits it.
+
+>>> from fastmlp.sklearn import MLPClassifier
+>>> clf = MLPClassifier(hidden_layer_sizes=(128,), batch_size=32, random_state=0)
+>>> clf.fit(X_train, y_train).score(X_test, y_test)
+
+How scikit-learn's training maps onto fastmlp (the same iterates, up to float32):
+
+* the initial weights are scikit-learn's draws (Glorot-uniform bounds, factor 2 for
+  ``logistic``, intercepts from the same bounds) from the same ``random_state``;
+* ``alpha`` is scikit-learn's L2 term ``alpha / 2 * sum(W ** 2) / batch_rows`` on the
+  coefficients (not the intercepts): an L2 kernel regularizer with the batch size's
+  rows (the last, smaller batch of an epoch uses the full batch's coefficient);
+* fastmlp's losses are means over the outputs (binary cross-entropy) and the mean
+  squared error without scikit-learn's 1/2; the gradient they give is scikit-learn's
+  times a constant ``c`` (1 for softmax, 1/outputs for logistic outputs, 2/outputs
+  for squared error), so the penalty is scaled by ``c``, SGD's learning rate by ``1/c``
+  and Adam's epsilon by ``c``: the steps are scikit-learn's. ``loss_curve_`` is
+  divided by ``c``: scikit-learn's loss (for multi-output regression, the squared
+  error summed over the outputs, /2 -- the objective whose gradient both follow;
+  scikit-learn reports it averaged over the outputs);
+* Adam's epsilon is added to the bias-corrected root (torch's placement), where
+  scikit-learn folds the bias correction into the step size; SGD's momentum and
+  Nesterov momentum are scikit-learn's (torch's form, equal for a constant rate);
+* ``shuffle`` draws fastmlp's permutations (seeded from ``random_state``), not
+  scikit-learn's: the same distribution, other orders;
+* ``sample_weight`` is scaled to mean 1 over the training rows and each batch's
+  weighted losses are divided by its rows (scikit-learn divides by the batch's weight).
+
+Not available: ``solver="lbfgs"`` (ValueError), ``MLPRegressor(loss="poisson")``
+(ValueError). Sparse inputs are densified.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+
+try:
+    import sklearn as _sklearn  # noqa: F401  (the absolute package, not this module)
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+except ImportError as e:  # pragma: no cover - the tests install scikit-learn
+    raise ImportError("fastmlp.sklearn needs scikit-learn: pip install 'fastmlp[sklearn]'") \
+        from e
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target
+from sklearn.utils.validation import check_is_fitted, column_or_1d
+
+from . import callbacks as _callbacks
+from . import layers as _layers
+from . import losses as _losses
+from . import optim as _optim
+from . import regularizers as _regularizers
+from .model import Sequential, _host, _resolve_device
+
+try:  # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # pragma: no cover - scikit-learn 1.3 .. 1.5
+    def _validate_data(estimator, *args, **kwargs):
+        return estimator._validate_data(*args, **kwargs)
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+_ACTIVATIONS = {"identity": "linear", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+_ADAPTIVE_MIN_LR = 1e-6  # scikit-learn's: below it an adaptive SGD stops
+
+
+def _check_number(est, name, lo, hi=None, *, integral=False, lo_open=False, allow_inf=False):
+    value = getattr(est, name)
+    kind = numbers.Integral if integral else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
+    if ok and allow_inf and value == np.inf:
+        return
+    if ok:
+        ok = np.isfinite(value) and (value > lo if lo_open else value >= lo) \
+            and (hi is None or value <= hi)
+    if not ok:
+        what = "an integer" if integral else "a number"
+        rng = f"{'>' if lo_open else '>='} {lo}" + ("" if hi is None else f" and <= {hi}")
+        raise ValueError(f"{type(est).__name__}: '{name}' must be {what} {rng}, got {value!r}")
+
+
+def _check_option(est, name, options):
+    value = getattr(est, name)
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{type(est).__name__}: '{name}' must be one of "
+                         f"{sorted(options)}, got {value!r}")
+
+
+class _Monitor(_callbacks.Callback):
+    """scikit-learn's end-of-epoch bookkeeping inside fastmlp's fit: the loss curve,
+    the no-improvement count (training loss, or the validation score with
+    early_stopping), the SGD learning-rate schedules, and stopping."""
+
+    def __init__(self, est, n_samples, scale, val, incremental):
+        super().__init__()
+        self.est, self.n_samples, self.scale = est, n_samples, scale
+        self.val, self.incremental = val, incremental
+        self.converged = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        est = self.est
+        loss = est._sklearn_loss(logs, self.scale)
+        est.n_iter_ += 1
+        est.loss_ = loss
+        est.t_ += self.n_samples
+        est.loss_curve_.append(loss)
+        if est.verbose:
+            print("Iteration %d, loss = %.8f" % (est.n_iter_, loss))
+        est._update_no_improvement_count(self.val, self.model)
+        if est.solver == "sgd" and est.learning_rate == "invscaling":
+            est._lr = est.learning_rate_init / (est.t_ + 1) ** est.power_t
+        if est._no_improvement_count > est.n_iter_no_change:
+            what = "Validation score" if self.val is not None else "Training loss"
+            msg = ("%s did not improve more than tol=%f for %d consecutive epochs."
+                   % (what, est.tol, est.n_iter_no_change))
+            if est.solver == "sgd" and est.learning_rate == "adaptive" \
+                    and est._lr > _ADAPTIVE_MIN_LR:
+                est._lr /= 5.0
+                est._no_improvement_count = 0
+                if est.verbose:
+                    print(msg + " Setting learning rate to %f" % est._lr)
+            else:
+                if est.verbose:
+                    print(msg + (" Learning rate too small. Stopping."
+                                 if est.solver == "sgd" and est.learning_rate == "adaptive"
+                                 else " Stopping."))
+                self.converged = True
+                self.model.stop_training = True
+        if est.solver == "sgd":
+            self.model.optimizer.lr = est._lr / self.scale
+
+
+class _BaseMLP(BaseEstimator):
+    """What MLPClassifier and MLPRegressor share: parameters, the model, the epochs."""
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam",
+                 alpha=0.0001, batch_size="auto", learning_rate="constant",
+                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, verbose=False, warm_start=False,
+                 momentum=0.9, nesterovs_momentum=True, early_stopping=False,
+                 validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                 n_iter_no_change=10, device="auto"):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.device = device
+
+    # -- scikit-learn's estimator tags ---------------------------------------------------
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # accepted, densified
+        return tags
+
+    def _more_tags(self):  # scikit-learn < 1.6
+        return {"multioutput": True}
+
+    # -- validation ----------------------------------------------------------------------
+    def _validate_params(self):
+        name = type(self).__name__
+        sizes = self.hidden_layer_sizes
+        if isinstance(sizes, numbers.Integral) and not isinstance(sizes, (bool, np.bool_)):
+            sizes = [sizes]
+        try:
+            sizes = list(sizes)
+        except TypeError:
+            raise ValueError(f"{name}: 'hidden_layer_sizes' must be an int or a sequence of "
+                             f"ints, got {self.hidden_layer_sizes!r}") from None
+        for s in sizes:
+            if not isinstance(s, numbers.Integral) or isinstance(s, (bool, np.bool_)) or s < 1:
+                raise ValueError(f"{name}: 'hidden_layer_sizes' must hold integers >= 1, got "
+                                 f"{self.hidden_layer_sizes!r}")
+        _check_option(self, "activation", _ACTIVATIONS)
+        if self.solver == "lbfgs":
+            raise ValueError(f"{name}: solver='lbfgs' is not available in fastmlp (it "
+                             "trains with minibatch 'adam' or 'sgd'); use one of them, or "
+                             "scikit-learn's estimator for L-BFGS")
+        _check_option(self, "solver", {"adam", "sgd"})
+        _check_number(self, "alpha", 0)
+        if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
+            _check_number(self, "batch_size", 1, integral=True)
+        _check_option(self, "learning_rate", {"constant", "invscaling", "adaptive"})
+        _check_number(self, "learning_rate_init", 0, lo_open=True)
+        _check_number(self, "power_t", 0)
+        _check_number(self, "max_iter", 1, integral=True)
+        _check_number(self, "tol", 0)
+        _check_number(self, "momentum", 0, 1)
+        _check_number(self, "validation_fraction", 0, 1)
+        if self.validation_fraction >= 1:
+            raise ValueError(f"{name}: 'validation_fraction' must be in [0, 1), got "
+                             f"{self.validation_fraction!r}")
+        for b in ("beta_1", "beta_2"):
+            _check_number(self, b, 0, 1)
+            if getattr(self, b) >= 1:
+                raise ValueError(f"{name}: '{b}' must be in [0, 1), got {getattr(self, b)!r}")
+        _check_number(self, "epsilon", 0, lo_open=True)
+        _check_number(self, "n_iter_no_change", 1, integral=True, allow_inf=True)
+        for b in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
+            if not isinstance(getattr(self, b), (bool, np.bool_)):
+                raise ValueError(f"{name}: '{b}' must be True or False, got "
+                                 f"{getattr(self, b)!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"{name}: 'device' must be 'auto', 'cpu' or 'cuda', got "
+                             f"{self.device!r}")
+        return [int(s) for s in sizes]
+
+    def _check_x(self, X, reset):
+        X = _validate_data(self, X, reset=reset, accept_sparse=["csr", "csc", "coo"],
+                           dtype=(np.float64, np.float32))
+        return self._dense32(X)
+
+    @staticmethod
+    def _dense32(X):
+        if hasattr(X, "toarray"):
+            X = X.toarray()
+        return np.ascontiguousarray(X, dtype=np.float32)
+
+    # -- the model -----------------------------------------------------------------------
+    def _build_model(self, sizes, n_in, n_out, out_activation, loss, batch, scale, rng,
+                     weights=None):
+        """A compiled Sequential for these shapes; scikit-learn's initial weights drawn
+        from ``rng`` unless ``weights`` ([W0, b0, W1, ...]) are given."""
+        l2 = _regularizers.L2(scale * self.alpha / (2.0 * batch)) if self.alpha else None
+        units = list(sizes) + [n_out]
+        act = _ACTIVATIONS[self.activation]
+        model = Sequential([
+            _layers.Dense(u, activation=act if i < len(sizes) else out_activation,
+                          input_dim=n_in if i == 0 else None, kernel_regularizer=l2,
+                          kernel_initializer="zeros")  # set_weights below sets them
+            for i, u in enumerate(units)])
+        model.compile(optimizer=self._make_optimizer(scale), loss=loss,
+                      metrics=self._metrics(n_out))
+        if weights is None:
+            # scikit-learn's _init_coef: Glorot-uniform bounds (factor 2 for logistic)
+            factor = 2.0 if self.activation == "logistic" else 6.0
+            weights, fan_in = [], n_in
+            for fan_out in units:
+                bound = np.sqrt(factor / (fan_in + fan_out))
+                weights.append(rng.uniform(-bound, bound, (fan_in, fan_out)))
+                weights.append(rng.uniform(-bound, bound, fan_out))
+                fan_in = fan_out
+        model.set_weights(weights)
+        if rng is not None:  # fastmlp's shuffles, seeded from random_state
+            model._shuffle_seed = int(rng.randint(2**31 - 1)) << 32 | int(rng.randint(2**31))
+        return model
+
+    def _make_optimizer(self, scale):
+        if self.solver == "sgd":
+            self._lr = float(self.learning_rate_init)
+            return _optim.SGD(lr=self._lr / scale, momentum=float(self.momentum),
+                              nesterov=bool(self.nesterovs_momentum) and self.momentum > 0)
+        return _optim.Adam(lr=float(self.learning_rate_init),
+                           betas=(float(self.beta_1), float(self.beta_2)),
+                           eps=float(self.epsilon) * scale)
+
+    def _metrics(self, n_out):
+        return None
+
+    def _sklearn_loss(self, logs, scale):
+        """scikit-learn's epoch loss from fastmlp's: the data term and the penalty
+        are both ``c`` times scikit-learn's."""
+        return float(logs["loss"]) / scale
+
+    def _resolved_device(self):
+        return _resolve_device(self.device, None)
+
+    def _weights_from_model(self):
+        ws = self._model.get_weights()
+        self.coefs_ = [np.asarray(w) for w in ws[0::2]]
+        self.intercepts_ = [np.asarray(b) for b in ws[1::2]]
+
+    def _ensure_model(self):
+        """The fitted model (rebuilt from ``coefs_`` after unpickling)."""
+        model = getattr(self, "_model", None)
+        if model is None:
+            self._model = self._model_from_state(self._pickled)
+            model = self._model
+        return model
+
+    # -- fitting -------------------------------------------------------------------------
+    def _fit(self, X, y, sample_weight, incremental):
+        sizes = self._validate_params()
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        first = incremental and not hasattr(self, "coefs_")
+        reset = not incremental or first
+        X, y = self._check_xy(X, y, reset, incremental)
+        n = len(X)
+        if sample_weight is not None:
+            sample_weight = np.asarray(sample_weight, dtype=np.float64)
+            if sample_weight.shape != (n,):
+                raise ValueError(f"sample_weight must have shape ({n},), got "
+                                 f"{sample_weight.shape}")
+            if not np.all(np.isfinite(sample_weight)) or np.any(sample_weight < 0):
+                raise ValueError("sample_weight must be finite and >= 0")
+            if sample_weight.sum() <= 0:
+                raise ValueError("sample_weight must not be all zero")
+        out_activation, loss, scale = self._output(y)
+        self.n_outputs_ = y.shape[1]
+        self.n_layers_ = len(sizes) + 2
+        rng = check_random_state(self.random_state)
+        keep = hasattr(self, "coefs_") and (incremental or self.warm_start)
+        if keep:
+            expect = [X.shape[1]] + sizes + [self.n_outputs_]
+            have = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]
+            if have != expect:
+                raise ValueError(f"{type(self).__name__}: the fitted layer sizes {have} do "
+                                 f"not match the parameters and data {expect}; set "
+                                 "warm_start=False to fit afresh")
+        else:
+            self.n_iter_ = 0
+            self.t_ = 0
+            self.loss_curve_ = []
+            self._no_improvement_count = 0
+            if self.early_stopping:
+                self.validation_scores_ = []
+                self.best_validation_score_ = -np.inf
+                self.best_loss_ = None
+            else:
+                self.best_loss_ = np.inf
+                self.validation_scores_ = None
+                self.best_validation_score_ = None
+        if not incremental:
+            self.n_iter_ = 0
+        self._best = None
+
+        val = None
+        w_train = sample_weight
+        if self.early_stopping:
+            stratify = y[:, 0] if self._stratify() else None
+            parts = train_test_split(X, y, *(() if sample_weight is None else (sample_weight,)),
+                                     random_state=rng, test_size=self.validation_fraction,
+                                     stratify=stratify)
+            X, X_val, y, y_val = parts[:4]
+            w_train, w_val = (parts[4], parts[5]) if sample_weight is not None else (None, None)
+            if len(X_val) < 2:
+                raise ValueError("The validation set is too small. Increase "
+                                 "'validation_fraction' or the size of your dataset.")
+            val = (X_val, self._val_target(y_val), w_val)
+        n_train = len(X)
+        if self.batch_size == "auto":
+            batch = min(200, n_train)
+        else:
+            if self.batch_size > n_train:
+                warnings.warn("Got `batch_size` less than 1 or larger than sample size. It "
+                              "is going to be clipped")
+            batch = int(np.clip(self.batch_size, 1, n_train))
+
+        model = getattr(self, "_model", None) if keep else None
+        if keep and model is None and hasattr(self, "_pickled"):
+            model = self._ensure_model()
+        if model is None or not incremental:
+            weights = None
+            if keep:
+                weights = [a for pair in zip(self.coefs_, self.intercepts_) for a in pair]
+            model = self._build_model(sizes, X.shape[1], self.n_outputs_, out_activation,
+                                      loss, batch, scale, rng, weights)
+            self._scale = scale
+            self._batch = batch
+        elif batch != self._batch:  # partial_fit with another batch size: its penalty
+            l2 = scale * self.alpha / (2.0 * batch)
+            for layer in model.layers:
+                if layer.kernel_regularizer is not None:
+                    layer.kernel_regularizer = _regularizers.L2(l2)
+            self._batch = batch
+        self._model = model
+        if w_train is not None:
+            w_train = (w_train * (len(w_train) / w_train.sum())).astype(np.float32)
+
+        monitor = _Monitor(self, n_train, scale, val, incremental)
+        epochs = 1 if incremental else int(self.max_iter)
+        device = _resolve_device(self.device, X)
+        model.fit(X, self._train_target(y), epochs=epochs, batch_size=batch,
+                  shuffle=bool(self.shuffle), verbose=0, callbacks=[monitor], device=device,
+                  sample_weight=w_train)
+        if self.early_stopping and getattr(self, "_best", None) is not None:
+            model.set_weights(self._best)
+        self._best = None
+        self._weights_from_model()
+        if not incremental and not monitor.converged and self.n_iter_ == self.max_iter:
+            warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the "
+                          "optimization hasn't converged yet." % self.max_iter,
+                          ConvergenceWarning)
+        return self
+
+    def _update_no_improvement_count(self, val, model):
+        """scikit-learn's rule, after each epoch."""
+        if val is not None:
+            X_val, y_val, w_val = val
+            score = self._score_on(model, X_val, y_val, w_val)
+            self.validation_scores_.append(score)
+            if self.verbose:
+                print("Validation score: %f" % score)
+            if score < self.best_validation_score_ + self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if score > self.best_validation_score_:
+                self.best_validation_score_ = score
+                self._best = model.get_weights()
+        else:
+            if self.loss_curve_[-1] > self.best_loss_ - self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if self.loss_curve_[-1] < self.best_loss_:
+                self.best_loss_ = self.loss_curve_[-1]
+
+    def _forward(self, X):
+        """The network's output for the rows of ``X`` (NumPy, float32)."""
+        check_is_fitted(self)
+        X = self._check_x(X, reset=False)
+        model = self._ensure_model()
+        return _host(model.predict(X, check_finite=False))
+
+    # -- pickle / deepcopy: host arrays, the optimizer state, no engine ------------------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        model = state.pop("_model", None)
+        if model is not None:
+            opt = model.optimizer
+            state["_pickled"] = {
+                "config": [(l.units, l.activation or "linear") for l in model.layers],
+                "loss": model.loss.name,
+                "weights": model.get_weights(),
+                "opt_state": {k: _host(v) for k, v in opt.state_arrays(model.params()).items()},
+                "iterations": opt.iterations, "lr": float(opt.lr),
+                "shuffle": (model._shuffle_seed, model._shuffle_count),
+            }
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._model = None  # rebuilt on first use, on this machine's device
+
+    def _model_from_state(self, saved):
+        sizes = [u for u, _ in saved["config"][:-1]]
+        n_in = saved["weights"][0].shape[0]
+        out_units, out_activation = saved["config"][-1]
+        model = self._build_model(sizes, n_in, out_units, out_activation,
+                                  _losses.get(saved["loss"]), self._batch, self._scale,
+                                  None, saved["weights"])
+        model.to(self._resolved_device())
+        model.optimizer.lr = saved["lr"]
+        model.optimizer.load_state_arrays(saved["opt_state"], model.params(),
+                                          saved["iterations"],
+                                          lambda a: np.asarray(a) if model.device == "cpu"
+                                          else _to_cuda(a))
+        model._shuffle_seed, model._shuffle_count = saved["shuffle"]
+        return model
+
+
+def _to_cuda(a):
+    from .model import _to_device
+
+    return _to_device(a, "cuda")
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """scikit-learn's ``MLPClassifier`` (solvers ``adam`` and ``sgd``) trained by
+    fastmlp: softmax cross-entropy for several classes, a logistic output for two
+    classes and for multi-label indicator targets. See :mod:`fastmlp.sklearn`."""
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+    def _more_tags(self):  # scikit-learn < 1.6
+        return {"multilabel": True}
+
+    def _check_xy(self, X, y, reset, incremental):
+        X, y = _validate_data(self, X, y, reset=reset, accept_sparse=["csr", "csc", "coo"],
+                              multi_output=True, dtype=(np.float64, np.float32))
+        X = self._dense32(X)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        # scikit-learn's rule: the labels are learnt by a fresh fit, kept by warm_start
+        # and partial_fit, which must not bring new ones
+        if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
+            self._label_binarizer = LabelBinarizer()
+            self._label_binarizer.fit(y)
+            self.classes_ = self._label_binarizer.classes_
+        else:
+            classes = self._label_binarizer.classes_
+            if type_of_target(y) != "multilabel-indicator" \
+                    and not set(np.unique(y)).issubset(set(classes)):
+                if self.warm_start and not incremental:
+                    raise ValueError("warm_start can only be used where `y` has the same "
+                                     "classes as in the previous call to fit. Previously got "
+                                     f"{classes}, `y` has {np.unique(y)}")
+                raise ValueError(f"`y` has classes not in `self.classes_`. "
+                                 f"`self.classes_` has {classes}. 'y' has {np.unique(y)}.")
+        return X, self._label_binarizer.transform(y).astype(np.float32)
+
+    def _multiclass(self):
+        return self._label_binarizer.y_type_ == "multiclass"
+
+    def _stratify(self):
+        return self.n_outputs_ == 1 or self._multiclass()
+
+    def _output(self, y):
+        if self._multiclass():
+            return "softmax", _losses.SparseCategoricalCrossentropy(), 1.0
+        return "sigmoid", _losses.BinaryCrossentropy(), 1.0 / y.shape[1]
+
+    def _train_target(self, y):
+        if self._multiclass():
+            return np.ascontiguousarray(y.argmax(axis=1).astype(np.int32))
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+    def _val_target(self, y):
+        return self._label_binarizer.inverse_transform(y)
+
+    def _labels(self, out):
+        if self._multiclass():
+            return self.classes_[out.argmax(axis=1)]
+        return self._label_binarizer.inverse_transform(out)
+
+    def _score_on(self, model, X, y, w):
+        return accuracy_score(y, self._labels(_host(model.predict(X, check_finite=False))),
+                              sample_weight=w)
+
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to data matrix X and target(s) y (class labels, or a 2-D
+        indicator matrix for multi-label classification)."""
+        self._fit(X, y, sample_weight, incremental=False)
+        self.out_activation_ = "softmax" if self._multiclass() else "logistic"
+        return self
+
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """One epoch over (X, y), keeping the weights and the optimizer state;
+        ``classes`` (all the labels) is required on the first call."""
+        self._validate_params()
+        if _check_partial_fit_first_call(self, classes):
+            self._label_binarizer = LabelBinarizer()
+            if type_of_target(y).startswith("multilabel"):
+                self._label_binarizer.fit(y)
+            else:
+                self._label_binarizer.fit(self.classes_)
+        self._fit(X, y, sample_weight, incremental=True)
+        self.out_activation_ = "softmax" if self._multiclass() else "logistic"
+        return self
+
+    def predict(self, X):
+        """The predicted classes (for multi-label targets, the indicator matrix)."""
+        return self._labels(self._forward(X))
+
+    def predict_proba(self, X):
+        """Probability of each class: (n_samples, n_classes), columns in ``classes_``
+        order (for multi-label targets, each label's probability)."""
+        p = self._forward(X).astype(np.float64)
+        if self.n_outputs_ == 1 and not self._multiclass():
+            p = p.ravel()
+            return np.vstack([1 - p, p]).T
+        return p
+
+    def predict_log_proba(self, X):
+        """``log(predict_proba(X))``."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """scikit-learn's ``MLPRegressor`` (solvers ``adam`` and ``sgd``, squared error)
+    trained by fastmlp. See :mod:`fastmlp.sklearn`."""
+
+    def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", *,
+                 solver="adam", alpha=0.0001, batch_size="auto", learning_rate="constant",
+                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, verbose=False, warm_start=False,
+                 momentum=0.9, nesterovs_momentum=True, early_stopping=False,
+                 validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                 n_iter_no_change=10, device="auto"):
+        super().__init__(hidden_layer_sizes, activation, solver=solver, alpha=alpha,
+                         batch_size=batch_size, learning_rate=learning_rate,
+                         learning_rate_init=learning_rate_init, power_t=power_t,
+                         max_iter=max_iter, shuffle=shuffle, random_state=random_state,
+                         tol=tol, verbose=verbose, warm_start=warm_start, momentum=momentum,
+                         nesterovs_momentum=nesterovs_momentum,
+                         early_stopping=early_stopping,
+                         validation_fraction=validation_fraction, beta_1=beta_1,
+                         beta_2=beta_2, epsilon=epsilon, n_iter_no_change=n_iter_no_change,
+                         device=device)
+        self.loss = loss
+
+    def _validate_params(self):
+        if self.loss == "poisson":
+            raise ValueError("MLPRegressor: loss='poisson' is not available in fastmlp; use "
+                             "loss='squared_error'")
+        _check_option(self, "loss", {"squared_error"})
+        return super()._validate_params()
+
+    def _check_xy(self, X, y, reset, incremental):
+        X, y = _validate_data(self, X, y, reset=reset, accept_sparse=["csr", "csc", "coo"],
+                              multi_output=True, y_numeric=True,
+                              dtype=(np.float64, np.float32))
+        X = self._dense32(X)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        if y.ndim == 1:
+            y = y.reshape(-1, 1)
+        return X, np.asarray(y, dtype=np.float32)
+
+    def _stratify(self):
+        return False
+
+    def _metrics(self, n_out):
+        # several outputs: scikit-learn's gradient sums the squared error over the
+        # outputs, its reported loss averages it; the mse metric gives the difference
+        return ["mse"] if n_out > 1 else None
+
+    def _sklearn_loss(self, logs, scale):
+        loss = float(logs["loss"]) / scale
+        if "mse" in logs:  # loss / c = k/2 mse + penalty; scikit-learn's: mse/2 + penalty
+            loss -= float(logs["mse"]) * (self.n_outputs_ - 1) / 2.0
+        return loss
+
+    def _output(self, y):
+        return "linear", _losses.MeanSquaredError(), 2.0 / y.shape[1]
+
+    def _train_target(self, y):
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+    def _val_target(self, y):
+        return y
+
+    def _score_on(self, model, X, y, w):
+        return r2_score(y, _host(model.predict(X, check_finite=False)), sample_weight=w)
+
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to data matrix X and target(s) y."""
+        self._fit(X, y, sample_weight, incremental=False)
+        self.out_activation_ = "identity"
+        return self
+
+    def partial_fit(self, X, y, sample_weight=None):
+        """One epoch over (X, y), keeping the weights and the optimizer state."""
+        self._fit(X, y, sample_weight, incremental=True)
+        self.out_activation_ = "identity"
+        return self
+
+    def predict(self, X):
+        """The predicted values: (n_samples,) for one output, else (n_samples, n_outputs)."""
+        out = self._forward(X).astype(np.float64)
+        return out.ravel() if out.shape[1] == 1 else out
+
