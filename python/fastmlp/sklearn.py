@@ -28,7 +28,8 @@ How scikit-learn's training maps onto fastmlp (the same iterates, up to float32)
   scikit-learn reports it averaged over the outputs);
 * Adam's epsilon is added to the bias-corrected root (torch's placement), where
   scikit-learn folds the bias correction into the step size; SGD's momentum and
-  Nesterov momentum are scikit-learn's (torch's form, equal for a constant rate);
+  Nesterov momentum are scikit-learn's (torch's form; its momentum buffer is rescaled
+  when ``invscaling`` or ``adaptive`` change the rate, as scikit-learn's velocity);
 * ``shuffle`` draws fastmlp's permutations (seeded from ``random_state``), not
   scikit-learn's: the same distribution, other orders;
 * ``sample_weight`` is scaled to mean 1 over the training rows and each batch's
@@ -140,7 +141,21 @@ class _Monitor(_callbacks.Callback):
                 self.converged = True
                 self.model.stop_training = True
         if est.solver == "sgd":
-            self.model.optimizer.lr = est._lr / self.scale
+            _set_sgd_lr(self.model.optimizer, est._lr / self.scale)
+
+
+def _set_sgd_lr(opt, lr):
+    """Change SGD's rate the way scikit-learn's does. Its velocity holds the rate
+    (``v = momentum v - lr g``), torch's momentum buffer does not (``p -= lr (momentum
+    buf + g)``): the buffer is rescaled by old / new so that the next steps are
+    scikit-learn's."""
+    old = float(opt.lr)
+    if lr != old and old > 0:
+        for state in opt.state:
+            buf = state.get("momentum_buffer")
+            if buf is not None:
+                buf *= np.float32(old / lr)
+    opt.lr = lr
 
 
 class _BaseMLP(BaseEstimator):
@@ -183,8 +198,12 @@ class _BaseMLP(BaseEstimator):
         tags.input_tags.sparse = True  # accepted, densified
         return tags
 
-    def _more_tags(self):  # scikit-learn < 1.6
-        return {"multioutput": True}
+    def _more_tags(self):  # scikit-learn < 1.6 (1.6 and later: the tests' expected failures)
+        reason = ("minibatch Adam/SGD on weighted rows takes other steps than on repeated "
+                  "rows")
+        return {"multioutput": True,
+                "_xfail_checks": {"check_sample_weight_equivalence": reason,
+                                  "check_sample_weights_invariance": reason}}
 
     # -- validation ----------------------------------------------------------------------
     def _validate_params(self):
