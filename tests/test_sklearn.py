@@ -284,15 +284,21 @@ def test_pickle_and_deepcopy_give_identical_predictions(cls, digits):
         assert clone.loss_curve_ == est.loss_curve_
 
 
-def test_pickled_estimator_continues_partial_fit_as_the_original(digits):
-    """The optimizer state (Adam's moments, its step count) and the shuffle stream
-    travel with the pickle: partial_fit after a round trip equals partial_fit without."""
+@pytest.mark.parametrize("params", [dict(solver="adam"),
+                                    dict(solver="sgd", learning_rate="adaptive", tol=10.0,
+                                         n_iter_no_change=1)])
+def test_pickled_estimator_continues_partial_fit_as_the_original(digits, params):
+    """The optimizer state (Adam's moments, its step count; SGD's momentum and its
+    adapted rate) and the shuffle stream travel with the pickle: partial_fit after a
+    round trip equals partial_fit without."""
     X, y = digits
-    a = MLPClassifier(hidden_layer_sizes=(16,), random_state=0, device="cpu")
-    a.partial_fit(X / 16, y, classes=np.arange(10))
+    a = MLPClassifier(hidden_layer_sizes=(16,), random_state=0, device="cpu", **params)
+    for _ in range(3):  # adaptive: the rate is divided by 5 after the 2nd epoch
+        a.partial_fit(X / 16, y, classes=np.arange(10))
     b = pickle.loads(pickle.dumps(a))
-    a.partial_fit(X / 16, y)
-    b.partial_fit(X / 16, y)
+    for _ in range(2):
+        a.partial_fit(X / 16, y)
+        b.partial_fit(X / 16, y)
     for wa, wb in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_):
         np.testing.assert_array_equal(wa, wb)
     assert a.loss_curve_ == b.loss_curve_

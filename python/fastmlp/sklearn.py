@@ -36,7 +36,8 @@ How scikit-learn's training maps onto fastmlp (the same iterates, up to float32)
   weighted losses are divided by its rows (scikit-learn divides by the batch's weight).
 
 Not available: ``solver="lbfgs"`` (ValueError), ``MLPRegressor(loss="poisson")``
-(ValueError). Sparse inputs are densified.
+(ValueError). Sparse inputs are densified. A loss that becomes NaN or infinite stops
+the fit with fastmlp's FloatingPointError (scikit-learn trains on with NaN weights).
 """
 from __future__ import annotations
 
@@ -206,7 +207,7 @@ class _BaseMLP(BaseEstimator):
                                   "check_sample_weights_invariance": reason}}
 
     # -- validation ----------------------------------------------------------------------
-    def _validate_params(self):
+    def _check_params(self):
         name = type(self).__name__
         sizes = self.hidden_layer_sizes
         if isinstance(sizes, numbers.Integral) and not isinstance(sizes, (bool, np.bool_)):
@@ -295,8 +296,7 @@ class _BaseMLP(BaseEstimator):
         return model
 
     def _make_optimizer(self, scale):
-        if self.solver == "sgd":
-            self._lr = float(self.learning_rate_init)
+        if self.solver == "sgd":  # self._lr: scikit-learn's current rate
             return _optim.SGD(lr=self._lr / scale, momentum=float(self.momentum),
                               nesterov=bool(self.nesterovs_momentum) and self.momentum > 0)
         return _optim.Adam(lr=float(self.learning_rate_init),
@@ -329,7 +329,7 @@ class _BaseMLP(BaseEstimator):
 
     # -- fitting -------------------------------------------------------------------------
     def _fit(self, X, y, sample_weight, incremental):
-        sizes = self._validate_params()
+        sizes = self._check_params()
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
         first = incremental and not hasattr(self, "coefs_")
@@ -399,7 +399,8 @@ class _BaseMLP(BaseEstimator):
         model = getattr(self, "_model", None) if keep else None
         if keep and model is None and hasattr(self, "_pickled"):
             model = self._ensure_model()
-        if model is None or not incremental:
+        if model is None or not incremental:  # a new optimizer, as scikit-learn's fit
+            self._lr = float(self.learning_rate_init)
             weights = None
             if keep:
                 weights = [a for pair in zip(self.coefs_, self.intercepts_) for a in pair]
@@ -581,7 +582,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """One epoch over (X, y), keeping the weights and the optimizer state;
         ``classes`` (all the labels) is required on the first call."""
-        self._validate_params()
+        self._check_params()
         if _check_partial_fit_first_call(self, classes):
             self._label_binarizer = LabelBinarizer()
             if type_of_target(y).startswith("multilabel"):
@@ -634,12 +635,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                          device=device)
         self.loss = loss
 
-    def _validate_params(self):
+    def _check_params(self):
         if self.loss == "poisson":
             raise ValueError("MLPRegressor: loss='poisson' is not available in fastmlp; use "
                              "loss='squared_error'")
         _check_option(self, "loss", {"squared_error"})
-        return super()._validate_params()
+        return super()._check_params()
 
     def _check_xy(self, X, y, reset, incremental):
         X, y = _validate_data(self, X, y, reset=reset, accept_sparse=["csr", "csc", "coo"],
