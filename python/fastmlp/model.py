@@ -174,6 +174,7 @@ class Sequential:
         # count are saved with the model, so a resumed run shuffles on.
         self._shuffle_seed = int(generator().integers(2**63))
         self._shuffle_count = 0
+        self._train_penalty = 0.0  # the last training pass's mean penalty (trainer._logs)
         for layer in layers or []:
             self.add(layer)
 

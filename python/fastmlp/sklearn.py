@@ -57,15 +57,15 @@ from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelBinarizer
 from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target
-from sklearn.utils.validation import check_is_fitted, column_or_1d
+from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d
 
 from . import callbacks as _callbacks
 from . import layers as _layers
 from . import losses as _losses
 from . import optim as _optim
 from . import regularizers as _regularizers
-from .model import Sequential, _host, _resolve_device
+from .model import Sequential, _host, _resolve_device, _to_device
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
@@ -81,10 +81,10 @@ _ADAPTIVE_MIN_LR = 1e-6  # scikit-learn's: below it an adaptive SGD stops
 
 def _check_number(est, name, lo, hi=None, *, integral=False, lo_open=False, allow_inf=False):
     value = getattr(est, name)
+    if allow_inf and isinstance(value, numbers.Real) and value == np.inf:
+        return
     kind = numbers.Integral if integral else numbers.Real
     ok = isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
-    if ok and allow_inf and value == np.inf:
-        return
     if ok:
         ok = np.isfinite(value) and (value > lo if lo_open else value >= lo) \
             and (hi is None or value <= hi)
@@ -106,15 +106,14 @@ class _Monitor(_callbacks.Callback):
     the no-improvement count (training loss, or the validation score with
     early_stopping), the SGD learning-rate schedules, and stopping."""
 
-    def __init__(self, est, n_samples, scale, val, incremental):
+    def __init__(self, est, n_samples, val):
         super().__init__()
-        self.est, self.n_samples, self.scale = est, n_samples, scale
-        self.val, self.incremental = val, incremental
+        self.est, self.n_samples, self.val = est, n_samples, val
         self.converged = False
 
     def on_epoch_end(self, epoch, logs=None):
         est = self.est
-        loss = est._sklearn_loss(logs, self.scale)
+        loss = est._sklearn_loss(float(logs["loss"]), self.model._train_penalty)
         est.n_iter_ += 1
         est.loss_ = loss
         est.t_ += self.n_samples
@@ -122,14 +121,16 @@ class _Monitor(_callbacks.Callback):
         if est.verbose:
             print("Iteration %d, loss = %.8f" % (est.n_iter_, loss))
         est._update_no_improvement_count(self.val, self.model)
-        if est.solver == "sgd" and est.learning_rate == "invscaling":
-            est._lr = est.learning_rate_init / (est.t_ + 1) ** est.power_t
+        # the schedule of the optimizer in use (scikit-learn's _optimizer), not the
+        # parameters as set_params may have changed them since
+        schedule, lr_init, power_t = est._schedule
+        if schedule == "invscaling":
+            est._lr = lr_init / (est.t_ + 1) ** power_t
         if est._no_improvement_count > est.n_iter_no_change:
             what = "Validation score" if self.val is not None else "Training loss"
             msg = ("%s did not improve more than tol=%f for %d consecutive epochs."
                    % (what, est.tol, est.n_iter_no_change))
-            if est.solver == "sgd" and est.learning_rate == "adaptive" \
-                    and est._lr > _ADAPTIVE_MIN_LR:
+            if schedule == "adaptive" and est._lr > _ADAPTIVE_MIN_LR:
                 est._lr /= 5.0
                 est._no_improvement_count = 0
                 if est.verbose:
@@ -137,12 +138,11 @@ class _Monitor(_callbacks.Callback):
             else:
                 if est.verbose:
                     print(msg + (" Learning rate too small. Stopping."
-                                 if est.solver == "sgd" and est.learning_rate == "adaptive"
-                                 else " Stopping."))
+                                 if schedule == "adaptive" else " Stopping."))
                 self.converged = True
                 self.model.stop_training = True
-        if est.solver == "sgd":
-            _set_sgd_lr(self.model.optimizer, est._lr / self.scale)
+        if schedule is not None:
+            _set_sgd_lr(self.model.optimizer, est._lr / est._scale)
 
 
 def _set_sgd_lr(opt, lr):
@@ -255,11 +255,6 @@ class _BaseMLP(BaseEstimator):
                              f"{self.device!r}")
         return [int(s) for s in sizes]
 
-    def _check_x(self, X, reset):
-        X = _validate_data(self, X, reset=reset, accept_sparse=["csr", "csc", "coo"],
-                           dtype=(np.float64, np.float32))
-        return self._dense32(X)
-
     @staticmethod
     def _dense32(X):
         if hasattr(X, "toarray"):
@@ -267,98 +262,108 @@ class _BaseMLP(BaseEstimator):
         return np.ascontiguousarray(X, dtype=np.float32)
 
     # -- the model -----------------------------------------------------------------------
-    def _build_model(self, sizes, n_in, n_out, out_activation, loss, batch, scale, rng,
-                     weights=None):
-        """A compiled Sequential for these shapes; scikit-learn's initial weights drawn
-        from ``rng`` unless ``weights`` ([W0, b0, W1, ...]) are given."""
-        l2 = _regularizers.L2(scale * self.alpha / (2.0 * batch)) if self.alpha else None
-        units = list(sizes) + [n_out]
-        act = _ACTIVATIONS[self.activation]
+    @staticmethod
+    def _build_model(layers, n_in, loss, l2, optimizer, weights):
+        """A compiled Sequential: ``layers`` [(units, fastmlp activation)], an L2
+        coefficient on the kernels, ``weights`` [W0, b0, W1, ...] (host arrays)."""
+        reg = _regularizers.L2(l2) if l2 else None
         model = Sequential([
-            _layers.Dense(u, activation=act if i < len(sizes) else out_activation,
-                          input_dim=n_in if i == 0 else None, kernel_regularizer=l2,
-                          kernel_initializer="zeros")  # set_weights below sets them
-            for i, u in enumerate(units)])
-        model.compile(optimizer=self._make_optimizer(scale), loss=loss,
-                      metrics=self._metrics(n_out))
-        if weights is None:
-            # scikit-learn's _init_coef: Glorot-uniform bounds (factor 2 for logistic)
-            factor = 2.0 if self.activation == "logistic" else 6.0
-            weights, fan_in = [], n_in
-            for fan_out in units:
-                bound = np.sqrt(factor / (fan_in + fan_out))
-                weights.append(rng.uniform(-bound, bound, (fan_in, fan_out)))
-                weights.append(rng.uniform(-bound, bound, fan_out))
-                fan_in = fan_out
+            _layers.Dense(u, activation=act, input_dim=n_in if i == 0 else None,
+                          kernel_regularizer=reg, kernel_initializer="zeros")
+            for i, (u, act) in enumerate(layers)])
+        model.compile(optimizer=optimizer, loss=loss)
         model.set_weights(weights)
-        if rng is not None:  # fastmlp's shuffles, seeded from random_state
-            model._shuffle_seed = int(rng.randint(2**31 - 1)) << 32 | int(rng.randint(2**31))
         return model
 
-    def _make_optimizer(self, scale):
-        if self.solver == "sgd":  # self._lr: scikit-learn's current rate
-            return _optim.SGD(lr=self._lr / scale, momentum=float(self.momentum),
+    def _initial_weights(self, rng, n_in, units):
+        """scikit-learn's _init_coef draws: Glorot-uniform bounds (factor 2 for
+        logistic) for the coefficients and the intercepts, layer by layer."""
+        factor = 2.0 if self.activation == "logistic" else 6.0
+        weights, fan_in = [], n_in
+        for fan_out in units:
+            bound = np.sqrt(factor / (fan_in + fan_out))
+            weights.append(rng.uniform(-bound, bound, (fan_in, fan_out)))
+            weights.append(rng.uniform(-bound, bound, fan_out))
+            fan_in = fan_out
+        return weights
+
+    def _make_optimizer(self):
+        """A new optimizer from the parameters (scikit-learn makes one per fit), and
+        the schedule it follows until the next."""
+        self._lr = float(self.learning_rate_init)
+        if self.solver == "sgd":
+            self._schedule = (self.learning_rate, float(self.learning_rate_init),
+                              float(self.power_t))
+            return _optim.SGD(lr=self._lr / self._scale, momentum=float(self.momentum),
                               nesterov=bool(self.nesterovs_momentum) and self.momentum > 0)
-        return _optim.Adam(lr=float(self.learning_rate_init),
-                           betas=(float(self.beta_1), float(self.beta_2)),
-                           eps=float(self.epsilon) * scale)
+        self._schedule = (None, None, None)
+        return _optim.Adam(lr=self._lr, betas=(float(self.beta_1), float(self.beta_2)),
+                           eps=float(self.epsilon) * self._scale)
 
-    def _metrics(self, n_out):
-        return None
+    def _l2(self, batch):
+        """scikit-learn's penalty alpha / 2 * sum(W ** 2) / batch, times c."""
+        return self._scale * float(self.alpha) / (2.0 * batch)
 
-    def _sklearn_loss(self, logs, scale):
-        """scikit-learn's epoch loss from fastmlp's: the data term and the penalty
-        are both ``c`` times scikit-learn's."""
-        return float(logs["loss"]) / scale
+    def _sklearn_loss(self, loss, penalty):
+        """scikit-learn's epoch loss from fastmlp's (``loss``: the data term plus the
+        mean ``penalty``, which is c times scikit-learn's)."""
+        return (loss - penalty) / self._data_scale + penalty / self._scale
 
     def _resolved_device(self):
         return _resolve_device(self.device, None)
 
-    def _weights_from_model(self):
-        ws = self._model.get_weights()
-        self.coefs_ = [np.asarray(w) for w in ws[0::2]]
-        self.intercepts_ = [np.asarray(b) for b in ws[1::2]]
-
     def _ensure_model(self):
-        """The fitted model (rebuilt from ``coefs_`` after unpickling)."""
-        model = getattr(self, "_model", None)
-        if model is None:
+        """The fitted model (rebuilt from the pickled state after unpickling)."""
+        if getattr(self, "_model", None) is None:
             self._model = self._model_from_state(self._pickled)
-            model = self._model
-        return model
+        return self._model
 
     # -- fitting -------------------------------------------------------------------------
     def _fit(self, X, y, sample_weight, incremental):
+        """fit / partial_fit. On an exception the estimator is left as it was (a fit
+        that fails does not leave half-trained weights behind)."""
+        if incremental and getattr(self, "_model", None) is not None:
+            before = self.__getstate__()  # the model trains in place: keep its state
+        else:
+            before = {k: list(v) if isinstance(v, list) else v
+                      for k, v in self.__dict__.items()}
+        try:
+            return self._fit_epochs(X, y, sample_weight, incremental)
+        except BaseException:
+            self.__dict__.clear()
+            if "_pickled" in before and incremental:
+                self.__setstate__(before)
+            else:
+                self.__dict__.update(before)
+            raise
+
+    def _fit_epochs(self, X, y, sample_weight, incremental):
         sizes = self._check_params()
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
-        first = incremental and not hasattr(self, "coefs_")
-        reset = not incremental or first
-        X, y = self._check_xy(X, y, reset, incremental)
-        n = len(X)
+        keep = hasattr(self, "coefs_") and (incremental or self.warm_start)
+        X, y = self._check_xy(X, y, not keep, incremental)
         if sample_weight is not None:
-            sample_weight = np.asarray(sample_weight, dtype=np.float64)
-            if sample_weight.shape != (n,):
-                raise ValueError(f"sample_weight must have shape ({n},), got "
-                                 f"{sample_weight.shape}")
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
             if not np.all(np.isfinite(sample_weight)) or np.any(sample_weight < 0):
-                raise ValueError("sample_weight must be finite and >= 0")
+                raise ValueError("sample_weight must be finite and >= 0 (fastmlp weighs "
+                                 "each sample's loss; negative weights are refused)")
             if sample_weight.sum() <= 0:
                 raise ValueError("sample_weight must not be all zero")
-        out_activation, loss, scale = self._output(y)
+        out_activation, loss, scale, data_scale = self._output(y)
+        units = sizes + [y.shape[1]]
+        if keep:
+            have = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]
+            if have != [X.shape[1]] + units:
+                raise ValueError(f"{type(self).__name__}: the fitted layer sizes {have} do "
+                                 f"not match the parameters and data {[X.shape[1]] + units};"
+                                 " set warm_start=False to fit afresh")
         self.n_outputs_ = y.shape[1]
         self.n_layers_ = len(sizes) + 2
         rng = check_random_state(self.random_state)
-        keep = hasattr(self, "coefs_") and (incremental or self.warm_start)
-        if keep:
-            expect = [X.shape[1]] + sizes + [self.n_outputs_]
-            have = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]
-            if have != expect:
-                raise ValueError(f"{type(self).__name__}: the fitted layer sizes {have} do "
-                                 f"not match the parameters and data {expect}; set "
-                                 "warm_start=False to fit afresh")
-        else:
-            self.n_iter_ = 0
+        weights = None
+        if not keep:  # scikit-learn's _initialize: the weights are drawn first
+            weights = self._initial_weights(rng, X.shape[1], units)
             self.t_ = 0
             self.loss_curve_ = []
             self._no_improvement_count = 0
@@ -370,14 +375,13 @@ class _BaseMLP(BaseEstimator):
                 self.best_loss_ = np.inf
                 self.validation_scores_ = None
                 self.best_validation_score_ = None
-        if not incremental:
-            self.n_iter_ = 0
+        self.n_iter_ = 0  # scikit-learn counts the epochs of this call
         self._best = None
 
         val = None
         w_train = sample_weight
         if self.early_stopping:
-            stratify = y[:, 0] if self._stratify() else None
+            stratify = y if self.n_outputs_ == 1 and hasattr(self, "classes_") else None
             parts = train_test_split(X, y, *(() if sample_weight is None else (sample_weight,)),
                                      random_state=rng, test_size=self.validation_fraction,
                                      stratify=stratify)
@@ -396,38 +400,40 @@ class _BaseMLP(BaseEstimator):
                               "is going to be clipped")
             batch = int(np.clip(self.batch_size, 1, n_train))
 
-        model = getattr(self, "_model", None) if keep else None
-        if keep and model is None and hasattr(self, "_pickled"):
-            model = self._ensure_model()
-        if model is None or not incremental:  # a new optimizer, as scikit-learn's fit
-            self._lr = float(self.learning_rate_init)
-            weights = None
+        model = self._ensure_model() if incremental and keep else None
+        if model is None:  # a fresh fit, warm_start, or the first partial_fit
             if keep:
                 weights = [a for pair in zip(self.coefs_, self.intercepts_) for a in pair]
-            model = self._build_model(sizes, X.shape[1], self.n_outputs_, out_activation,
-                                      loss, batch, scale, rng, weights)
-            self._scale = scale
-            self._batch = batch
-        elif batch != self._batch:  # partial_fit with another batch size: its penalty
-            l2 = scale * self.alpha / (2.0 * batch)
+            self._scale, self._data_scale = scale, data_scale
+            act = _ACTIVATIONS[self.activation]
+            layers = [(u, act) for u in sizes] + [(units[-1], out_activation)]
+            model = self._build_model(layers, X.shape[1], loss, self._l2(batch) if self.alpha
+                                      else 0.0, self._make_optimizer(), weights)
+            # fastmlp's shuffles, seeded from random_state
+            model._shuffle_seed = int(rng.randint(2**31 - 1)) << 32 | int(rng.randint(2**31))
+        else:  # partial_fit: the model and its optimizer go on; alpha may have changed
+            l2 = self._l2(batch) if self.alpha else 0.0
+            reg = _regularizers.L2(l2) if l2 else None
             for layer in model.layers:
-                if layer.kernel_regularizer is not None:
-                    layer.kernel_regularizer = _regularizers.L2(l2)
-            self._batch = batch
-        self._model = model
+                layer.kernel_regularizer = reg
         if w_train is not None:
             w_train = (w_train * (len(w_train) / w_train.sum())).astype(np.float32)
 
-        monitor = _Monitor(self, n_train, scale, val, incremental)
+        monitor = _Monitor(self, n_train, val)
         epochs = 1 if incremental else int(self.max_iter)
-        device = _resolve_device(self.device, X)
-        model.fit(X, self._train_target(y), epochs=epochs, batch_size=batch,
-                  shuffle=bool(self.shuffle), verbose=0, callbacks=[monitor], device=device,
-                  sample_weight=w_train)
-        if self.early_stopping and getattr(self, "_best", None) is not None:
+        try:
+            model.fit(X, self._train_target(y), epochs=epochs, batch_size=batch,
+                      shuffle=bool(self.shuffle), verbose=0, callbacks=[monitor],
+                      device=_resolve_device(self.device, X), sample_weight=w_train)
+        except KeyboardInterrupt:  # as scikit-learn: keep what was learnt so far
+            warnings.warn("Training interrupted by user.")
+        if self._best is not None:  # early stopping: the best epoch's weights
             model.set_weights(self._best)
         self._best = None
-        self._weights_from_model()
+        self._model = model
+        self._pickled = None
+        ws = model.get_weights()
+        self.coefs_, self.intercepts_ = ws[0::2], ws[1::2]
         if not incremental and not monitor.converged and self.n_iter_ == self.max_iter:
             warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the "
                           "optimization hasn't converged yet." % self.max_iter,
@@ -458,11 +464,14 @@ class _BaseMLP(BaseEstimator):
                 self.best_loss_ = self.loss_curve_[-1]
 
     def _forward(self, X):
-        """The network's output for the rows of ``X`` (NumPy, float32)."""
+        """The network's output for the rows of ``X`` as a NumPy array of X's float
+        type (float32 or float64, as scikit-learn's output; computed in float32)."""
         check_is_fitted(self)
-        X = self._check_x(X, reset=False)
-        model = self._ensure_model()
-        return _host(model.predict(X, check_finite=False))
+        X = _validate_data(self, X, reset=False, accept_sparse=["csr", "csc", "coo"],
+                           dtype=(np.float64, np.float32))
+        dtype = X.dtype
+        out = self._ensure_model().predict(self._dense32(X), check_finite=False)
+        return _host(out).astype(dtype, copy=False)
 
     # -- pickle / deepcopy: host arrays, the optimizer state, no engine ------------------
     def __getstate__(self):
@@ -470,12 +479,17 @@ class _BaseMLP(BaseEstimator):
         model = state.pop("_model", None)
         if model is not None:
             opt = model.optimizer
+            reg = model.layers[0].kernel_regularizer
             state["_pickled"] = {
-                "config": [(l.units, l.activation or "linear") for l in model.layers],
+                "layers": [(l.units, l.activation or "linear") for l in model.layers],
+                "l2": 0.0 if reg is None else reg.l2,
                 "loss": model.loss.name,
+                "optimizer": (type(opt).__name__, opt.get_config()),
                 "weights": model.get_weights(),
-                "opt_state": {k: _host(v) for k, v in opt.state_arrays(model.params()).items()},
-                "iterations": opt.iterations, "lr": float(opt.lr),
+                # copies: the engine updates the state in place (a snapshot must not move)
+                "opt_state": {k: np.array(_host(v)) for k, v in
+                              opt.state_arrays(model.params()).items()},
+                "iterations": opt.iterations,
                 "shuffle": (model._shuffle_seed, model._shuffle_count),
             }
         return state
@@ -485,26 +499,19 @@ class _BaseMLP(BaseEstimator):
         self._model = None  # rebuilt on first use, on this machine's device
 
     def _model_from_state(self, saved):
-        sizes = [u for u, _ in saved["config"][:-1]]
-        n_in = saved["weights"][0].shape[0]
-        out_units, out_activation = saved["config"][-1]
-        model = self._build_model(sizes, n_in, out_units, out_activation,
-                                  _losses.get(saved["loss"]), self._batch, self._scale,
-                                  None, saved["weights"])
+        """The model as it was pickled -- its layers, penalty, loss, optimizer (with
+        its state) and shuffle stream, whatever the parameters say now -- on this
+        machine's device (``device="auto"``: the GPU if usable, else the CPU)."""
+        model = self._build_model(saved["layers"], saved["weights"][0].shape[0],
+                                  _losses.get(saved["loss"]), saved["l2"],
+                                  _optim.from_config(*saved["optimizer"]), saved["weights"])
         model.to(self._resolved_device())
-        model.optimizer.lr = saved["lr"]
         model.optimizer.load_state_arrays(saved["opt_state"], model.params(),
                                           saved["iterations"],
-                                          lambda a: np.asarray(a) if model.device == "cpu"
-                                          else _to_cuda(a))
+                                          # a copy: training updates it in place
+                                          lambda a: _to_device(np.array(a), model.device))
         model._shuffle_seed, model._shuffle_count = saved["shuffle"]
         return model
-
-
-def _to_cuda(a):
-    from .model import _to_device
-
-    return _to_device(a, "cuda")
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
@@ -526,34 +533,33 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         X = self._dense32(X)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
-        # scikit-learn's rule: the labels are learnt by a fresh fit, kept by warm_start
-        # and partial_fit, which must not bring new ones
+        # scikit-learn's rule: the labels are learnt by a fresh fit; warm_start needs
+        # the same ones, partial_fit no new ones
         if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
             self._label_binarizer = LabelBinarizer()
             self._label_binarizer.fit(y)
             self.classes_ = self._label_binarizer.classes_
-        else:
-            classes = self._label_binarizer.classes_
-            if type_of_target(y) != "multilabel-indicator" \
-                    and not set(np.unique(y)).issubset(set(classes)):
-                if self.warm_start and not incremental:
-                    raise ValueError("warm_start can only be used where `y` has the same "
-                                     "classes as in the previous call to fit. Previously got "
-                                     f"{classes}, `y` has {np.unique(y)}")
+        elif type_of_target(y) != "multilabel-indicator":
+            classes, seen = self._label_binarizer.classes_, unique_labels(y)
+            if not incremental and set(seen) != set(classes):
+                raise ValueError("warm_start can only be used where `y` has the same "
+                                 "classes as in the previous call to fit. Previously got "
+                                 f"{classes}, `y` has {seen}")
+            if incremental and not set(seen) <= set(classes):
                 raise ValueError(f"`y` has classes not in `self.classes_`. "
-                                 f"`self.classes_` has {classes}. 'y' has {np.unique(y)}.")
+                                 f"`self.classes_` has {classes}. 'y' has {seen}.")
         return X, self._label_binarizer.transform(y).astype(np.float32)
 
     def _multiclass(self):
         return self._label_binarizer.y_type_ == "multiclass"
 
-    def _stratify(self):
-        return self.n_outputs_ == 1 or self._multiclass()
-
     def _output(self, y):
+        """(output activation, loss, c, the data term's factor): fastmlp's
+        gradient is c times scikit-learn's; its data loss that factor times."""
         if self._multiclass():
-            return "softmax", _losses.SparseCategoricalCrossentropy(), 1.0
-        return "sigmoid", _losses.BinaryCrossentropy(), 1.0 / y.shape[1]
+            return "softmax", _losses.SparseCategoricalCrossentropy(), 1.0, 1.0
+        # binary cross-entropy: a mean over the outputs, scikit-learn sums them
+        return "sigmoid", _losses.BinaryCrossentropy(), 1.0 / y.shape[1], 1.0 / y.shape[1]
 
     def _train_target(self, y):
         if self._multiclass():
@@ -579,7 +585,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         self.out_activation_ = "softmax" if self._multiclass() else "logistic"
         return self
 
-    def partial_fit(self, X, y, classes=None, sample_weight=None):
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y), keeping the weights and the optimizer state;
         ``classes`` (all the labels) is required on the first call."""
         self._check_params()
@@ -600,7 +606,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def predict_proba(self, X):
         """Probability of each class: (n_samples, n_classes), columns in ``classes_``
         order (for multi-label targets, each label's probability)."""
-        p = self._forward(X).astype(np.float64)
+        p = self._forward(X)
         if self.n_outputs_ == 1 and not self._multiclass():
             p = p.ravel()
             return np.vstack([1 - p, p]).T
@@ -653,22 +659,11 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             y = y.reshape(-1, 1)
         return X, np.asarray(y, dtype=np.float32)
 
-    def _stratify(self):
-        return False
-
-    def _metrics(self, n_out):
-        # several outputs: scikit-learn's gradient sums the squared error over the
-        # outputs, its reported loss averages it; the mse metric gives the difference
-        return ["mse"] if n_out > 1 else None
-
-    def _sklearn_loss(self, logs, scale):
-        loss = float(logs["loss"]) / scale
-        if "mse" in logs:  # loss / c = k/2 mse + penalty; scikit-learn's: mse/2 + penalty
-            loss -= float(logs["mse"]) * (self.n_outputs_ - 1) / 2.0
-        return loss
-
     def _output(self, y):
-        return "linear", _losses.MeanSquaredError(), 2.0 / y.shape[1]
+        # fastmlp's mean squared error averages the outputs without a 1/2: its gradient
+        # is 2/k times scikit-learn's (which sums the outputs), its value twice
+        # scikit-learn's reported loss (which averages them)
+        return "linear", _losses.MeanSquaredError(), 2.0 / y.shape[1], 2.0
 
     def _train_target(self, y):
         return np.ascontiguousarray(y, dtype=np.float32)
@@ -693,6 +688,6 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def predict(self, X):
         """The predicted values: (n_samples,) for one output, else (n_samples, n_outputs)."""
-        out = self._forward(X).astype(np.float64)
+        out = self._forward(X)
         return out.ravel() if out.shape[1] == 1 else out
 

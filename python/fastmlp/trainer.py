@@ -536,6 +536,8 @@ def _logs(model, eng, st, seen, lst, auc=True, penalty=None, world=None,
     loss = (st["loss_sum"] + st.get("penalty_sum", 0.0)) / seen
     if penalty is not None:
         loss += penalty
+    if lst == "train":  # the penalty's share of the loss (fastmlp.sklearn reports it apart)
+        model._train_penalty = st.get("penalty_sum", 0.0) / seen
     logs = {"loss": loss}
     plan = eng.plan
     metrics = plan.metrics or (_default_metrics(model, plan) if lst == "eval" else ())
