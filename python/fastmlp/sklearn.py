@@ -23,9 +23,8 @@ How scikit-learn's training maps onto fastmlp (the same iterates, up to float32)
   times a constant ``c`` (1 for softmax, 1/outputs for logistic outputs, 2/outputs
   for squared error), so the penalty is scaled by ``c``, SGD's learning rate by ``1/c``
   and Adam's epsilon by ``c``: the steps are scikit-learn's. ``loss_curve_`` is
-  divided by ``c``: scikit-learn's loss (for multi-output regression, the squared
-  error summed over the outputs, /2 -- the objective whose gradient both follow;
-  scikit-learn reports it averaged over the outputs);
+  scikit-learn's loss: fastmlp's data term and penalty (the trainer reports the
+  penalty's share) rescaled each to scikit-learn's;
 * Adam's epsilon is added to the bias-corrected root (torch's placement), where
   scikit-learn folds the bias correction into the step size; SGD's momentum and
   Nesterov momentum are scikit-learn's (torch's form; its momentum buffer is rescaled
