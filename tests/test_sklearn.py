@@ -164,12 +164,10 @@ def test_digits_quality_next_to_sklearn():
     assert abs(got - ref) <= 0.02, (got, ref)
 
 
-def _pipeline_scores(make, Xtr, Xte, ytr, yte):
-    """Test scores of scikit-learn's and fastmlp's estimator (``make(cls)``) behind a
-    StandardScaler, fitted on the same data: (scikit-learn's, fastmlp's)."""
-    pipes = [make_pipeline(StandardScaler(), make(cls)).fit(Xtr, ytr) for cls in
-             ((sk_nn.MLPRegressor, MLPRegressor) if "Regressor" in make.__doc__
-              else (sk_nn.MLPClassifier, MLPClassifier))]
+def _pipeline_scores(classes, params, Xtr, Xte, ytr, yte):
+    """Test scores of scikit-learn's and fastmlp's estimator (``classes``, the pair) with
+    the same ``params`` behind a StandardScaler, fitted on the same data."""
+    pipes = [make_pipeline(StandardScaler(), cls(**params)).fit(Xtr, ytr) for cls in classes]
     for pipe in pipes:
         assert pipe.predict(Xte).shape == np.shape(yte)
     return [pipe.score(Xte, yte) for pipe in pipes]
@@ -178,11 +176,9 @@ def _pipeline_scores(make, Xtr, Xte, ytr, yte):
 def test_regression_quality_next_to_sklearn():
     """Friedman's nonlinear benchmark function (generated): test R^2 within 0.03."""
     X, y = make_friedman1(1500, 10, noise=0.5, random_state=0)
-
-    def make(cls):
-        """Regressor: two hidden layers, batch 32."""
-        return cls(hidden_layer_sizes=(64, 32), max_iter=200, batch_size=32, random_state=0)
-    ref, got = _pipeline_scores(make, *train_test_split(X, y, test_size=0.25, random_state=0))
+    params = dict(hidden_layer_sizes=(64, 32), max_iter=200, batch_size=32, random_state=0)
+    ref, got = _pipeline_scores(_pair("regression"), params,
+                                *train_test_split(X, y, test_size=0.25, random_state=0))
     assert got > 0.85
     assert abs(got - ref) <= 0.03, (got, ref)
 
@@ -190,11 +186,9 @@ def test_regression_quality_next_to_sklearn():
 def test_multilabel_quality_next_to_sklearn():
     """Generated multi-label data, 5 labels: subset accuracy within 0.06."""
     X, Y = make_multilabel_classification(600, 20, n_classes=5, random_state=0)
-
-    def make(cls):
-        """Classifier: one hidden layer, logistic outputs."""
-        return cls(hidden_layer_sizes=(64,), max_iter=100, random_state=0)
-    ref, got = _pipeline_scores(make, *train_test_split(X, Y, test_size=0.25, random_state=0))
+    params = dict(hidden_layer_sizes=(64,), max_iter=100, random_state=0)
+    ref, got = _pipeline_scores(_pair("multilabel"), params,
+                                *train_test_split(X, Y, test_size=0.25, random_state=0))
     assert got > 0.3
     assert abs(got - ref) <= 0.06, (got, ref)
 
