@@ -480,14 +480,9 @@ def _fit_stream(model, source, *, epochs, steps_per_epoch=None, batch_size=None,
         return _prepare_batch(model, item, i, capacity, check_finite, device_id,
                               allow_empty=empty_ok)
 
-    model.stop_training = False
-    model._initial_epoch = initial_epoch  # a callback may move it (BackupAndRestore)
     shared = None
     try:
-        for cb in callbacks:
-            cb.on_train_begin()
-        if world is not None:
-            _trainer.sync_after_train_begin(model, bound, world)
+        _trainer.begin_training(model, callbacks, initial_epoch, bound, world)
         if steps_per_epoch is not None:  # one iterator, exactly the batches the epochs take
             shared = Prefetcher(pending if pending is not None else iter(source), prepare,
                                 limit=steps_per_epoch * max(0, epochs - model._initial_epoch),

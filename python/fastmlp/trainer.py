@@ -202,10 +202,18 @@ def record_params(history, model, eng, why, world, adversarial, **params):
         history.params["adversarial"] = adversarial
 
 
-def sync_after_train_begin(model, bound, world):
-    """Distributed: every process takes rank 0's state once the callbacks' on_train_begin
-    ran (BackupAndRestore may have restored rank 0's backup, also where the other
-    processes cannot read its files)."""
+def begin_training(model, callbacks, initial_epoch, bound, world):
+    """The start of a fit (in memory or streamed): reset ``stop_training``, set the first
+    epoch (a callback may move it: BackupAndRestore, as in Keras) and run the callbacks'
+    on_train_begin. Distributed, every process then takes rank 0's state
+    (BackupAndRestore may have restored rank 0's backup, also where the other processes
+    cannot read its files)."""
+    model.stop_training = False
+    model._initial_epoch = initial_epoch
+    for cb in callbacks:
+        cb.on_train_begin()
+    if world is None:
+        return
     opt = model.optimizer
     model._initial_epoch, model._shuffle_count, opt.iterations = world.bcast_object(
         (model._initial_epoch, model._shuffle_count, opt.iterations))
@@ -339,12 +347,7 @@ def _fit(model, x, y, *, epochs, batch_size, val, shuffle, verbose, callbacks, i
         delta = opt.delta if opt.delta is not None else 1.0 / n
         history.params.update({"delta": delta, "sample_rate": min(1.0, batch_size / n),
                                "poisson_sampling": bool(poisson_sampling)})
-    model.stop_training = False
-    model._initial_epoch = initial_epoch  # a callback may move it (BackupAndRestore), as in Keras
-    for cb in callbacks:
-        cb.on_train_begin()
-    if world is not None:
-        sync_after_train_begin(model, bound, world)
+    begin_training(model, callbacks, initial_epoch, bound, world)
     for epoch in range(model._initial_epoch, epochs):
         for cb in callbacks:
             cb.on_epoch_begin(epoch)
